@@ -1,0 +1,3 @@
+"""vppo-core."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""vppo-eval."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""vppo-recipes."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""vppo-rollout."""
+
+__all__: list[str] = []
