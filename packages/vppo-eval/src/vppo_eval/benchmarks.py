@@ -1,0 +1,735 @@
+"""The eight benchmarks of the VPPO paper: registry, loading, normalisation into ``Record``, filtering.
+
+Each benchmark is one ``Benchmark`` entry: its Hugging Face id, config and split, the raw columns it needs, and a
+function turning one raw row into a ``Record``. Every benchmark is loaded by the same code path
+(``load_benchmark``) from
+
+- its hub id (``source=None``, needs network or a populated HF cache),
+- a local folder: a hub snapshot (``huggingface-cli download <id> --repo-type dataset --local-dir DIR``), a folder
+  of parquet/jsonl data files, or a ``save_to_disk`` folder,
+- a single local ``.parquet`` / ``.jsonl`` / ``.json`` / ``.csv`` / ``.arrow`` file in the raw schema.
+
+Rows that cannot be used are skipped and counted by reason (``load_benchmark_report``): ``empty_answer``,
+``missing_image``, ``undecodable_image``, ``empty_question``, ``bad_options`` and, for MathVerse, MathVision and
+DynaMath (filtered by the paper to exact-match-checkable items, ALGORITHMS.md §8), ``not_exact_match``.
+A missing *column* is an error, not a skip: the source is then not the benchmark's schema at all.
+
+Which schema facts were confirmed against dataset cards and which are assumed: packages/vppo-eval/README.md,
+section "Benchmark schemas".
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import io
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from vppo_eval.records import Record
+from vppo_eval.reward import choice_letters
+
+__all__ = [
+    "BENCHMARKS",
+    "BENCHMARK_NAMES",
+    "Benchmark",
+    "BenchmarkUnavailableError",
+    "LoadReport",
+    "SkipRow",
+    "decode_image",
+    "fixture_path",
+    "get_benchmark",
+    "is_exact_match_answer",
+    "load_benchmark",
+    "load_benchmark_report",
+    "resolve_benchmark_names",
+]
+
+_FIXTURES = Path(__file__).parent / "fixtures"
+_FILE_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".arrow": "arrow"}
+_OPTION_LETTERS = "ABCDEFGHIJ"
+
+
+class SkipRow(Exception):  # a control-flow signal, not an error
+    """Raised by a normaliser for a row that cannot be evaluated; ``reason`` is the key it is counted under."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class BenchmarkUnavailableError(RuntimeError):
+    """The benchmark's data could not be loaded (offline, missing files); the message says what to place where."""
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One benchmark of the suite.
+
+    name: registry key (``"mathverse"``); title: the paper's column header (``"MathVerse"``).
+    hf_id / config / split: where ``datasets`` finds it on the hub.
+    columns: required raw columns; each entry is a group of alternative names of which one must exist
+        (``("decoded_image", "image")``).
+    normalize: ``(row, index, base_dir) -> Record``; raises ``SkipRow(reason)`` for unusable rows.
+    exact_match_only: keep only items whose answer passes ``is_exact_match_answer`` (the paper's filter).
+    """
+
+    name: str
+    title: str
+    hf_id: str
+    config: str | None
+    split: str
+    columns: tuple[tuple[str, ...], ...]
+    normalize: Callable[[Mapping[str, Any], int, Path | None], Record]
+    exact_match_only: bool = False
+
+    @property
+    def fixture(self) -> Path:
+        """The small local file in this benchmark's raw schema shipped for offline tests."""
+        return _FIXTURES / f"{self.name}.parquet"
+
+
+@dataclass
+class LoadReport:
+    """What ``load_benchmark_report`` read: the records kept, and how many rows were skipped, by reason."""
+
+    benchmark: str
+    source: str
+    records: list[Record]
+    n_rows: int
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Row helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB copy; transparent pixels become white (diagrams are drawn on transparent canvases; plain ``convert``
+    would turn them black and hide black strokes)."""
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _from_bytes(data: bytes) -> Image.Image:
+    """Decode fully once (a corrupt or truncated file fails here, at load time, not mid-evaluation); an RGB image is
+    then returned *lazily opened*, so a loaded benchmark holds compressed bytes, not pixels (MathVerse alone has
+    3,940 images, some of several megapixels). Other modes are converted now."""
+    with Image.open(io.BytesIO(data)) as probe:
+        probe.load()
+        if probe.mode != "RGB":
+            return _to_rgb(probe)
+    return Image.open(io.BytesIO(data))
+
+
+def decode_image(value: Any, *, base_dir: Path | None = None) -> Image.Image:
+    """Decode one raw image cell into an RGB PIL image, or raise ``SkipRow``.
+
+    value: a PIL image, ``{"bytes": ..., "path": ...}`` (``datasets.Image(decode=False)``), raw bytes, or a path
+    (relative paths are resolved against ``base_dir``, the folder of the source).
+    """
+    if value is None:
+        raise SkipRow("missing_image")
+    try:
+        if isinstance(value, Image.Image):
+            return _to_rgb(value)
+        if isinstance(value, Mapping):
+            if value.get("bytes"):
+                return _from_bytes(value["bytes"])
+            if value.get("path"):
+                return decode_image(value["path"], base_dir=base_dir)
+            raise SkipRow("missing_image")
+        if isinstance(value, (bytes, bytearray)):
+            return _from_bytes(bytes(value))
+        if isinstance(value, str):
+            if not value.strip():
+                raise SkipRow("missing_image")
+            path = Path(value)
+            if not path.is_absolute() and base_dir is not None:
+                path = base_dir / path
+            if not path.is_file():
+                raise SkipRow("missing_image")
+            return _from_bytes(path.read_bytes())
+    except SkipRow:
+        raise
+    except Exception as err:  # PIL raises many types (UnidentifiedImageError, OSError, DecompressionBombError, ...)
+        raise SkipRow("undecodable_image") from err
+    raise SkipRow("undecodable_image")
+
+
+def _images(values: Iterable[Any], base_dir: Path | None) -> list[Image.Image]:
+    images = [decode_image(v, base_dir=base_dir) for v in values if v is not None]
+    if not images:
+        raise SkipRow("missing_image")
+    return images
+
+
+def _image_cells(row: Mapping[str, Any], *names: str) -> list[Any]:
+    """The image cell(s) of the first present column of ``names``, as a list (single image or list of images)."""
+    value = _first(row, *names)
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _first(row: Mapping[str, Any], *names: str) -> Any:
+    """Value of the first of ``names`` present in the row (the column check guarantees one is)."""
+    for name in names:
+        if name in row:
+            return row[name]
+    return None
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def _answer(value: Any) -> str:
+    answer = _text(value)
+    if not answer:
+        raise SkipRow("empty_answer")
+    return answer
+
+
+def _question(value: Any) -> str:
+    question = _text(value)
+    if not question:
+        raise SkipRow("empty_question")
+    return question
+
+
+_IMAGE_TAG = re.compile(r"<image\s*\d*>", re.IGNORECASE)
+
+
+def _strip_image_tags(text: str) -> str:
+    """Remove ``<image>`` / ``<image1>`` placeholders (the prompt builder inserts the image tokens itself)."""
+    return _IMAGE_TAG.sub("", text).strip()
+
+
+def _with_options(question: str, options: Sequence[str]) -> str:
+    lines = [f"({_OPTION_LETTERS[i]}) {_text(opt)}" for i, opt in enumerate(options)]
+    return question + "\nOptions:\n" + "\n".join(lines)
+
+
+def _meta(row: Mapping[str, Any], skip: Iterable[str]) -> dict[str, Any]:
+    """The row's remaining JSON-like fields (images and the fields already used are left out)."""
+    skip = set(skip)
+    meta = {}
+    for key, value in row.items():
+        if key in skip or _looks_like_image(value):
+            continue
+        if isinstance(value, (str, int, float, bool)) or value is None:
+            meta[key] = value
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float, bool)) for v in value):
+            meta[key] = list(value)
+        elif isinstance(value, Mapping) and all(
+            isinstance(v, (str, int, float, bool, type(None))) for v in value.values()
+        ):
+            meta[key] = dict(value)
+    return meta
+
+
+def _looks_like_image(value: Any) -> bool:
+    if isinstance(value, (Image.Image, bytes, bytearray)):
+        return True
+    if isinstance(value, Mapping) and "bytes" in value:
+        return True
+    return isinstance(value, (list, tuple)) and any(_looks_like_image(v) for v in value)
+
+
+def _row_id(row: Mapping[str, Any], index: int, *names: str) -> str:
+    value = _first(row, *names)
+    text = _text(value)
+    return text if text else str(index)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The exact-match filter (MathVerse, MathVision, DynaMath)
+# ---------------------------------------------------------------------------------------------------------------
+
+# A plain number: integer, decimal, a/b, \frac{a}{b} (also \dfrac, \tfrac), thousands commas, optional sign,
+# optional trailing %, degree sign or ^\circ.
+_NUM = r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[+-]?\.\d+"
+_EXACT_NUMBER = re.compile(
+    rf"""^\s*(?:
+        (?:{_NUM})(?:\s*/\s*\d+)?
+        | [+-]?\\[dt]?frac\{{\s*\d+\s*\}}\{{\s*\d+\s*\}}
+    )\s*(?:\\?%|°|\^\s*\\circ|\^\s*\{{\s*\\circ\s*\}})?\s*$""",
+    re.VERBOSE,
+)
+
+
+def is_exact_match_answer(answer: str) -> bool:
+    """True when ``answer`` can be checked by exact match: option letter(s) or a plain number.
+
+    This is our reading of the paper's filter for MathVerse, MathVision and DynaMath (the paper does not spell it
+    out): kept are multiple-choice letters (``"B"``, ``"A, C"``) and numeric literals (``"12"``, ``"-3.5"``,
+    ``"1/2"``, ``"\\frac{1}{2}"``, ``"30°"``, ``"45%"``); dropped are expressions, equations, intervals and text
+    (``"2\\sqrt{3}"``, ``"y=2x+1"``, ``"(1, 2)"``). The number of dropped items is reported as ``not_exact_match``.
+    """
+    if not isinstance(answer, str):
+        return False
+    return choice_letters(answer) is not None or bool(_EXACT_NUMBER.match(answer))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Normalisers: one per benchmark, raw row -> Record
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _geo3k(row: Mapping[str, Any], index: int, base_dir: Path | None) -> Record:
+    # hiyouga/geometry3k: images (list of Image), problem ("<image>Find x."), answer (the value of the correct
+    # choice), id, choices (the four values), ground_truth (the correct choice's letter).
+    choices = [_text(c) for c in row.get("choices") or []] or None
+    question = _question(_strip_image_tags(_text(row["problem"])))
+    answer = _answer(row["answer"])
+    if choices and choice_letters(answer) is not None:
+        # Should `answer` be the letter after all (not confirmed, see the README), the model must see the options.
+        question = _with_options(question, choices)
+    return Record(
+        id=_row_id(row, index, "id"),
+        question=question,
+        images=_images(row["images"] or [], base_dir),
+        answer=answer,
+        choices=choices,
+        meta=_meta(row, {"problem", "answer", "images", "choices", "id"}),
+    )
+
+
+_WEMATH_OPTION = re.compile(r"(?:^|;)\s*([A-H])\s*[.:：]\s*")
+
+
+def _parse_wemath_options(option: str) -> list[str] | None:
+    """``"A. 4; B. 5; C. 6"`` -> ``["4", "5", "6"]`` (None when it does not parse as consecutive letters)."""
+    parts = _WEMATH_OPTION.split(option)
+    # split gives ["", "A", "4", "B", "5", ...]
+    if len(parts) < 3 or parts[0].strip():
+        return None
+    letters, texts = parts[1::2], [p.strip().rstrip(";").strip() for p in parts[2::2]]
+    if "".join(letters) != _OPTION_LETTERS[: len(letters)]:
+        return None
+    return texts
+
+
+def _wemath(row: Mapping[str, Any], index: int, base_dir: Path | None) -> Record:
+    # We-Math/We-Math testmini: ID, split, "knowledge concept", question, option ("A. ...; B. ..."), answer (letter),
+    # key, "question number", "knowledge concept description", image_path (Image).
+    question = _question(row["question"])
+    option = _text(row["option"])
+    choices = _parse_wemath_options(option) if option else None
+    if choices:
+        question = _with_options(question, choices)
+    elif option:
+        question = f"{question}\nOptions: {option}"
+    image = _first(row, "image_path", "image")
+    return Record(
+        id=_row_id(row, index, "ID", "id"),
+        question=question,
+        images=_images([image], base_dir),
+        answer=_answer(row["answer"]),
+        choices=choices,
+        meta=_meta(row, {"question", "option", "answer", "image_path", "image", "ID", "id"}),
+    )
+
+
+_CHOICE_LINE = re.compile(r"^\s*([A-H])\s*[.、．:：]\s*(.+?)\s*$")
+
+
+def _inline_choices(question: str) -> list[str] | None:
+    """Option texts written as lines ``"A. ..."`` / ``"B、..."`` in the question (None unless A, B, ... in order)."""
+    found = [m.groups() for m in map(_CHOICE_LINE.match, question.splitlines()) if m]
+    letters = "".join(letter for letter, _ in found)
+    if len(found) < 2 or letters != _OPTION_LETTERS[: len(found)]:
+        return None
+    return [text for _, text in found]
+
+
+def _mmk12(row: Mapping[str, Any], index: int, base_dir: Path | None) -> Record:
+    # FanqingM/MMK12 test: id, subject (math/physics/chemistry/biology), question (options inline as "A. ..." lines),
+    # answer (the letter), image. The question is shown as is; `choices` is parsed from it for reports.
+    question = _question(_strip_image_tags(_text(row["question"])))
+    return Record(
+        id=_row_id(row, index, "id"),
+        question=question,
+        images=_images(_image_cells(row, "image", "images"), base_dir),
+        answer=_answer(row["answer"]),
+        choices=_inline_choices(question),
+        meta=_meta(row, {"question", "answer", "image", "images", "id"}),
+    )
+
+
+def _mathverse(row: Mapping[str, Any], index: int, base_dir: Path | None) -> Record:
+    # AI4Math/MathVerse testmini: sample_index, problem_index, problem_version, question, image, answer,
+    # question_type ("multi-choice" | "free-form"), metadata, query_wo, query_cot, question_for_eval.
+    # question_for_eval holds the question with its choices; "Vision Only" rows carry the question in the image.
+    question = _text(row.get("question_for_eval")) or _text(row["question"]) or _text(row.get("query_wo"))
+    return Record(
+        id=_row_id(row, index, "sample_index"),
+        question=_question(_strip_image_tags(question)),
+        images=_images([row["image"]], base_dir),
+        answer=_answer(row["answer"]),
+        meta=_meta(row, {"sample_index", "question", "question_for_eval", "query_wo", "query_cot", "answer", "image"}),
+    )
+
+
+def _mathvision(row: Mapping[str, Any], index: int, base_dir: Path | None) -> Record:
+    # MathLLMs/MathVision: id, question (with "<image1>" tags), options (list, empty when free-form), image (a
+    # path string "images/1.jpg"), decoded_image (Image), answer (letter or value), solution, level, subject.
+    options = [_text(o) for o in (row["options"] or [])]
+    question = _question(_strip_image_tags(_text(row["question"])))
+    if options:
+        question = _with_options(question, options)
+    image = row["decoded_image"] if row.get("decoded_image") is not None else row.get("image")
+    return Record(
+        id=_row_id(row, index, "id"),
+        question=question,
+        images=_images([image], base_dir),
+        answer=_answer(row["answer"]),
+        choices=options or None,
+        meta=_meta(row, {"id", "question", "options", "image", "decoded_image", "answer", "solution"}),
+    )
+
+
+def _dynamath(row: Mapping[str, Any], index: int, base_dir: Path | None) -> Record:
+    # DynaMath/DynaMath_Sample sample_variant<k>: id, question, image (path string), decoded_image (Image),
+    # ground_truth, answer_type ("multiple choice" | "float" | "free form"), subject, knowledge_level.
+    image = row["decoded_image"] if row.get("decoded_image") is not None else row.get("image")
+    return Record(
+        id=_row_id(row, index, "id"),
+        question=_question(_strip_image_tags(_text(row["question"]))),
+        images=_images([image], base_dir),
+        answer=_answer(row["ground_truth"]),
+        meta=_meta(row, {"id", "question", "image", "decoded_image", "ground_truth"}),
+    )
+
+
+def _logicvista(row: Mapping[str, Any], index: int, base_dir: Path | None) -> Record:
+    # lscpku/LogicVista test: id, question (options named in the text or drawn in the image), answer ("C", "A, C",
+    # "3"), reasoning, image, skill, broad_capability, specific_capability, imagesource, sourcelink, ...
+    return Record(
+        id=_row_id(row, index, "id", "imagename"),
+        question=_question(_strip_image_tags(_text(row["question"]))),
+        images=_images(_image_cells(row, "image", "images"), base_dir),
+        answer=_answer(row["answer"]),
+        meta=_meta(row, {"id", "question", "image", "images", "answer", "reasoning"}),
+    )
+
+
+def _parse_mmmu_options(value: Any) -> list[str]:
+    """MMMU-Pro stores options as the repr of a Python list (``"['1', '2']"``)."""
+    if isinstance(value, (list, tuple)):
+        return [_text(v) for v in value]
+    try:
+        parsed = ast.literal_eval(_text(value))
+    except (ValueError, SyntaxError) as err:
+        raise SkipRow("bad_options") from err
+    if not isinstance(parsed, (list, tuple)) or not parsed or len(parsed) > len(_OPTION_LETTERS):
+        raise SkipRow("bad_options")
+    return [_text(v) for v in parsed]
+
+
+def _mmmu_pro(row: Mapping[str, Any], index: int, base_dir: Path | None) -> Record:
+    # MMMU/MMMU_Pro "standard (10 options)" test: id, question (with "<image 1>" references, kept as MMMU-Pro's
+    # own prompt keeps them), options (list repr), explanation, image_1..image_7, img_type, answer (letter),
+    # topic_difficulty, subject.
+    options = _parse_mmmu_options(row["options"])
+    images = [row.get(f"image_{k}") for k in range(1, 8)]
+    return Record(
+        id=_row_id(row, index, "id"),
+        question=_with_options(_question(row["question"]), options),
+        images=_images(images, base_dir),
+        answer=_answer(row["answer"]),
+        choices=options,
+        meta=_meta(row, {"id", "question", "options", "answer", "explanation"} | {f"image_{k}" for k in range(1, 8)}),
+    )
+
+
+# Order = the paper's Table 1 columns.
+BENCHMARKS: dict[str, Benchmark] = {
+    b.name: b
+    for b in [
+        Benchmark(
+            name="mathverse",
+            title="MathVerse",
+            hf_id="AI4Math/MathVerse",
+            config="testmini",
+            split="testmini",
+            columns=(("sample_index",), ("question",), ("image",), ("answer",)),
+            normalize=_mathverse,
+            exact_match_only=True,
+        ),
+        Benchmark(
+            name="dynamath",
+            title="DynaMath",
+            hf_id="DynaMath/DynaMath_Sample",
+            config=None,
+            split="sample_variant1",
+            columns=(("id",), ("question",), ("ground_truth",), ("decoded_image", "image")),
+            normalize=_dynamath,
+            exact_match_only=True,
+        ),
+        Benchmark(
+            name="mmk12",
+            title="MMK12",
+            hf_id="FanqingM/MMK12",
+            config=None,
+            split="test",
+            columns=(("question",), ("answer",), ("image", "images")),
+            normalize=_mmk12,
+        ),
+        Benchmark(
+            name="geo3k",
+            title="Geo3k",
+            hf_id="hiyouga/geometry3k",
+            config=None,
+            split="test",
+            columns=(("images",), ("problem",), ("answer",)),
+            normalize=_geo3k,
+        ),
+        Benchmark(
+            name="mathvision",
+            title="MathVision",
+            hf_id="MathLLMs/MathVision",
+            config=None,
+            split="test",
+            columns=(("id",), ("question",), ("options",), ("answer",), ("decoded_image", "image")),
+            normalize=_mathvision,
+            exact_match_only=True,
+        ),
+        Benchmark(
+            name="wemath",
+            title="We-Math",
+            hf_id="We-Math/We-Math",
+            config=None,
+            split="testmini",
+            columns=(("question",), ("option",), ("answer",), ("image_path", "image")),
+            normalize=_wemath,
+        ),
+        Benchmark(
+            name="logicvista",
+            title="LogicVista",
+            hf_id="lscpku/LogicVista",
+            config=None,
+            split="test",
+            columns=(("question",), ("answer",), ("image", "images")),
+            normalize=_logicvista,
+        ),
+        Benchmark(
+            name="mmmu_pro",
+            title="MMMU-Pro",
+            hf_id="MMMU/MMMU_Pro",
+            config="standard (10 options)",
+            split="test",
+            columns=(("id",), ("question",), ("options",), ("answer",), ("image_1",)),
+            normalize=_mmmu_pro,
+        ),
+    ]
+}
+BENCHMARK_NAMES: tuple[str, ...] = tuple(BENCHMARKS)
+
+_ALIASES = {"geometry3k": "geo3k", "mathv": "mathvision", "mmmupro": "mmmu_pro", "wemath": "wemath"}
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def get_benchmark(name: str) -> Benchmark:
+    """The registry entry for ``name``; case, ``-`` and ``_`` are ignored (``"We-Math"``, ``"MMMU_Pro"``)."""
+    if not isinstance(name, str):
+        raise ValueError(f"benchmark name must be a string, got {type(name).__name__}")
+    keys = {_key(b.name): b.name for b in BENCHMARKS.values()} | {_key(b.title): b.name for b in BENCHMARKS.values()}
+    keys |= {_key(alias): target for alias, target in _ALIASES.items()}
+    found = keys.get(_key(name))
+    if found is None:
+        close = difflib.get_close_matches(name.lower(), BENCHMARK_NAMES, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown benchmark {name!r}; valid names: {', '.join(BENCHMARK_NAMES)}.{hint}")
+    return BENCHMARKS[found]
+
+
+def resolve_benchmark_names(names: str | Sequence[str]) -> list[str]:
+    """``"all"`` -> the eight names in Table 1 order; ``"geo3k,We-Math"`` or a list -> registry names, validated."""
+    if isinstance(names, str):
+        names = [n for n in (p.strip() for p in names.split(",")) if n]
+    if not names:
+        raise ValueError("benchmarks must name at least one benchmark, or 'all'")
+    if any(_key(n) == "all" for n in names):
+        return list(BENCHMARK_NAMES)
+    resolved: list[str] = []
+    for n in names:
+        key = get_benchmark(n).name
+        if key not in resolved:
+            resolved.append(key)
+    return resolved
+
+
+def fixture_path(name: str) -> Path:
+    """The shipped fixture file of benchmark ``name`` (a few rows in its raw schema, real PNG images)."""
+    return get_benchmark(name).fixture
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _raw_rows(dataset: Any, batch_size: int = 64) -> Iterable[dict[str, Any]]:
+    """Rows as plain Python values, images left as ``{"bytes", "path"}`` (read through the Arrow format, so
+    ``datasets`` neither decodes them — we do, turning a bad image into a counted skip — nor copies the table)."""
+    for batch in dataset.with_format("arrow").iter(batch_size=batch_size):
+        yield from batch.to_pylist()
+
+
+def _unavailable(spec: Benchmark, source: str, config: str | None, split: str, err: Exception) -> Exception:
+    columns = ", ".join(" | ".join(group) for group in spec.columns)
+    return BenchmarkUnavailableError(
+        f"could not load {spec.title} from {source!r} (config={config!r}, split={split!r}): "
+        f"{type(err).__name__}: {err}\n"
+        f"Offline? On a machine with network run\n"
+        f"    huggingface-cli download {spec.hf_id} --repo-type dataset --local-dir DIR\n"
+        f"then copy DIR here and pass it as the source (load_benchmark({spec.name!r}, source=DIR)); or pass "
+        f"source=FILE, one .parquet/.jsonl file of the {split!r} split with the raw columns [{columns}]."
+    )
+
+
+def _open(spec: Benchmark, source: str | Path | None, split: str, config: str | None) -> tuple[Any, Path | None, str]:
+    """Open the raw split as a ``datasets.Dataset``; returns (dataset, base_dir for relative image paths, label)."""
+    import datasets
+
+    if source is None:
+        source = spec.hf_id
+    path = Path(source).expanduser()
+    label = str(source)
+    if path.is_file():
+        fmt = _FILE_FORMATS.get(path.suffix.lower())
+        if fmt is None:
+            raise ValueError(
+                f"source {label!r} has an unsupported extension {path.suffix!r}; use one of {sorted(_FILE_FORMATS)} "
+                "or a folder"
+            )
+        try:
+            return datasets.load_dataset(fmt, data_files=str(path), split="train"), path.parent, label
+        except Exception as err:  # re-raised with the fix
+            raise _unavailable(spec, label, None, "train", err) from err
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            loaded = datasets.load_from_disk(str(path))
+            return _pick_split(loaded, split, label), path, label
+        try:
+            try:
+                loaded = datasets.load_dataset(str(path), name=config)
+            except ValueError:
+                if config is None:
+                    raise
+                # A folder of plain data files has no named configs.
+                loaded = datasets.load_dataset(str(path))
+        except Exception as err:  # re-raised with the fix
+            raise _unavailable(spec, label, config, split, err) from err
+        return _pick_split(loaded, split, label), path, label
+    if str(source).startswith((".", "/", "~")) or "\\" in str(source):
+        raise ValueError(f"source {label!r} does not exist; pass an existing file or folder, or a hub id")
+    try:
+        return datasets.load_dataset(str(source), name=config, split=split), None, label
+    except Exception as err:  # offline, unknown id, missing split: one clear message
+        raise _unavailable(spec, label, config, split, err) from err
+
+
+def _pick_split(loaded: Any, split: str, label: str) -> Any:
+    import datasets
+
+    if isinstance(loaded, datasets.Dataset):
+        return loaded
+    if split in loaded:
+        return loaded[split]
+    if len(loaded) == 1:  # a single data file: its split name says nothing about the benchmark split
+        return next(iter(loaded.values()))
+    raise ValueError(f"source {label!r} has splits {sorted(loaded)}, not {split!r}; pass split= one of them")
+
+
+def _check_columns(spec: Benchmark, column_names: Sequence[str], label: str) -> None:
+    missing = [group for group in spec.columns if not any(name in column_names for name in group)]
+    if missing:
+        wanted = ", ".join(" or ".join(repr(n) for n in group) for group in missing)
+        raise ValueError(
+            f"{spec.title} source {label!r} lacks column(s) {wanted}; it has {sorted(column_names)}. "
+            f"Pass the raw {spec.hf_id} data (split {spec.split!r}) or rename the columns."
+        )
+
+
+def _unique_ids(records: list[Record]) -> list[Record]:
+    seen: Counter[str] = Counter()
+    out = []
+    for rec in records:
+        seen[rec.id] += 1
+        if seen[rec.id] > 1:
+            rec = Record(rec.id + f"#{seen[rec.id]}", rec.question, rec.images, rec.answer, rec.choices, rec.meta)
+        out.append(rec)
+    return out
+
+
+def load_benchmark_report(
+    name: str,
+    source: str | Path | None = None,
+    limit: int | None = None,
+    *,
+    split: str | None = None,
+    config: str | None = None,
+) -> LoadReport:
+    """Load benchmark ``name`` and normalise it into ``Record`` s, reporting skipped rows by reason.
+
+    source: None (the hub id), a hub id, a local folder or a local data file (see the module docstring).
+    limit: keep at most this many records (counted after skips and filtering; rows are read in order).
+    split / config: override the registry's (ignored for a single local file, which holds one split).
+    Raises ValueError for an unknown benchmark, a bad argument or a missing column;
+    ``BenchmarkUnavailableError`` when the data cannot be read (e.g. offline without a local copy).
+    """
+    spec = get_benchmark(name)
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+        raise ValueError(f"limit must be None or a non-negative int, got {limit!r}")
+    split = split or spec.split
+    config = spec.config if config is None else config
+    dataset, base_dir, label = _open(spec, source, split, config)
+    _check_columns(spec, dataset.column_names, label)
+
+    records: list[Record] = []
+    skipped: Counter[str] = Counter()
+    n_rows = 0
+    for index, row in enumerate(_raw_rows(dataset)):
+        if limit is not None and len(records) >= limit:
+            break
+        n_rows += 1
+        try:
+            record = spec.normalize(row, index, base_dir)
+        except SkipRow as skip:
+            skipped[skip.reason] += 1
+            continue
+        if spec.exact_match_only and not is_exact_match_answer(record.answer):
+            skipped["not_exact_match"] += 1
+            continue
+        records.append(record)
+    return LoadReport(spec.name, label, _unique_ids(records), n_rows, dict(skipped))
+
+
+def load_benchmark(
+    name: str,
+    source: str | Path | None = None,
+    limit: int | None = None,
+    *,
+    split: str | None = None,
+    config: str | None = None,
+) -> list[Record]:
+    """``load_benchmark_report(...).records``: the usable items of benchmark ``name`` as ``Record`` s."""
+    return load_benchmark_report(name, source, limit, split=split, config=config).records

@@ -1,0 +1,211 @@
+"""A synthetic visual task for tests and the CPU demo: coloured shapes on a tiny canvas, questions only the image
+can answer.
+
+The canvas is a ``grid x grid`` board of cells (56 x 56 px, 2 x 2 cells by default: one cell = 28 px = one merged
+Qwen2.5-VL visual token, so the tiny model sees 4 visual tokens per image). Each cell is empty or holds one filled
+shape (circle, square, triangle) in one of four colours. Three question families, all answered with one word:
+
+- ``count``:  "How many red shapes are in the image?"                       -> "1" .. "4"
+- ``colour``: "What colour is the shape in the top-left corner?"            -> "red" | "green" | "blue" | "yellow"
+- ``side``:   "Is the blue shape on the left or the right?"                 -> "left" | "right"
+
+Answers are balanced *per question text* by construction: every (question, answer) combination of a family is used
+once per shuffled pass, so given the text alone every answer of that family is equally likely and a text-only model
+cannot beat chance (1/4 for count and colour, 1/2 for side). The answer vocabulary has 10 words, small enough for a
+tiny model to learn in a few dozen RL steps.
+
+Written as a ``datasets.DatasetDict`` (train/test) of parquet files with embedded PNG bytes, in the ViRL39K column
+names the recipes default to: ``problem`` (the question, no ``<image>`` placeholder), ``answer``, ``images``
+(``List(Image())``, one image) plus ``id`` and ``task``. Deterministic from ``seed``.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+__all__ = ["COLOURS", "CORNERS", "SHAPES", "TASKS", "build_visual_task", "render_scene", "sample_item"]
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 70, 230),
+    "yellow": (240, 200, 20),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+TASKS: tuple[str, ...] = ("count", "colour", "side")
+CORNERS: tuple[str, ...] = ("top-left", "top-right", "bottom-left", "bottom-right")
+_MAX_COUNT = 4
+
+# A scene: cell (row, col) -> (shape, colour name); cells not in the dict are empty.
+Scene = dict[tuple[int, int], tuple[str, str]]
+
+
+def render_scene(scene: Scene, *, grid: int, image_size: int) -> Image.Image:
+    """Draw ``scene`` on a white ``image_size`` x ``image_size`` RGB canvas, one shape centred per cell."""
+    image = Image.new("RGB", (image_size, image_size), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    cell = image_size // grid
+    margin = max(2, cell // 7)
+    for (row, col), (shape, colour) in scene.items():
+        x0, y0 = col * cell + margin, row * cell + margin
+        x1, y1 = (col + 1) * cell - margin - 1, (row + 1) * cell - margin - 1
+        fill = COLOURS[colour]
+        if shape == "circle":
+            draw.ellipse([x0, y0, x1, y1], fill=fill)
+        elif shape == "square":
+            draw.rectangle([x0, y0, x1, y1], fill=fill)
+        else:
+            draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) // 2, y0)], fill=fill)
+    return image
+
+
+def _corner_cell(corner: str, grid: int) -> tuple[int, int]:
+    row = 0 if corner.startswith("top") else grid - 1
+    col = 0 if corner.endswith("left") else grid - 1
+    return row, col
+
+
+def _side_columns(side: str, grid: int) -> list[int]:
+    # The middle column of an odd grid is neither left nor right.
+    half = grid // 2
+    return list(range(half)) if side == "left" else list(range(grid - half, grid))
+
+
+def _fill_rest(scene: Scene, rng: random.Random, cells: Sequence[tuple[int, int]], colours: Sequence[str]) -> None:
+    """Each still-empty cell gets, with probability 1/2, a random shape in one of ``colours``."""
+    for cell in cells:
+        if cell not in scene and rng.random() < 0.5:
+            scene[cell] = (rng.choice(SHAPES), rng.choice(list(colours)))
+
+
+def sample_item(task: str, parameter: str, answer: str, rng: random.Random, *, grid: int) -> tuple[str, Scene]:
+    """The question text and a random scene whose true answer is ``answer``.
+
+    task: one of TASKS; parameter: the colour (count, side) or the corner (colour) the question names.
+    """
+    cells = [(r, c) for r in range(grid) for c in range(grid)]
+    scene: Scene = {}
+    if task == "count":
+        others = [c for c in COLOURS if c != parameter]
+        for cell in rng.sample(cells, int(answer)):
+            scene[cell] = (rng.choice(SHAPES), parameter)
+        _fill_rest(scene, rng, cells, others)
+        return f"How many {parameter} shapes are in the image?", scene
+    if task == "colour":
+        scene[_corner_cell(parameter, grid)] = (rng.choice(SHAPES), answer)
+        _fill_rest(scene, rng, cells, list(COLOURS))
+        return f"What colour is the shape in the {parameter} corner?", scene
+    if task == "side":
+        columns = _side_columns(answer, grid)
+        cell = rng.choice([(r, c) for r in range(grid) for c in columns])
+        scene[cell] = (rng.choice(SHAPES), parameter)
+        _fill_rest(scene, rng, cells, [c for c in COLOURS if c != parameter])
+        return f"Is the {parameter} shape on the left or the right?", scene
+    raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
+def _combinations(task: str, grid: int) -> list[tuple[str, str]]:
+    """Every (question parameter, answer) pair of a family; each pair is used once per pass."""
+    if task == "count":
+        counts = [str(k) for k in range(1, min(_MAX_COUNT, grid * grid) + 1)]
+        return list(itertools.product(COLOURS, counts))
+    if task == "colour":
+        return list(itertools.product(CORNERS, COLOURS))
+    return list(itertools.product(COLOURS, ("left", "right")))
+
+
+def _balanced(task: str, grid: int, rng: random.Random) -> Iterator[tuple[str, str]]:
+    combos = _combinations(task, grid)
+    while True:
+        rng.shuffle(combos)
+        yield from combos
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _split_columns(
+    split: str, n: int, *, seed: int, tasks: Sequence[str], grid: int, image_size: int
+) -> dict[str, list]:
+    # String seeds are hashed with SHA-512 by `random`, so this is stable across processes and PYTHONHASHSEED.
+    rng = random.Random(f"vppo-visual-task/{seed}/{split}")
+    streams = {task: _balanced(task, grid, random.Random(f"vppo-visual-task/{seed}/{split}/{task}")) for task in tasks}
+    columns: dict[str, list] = {"id": [], "problem": [], "answer": [], "images": [], "task": []}
+    for i in range(n):
+        task = tasks[i % len(tasks)]
+        parameter, answer = next(streams[task])
+        question, scene = sample_item(task, parameter, answer, rng, grid=grid)
+        image = render_scene(scene, grid=grid, image_size=image_size)
+        columns["id"].append(f"{split}-{i:05d}")
+        columns["problem"].append(question)
+        columns["answer"].append(answer)
+        columns["images"].append([{"bytes": _png(image), "path": None}])
+        columns["task"].append(task)
+    return columns
+
+
+def build_visual_task(
+    out_dir: str | Path,
+    *,
+    n_train: int,
+    n_test: int,
+    seed: int = 0,
+    image_size: int = 56,
+    grid: int = 2,
+    tasks: Sequence[str] = TASKS,
+):
+    """Generate the task, write ``out_dir/data/{train,test}-00000-of-00001.parquet``, return the ``DatasetDict``.
+
+    A split with 0 items is left out (of the files and of the returned ``DatasetDict``).
+
+    ``datasets.load_dataset(str(out_dir))`` reads the same two splits back. Images are ``image_size`` px squares
+    split into ``grid x grid`` cells (keep ``image_size / grid`` a multiple of the ViT merge size — 28 px for
+    Qwen2.5-VL — so each cell is one visual token). Same arguments -> same data, byte for byte in every column.
+    """
+    import datasets
+
+    for arg, value in (("n_train", n_train), ("n_test", n_test), ("seed", seed), ("image_size", image_size)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{arg} must be an int, got {value!r}")
+    if n_train < 0 or n_test < 0 or n_train + n_test == 0:
+        raise ValueError(f"n_train and n_test must be >= 0 with at least one item in total, got {n_train}, {n_test}")
+    if not isinstance(grid, int) or not 2 <= grid <= 6:
+        raise ValueError(f"grid must be an int in [2, 6], got {grid!r}")
+    if image_size < 8 * grid or image_size % grid:
+        raise ValueError(f"image_size must be a multiple of grid={grid} and >= {8 * grid} px, got {image_size}")
+    tasks = tuple(tasks)
+    unknown = [t for t in tasks if t not in TASKS]
+    if not tasks or unknown:
+        raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {tasks!r}")
+
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "problem": datasets.Value("string"),
+            "answer": datasets.Value("string"),
+            "images": datasets.List(datasets.Image()),
+            "task": datasets.Value("string"),
+        }
+    )
+    data_dir = Path(out_dir) / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        for stale in data_dir.glob(f"{split}-*.parquet"):  # a previous build must not leak into this one
+            stale.unlink()
+        if n == 0:  # an empty parquet split cannot be loaded back; the split is left out instead
+            continue
+        columns = _split_columns(split, n, seed=seed, tasks=tasks, grid=grid, image_size=image_size)
+        path = data_dir / f"{split}-00000-of-00001.parquet"
+        datasets.Dataset.from_dict(columns, features=features).to_parquet(str(path))
+        files[split] = str(path)
+    return datasets.load_dataset("parquet", data_files=files, features=features)

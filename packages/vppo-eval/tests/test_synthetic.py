@@ -1,0 +1,173 @@
+"""The synthetic visual task: schema on disk, determinism, labels readable from the image, text-only = chance."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+import numpy as np
+import pytest
+
+from vppo_eval.reward import grade
+from vppo_eval.synthetic import COLOURS, CORNERS, TASKS, build_visual_task
+
+CHANCE = {"count": 1 / 4, "colour": 1 / 4, "side": 1 / 2}
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    out = tmp_path_factory.mktemp("visual_task")
+    # 96 training items = 32 per family: whole passes of every (question, answer) combination.
+    return out, build_visual_task(out, n_train=96, n_test=12, seed=0)
+
+
+def _rows(dataset):
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def test_splits_and_columns_use_the_virl39k_names(task):
+    import datasets
+
+    _, dsd = task
+    assert set(dsd) == {"train", "test"}
+    assert (len(dsd["train"]), len(dsd["test"])) == (96, 12)
+    features = dsd["train"].features
+    assert features["problem"] == datasets.Value("string")
+    assert features["answer"] == datasets.Value("string")
+    assert features["id"] == datasets.Value("string")
+    assert features["images"] == datasets.List(datasets.Image())
+    row = dsd["train"][0]
+    assert len(row["images"]) == 1 and row["images"][0].size == (56, 56)
+    assert "<image>" not in row["problem"]
+
+
+def test_on_disk_parquet_reloads_with_embedded_image_bytes(task):
+    import datasets
+    import pyarrow.parquet as pq
+
+    out, dsd = task
+    files = sorted(p.name for p in (out / "data").iterdir())
+    assert files == ["test-00000-of-00001.parquet", "train-00000-of-00001.parquet"]
+    table = pq.read_table(out / "data" / "train-00000-of-00001.parquet")
+    first_image = table.column("images").to_pylist()[0][0]
+    assert first_image["bytes"][:8] == b"\x89PNG\r\n\x1a\n" and first_image["path"] is None
+    reloaded = datasets.load_dataset(str(out))
+    assert reloaded["train"]["id"] == dsd["train"]["id"]
+    assert reloaded["test"]["answer"] == dsd["test"]["answer"]
+
+
+def _cell_colours(image, grid=2):
+    """Colour name of the shape in each cell (None if empty), read from pixels."""
+    pixels = np.asarray(image.convert("RGB")).astype(int)
+    cell = pixels.shape[0] // grid
+    out = {}
+    for r in range(grid):
+        for c in range(grid):
+            block = pixels[r * cell : (r + 1) * cell, c * cell : (c + 1) * cell].reshape(-1, 3)
+            coloured = block[(block != 255).any(axis=1)]
+            if len(coloured) < 20:
+                out[(r, c)] = None
+                continue
+            distances = {name: np.abs(coloured - np.array(rgb)).sum(axis=1) for name, rgb in COLOURS.items()}
+            votes = Counter(min(distances, key=lambda n: distances[n][k]) for k in range(len(coloured)))
+            out[(r, c)] = votes.most_common(1)[0][0]
+    return out
+
+
+def _answer_from_pixels(row, grid=2):
+    cells = _cell_colours(row["images"][0], grid)
+    question = row["problem"]
+    if row["task"] == "count":
+        colour = next(c for c in COLOURS if f" {c} " in question)
+        return str(sum(v == colour for v in cells.values()))
+    if row["task"] == "colour":
+        corner = next(c for c in CORNERS if c in question)
+        row_i = 0 if corner.startswith("top") else grid - 1
+        col_i = 0 if corner.endswith("left") else grid - 1
+        return cells[(row_i, col_i)]
+    colour = next(c for c in COLOURS if f" {c} " in question)
+    (col,) = {c for (_, c), v in cells.items() if v == colour}
+    return "left" if col < grid / 2 else "right"
+
+
+def test_every_answer_is_recoverable_from_the_image_alone(task):
+    _, dsd = task
+    rows = _rows(dsd["train"]) + _rows(dsd["test"])
+    assert [_answer_from_pixels(r) for r in rows] == [r["answer"] for r in rows]
+
+
+def test_text_only_baseline_cannot_beat_chance(task):
+    _, dsd = task
+    by_question = defaultdict(Counter)
+    tasks = {}
+    for row in _rows(dsd["train"]):
+        by_question[row["problem"]][row["answer"]] += 1
+        tasks[row["problem"]] = row["task"]
+    # The best text-only predictor answers each question text with its most frequent answer.
+    best_text_only = sum(counts.most_common(1)[0][1] for counts in by_question.values()) / len(dsd["train"])
+    chance = sum(CHANCE[tasks[q]] * sum(c.values()) for q, c in by_question.items()) / len(dsd["train"])
+    assert chance == pytest.approx((1 / 4 + 1 / 4 + 1 / 2) / 3)
+    assert best_text_only == pytest.approx(chance)
+    # and every question text is asked with every answer of its family equally often
+    for question, counts in by_question.items():
+        assert len(set(counts.values())) == 1, question
+        assert len(counts) == round(1 / CHANCE[tasks[question]]), question
+
+
+def test_text_only_baseline_stays_near_chance_for_unbalanced_sizes(tmp_path):
+    dsd = build_visual_task(tmp_path, n_train=100, n_test=0, seed=3)
+    by_question = defaultdict(Counter)
+    for row in _rows(dsd["train"]):
+        by_question[row["problem"]][row["answer"]] += 1
+    best_text_only = sum(c.most_common(1)[0][1] for c in by_question.values()) / 100
+    assert best_text_only <= (1 / 4 + 1 / 4 + 1 / 2) / 3 + 0.1
+
+
+def test_answer_vocabulary_is_small_and_gradable(task):
+    _, dsd = task
+    answers = set(dsd["train"]["answer"]) | set(dsd["test"]["answer"])
+    assert answers <= {"1", "2", "3", "4", "red", "green", "blue", "yellow", "left", "right"}
+    assert Counter(dsd["train"]["task"]) == {t: 32 for t in TASKS}
+    for answer in answers:
+        assert grade(f"<think>look</think> \\boxed{{{answer}}}", answer) == 1.0
+        assert grade(f"<think>look</think> \\boxed{{{answer.upper()}}}", answer) == 1.0
+
+
+def test_same_seed_gives_identical_data_and_other_seeds_differ(tmp_path):
+    a = build_visual_task(tmp_path / "a", n_train=9, n_test=3, seed=7)
+    b = build_visual_task(tmp_path / "b", n_train=9, n_test=3, seed=7)
+    c = build_visual_task(tmp_path / "c", n_train=9, n_test=3, seed=8)
+
+    def content(dsd):
+        return [
+            (r["id"], r["problem"], r["answer"], [im.tobytes() for im in r["images"]])
+            for split in ("train", "test")
+            for r in _rows(dsd[split])
+        ]
+
+    assert content(a) == content(b)
+    assert content(a) != content(c)
+    assert [im.tobytes() for im in a["train"]["images"][0]] != [im.tobytes() for im in a["test"]["images"][0]]
+
+
+def test_larger_grid_and_task_subset(tmp_path):
+    dsd = build_visual_task(tmp_path, n_train=8, n_test=0, seed=1, image_size=84, grid=3, tasks=("side",))
+    rows = _rows(dsd["train"])
+    assert {r["task"] for r in rows} == {"side"}
+    assert all(r["images"][0].size == (84, 84) for r in rows)
+    assert [_answer_from_pixels(r, grid=3) for r in rows] == [r["answer"] for r in rows]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"n_train": -1, "n_test": 2}, "n_train and n_test"),
+        ({"n_train": 0, "n_test": 0}, "at least one"),
+        ({"n_train": 2, "n_test": 2, "image_size": 57}, "image_size"),
+        ({"n_train": 2, "n_test": 2, "grid": 1}, "grid"),
+        ({"n_train": 2, "n_test": 2, "tasks": ("count", "shape")}, "tasks"),
+        ({"n_train": 2.5, "n_test": 2}, "n_train must be an int"),
+    ],
+)
+def test_bad_arguments_raise_value_errors_naming_them(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build_visual_task(tmp_path, **kwargs)
