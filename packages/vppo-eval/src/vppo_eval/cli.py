@@ -1,0 +1,203 @@
+"""`vppo-eval`: avg@k of a checkpoint on the benchmarks, with the paper's Table 1 beside it.
+
+    vppo-eval --model PATH --benchmarks all --k 8 --out DIR [--data-dir DIR] [--limit N] [--engine auto]
+
+Writes into DIR: items.jsonl (one line per finished item; rerunning the same command resumes), eval_config.json,
+results.json, report.md, report.json, benchmarks.png, and with --dependency N also dependency_hist.png,
+dependency.html and dependency.json (visual dependency of one response of each of the first N items).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vppo-eval",
+        description="avg@k evaluation of a Qwen2.5-VL / Qwen3-VL checkpoint (VPPO paper protocol: k=8, T=1.0, "
+        "top-p 1.0, 2048 new tokens) with the paper's Table 1 beside the result.",
+    )
+    p.add_argument("--model", required=True, help="local Hugging Face folder of the checkpoint")
+    p.add_argument("--benchmarks", default="all", help="'all' or a comma-separated list of registry names")
+    p.add_argument("--k", type=int, default=8, help="samples per item (avg@k); default 8")
+    p.add_argument("--out", required=True, help="output folder (rerunning with the same folder resumes)")
+    p.add_argument("--data-dir", default=None, help="load benchmark NAME from DATA_DIR/NAME instead of the hub")
+    p.add_argument("--limit", type=int, default=None, help="only the first N items of each benchmark")
+    p.add_argument("--engine", choices=("auto", "vllm", "transformers"), default="auto",
+                   help="auto: vLLM when it is importable and a CUDA GPU exists, else transformers")  # fmt: skip
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=16, help="items per sampler call (resume granularity)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--min-pixels", type=int, default=None, help="image resize lower bound (processor default)")
+    p.add_argument("--max-pixels", type=int, default=None, help="image resize upper bound (processor default)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM only")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM only")
+    p.add_argument("--max-model-len", type=int, default=None, help="vLLM only (default: the model's)")
+    p.add_argument("--run-name", default=None, help="row label in the report (default: the model folder name)")
+    p.add_argument("--dependency", type=int, default=0, metavar="N",
+                   help="also compute the visual dependency of one response of each of the first N scored items "
+                   "(transformers model; writes dependency_hist.png and dependency.html)")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def choose_engine(engine: str) -> str:
+    """ "auto" -> "vllm" if vllm is importable and CUDA is available, else "transformers"; checks explicit choices."""
+    import torch
+
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    has_gpu = torch.cuda.is_available()
+    if engine == "auto":
+        return "vllm" if has_vllm and has_gpu else "transformers"
+    if engine == "vllm" and not (has_vllm and has_gpu):
+        missing = "vllm is not installed (pip install 'vppo-rollout[vllm]')" if not has_vllm else "no CUDA GPU"
+        raise SystemExit(f"vppo-eval: --engine vllm: {missing}; use --engine transformers (or auto)")
+    if engine not in ("vllm", "transformers"):
+        raise SystemExit(f"vppo-eval: --engine {engine!r}: use auto, vllm or transformers")
+    return engine
+
+
+def _dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    # Cheap argument checks first: a mistyped flag must not cost a model load.
+    if args.k < 1:
+        raise SystemExit(f"vppo-eval: --k {args.k}: must be >= 1")
+    if args.limit is not None and args.limit < 1:
+        raise SystemExit(f"vppo-eval: --limit {args.limit}: must be >= 1")
+    if args.dependency < 0:
+        raise SystemExit(f"vppo-eval: --dependency {args.dependency}: must be >= 0")
+    if not Path(args.model).is_dir():
+        raise SystemExit(f"vppo-eval: --model {args.model!r} is not a folder; pass a local Hugging Face checkpoint")
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise SystemExit(f"vppo-eval: --data-dir {args.data_dir!r} is not a folder")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _check_args(args)
+
+    import torch
+
+    from vppo_eval.evaluate import evaluate, load_benchmarks
+    from vppo_eval.report import write_report
+    from vppo_rollout.loading import load_policy, load_processor
+
+    engine = choose_engine(args.engine)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = _dtype(args.dtype, device)
+    out = Path(args.out)
+    run_name = args.run_name or Path(args.model).resolve().name
+
+    # Data before the model: an unknown name or a missing file fails in seconds, not after a 60 GB load.
+    try:
+        data, load_skipped = load_benchmarks(args.benchmarks, data_dir=args.data_dir, limit=args.limit)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"vppo-eval: --benchmarks {args.benchmarks!r}: {err}") from err
+    for name, reasons in load_skipped.items():
+        if reasons:
+            print(f"{name}: {len(data[name])} items, dropped at load: {reasons}", file=sys.stderr)
+    processor = load_processor(args.model, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    model = None
+    if engine == "vllm":
+        from vppo_rollout.vllm_engine import VLLMSampler
+
+        sampler = VLLMSampler(
+            args.model,
+            max_images=max(1, max((len(r.images) for recs in data.values() for r in recs), default=1)),
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            dtype=str(dtype).removeprefix("torch."),
+            max_model_len=args.max_model_len,
+            tensor_parallel_size=args.tensor_parallel_size,
+            seed=args.seed,
+            min_pixels=args.min_pixels,
+            max_pixels=args.max_pixels,
+        )
+    else:
+        from vppo_rollout.transformers_engine import TransformersSampler
+
+        model = load_policy(args.model, dtype=dtype, device=device)
+        sampler = TransformersSampler(model, processor, batch_size=args.batch_size * args.k)
+
+    results = evaluate(
+        sampler,
+        data,
+        load_skipped=load_skipped,
+        processor=processor,
+        k=args.k,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        limit=args.limit,  # already applied at load; passed so the report says the run is partial
+        out_dir=out,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress=not args.no_progress,
+        meta={
+            "model": str(Path(args.model).resolve()),
+            "engine": engine,
+            "dtype": str(dtype),
+            "min_pixels": args.min_pixels,
+            "max_pixels": args.max_pixels,
+        },
+    )
+    paths = write_report(results, out, run_name=run_name)
+    print((out / "report.md").read_text() if paths["markdown"].exists() else "")
+
+    if args.dependency:
+        if engine == "vllm":
+            if hasattr(sampler, "sleep"):
+                sampler.sleep()  # free the engine's GPU memory for the transformers model
+            model = load_policy(args.model, dtype=dtype, device=device)
+        dep_paths = dependency_for_items(model, processor, data, results, out, n_items=args.dependency,
+                                            seed=args.seed, progress=not args.no_progress)  # fmt: skip
+        paths.update(dep_paths)
+    print("wrote: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def dependency_for_items(model, processor, data, results, out_dir, *, n_items, seed=0, progress=True) -> dict:
+    """Visual dependency of the first response of each of the first `n_items` scored items (across benchmarks).
+
+    data: benchmark name -> records (to rebuild the prompts with their images); results: what `evaluate` returned.
+    Writes dependency_hist.png, dependency.html and dependency.json into out_dir; returns their paths.
+    """
+    from vppo_eval.report import dependency_analysis, write_dependency_report
+    from vppo_rollout.prompts import build_prompt
+
+    records = {(name, str(r.id)): r for name, recs in data.items() for r in recs}
+    system_prompt = results.config.get("system_prompt", "You are a helpful assistant.")
+    chosen = [row for row in results.items if row["status"] == "scored" and row["responses"][0].strip()][:n_items]
+    if not chosen:
+        raise SystemExit("vppo-eval: --dependency: no scored item with a non-empty response to analyse")
+    prompts, texts, headers = [], [], []
+    for row in chosen:
+        rec = records[(row["benchmark"], row["id"])]
+        prompts.append(build_prompt(processor, rec.question, list(rec.images), system_prompt=system_prompt))
+        texts.append(row["responses"][0])
+        headers.append(
+            f"[{row['benchmark']} / {row['id']}] accuracy {row['accuracy'][0]:.0f}, answer {row['answer']}\n"
+            f"Q: {row['question']}"
+        )
+    analysis = dependency_analysis(model, processor, prompts, texts, seed=seed, micro_batch_size=1, progress=progress)
+    return write_dependency_report(analysis, out_dir, headers=headers)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

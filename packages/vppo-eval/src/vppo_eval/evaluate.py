@@ -1,0 +1,466 @@
+"""avg@k evaluation of a sampler on benchmarks, resumable item by item (ALGORITHMS.md §8).
+
+For every item: k responses at (temperature, top_p, max_new_tokens), each graded with the training reward's
+accuracy (`vppo_eval.reward.compute_rewards`); the item's accuracy is the mean over its k samples, a benchmark's
+avg@k the mean over its scored items, and the reported average the mean over benchmarks (Table 1's "Avg" column).
+
+Resume: every finished item is appended as one JSON line to ``<out_dir>/items.jsonl`` (flushed and fsynced per
+sampler call). A rerun with the same settings reads that file, skips the items it holds and samples only the rest.
+Items are grouped into sampler calls of ``batch_size`` items by their position in the benchmark (not by what is
+left to do), and each call's seed is derived from ``seed`` and the call's first item, so with a deterministic
+sampler an interrupted-and-resumed run gives exactly the numbers of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import zlib
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+ITEMS_FILE = "items.jsonl"
+CONFIG_FILE = "eval_config.json"
+RESULTS_FILE = "results.json"
+
+# Settings that change what a stored item means: a rerun into the same out_dir must match them exactly.
+_FROZEN_SETTINGS = ("k", "temperature", "top_p", "max_new_tokens", "seed", "format_weight", "system_prompt")
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkResult:
+    """Summary of one benchmark.
+
+    avg_at_k: mean over scored items of the per-item accuracy (mean over its k samples), in [0, 1].
+    format_rate: mean format reward over all scored samples, in [0, 1].
+    truncated_rate: fraction of scored samples that stopped at max_new_tokens (finish reason "length").
+    skipped: reason -> count of loaded items that could not be evaluated (excluded from avg_at_k).
+    load_skipped: reason -> count of raw rows the benchmark loader dropped (bad image, empty answer, the
+        exact-match filter, ...), from `load_benchmark_report`; empty when records were passed in directly.
+    """
+
+    name: str
+    avg_at_k: float
+    n_items: int
+    n_skipped: int
+    format_rate: float
+    truncated_rate: float
+    skipped: dict[str, int]
+    load_skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResults:
+    """What `evaluate` returns (and writes to ``<out_dir>/results.json``).
+
+    benchmarks: name -> BenchmarkResult, in the order evaluated.
+    average: mean of avg_at_k over the benchmarks that have at least one scored item, in [0, 1]
+        (NaN when none has).
+    items: one dict per item, exactly the rows of items.jsonl (keys: benchmark, id, status, and for scored items
+        question, answer, responses, finish_reasons, accuracy [k], format [k], item_accuracy).
+    config: the evaluation settings.
+    """
+
+    k: int
+    benchmarks: dict[str, BenchmarkResult]
+    average: float
+    items: list[dict[str, Any]]
+    config: dict[str, Any]
+
+    def item_accuracy(self) -> dict[tuple[str, str], float]:
+        """(benchmark, item id) -> per-item accuracy (mean over k) for every scored item."""
+        return {(r["benchmark"], r["id"]): r["item_accuracy"] for r in self.items if r["status"] == "scored"}
+
+    def to_dict(self, *, with_items: bool = False) -> dict[str, Any]:
+        # NaN (a benchmark with no scored item) becomes null: JSON has no NaN.
+        out = {
+            "k": self.k,
+            "average": _nan_to_none(self.average),
+            "benchmarks": {
+                name: {key: _nan_to_none(v) for key, v in dataclasses.asdict(b).items()}
+                for name, b in self.benchmarks.items()
+            },
+            "config": self.config,
+        }
+        if with_items:
+            out["items"] = self.items
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EvalResults:
+        """Inverse of `to_dict` (items are empty when the dict has none)."""
+        return cls(
+            k=int(data["k"]),
+            benchmarks={
+                name: BenchmarkResult(**{key: math.nan if v is None else v for key, v in b.items()})
+                for name, b in data["benchmarks"].items()
+            },
+            average=math.nan if data["average"] is None else float(data["average"]),
+            items=list(data.get("items", [])),
+            config=dict(data.get("config", {})),
+        )
+
+
+def _nan_to_none(x: Any) -> Any:
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def _item_seed(seed: int, benchmark: str, item_id: str) -> int:
+    # A stable (process-independent, unlike hash()) seed per sampler call, keyed by its first item.
+    return (seed + zlib.crc32(f"{benchmark}\x00{item_id}".encode())) % (2**31 - 1)
+
+
+def read_items(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of an items.jsonl file. A torn last line (the process died mid-write) is dropped and cut off the file.
+
+    Any other unreadable line is an error: resuming over it could silently lose or duplicate items.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    rows: list[dict[str, Any]] = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            is_last = i == len(lines) - 1  # no trailing newline: the write was interrupted
+            if not is_last:
+                raise ValueError(
+                    f"{path}: line {i + 1} is not valid JSON ({err}); the file is corrupt. Fix or delete that line "
+                    "(or use a new out_dir) before resuming."
+                ) from err
+            with path.open("r+b") as f:  # drop the torn tail so the next append starts on a fresh line
+                f.truncate(len(raw) - len(line))
+            break
+        if not isinstance(row, dict) or not {"benchmark", "id", "status"} <= row.keys():
+            raise ValueError(
+                f"{path}: line {i + 1} is not an evaluation item (needs benchmark, id, status); is this an "
+                "items.jsonl written by vppo_eval.evaluate? Use a new out_dir."
+            )
+        rows.append(row)
+    else:
+        if raw and not raw.endswith(b"\n"):  # a complete last row without its newline: end the line before appending
+            with path.open("ab") as f:
+                f.write(b"\n")
+    return rows
+
+
+_DATA_SUFFIXES = ("", ".parquet", ".jsonl", ".json", ".csv", ".arrow")
+
+
+def benchmark_source(data_dir: str | os.PathLike, name: str) -> Path:
+    """Where benchmark `name` lives under data_dir: ``data_dir/name`` (a folder) or ``data_dir/name.<ext>`` (a file)."""
+    for suffix in _DATA_SUFFIXES:
+        path = Path(data_dir) / f"{name}{suffix}"
+        if path.exists():
+            return path
+    raise FileNotFoundError(
+        f"data_dir={str(data_dir)!r} has no benchmark {name!r}: place its data (in the benchmark's raw schema) at "
+        f"{Path(data_dir) / name}/ or {Path(data_dir) / name}.parquet, or drop data_dir to load it from the hub."
+    )
+
+
+def load_benchmarks(
+    benchmarks: str | Sequence[str], *, data_dir: str | os.PathLike | None = None, limit: int | None = None
+) -> tuple[dict[str, list[Any]], dict[str, dict[str, int]]]:
+    """Load registry benchmarks: ("all" | "a,b" | [names]) -> (name -> records, name -> {skip reason: count}).
+
+    Unknown names raise ValueError (with the closest valid name) before anything is loaded.
+    """
+    from vppo_eval.benchmarks import load_benchmark_report, resolve_benchmark_names
+
+    names = resolve_benchmark_names(benchmarks)
+    sources = {name: benchmark_source(data_dir, name) if data_dir is not None else None for name in names}
+    data, skipped = {}, {}
+    for name in names:
+        loaded = load_benchmark_report(name, sources[name], limit)
+        data[name], skipped[name] = list(loaded.records), dict(loaded.skipped)
+    return data, skipped
+
+
+def records_from_rows(
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    question: str = "problem",
+    answer: str = "answer",
+    images: str = "images",
+    id_column: str | None = "id",
+) -> tuple[list[Any], dict[str, int]]:
+    """Rows of any question/answer/images dataset (e.g. a `datasets` split) -> (Records for `evaluate`, skips).
+
+    The defaults are the ViRL39K / synthetic-task column names. `images` may hold one image or a list (PIL, bytes,
+    {"bytes", "path"} or a path). Rows with an undecodable image or none are skipped and counted by reason
+    (pass the counts to `evaluate(load_skipped={name: skips})`); ids fall back to the row index when `id_column`
+    is None or absent. A missing question/answer/images column is a ValueError naming it.
+    """
+    from vppo_eval.benchmarks import SkipRow, decode_image
+    from vppo_eval.records import Record
+
+    records, skipped = [], Counter()
+    for index, row in enumerate(rows):
+        missing = [c for c in (question, answer, images) if c not in row]
+        if missing:
+            raise ValueError(f"row {index} has no column(s) {missing}; it has {sorted(row)}. Pass question=, answer=, "
+                             "images= to name the columns")  # fmt: skip
+        raw = row[images]
+        raw = list(raw) if isinstance(raw, (list, tuple)) else [raw]
+        try:
+            if not raw or raw == [None]:
+                raise SkipRow("missing_image")
+            pil = [decode_image(v) for v in raw]
+        except SkipRow as skip:
+            skipped[skip.reason] += 1
+            continue
+        rid = row[id_column] if id_column is not None and id_column in row else index
+        records.append(Record(id=str(rid), question=str(row[question]), images=pil, answer=str(row[answer])))
+    return records, dict(skipped)
+
+
+def _check_config(out_dir: Path, config: dict[str, Any]) -> None:
+    path = out_dir / CONFIG_FILE
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = {key: (old.get(key), config[key]) for key in _FROZEN_SETTINGS if old.get(key) != config[key]}
+        if diff:
+            listed = ", ".join(f"{key}: stored {a!r} vs now {b!r}" for key, (a, b) in diff.items())
+            raise ValueError(
+                f"out_dir={str(out_dir)!r} holds an evaluation with other settings ({listed}); resuming would mix "
+                "them. Use a new out_dir, or the stored settings."
+            )
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def _append(f, rows: Iterable[dict[str, Any]]) -> None:
+    for row in rows:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def summarize(
+    items: Sequence[Mapping[str, Any]],
+    *,
+    order: Sequence[str] | None = None,
+    load_skipped: Mapping[str, Mapping[str, int]] | None = None,
+) -> dict[str, BenchmarkResult]:
+    """Per-benchmark summary of item rows (the items.jsonl schema).
+
+    order: benchmark names to report, in order (default: order of first appearance).
+    load_skipped: benchmark -> {reason: count} of rows dropped at load time, copied into the result.
+    """
+    names = list(order) if order is not None else list(dict.fromkeys(r["benchmark"] for r in items))
+    out = {}
+    for name in names:
+        rows = [r for r in items if r["benchmark"] == name]
+        scored = [r for r in rows if r["status"] == "scored"]
+        skipped = Counter(r.get("reason", "unknown") for r in rows if r["status"] == "skipped")
+        n_samples = sum(len(r["accuracy"]) for r in scored)
+        out[name] = BenchmarkResult(
+            name=name,
+            avg_at_k=sum(r["item_accuracy"] for r in scored) / len(scored) if scored else math.nan,
+            n_items=len(scored),
+            n_skipped=sum(skipped.values()),
+            format_rate=sum(sum(r["format"]) for r in scored) / n_samples if n_samples else math.nan,
+            truncated_rate=(
+                sum(fr == "length" for r in scored for fr in r["finish_reasons"]) / n_samples if n_samples else math.nan
+            ),
+            skipped=dict(sorted(skipped.items())),
+            load_skipped=dict(sorted((load_skipped or {}).get(name, {}).items())),
+        )
+    return out
+
+
+def _average(benchmarks: Mapping[str, BenchmarkResult]) -> float:
+    vals = [b.avg_at_k for b in benchmarks.values() if b.n_items > 0]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def evaluate(
+    sampler,
+    benchmarks: str | Sequence[str] | Mapping[str, Sequence[Any]],
+    *,
+    processor,
+    k: int = 8,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 2048,
+    limit: int | None = None,
+    out_dir: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    format_weight: float = 0.1,
+    system_prompt: str = "You are a helpful assistant.",
+    progress: bool = True,
+    meta: Mapping[str, Any] | None = None,
+    load_skipped: Mapping[str, Mapping[str, int]] | None = None,
+) -> EvalResults:
+    """avg@k of `sampler` on `benchmarks` (ALGORITHMS.md §8; the paper: k=8, temperature 1.0, top-p 1.0, 2048 tokens).
+
+    sampler: a vppo_rollout GroupSampler (TransformersSampler, VLLMSampler).
+    benchmarks: "all", "a,b", a list of registry names (loaded with `load_benchmarks`, whose dropped rows are
+        counted in BenchmarkResult.load_skipped), or a mapping name -> list[Record] (already loaded).
+    processor: the model's processor, used to build the chat prompts (vppo_rollout.build_prompt).
+    limit: evaluate only the first `limit` items of each benchmark.
+    out_dir: where items.jsonl (resume state), eval_config.json and results.json go; None keeps nothing (no resume).
+    data_dir: load registry benchmark `name` from ``data_dir/name`` instead of the hub.
+    batch_size: items per sampler call (k responses each); also the resume granularity.
+    seed: base seed; each sampler call gets a seed derived from it and the call's first item.
+    meta: extra facts stored in the config (e.g. the model path); not checked on resume.
+    load_skipped: with a mapping of records, the loader's dropped-row counts to report (see `load_benchmarks`).
+    Items whose prompt cannot be built (ValueError from build_prompt) or whose answer is empty are written as
+    skipped with their reason and counted in BenchmarkResult.skipped, never scored as 0.
+    """
+    from vppo_eval.reward import compute_rewards
+    from vppo_rollout.prompts import build_prompt
+    from vppo_rollout.sampling import SamplingConfig
+
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k={k!r} must be an integer >= 1 (the paper uses k=8)")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit={limit!r} must be None or an integer >= 1")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r} must be > 0 (avg@k needs sampling; the paper uses 1.0)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r} must be in (0, 1]")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+    if not 0.0 <= format_weight <= 1.0:
+        raise ValueError(f"format_weight={format_weight!r} must be in [0, 1] (the paper uses 0.1)")
+
+    if isinstance(benchmarks, Mapping):
+        data = {str(name): list(recs)[:limit] if limit is not None else list(recs) for name, recs in benchmarks.items()}
+        load_skipped = {name: dict((load_skipped or {}).get(name, {})) for name in data}
+    else:
+        data, load_skipped = load_benchmarks(benchmarks, data_dir=data_dir, limit=limit)
+    config = {
+        "k": k,
+        "temperature": temperature,
+        "top_p": top_p,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+        "format_weight": format_weight,
+        "system_prompt": system_prompt,
+        "batch_size": batch_size,
+        "limit": limit,
+        "benchmarks": list(data),
+        **({"meta": dict(meta)} if meta else {}),
+    }
+    for name, records in data.items():
+        ids = [str(r.id) for r in records]
+        dup = [i for i, c in Counter(ids).items() if c > 1]
+        if dup:
+            raise ValueError(f"benchmark {name!r} has duplicate item ids {dup[:5]}; ids must be unique to resume")
+
+    done: dict[tuple[str, str], dict[str, Any]] = {}
+    f = None
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        _check_config(out, config)
+        for row in read_items(out / ITEMS_FILE):
+            done[(row["benchmark"], str(row["id"]))] = row
+        f = (out / ITEMS_FILE).open("a", encoding="utf-8")
+
+    wanted = {(name, str(r.id)) for name, records in data.items() for r in records}
+    todo = len(wanted - done.keys())
+    bar = tqdm(total=todo, desc=f"avg@{k}", unit="item", disable=not progress)
+    try:
+        for name, records in data.items():
+            for start in range(0, len(records), batch_size):
+                chunk = records[start : start + batch_size]
+                pending = [r for r in chunk if (name, str(r.id)) not in done]
+                if not pending:
+                    continue
+                bar.set_postfix_str(name)
+                sampling = SamplingConfig(
+                    temperature=temperature,
+                    top_p=top_p,
+                    max_new_tokens=max_new_tokens,
+                    seed=_item_seed(seed, name, str(chunk[0].id)),
+                )
+                rows = _evaluate_chunk(
+                    sampler, processor, name, pending, k=k, sampling=sampling, format_weight=format_weight,
+                    system_prompt=system_prompt, compute_rewards=compute_rewards, build_prompt=build_prompt,
+                )  # fmt: skip
+                if f is not None:
+                    _append(f, rows)
+                for row in rows:
+                    done[(name, row["id"])] = row
+                bar.update(len(rows))
+    finally:
+        bar.close()
+        if f is not None:
+            f.close()
+
+    items = [done[(name, str(r.id))] for name, records in data.items() for r in records]
+    per_benchmark = summarize(items, order=list(data), load_skipped=load_skipped)
+    results = EvalResults(k=k, benchmarks=per_benchmark, average=_average(per_benchmark), items=items, config=config)
+    if out_dir is not None:
+        path = Path(out_dir) / RESULTS_FILE
+        path.write_text(json.dumps(results.to_dict(), indent=2, allow_nan=False))
+    return results
+
+
+def _evaluate_chunk(
+    sampler, processor, name, records, *, k, sampling, format_weight, system_prompt, compute_rewards, build_prompt
+) -> list[dict[str, Any]]:
+    """Sample k responses for each record, grade them, and return one items.jsonl row per record (input order)."""
+    rows: dict[str, dict[str, Any]] = {}
+    prompts, kept = [], []
+    for record in records:
+        rid = str(record.id)
+        answer = "" if record.answer is None else str(record.answer)
+        if not answer.strip():
+            rows[rid] = {"benchmark": name, "id": rid, "status": "skipped", "reason": "empty answer"}
+            continue
+        try:
+            prompt = build_prompt(processor, record.question, list(record.images), system_prompt=system_prompt)
+        except ValueError as err:
+            # The reason keeps only the exception type and first line so the skip counts group sensibly.
+            reason = f"prompt: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            rows[rid] = {"benchmark": name, "id": rid, "status": "skipped", "reason": reason}
+            continue
+        prompts.append(prompt)
+        kept.append(record)
+
+    if prompts:
+        rollouts = sampler.sample(prompts, k, sampling)
+        per_prompt: list[list[int]] = [[] for _ in prompts]
+        for r, g in enumerate(rollouts.group_index):
+            per_prompt[g].append(r)
+        for g, record in enumerate(kept):
+            idx = per_prompt[g]
+            if len(idx) != k:
+                raise RuntimeError(f"sampler returned {len(idx)} responses for item {record.id!r}, expected k={k}")
+            texts = [rollouts.texts[r] for r in idx]
+            answer = str(record.answer)
+            scores = compute_rewards(texts, [answer] * k, format_weight=format_weight)
+            acc = [float(a) for a in scores["accuracy"]]
+            rows[str(record.id)] = {
+                "benchmark": name,
+                "id": str(record.id),
+                "status": "scored",
+                "question": record.question,
+                "answer": answer,
+                "responses": texts,
+                "finish_reasons": [rollouts.finish_reasons[r] for r in idx],
+                "accuracy": acc,
+                "format": [float(x) for x in scores["format"]],
+                "item_accuracy": sum(acc) / k,
+            }
+    return [rows[str(r.id)] for r in records]
