@@ -1,0 +1,84 @@
+"""VPPO Token-level Gradient Filtering (TGF) — ALGORITHMS.md §4.
+
+Also home of the response-mask checks shared by `shaping` and `losses` (a mask is the one input every
+token-level function takes).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["tgf_mask"]
+
+# ρ·n is computed in float64 and shrunk by this relative amount before the ceiling: ρ = 0.4 is stored as
+# 0.40000000000000002, so 0.4 * 5 == 2.0000000000000004 and a bare ceil would give 3 instead of 2. The float
+# error of ρ·n is ≤ 2.3e-16 relative; a genuine fractional part of ρ·n is ≥ 1/10^d for a ρ with d decimals,
+# far above 1e-12·ρ·n for any response length, so no real ceiling is ever lost.
+_CEIL_REL_TOL = 1e-12
+
+
+def check_mask(mask: Tensor, shape: torch.Size | tuple[int, ...], name: str = "mask") -> Tensor:
+    """Return ``mask`` as bool after checking its shape and that it only holds 0/1 (any dtype)."""
+    if not isinstance(mask, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {tuple(shape)} (one entry per token)")
+    if mask.dtype == torch.bool:
+        return mask
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"{name} must hold only 0/1 (1 on real response tokens, 0 on padding)")
+    return mask != 0
+
+
+def check_finite_where(x: Tensor, valid: Tensor, name: str) -> None:
+    """ValueError if ``x`` holds NaN/inf on a valid position (padding may hold anything)."""
+    if not bool((torch.isfinite(x) | ~valid).all()):
+        raise ValueError(f"{name} contains NaN or inf on valid (mask == 1) positions")
+
+
+def check_token_tensor(x: Tensor, name: str) -> None:
+    """``x`` must be a floating ``[B, L]`` tensor."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape [B, L], got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must have shape [B, L], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+
+
+def tgf_mask(S: Tensor, mask: Tensor, *, fraction: float = 0.4) -> Tensor:
+    """Per response, mark the ``k_i = ceil(fraction · n_i)`` valid tokens with the largest dependency (§4).
+
+    Args:
+        S: ``[B, L]`` float — token visual dependency (any real values on valid positions; padding ignored).
+        mask: ``[B, L]`` bool or 0/1 — 1 on real response tokens.
+        fraction: ρ in (0, 1]; the paper's value is 0.4.
+
+    Returns:
+        ``[B, L]`` bool, True on selected tokens. Exactly ``ceil(ρ·n_i)`` per row, without float overshoot (a
+        product within 1e-12 relative of an integer is that integer: ``ceil(0.4 · 5) = 2``, ``ceil(0.28 · 25) = 7``
+        although ``0.28 * 25 == 7.000000000000001``), never a padding position, ties broken by position (earlier
+        token first), so the result is deterministic. An empty row (``n_i = 0``) selects nothing.
+
+    The mask multiplies the per-token policy-gradient term only; the loss keeps dividing by all valid tokens
+    (`policy_loss` with ``token_weights=tgf_mask(...)``).
+    """
+    check_token_tensor(S, "S")
+    valid = check_mask(mask, S.shape)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not math.isfinite(fraction):
+        raise ValueError(f"fraction must be a float in (0, 1], got {fraction!r}")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1] (the share of each response's tokens kept), got {fraction!r}")
+    check_finite_where(S, valid, "S")
+
+    n = valid.sum(dim=1, dtype=torch.float64)
+    k = torch.ceil(n * fraction * (1.0 - _CEIL_REL_TOL)).to(torch.long)  # [B]
+    # Padding sorts last; a stable descending sort keeps equal scores in position order.
+    keyed = torch.where(valid, S.to(torch.float64), torch.full_like(S, -math.inf, dtype=torch.float64))
+    order = torch.sort(keyed, dim=1, descending=True, stable=True).indices  # [B, L]
+    positions = torch.arange(S.shape[1], device=S.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, positions)  # rank[b, j] = place of token j in row b
+    return (rank < k[:, None]) & valid

@@ -1,0 +1,206 @@
+"""Advantage shaping from visual dependency: VPPO's TAS (ALGORITHMS.md §3) and PGPO's token weights (§5)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from vppo_core.masking import check_finite_where, check_mask, check_token_tensor
+
+__all__ = ["pgpo_token_weights", "tas_bounds", "tas_scale", "tas_scale_reference"]
+
+# §3 fallback: a statistics set whose dependencies span no more than this gets α ≡ 1.
+_TAS_MIN_SPREAD = 1e-6
+# The reference code divides by mean(n) + 1e-8 (dp_actor.py, "epsilon = 1e-8"); only the reference mode uses it.
+_REFERENCE_MEAN_EPS = 1e-8
+
+
+def _check_traj(traj_dep: Tensor, valid: Tensor | None) -> Tensor:
+    """Check ``traj_dep [B]`` and return the bool ``valid [B]`` (all True when not given)."""
+    if not isinstance(traj_dep, Tensor) or traj_dep.dim() != 1 or not traj_dep.is_floating_point():
+        shape = tuple(traj_dep.shape) if isinstance(traj_dep, Tensor) else type(traj_dep).__name__
+        raise ValueError(f"traj_dep must be a float tensor of shape [B] (one S̄ per response), got {shape}")
+    if valid is None:
+        valid = torch.ones_like(traj_dep, dtype=torch.bool)
+    else:
+        valid = check_mask(valid, traj_dep.shape, "valid")
+    check_finite_where(traj_dep, valid, "traj_dep")
+    return valid
+
+
+def _check_beta_min(beta_min: float) -> None:
+    if isinstance(beta_min, bool) or not isinstance(beta_min, (int, float)) or not 0.0 <= beta_min <= 1.0:
+        raise ValueError(f"beta_min must be a float in [0, 1] (the smallest scale α can take), got {beta_min!r}")
+
+
+def tas_bounds(traj_dep: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(m, M)``: min and max of ``traj_dep`` over the valid responses — the §3 statistics of one set.
+
+    Args:
+        traj_dep: ``[B]`` float — S̄ per response (`trajectory_dependency`).
+        valid: optional ``[B]`` bool/0-1 — False for responses excluded from the statistics (empty responses).
+
+    Returns:
+        Two 0-dim tensors (dtype of ``traj_dep``). With no valid response they are ``(+inf, -inf)``, the identities
+        of min/max, so a distributed caller can ``all_reduce`` them with ``MIN``/``MAX`` unconditionally; `tas_scale`
+        treats ``M − m ≤ 1e-6`` (including this case and a single valid response) as the α ≡ 1 fallback.
+    """
+    valid = _check_traj(traj_dep, valid)
+    inf = torch.tensor(math.inf, dtype=traj_dep.dtype, device=traj_dep.device)
+    m = torch.where(valid, traj_dep, inf).amin() if traj_dep.numel() else inf.clone()
+    big = torch.where(valid, traj_dep, -inf).amax() if traj_dep.numel() else -inf
+    return m, big
+
+
+def tas_scale(
+    traj_dep: Tensor,
+    *,
+    beta_min: float = 0.9,
+    bounds: tuple[Tensor | float, Tensor | float] | None = None,
+    valid: Tensor | None = None,
+) -> Tensor:
+    """VPPO Trajectory-level Advantage Shaping factor α (§3).
+
+    ``n_i = clamp((S̄_i − m) / (M − m), 0, 1)``, ``α_i = β_min + (1 − β_min) · n_i / mean(n)``, where ``m, M`` are
+    ``bounds`` (or the min/max over ``traj_dep`` itself) and ``mean(n)`` is over the valid entries of ``traj_dep``.
+    Multiply every token's advantage of response i by ``α_i``, whatever its sign.
+
+    Args:
+        traj_dep: ``[B]`` float — S̄ per response.
+        beta_min: β_min in [0, 1] (paper: 0.9).
+        bounds: optional ``(m, M)`` computed over a larger set (`tas_bounds`, all-reduced MIN/MAX across ranks, or
+            over the rank's whole mini-batch for the reference mode); ``None``: from ``traj_dep`` itself.
+        valid: optional ``[B]`` bool/0-1 — responses to scale; the others (e.g. empty responses, whose S̄ is 0 by
+            convention) get α = 1 and are left out of ``mean(n)``. Pass ``response_mask.sum(-1) > 0``.
+
+    Returns:
+        ``[B]`` α (detached), dtype of ``traj_dep``. The mean of α over the valid entries is 1 up to rounding,
+        except in the fallbacks: ``M − m ≤ 1e-6`` (which covers fewer than 2 valid responses in the statistics
+        set) → α ≡ 1; ``mean(n) = 0`` (every valid S̄ at or below m) → α ≡ β_min on valid entries.
+
+    Global statistics (the project default) on several ranks: all-gather ``traj_dep``/``valid`` and call this on the
+    full vector, then take your slice — both ``m, M`` and ``mean(n)`` are then sharding-independent. The reference
+    code's per-rank mini-batch bounds with per-micro-batch ``mean(n)`` is `tas_scale_reference`.
+    """
+    valid = _check_traj(traj_dep, valid)
+    _check_beta_min(beta_min)
+    traj_dep = traj_dep.detach()  # α is a constant scale on the advantage, never a path for gradients
+    if bounds is None:
+        m, big = tas_bounds(traj_dep, valid)
+    else:
+        if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
+            raise ValueError(f"bounds must be a pair (min, max) of S̄ over the statistics set, got {bounds!r}")
+        m, big = (torch.as_tensor(b, dtype=traj_dep.dtype, device=traj_dep.device) for b in bounds)
+        if m.numel() != 1 or big.numel() != 1 or torch.isnan(m) or torch.isnan(big):
+            raise ValueError(f"bounds must be two scalars (min, max), not NaN, got {bounds!r}")
+    ones = torch.ones_like(traj_dep)
+    spread = big - m
+    if not bool(spread > _TAS_MIN_SPREAD) or not bool(valid.any()):
+        return ones
+    n = ((traj_dep - m) / spread).clamp(0.0, 1.0)
+    n = torch.where(valid, n, torch.zeros_like(n))
+    mean_n = n.sum() / valid.sum()
+    if not bool(mean_n > 0):
+        return torch.where(valid, torch.full_like(traj_dep, beta_min), ones)
+    alpha = beta_min + (1.0 - beta_min) * n / mean_n
+    return torch.where(valid, alpha, ones)
+
+
+def tas_scale_reference(
+    traj_dep: Tensor, micro_batch_size: int, *, beta_min: float = 0.9, valid: Tensor | None = None
+) -> Tensor:
+    """α exactly as the official VPPO code computes it, for one rank's PPO mini-batch (§3, "Reference code").
+
+    ``m, M`` over the valid responses of the whole ``traj_dep`` (the rank's mini-batch, not synchronised across
+    ranks); it is then split into consecutive micro-batches of ``micro_batch_size`` (the last may be shorter),
+    and in each ``α_i = β_min + n_i · (1 − β_min) / (mean_micro(n) + 1e-8)`` with the mean over that micro-batch's
+    valid responses. Fewer than 2 valid responses or ``M − m ≤ 1e-6`` → α ≡ 1; invalid responses → α = 1.
+    α therefore depends on sharding and micro-batch size; its mean is 1 only per micro-batch.
+
+    Args:
+        traj_dep: ``[B]`` float — S̄ of the rank's mini-batch, in the order it is split into micro-batches.
+        micro_batch_size: responses per micro-batch (fixed-size splits; the reference's dynamic batching is not
+            modelled).
+        beta_min: β_min in [0, 1].
+        valid: optional ``[B]`` — the reference marks a response valid iff it has at least one token.
+
+    Returns:
+        ``[B]`` α, dtype of ``traj_dep``.
+    """
+    valid = _check_traj(traj_dep, valid)
+    _check_beta_min(beta_min)
+    traj_dep = traj_dep.detach()
+    if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be a positive int, got {micro_batch_size!r}")
+    alpha = torch.ones_like(traj_dep)
+    if int(valid.sum()) < 2:
+        return alpha
+    m, big = tas_bounds(traj_dep, valid)
+    if not bool(big - m > _TAS_MIN_SPREAD):
+        return alpha
+    n_all = ((traj_dep - m) / (big - m)).clamp(0.0, 1.0)
+    for start in range(0, traj_dep.numel(), micro_batch_size):
+        sl = slice(start, start + micro_batch_size)
+        v, n = valid[sl], n_all[sl]
+        if not bool(v.any()):
+            continue
+        mean_n = n[v].mean()
+        # Same operation order as the reference (target_max first), so the result matches it bit for bit.
+        target_max = beta_min + (1.0 - beta_min) / (mean_n + _REFERENCE_MEAN_EPS)
+        scaled = beta_min + n * (target_max - beta_min)
+        alpha[sl] = torch.where(v, scaled, alpha[sl])
+    return alpha
+
+
+def pgpo_token_weights(S: Tensor, mask: Tensor, *, tau: float = 0.4, beta: float = 2.0, eps: float = 1e-6) -> Tensor:
+    """PGPO's threshold-gated, mass-conserving token weights ω̃ (§5); token advantage ``Ã_{i,t} = A_i · ω̃_{i,t}``.
+
+    Per response over its valid tokens: ``Ŝ = log(1 + S)``, ``I = (Ŝ − min Ŝ) / (max Ŝ − min Ŝ + eps)``,
+    ``ω = I / (τ + eps)`` if ``I < τ`` else ``1 + β (I − τ) / (1 − τ + eps)``, ``ω̃ = ω · n / Σ ω``.
+
+    Args:
+        S: ``[B, L]`` float — token dependency; non-negative by construction, must be > −1 (log1p) and finite on
+            valid positions.
+        mask: ``[B, L]`` bool or 0/1.
+        tau: τ in (0, 1) (paper: 0.4).  beta: β ≥ 0 (paper: 2.0).  eps: ε > 0 (paper: 1e-6).
+
+    Returns:
+        ``[B, L]`` float (dtype of ``S``, detached), ≥ 0, zero on padding; each row sums to its valid-token count
+        n_i and is order-preserving (``S_a ≤ S_b`` ⇒ ``ω̃_a ≤ ω̃_b`` within a row). Degenerate rows, where the
+        formula is 0/0: an empty row is all zeros (sum 0 = n_i); a row whose ``max Ŝ − min Ŝ ≤ eps`` (all tokens
+        equally dependent, including a single token) gets ω̃ = 1 on every valid token — the GRPO weighting. Without
+        that rule a spread of, say, 1e-9 would hand a row's whole advantage mass to its top token.
+    """
+    check_token_tensor(S, "S")
+    valid = check_mask(mask, S.shape)
+    for name, value, ok in (
+        ("tau", tau, 0.0 < tau < 1.0),
+        ("beta", beta, beta >= 0.0),
+        ("eps", eps, eps > 0.0),
+    ):
+        if not ok or not math.isfinite(value):
+            raise ValueError(f"{name} out of range: got {value!r} (need 0 < tau < 1, beta ≥ 0, eps > 0)")
+    check_finite_where(S, valid, "S")
+    if not bool((S > -1.0)[valid].all()):
+        raise ValueError("S must be > -1 on valid positions (it is a non-negative KL estimate; log1p(S) is taken)")
+
+    s_hat = torch.log1p(torch.where(valid, S.detach(), torch.zeros_like(S)))  # weights are constants
+    inf = torch.full_like(s_hat, math.inf)
+    lo = torch.where(valid, s_hat, inf).amin(dim=1, keepdim=True)
+    hi = torch.where(valid, s_hat, -inf).amax(dim=1, keepdim=True)
+    spread = hi - lo  # -inf on empty rows
+    importance = ((s_hat - lo) / (spread + eps)).nan_to_num(0.0)
+    omega = torch.where(
+        importance < tau,
+        importance / (tau + eps),
+        1.0 + beta * (importance - tau) / (1.0 - tau + eps),
+    )
+    omega = torch.where(valid, omega, torch.zeros_like(omega))
+    n = valid.sum(dim=1, keepdim=True).to(S.dtype)
+    total = omega.sum(dim=1, keepdim=True)
+    degenerate = ~(spread > eps)  # also True on empty rows (spread = -inf)
+    # Σω > 0 whenever spread > eps: the top token has I = spread / (spread + eps) > 0.
+    weights = omega * (n / torch.where(degenerate, torch.ones_like(total), total))
+    return torch.where(degenerate, valid.to(S.dtype), weights)
