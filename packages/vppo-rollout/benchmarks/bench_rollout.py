@@ -1,0 +1,149 @@
+"""Benchmark of the embedded rollout engine on the tiny Qwen2.5-VL / Qwen3-VL models (CPU).
+
+1. Group sampling throughput: `TransformersSampler.sample(prompts, n=G)` (one batched `generate` with
+   num_return_sequences=G per chunk of prompts) vs. the naive loop that calls `generate` once per response.
+   Every response runs to max_new_tokens (no stop token can be sampled), so both sides generate the same number of
+   tokens; the result is the tokens/s ratio (issue 3 target: >= 4x).
+2. `update_weights` (copy every tensor of another checkpoint in place) as a ratio to one no-grad forward pass of
+   the collated rollout batch, both measured in this run.
+
+    python packages/vppo-rollout/benchmarks/bench_rollout.py [--arch qwen2_5_vl] [--prompts 8] [--group 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vppo_rollout import (
+    SamplingConfig,
+    TransformersSampler,
+    build_prompt,
+    build_tiny_checkpoint,
+    collate_rollout,
+    load_policy,
+    load_processor,
+    model_inputs,
+)
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def run(arch: str, n_prompts: int, group: int, max_new_tokens: int, repeats: int) -> list[tuple[str, str]]:
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        path = build_tiny_checkpoint(os.path.join(d, "a"), arch, seed=0)
+        other_path = build_tiny_checkpoint(os.path.join(d, "b"), arch, seed=1)
+        model, processor = load_policy(path), load_processor(path)
+        other = load_policy(other_path)
+        rng = np.random.default_rng(0)
+        prompts = [
+            build_prompt(
+                processor,
+                f"How many red circles are in image {i}?",
+                [Image.fromarray(rng.integers(0, 256, (56, 84, 3), dtype=np.uint8))],
+            )
+            for i in range(n_prompts)
+        ]
+        never = [model.config.text_config.vocab_size + 1]  # an id that cannot be sampled: fixed-length responses
+        cfg = SamplingConfig(max_new_tokens=max_new_tokens, stop_token_ids=never, seed=0)
+        tokens = n_prompts * group * max_new_tokens
+
+        batched = TransformersSampler(model, processor, batch_size=n_prompts * group)
+        naive = TransformersSampler(model, processor, batch_size=1)
+
+        def run_batched():
+            ro = batched.sample(prompts, group, cfg)
+            assert sum(ro.response_lengths) == tokens
+
+        def run_naive():
+            total = 0
+            for p in prompts:
+                for g in range(group):
+                    ro = naive.sample(
+                        [p], 1, SamplingConfig(max_new_tokens=max_new_tokens, stop_token_ids=never, seed=g)
+                    )
+                    total += ro.response_lengths[0]
+            assert total == tokens
+
+        run_batched()  # warm-up (allocator, lazy init)
+        t_batched = _median_time(run_batched, repeats)
+        t_naive = _median_time(run_naive, max(1, repeats // 2))
+        rows.append(
+            (f"{arch}: naive loop, 1 generate per response ({tokens} tokens)", f"{tokens / t_naive:,.0f} tok/s = 1.00x")
+        )
+        rows.append(
+            (
+                f"{arch}: TransformersSampler, {n_prompts} prompts x G={group} batched",
+                f"{tokens / t_batched:,.0f} tok/s = {t_naive / t_batched:.2f}x",
+            )
+        )
+
+        ro = batched.sample(prompts, group, cfg)
+        batch = collate_rollout(processor, ro.prompts_for(prompts), ro.token_ids, model=model)
+        inputs = model_inputs(batch)
+
+        def forward():
+            with torch.no_grad():
+                model(**inputs)
+
+        forward()
+        t_fwd = _median_time(forward, repeats)
+        params = [(n, p.detach()) for n, p in other.named_parameters()]
+        t_upd = _median_time(lambda: batched.update_weights(params), repeats)
+        t_same = _median_time(lambda: batched.update_weights(model.named_parameters()), repeats)
+        shape = tuple(batch["input_ids"].shape)
+        rows.append((f"{arch}: one forward pass, collated batch {shape} (no grad)", "1.00x"))
+        n_params = sum(p.numel() for _, p in params)
+        rows.append(
+            (
+                f"{arch}: update_weights from another model ({len(params)} tensors, {n_params:,} params)",
+                f"{t_upd / t_fwd:.3f}x",
+            )
+        )
+        rows.append(
+            (f"{arch}: update_weights with the sampler's own parameters (shared model)", f"{t_same / t_fwd:.3f}x")
+        )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", choices=["qwen2_5_vl", "qwen3_vl", "both"], default="both")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s), medians of {args.repeats} runs (naive: {max(1, args.repeats // 2)})"
+    )
+    archs = ["qwen2_5_vl", "qwen3_vl"] if args.arch == "both" else [args.arch]
+    rows = [r for a in archs for r in run(a, args.prompts, args.group, args.max_new_tokens, args.repeats)]
+    width = max(len(k) for k, _ in rows)
+    print(f"{'measurement':<{width}}  ratio (baseline measured in this run)")
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from vppo_rollout.loading import checkpoint_arch, load_policy, load_processor
+
+from .conftest import make_image
+
+
+def test_load_policy_dtype_and_eval_mode(tiny_dir, arch):
+    m = load_policy(tiny_dir, dtype=torch.bfloat16)
+    assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
+    assert not m.training
+    assert m.config.model_type == arch
+
+
+def test_load_processor_pixel_bounds_change_the_number_of_image_tokens(tiny_dir, arch):
+    factor = 28 if arch == "qwen2_5_vl" else 32
+    small = load_processor(tiny_dir, min_pixels=factor * factor * 4, max_pixels=factor * factor * 4)
+    large = load_processor(tiny_dir, min_pixels=factor * factor * 16, max_pixels=factor * factor * 16)
+    img = make_image(100, 100, 1)
+    assert small.image_processor(images=[img], return_tensors="pt")["image_grid_thw"].prod().item() == 16
+    assert large.image_processor(images=[img], return_tensors="pt")["image_grid_thw"].prod().item() == 64
+
+
+def test_load_processor_rejects_inverted_bounds(tiny_dir):
+    with pytest.raises(ValueError, match="min_pixels"):
+        load_processor(tiny_dir, min_pixels=10_000, max_pixels=100)
+
+
+def test_load_processor_reads_a_legacy_layout_with_separate_preprocessor_config(tiny_dir, tmp_path):
+    """Downloaded Qwen2.5-VL folders (transformers 4.x era) keep the image processor in preprocessor_config.json."""
+    legacy = tmp_path / "legacy"
+    shutil.copytree(tiny_dir, legacy)
+    proc_cfg = json.loads((legacy / "processor_config.json").read_text())
+    image_cfg = proc_cfg.pop("image_processor")
+    image_cfg["processor_class"] = proc_cfg["processor_class"]
+    (legacy / "preprocessor_config.json").write_text(json.dumps(image_cfg))
+    (legacy / "processor_config.json").unlink()
+    p = load_processor(legacy)
+    ref = load_processor(tiny_dir)
+    img = make_image(60, 90, 2)
+    a = p(text=["<|vision_start|><|image_pad|><|vision_end|>hi"], images=[img], return_tensors="pt")
+    b = ref(text=["<|vision_start|><|image_pad|><|vision_end|>hi"], images=[img], return_tensors="pt")
+    assert torch.equal(a["input_ids"], b["input_ids"])
+    torch.testing.assert_close(a["pixel_values"], b["pixel_values"])
+
+
+def test_missing_folder_and_uncached_hub_id_offline_give_clear_errors(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="not an existing folder"):
+        load_policy(tmp_path / "nope")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    with pytest.raises(OSError, match="offline"):
+        load_processor("Qwen/Qwen2.5-VL-7B-Instruct")
+
+
+def test_unsupported_model_type_is_rejected(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="qwen2_5_vl"):
+        checkpoint_arch(tmp_path)
+    with pytest.raises(ValueError, match="dtype"):
+        load_policy(tmp_path, dtype=torch.int8)
+
+
+def test_load_processor_falls_back_when_auto_processor_fails(tiny_dir, monkeypatch):
+    """With a torchvision that imports but breaks AutoProcessor, the image-only processor still loads."""
+    import transformers
+
+    from vppo_rollout.loading import IMAGE_ONLY_PROCESSORS
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("operator torchvision::nms does not exist")
+
+    monkeypatch.setattr(transformers.utils, "is_torchvision_available", lambda: True)
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", broken)
+    p = load_processor(tiny_dir)
+    assert type(p) in set(IMAGE_ONLY_PROCESSORS.values())
