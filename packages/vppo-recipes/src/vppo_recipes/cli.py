@@ -1,0 +1,187 @@
+"""`vppo-recipes`: list, copy and launch the shipped recipes and configs from any directory.
+
+    vppo-recipes ls
+    vppo-recipes cp tiny_sft ./my_sft.yaml                 # a shipped config (or recipe) to edit
+    vppo-recipes run sft_distributed --nproc_per_node 2 --config ./my_sft.yaml training.max_steps=10
+    vppo-recipes plan ...                                  # memory planner (vppo_recipes.plan)
+
+`run` hands over to torchtune's `tune run`, which turns a *relative* recipe path into a module name
+(`a/b.py` -> `a.b`), runs it with `python -m` (under torchrun when torchrun flags are given) and puts the cwd on
+`sys.path`. The shipped recipes are passed as `vppo_recipes/<kind>/<name>.py`, i.e. the module
+`vppo_recipes.<kind>.<name>` of the installed package, so no `cd` is needed and the user's relative paths (the
+config file, `output_dir`, `model.path`, `data.source`) keep meaning what they mean in the user's directory. A
+recipe file of the user's own (`vppo-recipes cp sft_distributed my_sft.py`, then edit) may be given by any path:
+its folder goes on PYTHONPATH and tune gets the bare file name. The equivalent direct command for a shipped recipe,
+from any directory, is `tune run [--nproc_per_node N] vppo_recipes/sft/sft_distributed.py --config <file>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+__all__ = ["RECIPES", "main", "recipe_for_config", "resolve_config", "shipped_configs"]
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+CONFIG_DIR = PACKAGE_DIR / "configs"
+# Recipe name -> file, relative to the package folder. Folders are not called `recipes/`: torchtune ships a
+# top-level `recipes` package that would shadow it.
+RECIPES: dict[str, str] = {
+    "sft_distributed": "sft/sft_distributed.py",
+    "rl_distributed": "rl/rl_distributed.py",
+}
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Config name (file stem) -> path, for every YAML in the package's configs folder."""
+    return {p.stem: p for p in sorted(CONFIG_DIR.glob("*.yaml"))}
+
+
+def recipe_for_config(path: Path) -> str:
+    """The recipe a config belongs to: RL configs have a `rollout` section, SFT configs do not."""
+    from omegaconf import OmegaConf
+
+    return "rl_distributed" if "rollout" in OmegaConf.load(path) else "sft_distributed"
+
+
+def resolve_config(config: str, cwd: Path | None = None) -> Path:
+    """A config argument -> absolute path: an existing file (relative to `cwd`) first, else a shipped name."""
+    cwd = cwd or Path.cwd()
+    candidate = Path(config).expanduser()
+    candidate = candidate if candidate.is_absolute() else cwd / candidate
+    if candidate.is_file():
+        return candidate.resolve()
+    shipped = shipped_configs()
+    name = config[:-5] if config.endswith(".yaml") else config
+    if name in shipped:
+        return shipped[name]
+    raise SystemExit(
+        f"vppo-recipes: config {config!r} is neither a file (looked at {candidate}) nor a shipped config "
+        f"({', '.join(shipped) or 'none'}); see `vppo-recipes ls`"
+    )
+
+
+def _available_recipes() -> dict[str, Path]:
+    return {name: PACKAGE_DIR / rel for name, rel in RECIPES.items() if (PACKAGE_DIR / rel).is_file()}
+
+
+def cmd_ls(_: argparse.Namespace) -> int:
+    recipes = _available_recipes()
+    by_recipe: dict[str, list[str]] = {name: [] for name in recipes}
+    for name, path in shipped_configs().items():
+        by_recipe.setdefault(recipe_for_config(path), []).append(name)
+    width = max([len("RECIPE"), *map(len, by_recipe)]) + 3
+    print(f"{'RECIPE':<{width}}CONFIG")
+    for recipe, configs in by_recipe.items():
+        label = recipe if recipe in recipes else f"{recipe} (not installed)"
+        for i, cfg in enumerate(configs or ["-"]):
+            print(f"{label if i == 0 else '':<{width}}{cfg}")
+    return 0
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    recipes = _available_recipes()
+    name = args.file[:-3] if args.file.endswith(".py") else args.file
+    if name in recipes:
+        src, suffix = recipes[name], ".py"
+    else:
+        configs = shipped_configs()
+        name = name[:-5] if name.endswith(".yaml") else name
+        if name not in configs:
+            raise SystemExit(
+                f"vppo-recipes cp: {args.file!r} is not a shipped recipe ({', '.join(recipes)}) "
+                f"or config ({', '.join(configs)})"
+            )
+        src, suffix = configs[name], ".yaml"
+    dest = Path(args.destination).expanduser()
+    if dest.is_dir():
+        dest = dest / f"{name}{suffix}"
+    elif not dest.suffix:
+        dest = dest.with_suffix(suffix)
+    if dest.exists() and not args.force:
+        raise SystemExit(f"vppo-recipes cp: {dest} exists; pass --force to overwrite")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest)
+    print(f"Copied {src.name} to {dest}")
+    return 0
+
+
+def _split_run_args(argv: list[str]) -> tuple[str, list[str], list[str]]:
+    """`RECIPE [torchrun flags] --config C k=v...` (torchrun flags may also precede RECIPE) ->
+    (recipe, torchrun flags, recipe args starting at --config)."""
+    if "--config" not in argv:
+        raise SystemExit("vppo-recipes run: --config CONFIG is required (a file or a shipped config name)")
+    at = argv.index("--config")
+    before, after = argv[:at], argv[at:]
+    if len(after) < 2:
+        raise SystemExit("vppo-recipes run: --config needs a value")
+    if not before:
+        raise SystemExit("vppo-recipes run: name a recipe, e.g. `vppo-recipes run sft_distributed --config ...`")
+    if not before[0].startswith("-"):
+        return before[0], before[1:], after
+    return before[-1], before[:-1], after
+
+
+def build_run_command(argv: list[str], cwd: Path | None = None) -> tuple[list[str], dict[str, str]]:
+    """The `tune run` command line and environment for `vppo-recipes run argv...` (see module docstring)."""
+    cwd = cwd or Path.cwd()
+    recipe, flags, recipe_args = _split_run_args(argv)
+    env = dict(os.environ)
+    recipes = _available_recipes()
+    name = recipe[:-3] if recipe.endswith(".py") and recipe[:-3] in recipes else recipe
+    if name in recipes:
+        recipe_arg = f"vppo_recipes/{RECIPES[name]}"
+    else:
+        path = Path(recipe).expanduser()
+        path = path if path.is_absolute() else cwd / path
+        if not (path.is_file() and path.suffix == ".py"):
+            raise SystemExit(
+                f"vppo-recipes run: {recipe!r} is neither a shipped recipe ({', '.join(recipes)}) nor a .py file"
+            )
+        # tune needs a relative path it can turn into a module name: put the file's folder on the path.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(path.resolve().parent), env.get("PYTHONPATH")]))
+        recipe_arg = path.name
+    recipe_args = list(recipe_args)
+    recipe_args[1] = str(resolve_config(recipe_args[1], cwd))
+    cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", *flags, recipe_arg, *recipe_args]
+    return cmd, env
+
+
+def cmd_run(argv: list[str]) -> int:
+    cmd, env = build_run_command(argv)
+    print("Running: tune run " + " ".join(cmd[4:]), flush=True)
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `run` and `plan` pass their arguments through untouched (torchrun flags, key=value overrides).
+    if argv and argv[0] == "run":
+        return cmd_run(argv[1:])
+    if argv and argv[0] == "plan":
+        from vppo_recipes.plan import main as plan_main  # planner imports are heavy: only when asked
+
+        return int(plan_main(argv[1:]) or 0)
+    parser = argparse.ArgumentParser(prog="vppo-recipes", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("ls", help="list the recipes and their shipped configs").set_defaults(func=cmd_ls)
+    cp = sub.add_parser("cp", help="copy a shipped config (or recipe) to edit it")
+    cp.add_argument("file", help="shipped config name (tiny_sft) or recipe name (sft_distributed)")
+    cp.add_argument("destination", help="file or folder")
+    cp.add_argument("--force", action="store_true", help="overwrite an existing destination")
+    cp.set_defaults(func=cmd_cp)
+    sub.add_parser("run", help="RECIPE [torchrun flags] --config CONFIG [key=value ...]")
+    sub.add_parser("plan", help="per-rank memory plan of a config (see `vppo-recipes plan --help`)")
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

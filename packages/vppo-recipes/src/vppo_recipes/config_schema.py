@@ -1,0 +1,410 @@
+"""Validate a recipe config (YAML + `key=value` overrides) against the recipe's schema, before any compute.
+
+Every recipe calls `validate_config(cfg, "rl" | "sft")` first thing in `recipe_main`. It checks, for every key:
+it exists in the schema (else the error names it and the closest valid key, found with `difflib`), its value has
+the right type (`int` where `float` is expected is accepted; `bool` is never an `int`), it is one of the allowed
+values where the schema lists them, and it lies within the stated bounds. All problems are reported at once, in
+one `ConfigError` (a `ValueError`). Missing optional keys are filled with their defaults in the returned config,
+so a recipe can read `cfg.model.trust_remote_code` without `.get`.
+
+Sections whose `_component_` names a class (`optimizer`, `metric_logger`) may carry that class's keyword
+arguments: each extra key is checked against the signature of the named class (`inspect.signature`), so
+`optimizer.weight_decy` is caught here rather than as a `TypeError` deep inside setup.
+
+The schema is data (the `COMMON`, `RL_ONLY`, `SFT_ONLY` tables below): one schema per recipe, sharing the common
+sections. A key a recipe reads must be listed here, or configs that use it are rejected.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = ["ConfigError", "Field", "check_world_size", "schema_for", "validate_config"]
+
+
+class ConfigError(ValueError):
+    """A recipe config does not match its schema; the message lists every problem found."""
+
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Field:
+    """One config key: accepted Python types, optional allowed values, bounds and default.
+
+    `types` use the YAML scalar types (str, int, float, bool, list, dict). `float` accepts ints. A field with a
+    `default` (anything but `_MISSING`) is optional. `nullable=True` also accepts `null`.
+    """
+
+    types: tuple[type, ...]
+    choices: tuple[Any, ...] | None = None
+    default: Any = _MISSING
+    nullable: bool = False
+    low: float | None = None  # inclusive lower bound for numbers
+    high: float | None = None  # inclusive upper bound for numbers
+    doc: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is _MISSING
+
+
+def _f(*types: type, **kw: Any) -> Field:
+    return Field(types=types, **kw)
+
+
+# A section whose `_component_` names a class; extra keys are that class's keyword arguments.
+@dataclass(frozen=True)
+class Component:
+    fields: Mapping[str, Field]
+
+
+_POS_INT = {"low": 1}
+_NONNEG_INT = {"low": 0}
+_ARCHS = ("qwen2_5_vl", "qwen3_vl")
+
+COMMON: dict[str, Any] = {
+    "output_dir": _f(str, doc="run folder: checkpoints, logs"),
+    "seed": _f(int, **_NONNEG_INT),
+    "model": {
+        "path": _f(str, doc="local Hugging Face model folder"),
+        "arch": _f(str, choices=_ARCHS, doc="checked against the folder's config.json model_type"),
+        "dtype": _f(str, choices=("float32", "bfloat16")),
+        "trust_remote_code": _f(bool, default=False),
+        "min_pixels": _f(int, default=None, nullable=True, **_POS_INT),
+        "max_pixels": _f(int, default=None, nullable=True, **_POS_INT),
+    },
+    "world": {
+        "nnodes": _f(int, **_POS_INT),
+        "nproc_per_node": _f(int, **_POS_INT),
+        "hsdp_replicas": _f(int, default=1, **_POS_INT),
+    },
+    "data": {
+        "source": _f(str, doc="datasets source: hub id, save_to_disk folder, parquet/jsonl file or folder"),
+        "split": _f(str),
+        "columns": {
+            "question": _f(str, default="problem"),
+            "answer": _f(str, default="answer"),
+            "images": _f(str, default="images"),
+        },
+        "max_prompt_length": _f(int, **_POS_INT),
+        "shuffle": _f(bool, default=True),
+    },
+    "optimizer": Component(
+        {
+            "_component_": _f(str),
+            "lr": _f(float, low=0.0),
+            "weight_decay": _f(float, default=0.0, low=0.0),
+        }
+    ),
+    "lr_scheduler": {
+        "warmup_steps": _f(int, default=0, **_NONNEG_INT),
+    },
+    "training": {
+        "max_steps": _f(int, **_POS_INT),
+        "epochs": _f(int, default=1, **_POS_INT),
+        "grad_clip": _f(float, default=1.0, nullable=True, low=0.0),
+        "activation_checkpointing": _f(bool, default=False),
+        "save_every_n_steps": _f(int, default=0, **_NONNEG_INT, doc="0: only at the end"),
+        "resume": _f(str, default="auto", choices=("auto", "never")),
+    },
+    "metric_logger": Component({"_component_": _f(str)}),
+    "log_every_n_steps": _f(int, default=1, **_POS_INT),
+}
+
+RL_ONLY: dict[str, Any] = {
+    "validation": {
+        "source": _f(str, nullable=True, default=None),
+        "split": _f(str, default="test"),
+        "every_n_steps": _f(int, default=0, **_NONNEG_INT, doc="0: never"),
+        "k": _f(int, default=8, **_POS_INT),
+        "limit": _f(int, default=None, nullable=True, **_POS_INT),
+    },
+    "rollout": {
+        "engine": _f(str, choices=("transformers", "vllm")),
+        "group_size": _f(int, **_POS_INT),
+        "batch_prompts": _f(int, **_POS_INT),
+        "temperature": _f(float, default=1.0, low=0.0),
+        "top_p": _f(float, default=1.0, low=0.0, high=1.0),
+        "top_k": _f(int, default=-1, low=-1),
+        "max_new_tokens": _f(int, **_POS_INT),
+        "online_filter": _f(bool, default=True),
+        "max_filter_draws": _f(int, default=4, **_NONNEG_INT),
+        "gpu_memory_utilization": _f(float, default=0.35, low=0.0, high=1.0),
+    },
+    "reward": {
+        "format_weight": _f(float, default=0.1, low=0.0, high=1.0),
+    },
+    "batch": {
+        "update_prompts": _f(int, **_POS_INT),
+        "micro_batch_size": _f(int, **_POS_INT),
+    },
+    "algorithm": {
+        "name": _f(str, choices=("vppo", "pgpo", "dapo", "grpo")),
+        "perturbation": _f(str, default="blacken", choices=("blacken", "noise", "blur", "grey")),
+        "perturb_prob": _f(float, default=0.5, low=0.0, high=1.0),
+        "tas": _f(bool, default=True),
+        "beta_min": _f(float, default=0.9, low=0.0, high=1.0),
+        "tas_statistics": _f(str, default="global", choices=("global", "reference")),
+        "tgf": _f(bool, default=True),
+        "tgf_fraction": _f(float, default=0.4, low=0.0, high=1.0),
+        "pgpo_tau": _f(float, default=0.4, low=0.0, high=1.0),
+        "pgpo_beta": _f(float, default=2.0, low=0.0),
+        "dependency": _f(str, default="sampled", choices=("sampled", "exact")),
+    },
+    "loss": {
+        "loss_type": _f(str, default="dapo", choices=("dapo", "gspo")),
+        "aggregation": _f(str, default="token-mean", choices=("token-mean", "seq-mean-token-mean")),
+        "clip_low": _f(float, default=0.2, low=0.0, high=1.0),
+        "clip_high": _f(float, default=0.28, low=0.0),
+        "dual_clip": _f(float, default=3.0, nullable=True, low=1.0),
+        "entropy_coef": _f(float, default=0.0, low=0.0),
+        "kl_coef": _f(float, default=0.0, low=0.0),
+        "kl_estimator": _f(str, default="k3", choices=("k1", "k2", "k3")),
+        "chunk_size": _f(int, default=1024, **_POS_INT),
+    },
+}
+
+SFT_ONLY: dict[str, Any] = {
+    "data": {
+        "columns": {
+            # A column holding the full target text; null -> the target is built from `response_template`.
+            "response": _f(str, default=None, nullable=True),
+        },
+        "response_template": _f(
+            str,
+            default="<think>The image shows the answer.</think> The answer is \\boxed{{answer}}.",
+            doc="target text when columns.response is null; the literal '{answer}' is replaced by the answer",
+        ),
+        "max_response_length": _f(int, default=256, **_POS_INT),
+    },
+    "batch": {
+        "batch_size": _f(int, **_POS_INT, doc="examples per optimizer step, all ranks together"),
+        "micro_batch_size": _f(int, **_POS_INT, doc="examples per forward/backward per rank"),
+    },
+    "loss": {
+        "chunk_size": _f(int, default=1024, **_POS_INT),
+    },
+}
+
+# Keys people write by analogy with other frameworks, with the key this project uses instead.
+MOVED_KEYS = {
+    "training.dtype": "model.dtype",
+    "training.lr": "optimizer.lr",
+    "training.seed": "seed",
+    "model.name_or_path": "model.path",
+    "rollout.n": "rollout.group_size",
+    "data.image_key": "data.columns.images",
+    "data.prompt_key": "data.columns.question",
+    "data.answer_key": "data.columns.answer",
+}
+
+
+def _merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for key, value in b.items():
+        if key in out and isinstance(out[key], dict) and isinstance(value, dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def schema_for(recipe: str) -> dict[str, Any]:
+    """The schema of recipe `recipe` ("rl" or "sft"): the common sections merged with the recipe's own."""
+    if recipe == "rl":
+        return _merge(COMMON, RL_ONLY)
+    if recipe == "sft":
+        return _merge(COMMON, SFT_ONLY)
+    raise ValueError(f"recipe must be 'rl' or 'sft', got {recipe!r}")
+
+
+def _all_paths(schema: Mapping[str, Any], prefix: str = "") -> list[str]:
+    paths = []
+    for key, spec in schema.items():
+        path = f"{prefix}{key}"
+        paths.append(path)
+        sub = spec.fields if isinstance(spec, Component) else spec
+        if isinstance(sub, Mapping):
+            paths += _all_paths(sub, path + ".")
+    return paths
+
+
+def _suggest(path: str, section_keys: list[str], all_paths: list[str]) -> str:
+    if path in MOVED_KEYS:
+        return f" (this project calls it '{MOVED_KEYS[path]}')"
+    name = path.rsplit(".", 1)[-1]
+    prefix = path[: -len(name)]
+    close = difflib.get_close_matches(name, section_keys, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean '{prefix}{close[0]}'?)"
+    # Same key name in another section, or a close dotted path anywhere.
+    same_name = [p for p in all_paths if p.rsplit(".", 1)[-1] == name]
+    if same_name:
+        return f" (did you mean '{same_name[0]}'?)"
+    close = difflib.get_close_matches(path, all_paths, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean '{close[0]}'?)"
+    return f" (valid keys here: {', '.join(sorted(section_keys))})"
+
+
+def _type_name(types: tuple[type, ...], nullable: bool) -> str:
+    names = [t.__name__ for t in types]
+    return " or ".join(names + (["null"] if nullable else []))
+
+
+def _check_value(path: str, value: Any, field: Field) -> str | None:
+    if value is None:
+        return None if field.nullable else f"'{path}' is null; expected {_type_name(field.types, False)}"
+    ok = False
+    for t in field.types:
+        if t is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif t is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, t)
+        if ok:
+            break
+    if not ok:
+        return (
+            f"'{path}' has type {type(value).__name__} (value {value!r}); "
+            f"expected {_type_name(field.types, field.nullable)}"
+        )
+    if field.choices is not None and value not in field.choices:
+        return f"'{path}' is {value!r}; allowed values: {', '.join(map(repr, field.choices))}"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if field.low is not None and value < field.low:
+            return f"'{path}' is {value!r}; must be >= {field.low}"
+        if field.high is not None and value > field.high:
+            return f"'{path}' is {value!r}; must be <= {field.high}"
+    return None
+
+
+def _component_kwargs(path: str, target: str, extra: Mapping[str, Any]) -> list[str]:
+    """Check `extra` keys against the keyword arguments of the class named by `target`."""
+    from torchtune.config._utils import _get_component_from_path
+
+    try:
+        obj = _get_component_from_path(target)
+    except Exception as e:  # an import error of any kind means the path cannot be used
+        return [f"'{path}._component_' = {target!r} cannot be imported: {type(e).__name__}: {e}"]
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        return []  # a builtin without a signature: nothing to check against
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    accepted = [n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL and n != "params"]
+    errors = []
+    for key in extra:
+        if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.6)
+            hint = f" (did you mean '{path}.{close[0]}'?)" if close else f" (accepted: {', '.join(accepted)})"
+            errors.append(f"unknown key '{path}.{key}': {target} takes no argument '{key}'{hint}")
+    return errors
+
+
+def _validate(node: Mapping[str, Any], schema: Mapping[str, Any], prefix: str, errors: list[str], all_paths) -> None:
+    keys = list(schema)
+    for key in node:
+        path = f"{prefix}{key}"
+        if key not in schema:
+            errors.append(f"unknown key '{path}'{_suggest(path, keys, all_paths)}")
+    for key, spec in schema.items():
+        path = f"{prefix}{key}"
+        if isinstance(spec, Field):
+            if key in node:
+                msg = _check_value(path, node[key], spec)
+                if msg:
+                    errors.append(msg)
+            elif spec.required:
+                errors.append(f"missing key '{path}' ({_type_name(spec.types, spec.nullable)}){_doc(spec)}")
+            continue
+        sub = node.get(key, _MISSING)
+        fields = spec.fields if isinstance(spec, Component) else spec
+        if sub is _MISSING:
+            required = [k for k, f in fields.items() if isinstance(f, Field) and f.required]
+            if required:
+                errors.append(f"missing section '{path}' (needs: {', '.join(required)})")
+            continue
+        if not isinstance(sub, Mapping):
+            errors.append(f"'{path}' must be a section (mapping), got {type(sub).__name__} {sub!r}")
+            continue
+        if isinstance(spec, Component):
+            extra = {k: v for k, v in sub.items() if k not in fields}
+            known = {k: v for k, v in sub.items() if k in fields}
+            _validate(known, fields, path + ".", errors, all_paths)
+            target = sub.get("_component_")
+            if isinstance(target, str) and extra:
+                errors += _component_kwargs(path, target, extra)
+        else:
+            _validate(sub, spec, path + ".", errors, all_paths)
+
+
+def _doc(field: Field) -> str:
+    return f": {field.doc}" if field.doc else ""
+
+
+def _defaults(schema: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, spec in schema.items():
+        if isinstance(spec, Field):
+            if not spec.required:
+                out[key] = spec.default
+        else:
+            fields = spec.fields if isinstance(spec, Component) else spec
+            sub = _defaults(fields)
+            if sub or not any(isinstance(f, Field) and f.required for f in fields.values()):
+                out[key] = sub
+    return out
+
+
+def validate_config(cfg: DictConfig | Mapping[str, Any], recipe: str) -> DictConfig:
+    """Check `cfg` against the schema of `recipe` ("rl" | "sft") and return it with defaults filled in.
+
+    Interpolations (`${output_dir}/logs`) are resolved first, so an unresolvable one is reported here too.
+    Raises `ConfigError` (a ValueError) listing every unknown key (with the closest valid key), missing required
+    key, wrong type, disallowed value and out-of-bounds number. Never touches a model or a dataset.
+    """
+    schema = schema_for(recipe)
+    if not isinstance(cfg, DictConfig):
+        if not isinstance(cfg, Mapping):
+            raise ConfigError(f"config must be a mapping, got {type(cfg).__name__}")
+        cfg = OmegaConf.create(dict(cfg))
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as e:  # omegaconf raises several interpolation error types
+        raise ConfigError(f"config cannot be resolved (an interpolation or a ??? value): {e}") from e
+    errors: list[str] = []
+    _validate(plain, schema, "", errors, _all_paths(schema))
+    if errors:
+        lines = "\n".join(f"  - {e}" for e in errors)
+        raise ConfigError(f"invalid config for the {recipe} recipe ({len(errors)} problem(s)):\n{lines}")
+    merged = OmegaConf.merge(OmegaConf.create(_defaults(schema)), cfg)
+    return merged
+
+
+def check_world_size(cfg: DictConfig | Mapping[str, Any], world_size: int) -> None:
+    """Check that `world.nnodes * world.nproc_per_node` equals the launched WORLD_SIZE, and HSDP divides it.
+
+    Called by the recipes after `init_process_group`, before building the model.
+    """
+    world = cfg["world"]
+    expected = int(world["nnodes"]) * int(world["nproc_per_node"])
+    if expected != world_size:
+        raise ConfigError(
+            f"world.nnodes * world.nproc_per_node = {world['nnodes']} * {world['nproc_per_node']} = {expected}, "
+            f"but the launch has WORLD_SIZE={world_size}; set world.nproc_per_node={world_size} "
+            f"(and world.nnodes=1) or launch with --nproc_per_node {expected}"
+        )
+    replicas = int(world.get("hsdp_replicas", 1))
+    if world_size % replicas != 0:
+        raise ConfigError(f"world.hsdp_replicas={replicas} must divide the world size {world_size}")

@@ -1,0 +1,353 @@
+"""Training data for the recipes: any `datasets` source, a column mapping, counted skips, a resumable order.
+
+- `load_source(source, split)`: a Hugging Face hub id, a folder written by `save_to_disk`, a folder of
+  parquet / jsonl / json / csv files, or one such file.
+- `VisualQADataset`: the rows of that source seen through a column mapping (ViRL39K's `problem`, `answer`,
+  `images` by default). A missing column is an error naming the columns present and the config key to set.
+  A bad row (no image, an image that does not decode, an empty question or answer) raises `SkipRow` with the
+  reason; `ExampleStream` counts those skips and never drops a row silently.
+- `PromptIterator`: the order rows are drawn in: a seeded permutation per epoch, position `(epoch, index)`,
+  `state_dict()` / `load_state_dict()`. It depends only on `(seed, epoch, num_rows)`, so every rank that builds
+  it with the same seed sees the same order and a resumed run continues exactly where it stopped.
+- `ExampleStream`: `take(n)` draws the next `n` usable examples from the iterator, counting skips by reason;
+  its state (iterator position + skip counts) goes into the training checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "DEFAULT_COLUMNS",
+    "Example",
+    "ExampleStream",
+    "PromptIterator",
+    "SkipRow",
+    "VisualQADataset",
+    "build_response",
+    "load_source",
+    "rank_slice",
+]
+
+# Role -> column name. ViRL39K (chamber111/VPPO_ViRL39K_train) uses these names.
+DEFAULT_COLUMNS: dict[str, str] = {"question": "problem", "answer": "answer", "images": "images"}
+
+_FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".arrow": "arrow"}
+
+
+@dataclass
+class Example:
+    """One usable training row. `images`: decoded RGB PIL images, at least one. `row`: index in the source."""
+
+    row: int
+    question: str
+    answer: str
+    images: list[Image.Image]
+    response: str | None = None
+
+
+class SkipRow(Exception):
+    """A row that cannot be used; `reason` is a short counter name (e.g. "no_image")."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def load_source(source: str | os.PathLike, split: str):
+    """Load split `split` of a `datasets` source -> `datasets.Dataset`.
+
+    `source` is tried as, in order: a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`; a
+    data file (.parquet, .jsonl, .json, .csv, .arrow), loaded as split `split`; a folder of data files (split names
+    taken from the file names, as `datasets.load_dataset(folder)` does); otherwise a hub id. Raises ValueError naming
+    `data.source` / `data.split` when the source or split does not exist.
+    """
+    import datasets
+
+    path = Path(source).expanduser()
+    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+        loaded = datasets.load_from_disk(str(path))
+        return _pick_split(loaded, split, source)
+    if path.is_file():
+        builder = _FILE_BUILDERS.get(path.suffix)
+        if builder is None:
+            raise ValueError(
+                f"data.source={str(source)!r} is a file with suffix {path.suffix!r}; "
+                f"supported files: {', '.join(sorted(_FILE_BUILDERS))} (or a folder / hub id)"
+            )
+        return datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
+    if path.is_dir():
+        return _pick_split(datasets.load_dataset(str(path)), split, source)
+    if str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
+        # Not of the hub's "owner/name" form, and not on disk: a local path that does not exist.
+        raise ValueError(f"data.source={str(source)!r} does not exist (looked for a local folder or file)")
+    try:
+        return datasets.load_dataset(str(source), split=split)
+    except (FileNotFoundError, ConnectionError) as e:  # not on the hub, or the hub is offline / unreachable
+        raise ValueError(
+            f"data.source={str(source)!r} is neither a local folder/file (looked at {path.resolve()}) nor a "
+            f"reachable hub dataset: {type(e).__name__}: {e}"
+        ) from e
+
+
+def _pick_split(loaded, split: str, source) -> Any:
+    import datasets
+
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise ValueError(
+                f"data.split={split!r} not found in data.source={str(source)!r}; available splits: {list(loaded)}"
+            )
+        return loaded[split]
+    return loaded
+
+
+def build_response(answer: str, template: str) -> str:
+    """Target text for SFT: `template` with the literal `{answer}` replaced by `answer` (other braces kept).
+
+    e.g. template "<think>…</think> \\boxed{{answer}}" and answer "3" -> "<think>…</think> \\boxed{3}".
+    """
+    if "{answer}" not in template:
+        raise ValueError(f"data.response_template must contain the literal '{{answer}}', got {template!r}")
+    return template.replace("{answer}", answer)
+
+
+def _decode_image(value: Any, base_dir: Path | None) -> Image.Image:
+    """A PIL image, a datasets image dict {bytes, path} or a file path -> RGB PIL image (raises on failure)."""
+    if isinstance(value, Image.Image):
+        image = value
+    elif isinstance(value, Mapping) and (value.get("bytes") or value.get("path")):
+        if value.get("bytes"):
+            image = Image.open(io.BytesIO(value["bytes"]))
+        else:
+            image = Image.open(_resolve(value["path"], base_dir))
+    elif isinstance(value, (str, os.PathLike)):
+        image = Image.open(_resolve(value, base_dir))
+    else:
+        raise SkipRow("undecodable_image", f"unsupported image value of type {type(value).__name__}")
+    image.load()
+    return image.convert("RGB")
+
+
+def _resolve(path: str | os.PathLike, base_dir: Path | None) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() or base_dir is None else base_dir / p
+
+
+class VisualQADataset:
+    """Rows of a `datasets.Dataset` read through a column mapping.
+
+    Args:
+        dataset: a `datasets.Dataset` (one split).
+        columns: role -> column name for "question", "answer", "images" and optionally "response" (None: unused).
+        config_key: the config key of the mapping, named in errors ("data.columns").
+        base_dir: folder that relative image paths are resolved against (a local source's folder).
+    Raises:
+        ValueError: a mapped column is missing; the message names the columns present and the key to set.
+    """
+
+    def __init__(
+        self,
+        dataset,
+        columns: Mapping[str, str | None] | None = None,
+        *,
+        config_key: str = "data.columns",
+        base_dir: str | os.PathLike | None = None,
+    ) -> None:
+        self.columns = {**DEFAULT_COLUMNS, **dict(columns or {})}
+        present = list(dataset.column_names)
+        for role, name in self.columns.items():
+            if name is None:
+                continue
+            if name not in present:
+                raise ValueError(
+                    f"column {name!r} (the {role} column) is not in the dataset; columns present: {present}. "
+                    f"Set {config_key}.{role}=<one of those columns>"
+                )
+        self.dataset = dataset
+        self.base_dir = Path(base_dir) if base_dir is not None else None
+
+    @classmethod
+    def from_source(
+        cls, source: str | os.PathLike, split: str, columns: Mapping[str, str | None] | None = None, **kw: Any
+    ) -> VisualQADataset:
+        """`load_source(source, split)` viewed through `columns`."""
+        base_dir = Path(source) if Path(source).is_dir() else Path(source).parent if Path(source).is_file() else None
+        return cls(load_source(source, split), columns, base_dir=base_dir, **kw)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def example(self, row: int) -> Example:
+        """Row `row` as an `Example`; raises `SkipRow` (reason: no_image, undecodable_image, empty_question,
+        empty_answer, empty_response) when the row cannot be used."""
+        try:
+            record = self.dataset[int(row)]
+        except (OSError, ValueError, SyntaxError) as e:  # datasets decodes images on access; PIL raises these
+            raise SkipRow("undecodable_image", f"row {row}: {type(e).__name__}: {e}") from e
+        cols = self.columns
+        question = record[cols["question"]]
+        answer = record[cols["answer"]]
+        if question is None or not str(question).strip():
+            raise SkipRow("empty_question", f"row {row}")
+        if answer is None or not str(answer).strip():
+            raise SkipRow("empty_answer", f"row {row}")
+        raw_images = record[cols["images"]]
+        if raw_images is None:
+            raw_images = []
+        elif not isinstance(raw_images, (list, tuple)):
+            raw_images = [raw_images]
+        if not raw_images or any(v is None for v in raw_images):
+            raise SkipRow("no_image", f"row {row}")
+        try:
+            images = [_decode_image(v, self.base_dir) for v in raw_images]
+        except SkipRow:
+            raise
+        except (OSError, ValueError, SyntaxError) as e:
+            raise SkipRow("undecodable_image", f"row {row}: {type(e).__name__}: {e}") from e
+        response = None
+        if cols.get("response") is not None:
+            response = record[cols["response"]]
+            if response is None or not str(response).strip():
+                raise SkipRow("empty_response", f"row {row}")
+            response = str(response)
+        return Example(
+            row=int(row), question=str(question), answer=str(answer).strip(), images=images, response=response
+        )
+
+
+class PromptIterator:
+    """Deterministic, resumable order over `num_rows` rows: a seeded permutation per epoch.
+
+    Position `(epoch, index)`: the next row is `order(epoch)[index]`. `order(epoch)` is
+    `numpy.random.default_rng([seed, epoch]).permutation(num_rows)` when `shuffle`, else `arange(num_rows)`, so
+    it depends only on `(seed, epoch, num_rows, shuffle)`: every rank built with the same arguments yields the same
+    rows, and `load_state_dict(state_dict())` continues exactly where the saved iterator was.
+    """
+
+    def __init__(self, num_rows: int, *, seed: int, shuffle: bool = True) -> None:
+        if num_rows <= 0:
+            raise ValueError(f"num_rows must be > 0 (the dataset is empty), got {num_rows}")
+        self.num_rows = int(num_rows)
+        self.seed = int(seed)
+        self.shuffle = bool(shuffle)
+        self.epoch = 0
+        self.index = 0
+        self._order_epoch = -1
+        self._order = np.arange(0)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Row order of epoch `epoch`: [num_rows] int64."""
+        if not self.shuffle:
+            return np.arange(self.num_rows)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+
+    def __iter__(self) -> PromptIterator:
+        return self
+
+    def __next__(self) -> int:
+        if self.index >= self.num_rows:
+            self.epoch += 1
+            self.index = 0
+        if self._order_epoch != self.epoch:
+            self._order, self._order_epoch = self.order(self.epoch), self.epoch
+        row = int(self._order[self.index])
+        self.index += 1
+        return row
+
+    def state_dict(self) -> dict[str, int | bool]:
+        return {
+            "num_rows": self.num_rows,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "epoch": self.epoch,
+            "index": self.index,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a position saved by `state_dict()`; the dataset size, seed and shuffle flag must match."""
+        for key in ("num_rows", "seed", "shuffle"):
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"cannot resume the data order: the checkpoint has {key}={state[key]!r}, this run has "
+                    f"{key}={getattr(self, key)!r} (did data.source, data.split, seed or data.shuffle change?)"
+                )
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+class ExampleStream:
+    """Draw usable examples in `PromptIterator` order, counting skipped rows by reason.
+
+    `keep(example) -> None | str` is an extra filter (e.g. the RL recipe's prompt-length check): a returned string
+    is the skip reason. If a whole pass over the dataset yields no usable row, raises ValueError rather than loop.
+    """
+
+    def __init__(
+        self,
+        dataset: VisualQADataset,
+        *,
+        seed: int,
+        shuffle: bool = True,
+        keep: Callable[[Example], str | None] | None = None,
+    ) -> None:
+        self.dataset = dataset
+        self.iterator = PromptIterator(len(dataset), seed=seed, shuffle=shuffle)
+        self.keep = keep
+        self.skipped: Counter[str] = Counter()
+        self.drawn = 0
+
+    @property
+    def epoch(self) -> int:
+        """Epochs completed so far (the epoch of the next row to draw)."""
+        it = self.iterator
+        return it.epoch + (1 if it.index >= it.num_rows else 0)
+
+    def take(self, n: int) -> list[Example]:
+        """The next `n` usable examples (the same on every rank)."""
+        out: list[Example] = []
+        misses = 0
+        while len(out) < n:
+            row = next(self.iterator)
+            self.drawn += 1
+            try:
+                example = self.dataset.example(row)
+                reason = self.keep(example) if self.keep is not None else None
+                if reason is not None:
+                    raise SkipRow(reason)
+            except SkipRow as skip:
+                self.skipped[skip.reason] += 1
+                misses += 1
+                if misses >= len(self.dataset):
+                    raise ValueError(
+                        f"no usable row in a full pass over the dataset ({len(self.dataset)} rows); "
+                        f"skips so far: {dict(self.skipped)}"
+                    ) from None
+                continue
+            misses = 0
+            out.append(example)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"iterator": self.iterator.state_dict(), "skipped": dict(self.skipped), "drawn": self.drawn}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.iterator.load_state_dict(state["iterator"])
+        self.skipped = Counter({str(k): int(v) for k, v in state["skipped"].items()})
+        self.drawn = int(state["drawn"])
+
+
+def rank_slice(n: int, rank: int, world_size: int) -> slice:
+    """Contiguous slice of `n` items owned by `rank`; `n` must divide evenly (every rank does equal work)."""
+    if n % world_size != 0:
+        raise ValueError(f"{n} items cannot be split evenly over {world_size} ranks; use a multiple of {world_size}")
+    per = n // world_size
+    return slice(rank * per, (rank + 1) * per)

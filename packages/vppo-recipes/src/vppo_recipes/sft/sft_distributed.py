@@ -1,0 +1,381 @@
+"""Supervised fine-tuning (cross-entropy on question -> answer text) of Qwen2.5-VL / Qwen3-VL with FSDP2.
+
+The warm start before RL: it teaches a model the answer format the reward checks (`<think> ... </think>` then
+`\\boxed{answer}`, ALGORITHMS.md §8), with the same prompt, model loading, sharding and checkpoint format as the
+RL recipe, so its output folder is a valid `model.path` for `rl_distributed`.
+
+Launch from any directory (the config's relative paths are relative to where you launch):
+
+    vppo-recipes run sft_distributed --nproc_per_node 2 --config tiny_sft output_dir=./runs/my_sft
+    # the same with tune directly (the recipe is a module of the installed package):
+    tune run --nproc_per_node 2 vppo_recipes/sft/sft_distributed.py --config ./tiny_sft.yaml
+
+One optimizer step (`train_step`):
+
+    next batch.batch_size examples, the same on every rank (seeded, resumable order; bad rows skipped + counted)
+    -> this rank's contiguous share, in micro-batches of batch.micro_batch_size
+    -> prompt = the RL recipe's chat prompt (vppo_rollout.build_prompt: system prompt, question, images,
+       the <think>/\\boxed{} instruction); target = data.columns.response, or data.response_template with the
+       answer, tokenized, followed by <|im_end|> (the sampler's stop token)
+    -> collate_rollout: prompt left-padded, target right-padded, M-RoPE positions computed explicitly
+    -> log p(target token | prefix) from the last hidden state in chunks (never [B, T, V] logits)
+    -> loss = -Σ log p / (target tokens of the whole GLOBAL batch) × world size, backward per micro-batch
+       (FSDP's reduce-scatter averages over ranks, so the gradient is exactly that of the global token-mean NLL,
+       independent of the number of ranks and of the micro-batch size)
+    -> clip the grad norm (a non-finite norm skips the step and is counted), AdamW step, constant lr + warmup.
+
+Logged per step (JSONL / wandb / stdout, see metric_logging.py): loss (global token-mean NLL), grad_norm, lr,
+tokens, epoch, time/step_s, throughput/tokens_per_s, total/skipped_rows/<reason>, total/skipped_steps_nonfinite.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.distributed.tensor import DTensor
+from torchtune import config
+from tqdm import tqdm
+
+from vppo_core.logprobs import logprobs_from_hidden
+from vppo_recipes.checkpointing import (
+    check_checkpoint_matches,
+    find_latest_checkpoint,
+    load_training_state,
+    save_checkpoint,
+)
+from vppo_recipes.config_schema import check_world_size, validate_config
+from vppo_recipes.data import Example, ExampleStream, VisualQADataset, build_response, rank_slice
+from vppo_recipes.metric_logging import build_metric_logger
+from vppo_recipes.sharding import call_in_root_forward, shard_policy
+from vppo_rollout.collate import collate_rollout, model_inputs
+from vppo_rollout.loading import checkpoint_arch, load_policy, load_processor
+from vppo_rollout.prompts import Prompt, PromptTooLongError, build_prompt
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+END_OF_TURN = "<|im_end|>"  # Qwen chat format: ends the assistant turn; the RL sampler stops on it
+
+
+def target_logprobs(
+    model: torch.nn.Module,
+    inputs: dict[str, torch.Tensor],
+    targets: torch.Tensor,
+    prompt_length: int,
+    *,
+    chunk_size: int,
+) -> torch.Tensor:
+    """log p(target token j | prompt, targets[:j]) for every target position, from the last hidden state.
+
+    Run it through `sharding.call_in_root_forward(model, target_logprobs, ...)`: under FSDP2 the LM-head weight
+    lives in the root unit and is only all-gathered inside a root forward (see sharding.py); without FSDP it is a
+    plain call. inputs: `model_inputs(collate_rollout(...))`; targets: [B, L] long; target j is predicted at
+    position P-1+j. Returns lp [B, L] float32.
+    """
+    out = model.model(**inputs, use_cache=False)
+    L = targets.shape[1]
+    hidden = out.last_hidden_state[:, prompt_length - 1 : prompt_length - 1 + L]
+    lp = logprobs_from_hidden(hidden, model.lm_head.weight, targets, chunk_size=chunk_size)
+    # FSDP2 hooks the root's output for backward; a view would lose that hook under any later in-place op
+    # (FSDP warns about it), so hand back a [B, L] copy (tiny next to the forward).
+    return lp.clone() if lp._base is not None else lp
+
+
+def _init_distributed(device: torch.device) -> str | None:
+    """torchrun / `tune run --nproc_per_node N` set RANK etc.; a plain `tune run` does not: then a 1-rank group
+    (file rendezvous) so the single-process run takes exactly the FSDP2 code path of the multi-process one.
+    Returns the rendezvous file to delete after `destroy_process_group` (None under torchrun)."""
+    if dist.is_initialized():
+        return None
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "RANK" in os.environ:
+        dist.init_process_group(backend)
+        return None
+    store = tempfile.NamedTemporaryFile(prefix="vppo_sft_rdzv_", delete=False).name
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
+    return store
+
+
+class SFTRecipeDistributed:
+    """Cross-entropy fine-tuning on (question, images) -> target text with FSDP2 (see the module docstring).
+
+    cfg: a config already checked by `validate_config(cfg, "sft")` (recipe_main does it before anything else).
+    """
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self._cfg = cfg
+        self.seed = int(cfg.seed)
+        self.output_dir = str(cfg.output_dir)
+        self.batch_size = int(cfg.batch.batch_size)
+        self.micro_batch_size = int(cfg.batch.micro_batch_size)
+        self.chunk_size = int(cfg.loss.chunk_size)
+        self.max_steps = int(cfg.training.max_steps)
+        self.epochs = int(cfg.training.epochs)
+        self.grad_clip = cfg.training.grad_clip
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self._rendezvous_file = _init_distributed(self.device)
+        self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        self.is_rank_zero = self.rank == 0
+        check_world_size(cfg, self.world)
+        if self.batch_size % self.world:
+            raise ValueError(
+                f"batch.batch_size={self.batch_size} must be a multiple of the world size {self.world} "
+                "(every rank trains on an equal share)"
+            )
+        self.dtype = _DTYPES[cfg.model.dtype]
+        if self.device.type == "cpu" and self.dtype != torch.float32:
+            raise ValueError("model.dtype=bfloat16 needs a GPU (FSDP2 mixed precision); use float32 on CPU")
+        torch.manual_seed(self.seed)
+
+        self.step = 0  # optimizer steps attempted (skipped non-finite ones included)
+        self.totals: dict[str, float] = defaultdict(float)  # run-long counters, checkpointed
+
+    # ---------------------------------------------------------------- setup
+
+    def setup(self, cfg: DictConfig) -> None:
+        """Logger, processor, data, model, optimizer; then the training state when resuming."""
+        self.resume_from = find_latest_checkpoint(self.output_dir) if cfg.training.resume == "auto" else None
+        if self.resume_from is not None:  # a checkpoint of another model is an error before any compute
+            check_checkpoint_matches(self.resume_from, arch=cfg.model.arch, model_dir=cfg.model.path)
+        self.metric_logger = build_metric_logger(cfg.metric_logger, rank=self.rank)
+        self.metric_logger.log_config(cfg)
+        self.processor = load_processor(
+            cfg.model.path,
+            min_pixels=cfg.model.min_pixels,
+            max_pixels=cfg.model.max_pixels,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+        self.end_of_turn_id = self.processor.tokenizer.convert_tokens_to_ids(END_OF_TURN)
+        if self.end_of_turn_id is None or self.end_of_turn_id == self.processor.tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer of model.path={cfg.model.path} has no {END_OF_TURN} token (Qwen chat)")
+        self._setup_data(cfg)  # before the model: a missing column fails fast
+        self.model = self._setup_model(cfg, weights=str(self.resume_from or cfg.model.path))
+        self.optimizer, self.lr_scheduler = self._setup_optimizer(cfg)
+        if self.resume_from is not None:
+            self.load_checkpoint(self.resume_from)
+
+    def _setup_model(self, cfg: DictConfig, *, weights: str) -> torch.nn.Module:
+        """Load the HF policy on every rank (float32 master weights, CPU), shard it with FSDP2, then move it."""
+        arch = checkpoint_arch(cfg.model.path)
+        if arch != cfg.model.arch:
+            raise ValueError(f"model.arch={cfg.model.arch} but {cfg.model.path} holds a {arch} checkpoint")
+        model = load_policy(weights, dtype=torch.float32, device="cpu", trust_remote_code=cfg.model.trust_remote_code)
+        model.config.use_cache = False
+        self.model_config = model.config
+        replicas = int(cfg.world.hsdp_replicas)
+        if replicas > 1:
+            mesh = init_device_mesh(
+                self.device.type, (replicas, self.world // replicas), mesh_dim_names=("replicate", "shard")
+            )
+        else:
+            mesh = init_device_mesh(self.device.type, (self.world,))
+        mp = (
+            None
+            if self.dtype == torch.float32
+            else MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
+        )
+        model = shard_policy(model, mesh, mp_policy=mp, activation_checkpointing=cfg.training.activation_checkpointing)
+        model.to(self.device)
+        model.train()
+        return model
+
+    def _setup_optimizer(self, cfg: DictConfig):
+        """Optimizer from the config's `_component_`; constant lr after a linear warmup of `warmup_steps`."""
+        optimizer = config.instantiate(cfg.optimizer, self.model.parameters())
+        warmup = int(cfg.lr_scheduler.warmup_steps)
+
+        def factor(opt_step: int) -> float:
+            return 1.0 if warmup == 0 else min(1.0, (opt_step + 1) / warmup)
+
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    def _setup_data(self, cfg: DictConfig) -> None:
+        """Rows through the column mapping, in a seeded resumable order that every rank shares."""
+        self.dataset = VisualQADataset.from_source(cfg.data.source, cfg.data.split, dict(cfg.data.columns))
+        self.stream = ExampleStream(self.dataset, seed=self.seed, shuffle=cfg.data.shuffle, keep=self._keep_example)
+        # (prompt, target ids) of each example `take` accepted, in order; consumed by the next train_step.
+        self._pending: list[tuple[Prompt, list[int]]] = []
+
+    def target_text(self, example: Example) -> str:
+        """The text the model learns to answer with: the response column, or the template filled with the answer."""
+        if example.response is not None:
+            return example.response
+        return build_response(example.answer, self._cfg.data.response_template)
+
+    def _keep_example(self, example: Example) -> str | None:
+        """ExampleStream filter: encode prompt and target once; too-long rows are skipped (and counted)."""
+        cfg = self._cfg.data
+        try:
+            prompt = build_prompt(
+                self.processor, example.question, example.images, max_prompt_length=cfg.max_prompt_length
+            )
+        except PromptTooLongError:
+            return "prompt_too_long"
+        ids = self.processor.tokenizer(self.target_text(example), add_special_tokens=False)["input_ids"]
+        ids = [*ids, self.end_of_turn_id]
+        if len(ids) > cfg.max_response_length:
+            return "response_too_long"
+        self._pending.append((prompt, ids))
+        return None
+
+    # ---------------------------------------------------------------- one step
+
+    def train_step(self, examples: list[Example]) -> dict[str, float]:
+        """One optimizer step on `examples` (the global batch, identical on every rank). Returns its metrics."""
+        t0 = time.perf_counter()
+        encoded, self._pending = self._pending, []
+        if len(encoded) != len(examples):  # the stream accepted exactly the examples it returned
+            raise RuntimeError(f"internal: {len(encoded)} encoded rows for {len(examples)} examples")
+        # Normaliser of the global token-mean: every rank sees the whole batch, so no communication is needed.
+        num_tokens = sum(len(ids) for _, ids in encoded)
+        mine = encoded[rank_slice(len(encoded), self.rank, self.world)]
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # on the device: NCCL reduces it
+        for start in range(0, len(mine), self.micro_batch_size):
+            micro = mine[start : start + self.micro_batch_size]
+            batch = collate_rollout(
+                self.processor, [p for p, _ in micro], [ids for _, ids in micro], config=self.model_config
+            )
+            inputs = {k: v.to(self.device) for k, v in model_inputs(batch).items()}
+            targets = batch["responses"].to(self.device)
+            mask = batch["response_mask"].to(self.device)
+            lp = call_in_root_forward(
+                self.model, target_logprobs, inputs, targets, batch["prompt_length"], chunk_size=self.chunk_size
+            )
+            nll = -(lp * mask).sum()
+            # × world: FSDP averages gradients over ranks; the sum over ranks of nll / num_tokens is the token-mean.
+            (nll * (self.world / num_tokens)).backward()
+            loss_sum += nll.detach().double()
+
+        max_norm = math.inf if self.grad_clip is None else float(self.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=max_norm)
+        grad_norm = float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
+        skipped = not math.isfinite(grad_norm)
+        if skipped:  # a NaN/inf gradient would poison AdamW's moments: drop this step, count it, go on
+            self.totals["skipped_steps_nonfinite"] += 1
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+
+        dist.all_reduce(loss_sum)
+        seconds = time.perf_counter() - t0
+        metrics = {
+            "loss": float(loss_sum) / num_tokens,
+            "grad_norm": grad_norm,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "tokens": float(num_tokens),
+            "epoch": float(self.stream.epoch),
+            "time/step_s": seconds,
+            "throughput/tokens_per_s": num_tokens / seconds,
+            "skipped_step": float(skipped),
+        }
+        if self.device.type == "cuda":
+            metrics["memory/peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return metrics
+
+    # ---------------------------------------------------------------- loop, checkpoints, cleanup
+
+    def train(self) -> None:
+        pbar = tqdm(total=self.max_steps, initial=self.step, disable=not self.is_rank_zero, desc="sft")
+        every = int(self._cfg.training.save_every_n_steps)
+        saved_at = self.step if self.resume_from is not None else -1
+        while self.step < self.max_steps and self.stream.epoch < self.epochs:
+            examples = self.stream.take(self.batch_size)
+            metrics = self.train_step(examples)
+            self.step += 1
+            for reason, count in self.stream.skipped.items():
+                metrics[f"total/skipped_rows/{reason}"] = float(count)
+            for key, value in self.totals.items():
+                metrics[f"total/{key}"] = value
+            if self.step % int(self._cfg.log_every_n_steps) == 0:
+                self.metric_logger.log_dict(metrics, step=self.step)
+            if self.is_rank_zero:
+                pbar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+                pbar.update(1)
+            if every and self.step % every == 0:
+                self.save_checkpoint()
+                saved_at = self.step
+        pbar.close()
+        if saved_at != self.step:
+            self.save_checkpoint()
+        if self.is_rank_zero:
+            print(
+                f"SFT done at step {self.step}; final checkpoint: {find_latest_checkpoint(self.output_dir)}", flush=True
+            )
+
+    def _recipe_state(self) -> dict[str, Any]:
+        return {
+            "data": self.stream.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "totals": dict(self.totals),
+            "seed": self.seed,
+        }
+
+    def save_checkpoint(self) -> None:
+        """`<output_dir>/checkpoints/step_N`: HF-format model + processor files, optimizer, data position."""
+        save_checkpoint(
+            self.output_dir,
+            self.step,
+            model=self.model,
+            optimizer=self.optimizer,
+            processor_source=self._cfg.model.path,
+            training_state=self._recipe_state(),
+            arch=self._cfg.model.arch,
+        )
+
+    def load_checkpoint(self, ckpt_dir) -> None:
+        """Restore optimizer, RNG, data position and counters (the weights were loaded from `ckpt_dir`)."""
+        loaded = load_training_state(ckpt_dir, model=self.model, optimizer=self.optimizer)
+        state = loaded["state"]
+        if int(state["seed"]) != self.seed:
+            raise ValueError(
+                f"cannot resume {ckpt_dir}: it was trained with seed={state['seed']}, this run has seed={self.seed}; "
+                "use the same seed, or training.resume=never / another output_dir"
+            )
+        self.step = loaded["step"]
+        self.stream.load_state_dict(state["data"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.totals = defaultdict(float, state["totals"])
+        if hasattr(self.metric_logger, "rewind"):  # drop lines the interrupted run logged after this checkpoint
+            self.metric_logger.rewind(self.step)
+        if self.is_rank_zero:
+            print(f"resumed from {ckpt_dir} at step {self.step}", flush=True)
+
+    def cleanup(self) -> None:
+        self.metric_logger.close()
+        dist.barrier()
+        dist.destroy_process_group()
+        if self._rendezvous_file is not None and os.path.exists(self._rendezvous_file):
+            os.remove(self._rendezvous_file)
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    """Entry point: validate the whole config before any compute, then setup / train / cleanup."""
+    cfg = validate_config(cfg, "sft")
+    recipe = SFTRecipeDistributed(cfg)
+    recipe.setup(cfg)
+    recipe.train()
+    recipe.cleanup()
+    # A few % of gloo launches abort in C++ static destructors at interpreter exit after all work is done
+    # (ENVIRONMENT.md); everything is flushed and the process group destroyed, so leave without them.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())

@@ -1,0 +1,236 @@
+"""Checkpoints: HF-format round trip with identical logits, atomic saves, RNG / data / optimizer state round trips,
+clear errors for a checkpoint of another model, and the optimizer round trip under 2-process gloo FSDP2.
+
+This file is also the torchrun worker of the distributed test (`python test_checkpointing.py CKPT OUT`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from vppo_recipes.checkpointing import (
+    check_checkpoint_matches,
+    checkpoint_dir,
+    find_latest_checkpoint,
+    load_training_state,
+    save_checkpoint,
+)
+from vppo_rollout.collate import collate_rollout, model_inputs
+from vppo_rollout.loading import load_policy, load_processor
+from vppo_rollout.prompts import build_prompt
+from vppo_rollout.tiny import build_tiny_checkpoint
+
+
+def _batch(model, processor, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)) for _ in range(2)]
+    prompts = [build_prompt(processor, f"How many red circles? {i}", [img]) for i, img in enumerate(images)]
+    ids = processor.tokenizer(["<think>two</think> \\boxed{2}", "\\boxed{3}"], add_special_tokens=False)["input_ids"]
+    return collate_rollout(processor, prompts, ids, model=model)
+
+
+def _train_steps(model, optimizer, batch, steps: int) -> None:
+    for _ in range(steps):
+        out = model(**model_inputs(batch))
+        loss = out.logits[:, batch["prompt_length"] - 1 : -1].float().log_softmax(-1).mean().neg()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", "qwen2_5_vl", seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen3(tmp_path_factory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny3") / "ckpt", "qwen3_vl", seed=0)
+
+
+def test_saved_checkpoint_reloads_in_transformers_with_identical_logits(tiny, tmp_path):
+    model, processor = load_policy(tiny), load_processor(tiny)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    batch = _batch(model, processor)
+    _train_steps(model, optimizer, batch, 2)  # the saved weights differ from the initial ones
+    ckpt = save_checkpoint(tmp_path, 2, model=model, optimizer=optimizer, processor_source=tiny, arch="qwen2_5_vl")
+    assert ckpt == checkpoint_dir(tmp_path, 2) == find_latest_checkpoint(tmp_path)
+
+    reloaded, reprocessor = load_policy(ckpt), load_processor(ckpt)
+    with torch.no_grad():
+        a = model(**model_inputs(batch)).logits
+        b = reloaded(**model_inputs(_batch(reloaded, reprocessor))).logits
+        c = load_policy(tiny)(**model_inputs(batch)).logits
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    # Same tensor names as a checkpoint written by transformers itself (what vLLM / from_pretrained expect).
+    with safe_open(ckpt / "model.safetensors", "pt") as f1, safe_open(tiny / "model.safetensors", "pt") as f2:
+        assert sorted(f1.keys()) == sorted(f2.keys())
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja"):
+        assert (ckpt / name).is_file(), name
+    meta = json.loads((ckpt / "vppo_checkpoint.json").read_text())
+    assert (meta["step"], meta["arch"], meta["model_type"], meta["world_size"]) == (2, "qwen2_5_vl", "qwen2_5_vl", 1)
+
+
+def test_training_state_rng_and_optimizer_round_trip(tiny, tmp_path):
+    model, processor = load_policy(tiny), load_processor(tiny)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    batch = _batch(model, processor)
+    _train_steps(model, optimizer, batch, 1)
+    torch.manual_seed(11), random.seed(12), np.random.seed(13)
+    state = {"data": {"epoch": 1, "index": 5}, "sampler_seed": 7, "counts": [1, 2]}
+    ckpt = save_checkpoint(tmp_path, 1, model=model, optimizer=optimizer, training_state=state)
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    _train_steps(model, optimizer, batch, 1)  # continue the run: the reference for the resumed one
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+
+    resumed = load_policy(ckpt)
+    resumed_opt = torch.optim.AdamW(resumed.parameters(), lr=1e-2)
+    out = load_training_state(ckpt, model=resumed, optimizer=resumed_opt)
+    assert out == {"step": 1, "state": state}
+    got = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
+    _train_steps(resumed, resumed_opt, batch, 1)
+    for (name, p), q in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name
+    # Everything was written so that weights_only=True can read it.
+    for f in ("training_state.pt", "optimizer.pt", "rng_state_rank0.pt"):
+        torch.load(ckpt / f, weights_only=True)
+
+
+class _CrashWhenSaved:
+    """Raises while the training state is being pickled, i.e. in the middle of a save."""
+
+    def __reduce__(self):
+        raise RuntimeError("simulated crash")
+
+
+def test_crash_mid_save_never_leaves_a_half_checkpoint_as_latest(tiny, tmp_path):
+    model = load_policy(tiny)
+    save_checkpoint(tmp_path, 2, model=model)
+    with pytest.raises(RuntimeError, match="simulated crash"):  # fails after the weights were written
+        save_checkpoint(tmp_path, 4, model=model, training_state={"bad": _CrashWhenSaved()})
+    assert (tmp_path / "checkpoints" / ".tmp_step_000004" / "model.safetensors").is_file()
+    assert find_latest_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 2)
+    # A step folder without the completion marker (e.g. copied by hand) is not a checkpoint either.
+    (tmp_path / "checkpoints" / "step_000009").mkdir()
+    assert find_latest_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 2)
+    # The next save of that step replaces the leftover and completes.
+    save_checkpoint(tmp_path, 4, model=model)
+    assert find_latest_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 4)
+    assert not (tmp_path / "checkpoints" / ".tmp_step_000004").exists()
+    save_checkpoint(tmp_path, 4, model=model)  # re-saving an existing step (after a resume) also works
+    assert find_latest_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 4)
+
+
+def test_no_checkpoint_and_incomplete_folder_are_reported(tmp_path):
+    assert find_latest_checkpoint(tmp_path) is None
+    with pytest.raises(ValueError, match="not a complete vppo checkpoint"):
+        load_training_state(tmp_path)
+
+
+def test_checkpoint_of_another_architecture_is_an_error_before_compute(tiny_qwen3):
+    with pytest.raises(ValueError, match=r"holds a 'qwen3_vl' model but model\.arch is 'qwen2_5_vl'"):
+        check_checkpoint_matches(tiny_qwen3, arch="qwen2_5_vl")
+
+
+def test_checkpoint_of_another_size_is_an_error_naming_the_fields(tiny, tmp_path):
+    bigger = build_tiny_checkpoint(tmp_path / "big", "qwen2_5_vl", hidden_size=128, num_hidden_layers=3)
+    check_checkpoint_matches(tiny, arch="qwen2_5_vl", model_dir=tiny)
+    with pytest.raises(ValueError) as info:
+        check_checkpoint_matches(bigger, arch="qwen2_5_vl", model_dir=tiny)
+    assert "text_config.hidden_size: checkpoint 128 vs model.path 64" in str(info.value)
+    assert "text_config.num_hidden_layers: checkpoint 3 vs model.path 2" in str(info.value)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_optimizer_state_round_trips_through_a_2_process_fsdp2_checkpoint(tiny, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        __file__,
+        str(tiny),
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "CKPT-FSDP OK" in proc.stdout, proc.stdout[-3000:]
+
+
+# ---------------------------------------------------------------- torchrun worker (2 ranks, gloo, FSDP2)
+
+
+def _full_optim_state(model, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _sharded(path: Path, mesh):
+    from vppo_recipes.sharding import shard_policy
+
+    model = shard_policy(load_policy(path), mesh)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+
+
+def _worker(tiny_dir: str, out_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from vppo_recipes.checkpointing import gather_full_state_dict
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.set_num_threads(1)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    processor = load_processor(tiny_dir)
+    model, optimizer = _sharded(Path(tiny_dir), mesh)
+    batch = _batch(model, processor)
+    _train_steps(model, optimizer, batch, 2)
+    torch.manual_seed(100 + rank)  # a different RNG stream per rank
+    ckpt = save_checkpoint(out_dir, 2, model=model, optimizer=optimizer, processor_source=tiny_dir, arch="qwen2_5_vl")
+    before = _full_optim_state(model, optimizer)
+    draw = torch.rand(4)
+
+    resumed, resumed_opt = _sharded(ckpt, mesh)
+    load_training_state(ckpt, model=resumed, optimizer=resumed_opt)
+    after = _full_optim_state(resumed, resumed_opt)
+    assert torch.equal(torch.rand(4), draw), f"rank {rank}: RNG not restored"
+    _train_steps(model, optimizer, batch, 1)
+    _train_steps(resumed, resumed_opt, batch, 1)
+    full_a, full_b = gather_full_state_dict(model), gather_full_state_dict(resumed)
+    if rank == 0:
+        # set_optimizer_state_dict hands tuples (AdamW's betas) back as lists; the values must be equal.
+        assert json.dumps(before["param_groups"]) == json.dumps(after["param_groups"])
+        assert before["state"].keys() == after["state"].keys() and len(before["state"]) > 0
+        for fqn, st in before["state"].items():
+            for k, v in st.items():
+                assert torch.equal(v, after["state"][fqn][k]), (fqn, k)
+        worst = max((full_a[k] - full_b[k]).abs().max().item() for k in full_a)
+        assert worst == 0.0, f"parameters differ after one more step: {worst}"
+        print(f"CKPT-FSDP OK optimizer tensors={sum(len(s) for s in before['state'].values())}", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # ENVIRONMENT.md: avoids the rare gloo abort at interpreter exit
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], sys.argv[2])

@@ -1,0 +1,164 @@
+"""Config validation: unknown keys name the closest valid key, wrong types and values are errors, before compute."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from vppo_recipes.config_schema import ConfigError, check_world_size, schema_for, validate_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "vppo_recipes" / "configs"
+
+# The contract's draft of the tiny VPPO config: the RL schema must accept it as is.
+RL_DRAFT = """
+output_dir: ./runs/tiny_vppo
+seed: 0
+model: {path: ./runs/tiny_ckpt, arch: qwen2_5_vl, dtype: float32, trust_remote_code: false,
+        min_pixels: 3136, max_pixels: 12544}
+world: {nnodes: 1, nproc_per_node: 2, hsdp_replicas: 1}
+data: {source: ./runs/visual_task, split: train, columns: {question: problem, answer: answer, images: images},
+       max_prompt_length: 256, shuffle: true}
+validation: {source: ./runs/visual_task, split: test, every_n_steps: 5, k: 2, limit: null}
+rollout: {engine: transformers, group_size: 8, batch_prompts: 8, temperature: 1.0, top_p: 0.99, top_k: -1,
+          max_new_tokens: 64, online_filter: true, max_filter_draws: 4, gpu_memory_utilization: 0.35}
+reward: {format_weight: 0.1}
+batch: {update_prompts: 4, micro_batch_size: 4}
+algorithm: {name: vppo, perturbation: blacken, perturb_prob: 0.5, tas: true, beta_min: 0.9, tas_statistics: global,
+            tgf: true, tgf_fraction: 0.4, pgpo_tau: 0.4, pgpo_beta: 2.0, dependency: sampled}
+loss: {loss_type: dapo, aggregation: token-mean, clip_low: 0.2, clip_high: 0.28, dual_clip: 3.0, entropy_coef: 0.06,
+       kl_coef: 0.0, kl_estimator: k3, chunk_size: 1024}
+optimizer: {_component_: torch.optim.AdamW, lr: 1.0e-6, weight_decay: 0.01}
+lr_scheduler: {warmup_steps: 0}
+training: {max_steps: 4, epochs: 1, grad_clip: 1.0, activation_checkpointing: false, save_every_n_steps: 2,
+           resume: auto}
+metric_logger: {_component_: vppo_recipes.metric_logging.JsonlLogger, log_dir: "${output_dir}/logs"}
+log_every_n_steps: 1
+"""
+
+
+@pytest.fixture
+def rl_cfg():
+    return OmegaConf.create(RL_DRAFT)
+
+
+@pytest.fixture
+def sft_cfg():
+    return OmegaConf.load(CONFIGS / "tiny_sft.yaml")
+
+
+def _errors(cfg, recipe):
+    with pytest.raises(ConfigError) as info:
+        validate_config(cfg, recipe)
+    return str(info.value)
+
+
+def test_contract_rl_draft_and_shipped_sft_config_are_valid(rl_cfg, sft_cfg):
+    assert validate_config(rl_cfg, "rl").algorithm.name == "vppo"
+    assert validate_config(sft_cfg, "sft").batch.batch_size == 16
+
+
+def test_every_shipped_config_is_valid_for_its_recipe():
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        cfg = OmegaConf.load(path)
+        validate_config(cfg, "rl" if "rollout" in cfg else "sft")
+
+
+def test_misspelled_key_names_the_key_and_closest_valid_key(sft_cfg):
+    sft_cfg.training.max_step = sft_cfg.training.pop("max_steps")
+    msg = _errors(sft_cfg, "sft")
+    assert "unknown key 'training.max_step'" in msg
+    assert "did you mean 'training.max_steps'" in msg
+    assert "missing key 'training.max_steps'" in msg
+
+
+def test_key_in_wrong_section_points_to_the_section_that_has_it(rl_cfg):
+    rl_cfg.training.weight_decay = 0.1
+    assert "did you mean 'optimizer.weight_decay'" in _errors(rl_cfg, "rl")
+
+
+def test_key_known_under_another_name_gets_this_projects_name(rl_cfg):
+    rl_cfg.training.dtype = "bfloat16"
+    assert "this project calls it 'model.dtype'" in _errors(rl_cfg, "rl")
+
+
+def test_rl_only_section_is_unknown_to_sft(sft_cfg):
+    sft_cfg.rollout = {"group_size": 8}
+    assert "unknown key 'rollout'" in _errors(sft_cfg, "sft")
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expect"),
+    [
+        ("training.max_steps", "ten", "'training.max_steps' has type str"),
+        ("training.max_steps", True, "'training.max_steps' has type bool"),
+        ("optimizer.lr", "fast", "'optimizer.lr' has type str"),
+        ("data.shuffle", 1, "'data.shuffle' has type int"),
+        ("model.arch", "llava", "'model.arch' is 'llava'; allowed values: 'qwen2_5_vl', 'qwen3_vl'"),
+        ("training.max_steps", 0, "'training.max_steps' is 0; must be >= 1"),
+        ("model.path", None, "'model.path' is null"),
+    ],
+)
+def test_wrong_type_value_or_range_is_an_error_naming_the_key(sft_cfg, path, value, expect):
+    OmegaConf.update(sft_cfg, path, value, force_add=True)
+    assert expect in _errors(sft_cfg, "sft")
+
+
+def test_int_is_accepted_where_float_is_expected(sft_cfg):
+    sft_cfg.optimizer.lr = 1
+    assert validate_config(sft_cfg, "sft").optimizer.lr == 1
+
+
+def test_all_problems_are_reported_together(rl_cfg):
+    rl_cfg.rollout.group_sise = 8
+    rl_cfg.loss.clip_low = "x"
+    rl_cfg.algorithm.name = "ppo"
+    msg = _errors(rl_cfg, "rl")
+    assert "3 problem(s)" in msg
+    assert "did you mean 'rollout.group_size'" in msg
+
+
+def test_optimizer_kwargs_are_checked_against_the_components_signature(sft_cfg):
+    sft_cfg.optimizer.betas = [0.9, 0.95]  # a real AdamW argument: accepted
+    validate_config(sft_cfg, "sft")
+    sft_cfg.optimizer.weight_decy = 0.1
+    assert "unknown key 'optimizer.weight_decy'" in _errors(sft_cfg, "sft")
+    assert "did you mean 'optimizer.weight_decay'" in _errors(sft_cfg, "sft")
+
+
+def test_component_that_cannot_be_imported_is_an_error(sft_cfg):
+    sft_cfg.optimizer._component_ = "torch.optim.AdamWW"
+    sft_cfg.optimizer.eps = 1e-8
+    assert "'optimizer._component_' = 'torch.optim.AdamWW' cannot be imported" in _errors(sft_cfg, "sft")
+
+
+def test_missing_optional_keys_are_filled_with_defaults(sft_cfg):
+    del sft_cfg.model.trust_remote_code
+    del sft_cfg.data.columns
+    out = validate_config(sft_cfg, "sft")
+    assert out.model.trust_remote_code is False
+    assert dict(out.data.columns) == {"question": "problem", "answer": "answer", "images": "images", "response": None}
+
+
+def test_unresolvable_interpolation_is_reported(sft_cfg):
+    sft_cfg.metric_logger.log_dir = "${nowhere}/logs"
+    assert "interpolation" in _errors(sft_cfg, "sft")
+
+
+def test_validation_does_not_mutate_its_input(sft_cfg):
+    before = copy.deepcopy(OmegaConf.to_container(sft_cfg))
+    validate_config(sft_cfg, "sft")
+    assert OmegaConf.to_container(sft_cfg) == before
+
+
+def test_schema_for_unknown_recipe_is_an_error():
+    with pytest.raises(ValueError, match="recipe must be 'rl' or 'sft'"):
+        schema_for("dpo")
+
+
+def test_world_size_mismatch_is_an_error_with_the_fix(sft_cfg):
+    check_world_size(sft_cfg, 2)
+    with pytest.raises(ConfigError, match=r"set world\.nproc_per_node=4"):
+        check_world_size(sft_cfg, 4)
