@@ -1,0 +1,239 @@
+"""Token visual dependency S[B, L] and trajectory dependency S̄[B] (ALGORITHMS.md §1).
+
+``S_t`` measures how much the image changes the policy's next-token distribution at response token t:
+
+- :func:`token_dependency` — the sampled-token "k3" estimator both papers train with (needs two log-prob vectors);
+- :func:`exact_token_dependency` / :func:`exact_token_dependency_from_hidden` — the paper definition
+  ``KL(π(·|image) ‖ π(·|image'))`` over the whole vocabulary, chunked over positions so neither pass's float32
+  ``[B, L, V]`` log-softmax is ever held;
+- :func:`trajectory_dependency` — the masked mean of S per response.
+
+S is a weight for the loss (TAS, TGF, PGPO), never a loss itself: every function here returns a tensor without
+gradient (computed under ``torch.no_grad``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vppo_core.logprobs import (
+    _as_rows,
+    _Chunker,
+    _compute_dtype,
+    _log_softmax_into,
+    _tempered,
+    check_temperature,
+    chunk_width,
+)
+
+__all__ = [
+    "exact_token_dependency",
+    "exact_token_dependency_from_hidden",
+    "token_dependency",
+    "trajectory_dependency",
+]
+
+# Clamps of the sampled-token estimator (ALGORITHMS.md §1, as in the VPPO reference code).
+LOG_RATIO_CLAMP = 20.0
+DEPENDENCY_MAX = 10.0
+
+
+def _check_mask(mask: torch.Tensor, shape: tuple[int, ...], name: str = "mask") -> torch.Tensor:
+    """mask: [B, L] bool or 0/1 numbers -> bool [B, L]."""
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor [B, L] of 0/1 (1 on real response tokens), got {type(mask)}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {tuple(shape)}")
+    if mask.dtype == torch.bool:
+        return mask
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"{name} must contain only 0 and 1 (1 on real response tokens)")
+    return mask != 0
+
+
+def _check_finite_where(x: torch.Tensor, valid: torch.Tensor, name: str) -> None:
+    bad = valid & ~torch.isfinite(x)
+    if bool(bad.any()):
+        raise ValueError(
+            f"{name} is not finite at {int(bad.sum())} valid position(s), first at {bad.nonzero()[0].tolist()}; "
+            "positions where mask is 0 may hold anything, valid ones must be finite"
+        )
+
+
+@torch.no_grad()
+def token_dependency(lp: torch.Tensor, lp_alt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sampled-token estimator of KL(π(·|image) ‖ π(·|image')) (ALGORITHMS.md §1, "k3").
+
+    ``d = clamp(lp_alt - lp, -20, 20)``, ``S = clamp(exp(d) - d - 1, 0, 10)``; 0 where ``mask`` is 0.
+
+    Args:
+        lp: [B, L] float, log-prob of each sampled token with the original image.
+        lp_alt: [B, L] float, log-prob of the *same* token with the altered image (or the text-only pass).
+        mask: [B, L] bool or 0/1, 1 on real response tokens. Masked positions may hold any value, even NaN.
+
+    Returns:
+        S: [B, L] in lp's dtype (at least float32), >= 0, no gradient.
+    """
+    for name, t in (("lp", lp), ("lp_alt", lp_alt)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 2 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor [B, L], got {getattr(t, 'shape', type(t))}")
+    if lp_alt.shape != lp.shape:
+        raise ValueError(f"lp_alt has shape {tuple(lp_alt.shape)}, expected lp's shape {tuple(lp.shape)}")
+    valid = _check_mask(mask, tuple(lp.shape))
+    _check_finite_where(lp, valid, "lp")
+    _check_finite_where(lp_alt, valid, "lp_alt")
+    dtype = _compute_dtype(torch.promote_types(lp.dtype, lp_alt.dtype))
+    d = (lp_alt.to(dtype) - lp.to(dtype)).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    s = (torch.exp(d) - d - 1.0).clamp(0.0, DEPENDENCY_MAX)
+    return torch.where(valid, s, torch.zeros((), dtype=dtype, device=s.device))
+
+
+@torch.no_grad()
+def trajectory_dependency(S: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """S̄_i = Σ_t S[i, t]·mask[i, t] / max(1, Σ_t mask[i, t]) (ALGORITHMS.md §1).
+
+    Args:
+        S: [B, L] float token dependency; masked positions are ignored (may hold anything).
+        mask: [B, L] bool or 0/1.
+
+    Returns:
+        [B] float; 0 for an empty response (all-zero mask row).
+    """
+    if not isinstance(S, torch.Tensor) or S.ndim != 2 or not S.is_floating_point():
+        raise ValueError(f"S must be a floating tensor [B, L], got {getattr(S, 'shape', type(S))}")
+    valid = _check_mask(mask, tuple(S.shape))
+    _check_finite_where(S, valid, "S")
+    total = torch.where(valid, S, torch.zeros((), dtype=S.dtype, device=S.device)).sum(-1)
+    return total / valid.sum(-1).clamp_min(1).to(S.dtype)
+
+
+def _exact_kl(logits_of, rows_shape, out_shape, vocab, mask, chunk_size, device, dtype, name) -> torch.Tensor:
+    """Σ_v p_v (log p_v − log q_v) chunk by chunk, in three reusable float [b, k, V] buffers.
+
+    logits_of(side, sl, buf): the tempered float logits of positions ``sl`` for side 0 (original image) or 1
+    (altered image), as a [b, k, V] tensor (written into ``buf`` when a conversion is needed).
+    """
+    valid = _check_mask(mask, out_shape)
+    b, n = rows_shape
+    ch = _Chunker(b, n, vocab, chunk_width(chunk_size, b, vocab), dtype, device, n_buffers=3)
+    out = torch.empty(b, n, dtype=dtype, device=device)
+    for sl in ch.slices():
+        buf_z, buf_la, buf_lb = ch.views(sl)
+        la = _log_softmax_into(logits_of(0, sl, buf_z), buf_la)
+        lb = _log_softmax_into(logits_of(1, sl, buf_z), buf_lb)
+        torch.sub(la, lb, out=lb)  # log p − log q
+        # No nan_to_num: a NaN/±inf logit leaves a NaN/inf in its row, which the check below reports.
+        out[:, sl] = torch.exp(la, out=buf_z).mul_(lb).sum(-1)
+    out = out.view(out_shape)
+    _check_finite_where(out, valid, f"the KL from {name} (they contain NaN/inf)")
+    # KL >= 0 mathematically; float rounding can leave -1e-7 when the two distributions are nearly equal.
+    return torch.where(valid, out.clamp_min_(0.0), torch.zeros((), dtype=dtype, device=device))
+
+
+@torch.no_grad()
+def exact_token_dependency(
+    logits: torch.Tensor,
+    logits_alt: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Full-vocabulary ``S_t = KL(π(·|image) ‖ π(·|image'))`` (ALGORITHMS.md §1, paper definition), chunked.
+
+    ``S = Σ_v p_v (log p_v − log q_v)`` with ``p = softmax(logits / T)``, ``q = softmax(logits_alt / T)``, computed
+    in float32 one chunk of positions at a time (peak extra memory: a few float32 ``[chunk, V]`` blocks).
+
+    Args:
+        logits: [B, L, V] float, the pass with the original image (may be a non-contiguous slice).
+        logits_alt: [B, L, V] float, the pass with the altered image, same positions.
+        mask: [B, L] bool or 0/1; S is 0 where it is 0 (and those positions are not checked).
+        temperature: > 0, divides both logits.
+        chunk_size: positions per chunk (None: ~64 MiB of float32 per block). Results do not depend on it.
+
+    Returns:
+        S: [B, L] float32 (float64 for float64 logits), >= 0, exactly 0 for identical inputs, no gradient.
+
+    Raises:
+        ValueError: shape mismatches, temperature <= 0, or a NaN/±inf logit at a valid position (a -inf logit
+        makes the KL undefined or infinite).
+    """
+    for name, t in (("logits", logits), ("logits_alt", logits_alt)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 3 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor [B, L, V], got {getattr(t, 'shape', type(t))}")
+    if logits_alt.shape != logits.shape:
+        raise ValueError(f"logits_alt has shape {tuple(logits_alt.shape)}, expected logits' {tuple(logits.shape)}")
+    temperature = check_temperature(temperature)
+    dtype = _compute_dtype(logits.dtype)
+    xa, xb = _as_rows(logits), _as_rows(logits_alt)
+    if xa.shape != xb.shape:  # one of them is an un-viewable slice: walk both as [B, L, V]
+        xa, xb = logits, logits_alt
+    batch, length, vocab = logits.shape
+    return _exact_kl(
+        lambda side, sl, buf: _tempered((xa, xb)[side][:, sl], buf, temperature),
+        tuple(xa.shape[:2]),
+        (batch, length),
+        vocab,
+        mask,
+        chunk_size,
+        logits.device,
+        dtype,
+        "logits/logits_alt",
+    )
+
+
+@torch.no_grad()
+def exact_token_dependency_from_hidden(
+    hidden: torch.Tensor,
+    hidden_alt: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """:func:`exact_token_dependency` from the last hidden states of both passes and the LM-head weight.
+
+    Each chunk's logits are ``F.linear(hidden_chunk, weight)`` in the model's dtype, upcast to float32 — full
+    logits of either pass never exist.
+
+    Args:
+        hidden: [B, L, H] float, original image; hidden_alt: [B, L, H], altered image, same positions.
+        weight: [V, H] LM-head weight (same dtype/device as hidden). mask: [B, L] bool or 0/1.
+
+    Returns:
+        S: [B, L] float32 (float64 for float64 inputs), >= 0, no gradient.
+    """
+    for name, t in (("hidden", hidden), ("hidden_alt", hidden_alt)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 3 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor [B, L, H], got {getattr(t, 'shape', type(t))}")
+    if hidden_alt.shape != hidden.shape:
+        raise ValueError(f"hidden_alt has shape {tuple(hidden_alt.shape)}, expected hidden's {tuple(hidden.shape)}")
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(
+            f"weight must be the LM-head weight [V, H] with H = {hidden.shape[2]}, "
+            f"got {getattr(weight, 'shape', type(weight))}"
+        )
+    if weight.dtype != hidden.dtype or hidden_alt.dtype != hidden.dtype:
+        raise ValueError(
+            f"hidden ({hidden.dtype}), hidden_alt ({hidden_alt.dtype}) and weight ({weight.dtype}) must share one dtype"
+        )
+    temperature = check_temperature(temperature)
+    dtype = _compute_dtype(hidden.dtype)
+    ha, hb = _as_rows(hidden), _as_rows(hidden_alt)
+    if ha.shape != hb.shape:
+        ha, hb = hidden, hidden_alt
+    batch, length, _ = hidden.shape
+    return _exact_kl(
+        # The LM head in the model's dtype (the op `model.lm_head` runs), upcast into the float buffer.
+        lambda side, sl, buf: _tempered(F.linear((ha, hb)[side][:, sl], weight), buf, temperature),
+        tuple(ha.shape[:2]),
+        (batch, length),
+        weight.shape[0],
+        mask,
+        chunk_size,
+        hidden.device,
+        dtype,
+        "hidden/hidden_alt",
+    )
