@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
 from vppo_core.perturb import patch_positions, perturb_pixels
 
+# These tests compare with the real image processor; `nox -s tests_core` (torch only) skips them.
+np = pytest.importorskip("numpy")
 transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
 
