@@ -1,0 +1,262 @@
+"""The RL recipe end to end: `tune run --nproc_per_node 2` (FSDP2, gloo, CPU) on the tiny Qwen2.5-VL and the
+synthetic visual task, for vppo / pgpo / dapo / grpo; parity with a single-process run; HF checkpoints; resume.
+
+The policy is warm-started in-process (60 cross-entropy steps on "<think>I see</think> \\boxed{answer}") on the
+synthetic task's left/right family, so sampled groups have mixed rewards (chance is 1/2): a random tiny model
+never writes \\boxed{}, every group would have identical rewards and the online filter would drop them all.
+Runs are kept to a few RL steps of a few seconds each.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(1800)]
+
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "vppo_recipes" / "configs"
+RECIPE = "vppo_recipes/rl/rl_distributed.py"  # tune run: relative path -> module vppo_recipes.rl.rl_distributed
+ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",  # torchrun sets it for 2 ranks; set it for 1 rank too so both runs do the same math
+    "PYTHONHASHSEED": "0",
+}
+# Small enough for seconds per step, large enough to exercise the whole step: 4 prompts x G=4 per RL step, two
+# mini-batches (2 optimizer steps), two micro-batches per mini-batch per rank, filter draws to refill.
+SMALL = [
+    "rollout.group_size=4",
+    "rollout.batch_prompts=4",
+    "rollout.max_filter_draws=6",
+    "rollout.max_new_tokens=16",
+    "batch.update_prompts=2",
+    "batch.micro_batch_size=2",
+    "training.save_every_n_steps=1",
+    "validation.every_n_steps=2",  # avg@2 on the 4 held-out rows after step 2
+    "validation.k=2",
+    "validation.limit=null",
+]
+# Keys that measure time and memory, not the computation.
+TIMING = ("time/", "throughput/", "memory/")
+# Step-1 loss of the 2-process run vs the 1-process run: the same batch, the same math, only the order of the
+# floating-point reductions and the micro-batch padding differ. Measured |diff|: vppo 4.7e-10, dapo 1.0e-8,
+# pgpo 2.3e-8 on losses of 0.02-0.04 whose terms (policy gradient, entropy penalty) are ~0.2 and cancel, i.e.
+# float32 rounding of the terms. A batch assembled differently (other groups in a mini-batch) moved it by 2.7e-3.
+LOSS_RTOL, LOSS_ATOL = 1e-6, 1e-7
+GRAD_RTOL = 1e-5
+
+
+def _warm_start(ckpt: Path, task: Path, out: Path, steps: int = 60) -> Path:
+    """A few AdamW steps of cross-entropy on the answer format, single process; saved as an HF folder."""
+    import datasets
+
+    from vppo_recipes.rl.rl_distributed import response_logprobs
+    from vppo_rollout.collate import collate_rollout, model_inputs
+    from vppo_rollout.loading import load_policy, load_processor
+    from vppo_rollout.prompts import build_prompt
+
+    torch.manual_seed(0)
+    processor, model = load_processor(ckpt), load_policy(ckpt)
+    model.train()
+    rows = datasets.load_dataset(str(task))["train"]
+    tok = processor.tokenizer
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    prompts = [build_prompt(processor, r["problem"], r["images"]) for r in rows]
+    targets = [tok(f"<think>I see</think> \\boxed{{{r['answer']}}}")["input_ids"] + [end] for r in rows]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randperm(len(rows), generator=g)[:16].tolist()
+        b = collate_rollout(processor, [prompts[i] for i in idx], [targets[i] for i in idx], config=model.config)
+        lp, _ = response_logprobs(
+            model, model_inputs(b), b["responses"], b["prompt_length"], temperature=1.0, chunk_size=1024
+        )
+        loss = -(lp * b["response_mask"]).sum() / b["response_mask"].sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    shutil.copytree(ckpt, out, dirs_exist_ok=True)  # tokenizer / processor files
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from vppo_eval.synthetic import build_visual_task
+    from vppo_rollout.tiny import build_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("rl_runs")
+    ckpt = build_tiny_checkpoint(root / "tiny", "qwen2_5_vl", seed=0)
+    build_visual_task(root / "task", n_train=32, n_test=4, seed=0, tasks=("side",))
+    warm = _warm_start(ckpt, root / "task", root / "warm")
+    return {"root": root, "warm": warm, "task": root / "task"}
+
+
+def _command(assets, algo: str, out: Path, nproc: int, steps: int, extra=()) -> list[str]:
+    tune = str(Path(sys.executable).parent / "tune")
+    return [
+        tune, "run", "--nproc_per_node", str(nproc), RECIPE, "--config", str(CONFIGS / f"tiny_{algo}.yaml"),
+        f"output_dir={out}", f"model.path={assets['warm']}", f"data.source={assets['task']}",
+        f"world.nproc_per_node={nproc}", f"training.max_steps={steps}", f"validation.source={assets['task']}",
+        *SMALL, *extra,
+    ]  # fmt: skip
+
+
+def _run(assets, algo: str, out: Path, *, nproc: int, steps: int, extra=()) -> subprocess.CompletedProcess:
+    cmd = _command(assets, algo, out, nproc, steps, extra)
+    proc = subprocess.run(
+        cmd, cwd=assets["root"], env={**os.environ, **ENV}, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, (
+        f"{' '.join(cmd)}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}"
+    )
+    return proc
+
+
+def _metrics(out: Path) -> list[dict]:
+    from vppo_recipes.metric_logging import read_jsonl
+
+    return read_jsonl(out / "logs" / "metrics.jsonl")
+
+
+def _same(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or a == b
+
+
+EXPECTED_KEYS = {
+    "common": {
+        "loss", "grad_norm", "lr", "reward/mean", "reward/accuracy", "reward/format", "filter/keep_rate",
+        "actor/clipfrac_high", "actor/clipfrac_low", "actor/entropy", "throughput/tokens_per_s", "time/sample_s",
+        "time/old_logprob_s", "time/update_s", "time/weight_sync_s", "time/step_s",
+    },
+    "vppo": {"dependency/token_mean", "dependency/token_p50", "dependency/token_p90", "tas/alpha_min",
+             "tas/alpha_max", "tgf/selected_fraction", "time/alt_logprob_s"},
+    "pgpo": {"dependency/token_mean", "pgpo/weight_mean", "pgpo/weight_min", "pgpo/weight_max"},
+    "dapo": set(),
+    "grpo": set(),
+}  # fmt: skip
+
+_two_proc: dict[str, Path] = {}
+
+
+# PGPO runs with the exact full-vocabulary dependency (VPPO covers the sampled-token estimator).
+ALGO_EXTRA = {"vppo": [], "pgpo": ["algorithm.dependency=exact"], "dapo": [], "grpo": []}
+
+
+@pytest.mark.parametrize("algo", ["vppo", "pgpo", "dapo", "grpo"])
+def test_two_process_run_writes_metrics_and_its_first_loss_equals_a_single_process_run(assets, algo):
+    two, one = assets["root"] / f"{algo}_2proc", assets["root"] / f"{algo}_1proc"
+    _run(assets, algo, two, nproc=2, steps=2, extra=ALGO_EXTRA[algo])
+    _run(assets, algo, one, nproc=1, steps=1, extra=ALGO_EXTRA[algo])
+    _two_proc[algo] = two
+    m2, m1 = _metrics(two), _metrics(one)
+    assert [m["step"] for m in m2] == [1, 2] and [m["step"] for m in m1] == [1]
+    missing = (EXPECTED_KEYS["common"] | EXPECTED_KEYS[algo]) - set(m2[0])
+    assert not missing, f"metrics lack {sorted(missing)}"
+    assert "validation/avg@2" not in m2[0] and m2[1]["validation/items"] == 4
+    assert 0.0 <= m2[1]["validation/avg@2"] <= 1.0
+    a, b = m2[0], m1[0]
+    # The same global batch on both: the data order and every random draw depend on the data, not on the ranks.
+    assert a["filter/groups_kept"] == b["filter/groups_kept"] == 4, "rollout batch not full: compare would be moot"
+    assert a["reward/mean"] == b["reward/mean"] and a["response/length_mean"] == b["response/length_mean"]
+    assert a["optimizer_steps"] == b["optimizer_steps"] == 2
+    assert math.isfinite(a["loss"]) and a["grad_norm"] > 0, "zero gradient: the comparison would test nothing"
+    assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL, abs=LOSS_ATOL)
+    # GRPO's first loss is ~0 (on-policy ratio 1, zero-mean advantages, no entropy term): the gradient is the
+    # informative quantity there. Grad norms (mean of the 2 optimizer steps) agree to 3e-7 relative (measured).
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=GRAD_RTOL)
+    for key in ("dependency/token_mean", "tas/alpha_max", "pgpo/weight_max", "actor/clipfrac_high"):
+        if key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    if algo == "vppo":
+        assert a["tas/alpha_min"] >= 0.9 - 1e-6 and a["tas/alpha_max"] > 1.0
+        assert 0.4 <= a["tgf/selected_fraction"] < 0.7  # ceil(0.4 n) of n tokens per response
+    # Checkpoints: an HF folder per step, the 2-process one (gathered from shards) equal to the 1-process one.
+    assert (two / "checkpoints" / "step_000002" / "model.safetensors").is_file()
+    _assert_same_weights(two / "checkpoints" / "step_000001", one / "checkpoints" / "step_000001", atol=1e-5)
+
+
+def _load_state(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _assert_same_weights(a: Path, b: Path, *, atol: float) -> None:
+    sa, sb = _load_state(a), _load_state(b)
+    assert sa.keys() == sb.keys()
+    worst = max((sa[k].float() - sb[k].float()).abs().max().item() for k in sa)
+    assert worst <= atol, f"{a} vs {b}: max |diff| {worst:.3g} > {atol}"
+
+
+def _logits(folder: Path, assets) -> torch.Tensor:
+    """Logits of plain transformers (AutoModelForImageTextToText, no vppo code) on a fixed two-row batch."""
+    import datasets
+    from transformers import AutoModelForImageTextToText
+
+    from vppo_rollout.collate import collate_rollout, model_inputs
+    from vppo_rollout.loading import load_processor
+    from vppo_rollout.prompts import build_prompt
+
+    model, info = AutoModelForImageTextToText.from_pretrained(str(folder), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    processor = load_processor(folder)
+    rows = datasets.load_dataset(str(assets["task"]))["test"]
+    prompts = [build_prompt(processor, rows[i]["problem"], rows[i]["images"]) for i in range(2)]
+    ids = [processor.tokenizer(t)["input_ids"] for t in ("<think>x</think> \\boxed{2}", "\\boxed{left}")]
+    batch = collate_rollout(processor, prompts, ids, config=model.config)
+    with torch.no_grad():
+        return model.eval()(**model_inputs(batch)).logits
+
+
+def test_resume_after_a_kill_continues_exactly_like_an_uninterrupted_run(assets):
+    """Uninterrupted: 3 steps. Interrupted: SIGKILL once checkpoint 2 exists, relaunch the same command.
+
+    The resumed run must log the same step-3 metrics (timings aside) and write bit-identical weights, and its HF
+    checkpoint must reload in plain transformers with identical logits.
+    """
+    full, cut = assets["root"] / "resume_full", assets["root"] / "resume_cut"
+    reference = ["algorithm.tas_statistics=reference"]  # the official code's per-rank TAS statistics
+    _run(assets, "vppo", full, nproc=2, steps=3, extra=reference)
+
+    cmd = _command(assets, "vppo", cut, 2, 3, reference)
+    proc = subprocess.Popen(
+        cmd, cwd=assets["root"], env={**os.environ, **ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    marker = cut / "checkpoints" / "step_000002" / "vppo_checkpoint.json"
+    deadline = time.monotonic() + 900
+    while not marker.is_file():
+        assert proc.poll() is None, "the run ended before checkpoint 2 was written"
+        assert time.monotonic() < deadline, "timed out waiting for checkpoint 2"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid step 3
+    proc.wait()
+    assert not (cut / "checkpoints" / "step_000003").exists(), "killed too late: step 3 already finished"
+
+    resumed = _run(assets, "vppo", cut, nproc=2, steps=3, extra=reference)
+    assert "resumed from" in resumed.stdout + resumed.stderr
+
+    mf, mc = _metrics(full), _metrics(cut)
+    assert [m["step"] for m in mc] == [1, 2, 3]  # lines logged after checkpoint 2 by the killed run were dropped
+    for a, b in zip(mf, mc):
+        diff = {k: (a[k], b.get(k)) for k in a if not k.startswith(TIMING) and not _same(a[k], b.get(k, math.nan))}
+        assert not diff, f"step {a['step']}: {diff}"
+    _assert_same_weights(full / "checkpoints" / "step_000003", cut / "checkpoints" / "step_000003", atol=0.0)
+
+    lf = _logits(full / "checkpoints" / "step_000003", assets)
+    lc = _logits(cut / "checkpoints" / "step_000003", assets)
+    assert torch.equal(lf, lc)
+    assert (lf - _logits(assets["warm"], assets)).abs().max() > 1e-4  # the weights did train
