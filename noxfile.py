@@ -98,3 +98,11 @@ def plan(session: nox.Session) -> None:
     """Per-rank memory plan of every shipped full-size config (meta device, fake process group)."""
     _install(session, *PACKAGES, extra="")
     session.run("vppo-recipes", "plan", "all", *session.posargs, env=OFFLINE_ENV)
+
+
+@nox.session
+def stress(session: nox.Session) -> None:
+    """N consecutive 2-process launches of the RL recipe (default 50); fails if any launch exits non-zero."""
+    _install(session, *PACKAGES, extra="")
+    script = ROOT / "packages/vppo-recipes/benchmarks/launch_stress.py"
+    session.run("python", str(script), *(session.posargs or ["--runs", "50"]), env=OFFLINE_ENV)
