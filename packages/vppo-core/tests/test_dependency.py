@@ -41,7 +41,7 @@ def test_token_dependency_is_zero_on_masked_positions_even_if_they_hold_nan():
     lp_alt = torch.tensor([[-3.0, 0.0, float("-inf")]])
     s = token_dependency(lp, lp_alt, torch.tensor([[1, 0, 0]]))
     assert s[0, 1] == 0 and s[0, 2] == 0
-    assert s[0, 0] == pytest.approx(math.exp(-2.0) + 1.0)
+    assert s[0, 0].item() == pytest.approx(math.exp(-2.0) + 1.0)
 
 
 @settings(max_examples=50, deadline=None)
