@@ -210,10 +210,10 @@ def perturb_pixels(
             if tuple(patch_mask.shape) != (n_rows,):
                 raise ValueError(f"patch_mask has shape {tuple(patch_mask.shape)}, expected ({n_rows},)")
             mask = patch_mask.to(device)
-        # Copy, then overwrite the chosen rows: cheaper than a where() over every value. The fill is computed in
-        # float and cast once, exactly as a float processor output cast to ``dtype`` would be.
-        out = pixel_values.clone()
-        out[mask] = fill_row(0.0).to(dtype)
+        # One read-and-write pass over the rows (a clone followed by a boolean index_put touches the chosen rows
+        # twice). The fill is computed in float and cast once, exactly as a float processor output cast to
+        # ``dtype`` would be.
+        out = torch.where(mask.unsqueeze(-1), fill_row(0.0).to(dtype), pixel_values)
         return (out, mask) if return_mask else out
 
     mask = torch.ones(n_rows, dtype=torch.bool, device=device)
