@@ -56,7 +56,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from vppo_recipes.sharding import find_blocks, shard_policy
+from vppo_recipes.sharding import find_blocks, policy_mesh, shard_policy
 
 __all__ = ["ARCH_FILES", "PUBLISHED_PARAMS", "Plan", "load_arch_config", "main", "plan_config", "render_plan"]
 
@@ -140,16 +140,8 @@ def fake_process_group(world_size: int) -> Iterator[None]:
 
 
 def make_mesh(world_size: int, hsdp_replicas: int):
-    """1-D mesh of world_size ranks, or the (replicate, shard) HSDP mesh when hsdp_replicas > 1."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    if hsdp_replicas > 1:
-        if world_size % hsdp_replicas:
-            raise ValueError(f"world.hsdp_replicas={hsdp_replicas} must divide the world size {world_size}")
-        return init_device_mesh(
-            "cpu", (hsdp_replicas, world_size // hsdp_replicas), mesh_dim_names=("replicate", "shard")
-        )
-    return init_device_mesh("cpu", (world_size,))
+    """The recipe's own mesh (`policy_mesh`) on the fake process group's CPU devices."""
+    return policy_mesh("cpu", world_size, hsdp_replicas)
 
 
 @dataclass(frozen=True)

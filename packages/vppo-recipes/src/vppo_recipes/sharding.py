@@ -32,7 +32,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-__all__ = ["call_in_root_forward", "find_blocks", "shard_policy"]
+__all__ = ["call_in_root_forward", "find_blocks", "mixed_precision", "policy_mesh", "shard_policy"]
 
 HSDP_DIM_NAMES = ("replicate", "shard")
 _ROOT_CALL = "_vppo_root_call"
@@ -94,6 +94,26 @@ def _text_model(model: nn.Module) -> nn.Module:
         for m in model.modules()
         if isinstance(getattr(m, "embed_tokens", None), nn.Embedding) and hasattr(m, "layers")
     )
+
+
+def policy_mesh(device_type: str, world_size: int, hsdp_replicas: int = 1) -> DeviceMesh:
+    """The mesh `shard_policy` expects: 1-D over `world_size` ranks, or the 2-D HSDP mesh (replicate, shard) of
+    `hsdp_replicas` x (world_size / hsdp_replicas) when `hsdp_replicas > 1` (config key `world.hsdp_replicas`)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if hsdp_replicas > 1:
+        if world_size % hsdp_replicas:
+            raise ValueError(f"world.hsdp_replicas={hsdp_replicas} must divide the world size {world_size}")
+        return init_device_mesh(
+            device_type, (hsdp_replicas, world_size // hsdp_replicas), mesh_dim_names=HSDP_DIM_NAMES
+        )
+    return init_device_mesh(device_type, (world_size,))
+
+
+def mixed_precision(dtype: torch.dtype) -> MixedPrecisionPolicy | None:
+    """FSDP2 policy for `model.dtype`: None for float32 (no casts); otherwise compute in `dtype`, reduce gradients
+    in float32 (fp32 master weights stay in the sharded parameters)."""
+    return None if dtype == torch.float32 else MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
 
 
 def _validate_mesh(mesh: DeviceMesh) -> None:

@@ -46,8 +46,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 from torchtune import config
 from tqdm import tqdm
@@ -72,7 +70,7 @@ from vppo_recipes.checkpointing import (
 from vppo_recipes.config_schema import check_world_size, validate_config
 from vppo_recipes.data import Example, ExampleStream, SkipRow, VisualQADataset
 from vppo_recipes.metric_logging import build_metric_logger
-from vppo_recipes.sharding import call_in_root_forward, shard_policy
+from vppo_recipes.sharding import call_in_root_forward, mixed_precision, policy_mesh, shard_policy
 from vppo_rollout.collate import collate_rollout, model_inputs
 from vppo_rollout.loading import checkpoint_arch, load_policy, load_processor
 from vppo_rollout.prompts import Prompt, PromptTooLongError, build_prompt
@@ -368,19 +366,13 @@ class RLRecipeDistributed:
         self._sampler_model = None
         if cfg.rollout.engine == "transformers":
             self._sampler_model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype).eval()
-        replicas = int(cfg.world.hsdp_replicas)
-        if replicas > 1:
-            mesh = init_device_mesh(
-                self.device.type, (replicas, self.world // replicas), mesh_dim_names=("replicate", "shard")
-            )
-        else:
-            mesh = init_device_mesh(self.device.type, (self.world,))
-        mp = (
-            None
-            if self.dtype == torch.float32
-            else MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
+        mesh = policy_mesh(self.device.type, self.world, int(cfg.world.hsdp_replicas))
+        model = shard_policy(
+            model,
+            mesh,
+            mp_policy=mixed_precision(self.dtype),
+            activation_checkpointing=cfg.training.activation_checkpointing,
         )
-        model = shard_policy(model, mesh, mp_policy=mp, activation_checkpointing=cfg.training.activation_checkpointing)
         model.to(self.device)
         model.train()
         return model
