@@ -401,7 +401,10 @@ class RLRecipeDistributed:
         return sampler
 
     def _setup_optimizer(self, cfg: DictConfig):
-        """Optimizer from the config's `_component_` (torch AdamW, torchao AdamW8bit / _AdamW); constant lr + warmup."""
+        """Optimizer from the config's `_component_` (torch AdamW; low-bit torchao ones are refused by the config check).
+
+        Constant lr after a linear warmup of `lr_scheduler.warmup_steps` optimizer steps.
+        """
         optimizer = config.instantiate(cfg.optimizer, self.model.parameters())
         warmup = int(cfg.lr_scheduler.warmup_steps)
 
