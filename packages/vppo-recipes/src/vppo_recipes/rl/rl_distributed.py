@@ -69,6 +69,7 @@ from vppo_recipes.checkpointing import (
 )
 from vppo_recipes.config_schema import check_world_size, validate_config
 from vppo_recipes.data import Example, ExampleStream, SkipRow, VisualQADataset
+from vppo_recipes.lr_schedule import constant_with_warmup
 from vppo_recipes.metric_logging import build_metric_logger
 from vppo_recipes.sharding import call_in_root_forward, mixed_precision, policy_mesh, shard_policy
 from vppo_rollout.collate import collate_rollout, model_inputs
@@ -406,12 +407,7 @@ class RLRecipeDistributed:
         Constant lr after a linear warmup of `lr_scheduler.warmup_steps` optimizer steps.
         """
         optimizer = config.instantiate(cfg.optimizer, self.model.parameters())
-        warmup = int(cfg.lr_scheduler.warmup_steps)
-
-        def factor(opt_step: int) -> float:
-            return 1.0 if warmup == 0 else min(1.0, (opt_step + 1) / warmup)
-
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return optimizer, constant_with_warmup(optimizer, int(cfg.lr_scheduler.warmup_steps))
 
     def _setup_data(self, cfg: DictConfig) -> None:
         """The training rows through the column mapping, drawn in a seeded, resumable order (same on every rank).
