@@ -34,6 +34,8 @@ OFFLINE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "PYTHONHASHSEED": "0",
 }
+# Test sessions also fix hypothesis' examples (see conftest.py) so that a CI failure reproduces exactly.
+TEST_ENV = {**OFFLINE_ENV, "HYPOTHESIS_PROFILE": "ci"}
 
 
 def _pip_extra_args() -> list[str]:
@@ -54,7 +56,7 @@ def _install(session: nox.Session, *packages: str, extra: str = "test") -> None:
 def tests(session: nox.Session) -> None:
     """All tests of all packages on CPU (GPU-only tests are skipped with their reason)."""
     _install(session, *PACKAGES)
-    session.run("pytest", *(session.posargs or []), env=OFFLINE_ENV)
+    session.run("pytest", *(session.posargs or []), env=TEST_ENV)
 
 
 @nox.session
@@ -62,7 +64,7 @@ def tests_core(session: nox.Session) -> None:
     """vppo-core alone: proves it needs nothing but torch at run time."""
     _install(session, "vppo-core")
     session.run("python", str(ROOT / "packages/vppo-core/tests/check_runtime_deps.py"), env=OFFLINE_ENV)
-    session.run("pytest", "packages/vppo-core/tests", *session.posargs, env=OFFLINE_ENV)
+    session.run("pytest", "packages/vppo-core/tests", *session.posargs, env=TEST_ENV)
 
 
 @nox.session

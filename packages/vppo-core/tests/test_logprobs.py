@@ -75,9 +75,13 @@ def test_token_logprobs_any_chunk_size_equals_unchunked_reference(batch, length,
     labels = torch.randint(0, vocab, (batch, length), generator=g)
     ref = _ref_logprobs(logits, labels, temperature)
     chunked = token_logprobs(logits, labels, temperature=temperature, chunk_size=chunk_size)
-    whole = token_logprobs(logits, labels, temperature=temperature, chunk_size=batch * length)
     torch.testing.assert_close(chunked, ref, atol=1e-6, rtol=1e-6)  # float32 rounding of |lp| up to ~40
-    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)
+    # Chunk boundaries must not change the arithmetic; checked in float64 so that a different vectorised
+    # reduction order for a different chunk shape (a float32 ulp of |lp| ~ 10 is ~1e-6) cannot mask or fake a bug.
+    logits64 = logits.double()
+    chunked64 = token_logprobs(logits64, labels, temperature=temperature, chunk_size=chunk_size)
+    whole64 = token_logprobs(logits64, labels, temperature=temperature, chunk_size=batch * length)
+    torch.testing.assert_close(chunked64, whole64, atol=1e-12, rtol=0)
 
 
 def test_token_logprobs_reads_a_non_contiguous_slice_without_copying_it_whole():
@@ -157,10 +161,18 @@ def test_logprobs_from_hidden_any_chunk_size_equals_unchunked(batch, length, voc
     hidden = torch.randn(batch, length, 6, generator=g)
     weight = torch.randn(vocab, 6, generator=g)
     labels = torch.randint(0, vocab, (batch, length), generator=g)
+    # float32: a [1, H] @ [H, V] and an [8, H] @ [H, V] matmul may use different kernels, so the same logit can
+    # differ by an ulp; |lp| ~ 10 makes that ~2e-6 (CI found chunk_size=1, seed=0). Bound it relatively.
     lp, ent = logprobs_from_hidden(hidden, weight, labels, chunk_size=chunk_size, return_entropy=True)
     lp1, ent1 = logprobs_from_hidden(hidden, weight, labels, chunk_size=batch * length, return_entropy=True)
-    torch.testing.assert_close(lp, lp1, atol=1e-6, rtol=0)
-    torch.testing.assert_close(ent, ent1, atol=1e-6, rtol=0)
+    torch.testing.assert_close(lp, lp1, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ent, ent1, atol=1e-6, rtol=1e-6)
+    # float64: chunking itself must be exact up to that same reordering, now ~1e-15.
+    h64, w64 = hidden.double(), weight.double()
+    lp, ent = logprobs_from_hidden(h64, w64, labels, chunk_size=chunk_size, return_entropy=True)
+    lp1, ent1 = logprobs_from_hidden(h64, w64, labels, chunk_size=batch * length, return_entropy=True)
+    torch.testing.assert_close(lp, lp1, atol=1e-12, rtol=0)
+    torch.testing.assert_close(ent, ent1, atol=1e-12, rtol=0)
 
 
 def test_logprobs_from_hidden_forward_and_backward_never_allocate_full_logits():
