@@ -6,7 +6,8 @@ Layout of one checkpoint (`<output_dir>/checkpoints/step_000004/`), which is its
     config.json, generation_config.json, model.safetensors   the policy (`save_pretrained`, original key names)
     tokenizer / processor files                               copied from the model folder the run started from
     training_state.pt                                         step, data position, anything else the recipe passes
-    optimizer.pt                                              optimizer state (full, keyed by parameter FQN)
+    optimizer.pt                                              optimizer state (full, keyed by parameter FQN), or
+    optimizer_rank{r}.pt                                      each rank's shard of it (low-bit torchao states)
     rng_state_rank{r}.pt                                      torch / python / numpy (/ cuda) RNG of each rank
     vppo_checkpoint.json                                      format version, step, arch, world size; written last
 
@@ -21,11 +22,19 @@ the FSDP2-sharded optimizer with `set_optimizer_state_dict(full_state_dict=True,
 only rank 0 reads the file. Rank 0 holds the whole model + optimizer state in CPU memory while saving (as
 torchtune's full-finetune recipes do); the checkpoint folder must be on a file system every rank can see.
 
+torchao's low-bit optimizers (AdamW8bit, AdamW4bit, AdamWFp8) keep their states as quantized tensor subclasses
+that cannot be all-gathered into a full state dict (torch 2.13 / torchao 0.15). For them each rank writes its own
+shard instead, as plain tensors (the subclass's codes / scales / lookup table, from its `__tensor_flatten__`), and
+reads it back on the same mesh: `optimizer_format` in vppo_checkpoint.json says which of the two a checkpoint
+holds, and a sharded one refuses, with the fix, to load on another world size. torch's distributed checkpoint
+(DCP) would also save them, but it reads its metadata and non-tensor entries with unrestricted pickle.
+
 All functions that take `model` / `optimizer` are collective under torch.distributed: call them on every rank.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import random
@@ -45,6 +54,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
 __all__ = [
     "FORMAT_VERSION",
@@ -53,16 +63,25 @@ __all__ = [
     "checkpoint_dir",
     "find_latest_checkpoint",
     "gather_full_state_dict",
+    "load_sharded_optimizer_state",
     "load_training_state",
     "model_type_of",
     "restore_rng_state",
     "save_checkpoint",
+    "sharded_optimizer_state",
 ]
 
 FORMAT_VERSION = 1
 META_FILE = "vppo_checkpoint.json"
 TRAINING_STATE_FILE = "training_state.pt"
 OPTIMIZER_FILE = "optimizer.pt"
+OPTIMIZER_SHARD_FILE = "optimizer_rank{rank}.pt"
+# Quantized optimizer-state tensor subclasses a sharded optimizer file may name (rebuilt from their parts).
+_STATE_SUBCLASSES = {
+    "torchao.optim.subclass_8bit.OptimState8bit",
+    "torchao.optim.subclass_4bit.OptimState4bit",
+    "torchao.optim.subclass_fp8.OptimStateFp8",
+}
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Files of a model folder that describe the tokenizer / processor (copied into every checkpoint).
 _NOT_PROCESSOR_FILES = {"config.json", "generation_config.json", META_FILE}
@@ -121,6 +140,128 @@ def gather_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     Works for an FSDP2 (`fully_shard`) model and for a plain one (then every rank gets the full dict).
     """
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _is_state_subclass(t: Any) -> bool:
+    """True for a quantized optimizer state (a tensor subclass), whether or not wrapped in a DTensor."""
+    local = t.to_local() if isinstance(t, DTensor) else t
+    return isinstance(local, torch.Tensor) and type(local) is not torch.Tensor
+
+
+def _needs_sharded_optimizer_file(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether any rank holds a quantized state. Collective: torchao quantizes a state only when this rank's shard
+    has >= 4096 elements, so with uneven shards ranks can differ, and all must take the same path."""
+    mine = any(_is_state_subclass(v) for st in optimizer.state.values() for v in st.values())
+    if _world() == 1:
+        return mine
+    flags: list[Any] = [None] * _world()
+    dist.all_gather_object(flags, mine)
+    return any(flags)
+
+
+def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
+    """Parameter FQNs of each param group, in the optimizer's order (FSDP2 keeps the original names)."""
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    try:
+        return [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    except KeyError:
+        raise ValueError("the optimizer holds a parameter that is not in the model") from None
+
+
+def _encode_state(value: Any) -> Any:
+    """One optimizer-state entry as weights_only-loadable plain data: this rank's shard of it, on CPU."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    local = value.to_local() if isinstance(value, DTensor) else value
+    if type(local) is torch.Tensor:
+        return {"tensor": local.detach().cpu().clone(), "dtensor": isinstance(value, DTensor)}
+    cls = type(local)
+    names, attributes = local.__tensor_flatten__()
+    return {
+        "subclass": f"{cls.__module__}.{cls.__qualname__}",
+        "parts": {n: getattr(local, n).detach().cpu().clone() for n in names},
+        "attributes": [tuple(a) if isinstance(a, torch.Size) else a for a in attributes],
+        "dtensor": isinstance(value, DTensor),
+    }
+
+
+def _decode_state(entry: Any, param: torch.Tensor, where: str) -> Any:
+    """Inverse of `_encode_state`, placed like `param` (the same DTensor spec, device)."""
+    if not isinstance(entry, dict) or not ("tensor" in entry or "subclass" in entry):
+        return entry
+    device = param.device
+    if "tensor" in entry:
+        local = entry["tensor"].to(device)
+    else:
+        name = entry["subclass"]
+        if name not in _STATE_SUBCLASSES:
+            raise ValueError(f"{where}: unknown optimizer-state type {name!r} (known: {sorted(_STATE_SUBCLASSES)})")
+        module, qualname = name.rsplit(".", 1)
+        cls = getattr(importlib.import_module(module), qualname)
+        parts = {k: v.to(device) for k, v in entry["parts"].items()}
+        local = cls.__tensor_unflatten__(parts, list(entry["attributes"]), None, None)
+    if not entry["dtensor"]:
+        return local
+    if not isinstance(param, DTensor):
+        raise ValueError(f"{where}: saved from a sharded (FSDP2) model but loaded into an unsharded one")
+    want = param.to_local().shape
+    if local.shape != want:
+        raise ValueError(
+            f"{where}: this rank's saved shard has shape {tuple(local.shape)} but the parameter's shard is "
+            f"{tuple(want)}: the checkpoint was written on another mesh; resume with the same world size and "
+            "world.hsdp_replicas"
+        )
+    out = DTensor.from_local(
+        local,
+        device_mesh=param.device_mesh,
+        placements=param.placements,
+        run_check=False,
+        shape=param.shape,
+        stride=param.stride(),
+    )
+    return out.to(device)  # from_local moves to the mesh's device type; keep CPU-offloaded states on CPU
+
+
+def sharded_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """This rank's shard of the optimizer state, keyed by parameter FQN, as plain weights_only-safe data.
+
+    Tensor subclasses (torchao's quantized states) are stored as their parts (`__tensor_flatten__`), DTensors as
+    their local shard. Not collective. Returns `{"state": {fqn: {key: entry}}, "param_groups": [...]}` where each
+    group's "params" lists FQNs.
+    """
+    names = _param_names(model, optimizer)
+    sd = optimizer.state_dict()
+    index_to_name = {}
+    for group, group_names in zip(sd["param_groups"], names):
+        index_to_name.update(zip(group["params"], group_names))
+    state = {index_to_name[i]: {k: _encode_state(v) for k, v in st.items()} for i, st in sd["state"].items()}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": n} for g, n in zip(sd["param_groups"], names)]
+    return {"state": state, "param_groups": groups}
+
+
+def load_sharded_optimizer_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, payload: Mapping[str, Any], *, where: str = "optimizer"
+) -> None:
+    """Inverse of `sharded_optimizer_state` on the same mesh; ValueError naming the entry on any mismatch."""
+    names = _param_names(model, optimizer)
+    saved_names = [list(g["params"]) for g in payload["param_groups"]]
+    if saved_names != names:
+        raise ValueError(f"{where}: saved for parameters {saved_names[:1]}... but the optimizer has {names[:1]}...")
+    params = {n: p for g, gn in zip(optimizer.param_groups, names) for p, n in zip(g["params"], gn)}
+    # Hyperparameters (and torchao's tensor lr) through the regular path, states placed by hand: load_state_dict
+    # would cast every state to the parameter's dtype, which a quantized state cannot take.
+    index = 0
+    groups = []
+    for g in payload["param_groups"]:
+        groups.append({**g, "params": list(range(index, index + len(g["params"])))})
+        index += len(g["params"])
+    optimizer.load_state_dict({"state": {}, "param_groups": groups})
+    for fqn, st in payload["state"].items():
+        if fqn not in params:
+            raise ValueError(f"{where}: state for {fqn!r}, which the model does not have")
+        optimizer.state[params[fqn]] = {
+            k: _decode_state(v, params[fqn], f"{where}[{fqn!r}][{k!r}]") for k, v in st.items()
+        }
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -199,7 +340,8 @@ def save_checkpoint(
         step: optimizer steps done so far.
         model: the (FSDP2-sharded or plain) Hugging Face model; saved with `save_pretrained` from the gathered
             full state dict, in the parameters' dtype, with the original checkpoint key names.
-        optimizer: saved as its full FQN-keyed state dict (None: model only).
+        optimizer: saved as its full FQN-keyed state dict, or per rank for quantized (torchao low-bit) states
+            (None: model only).
         processor_source: model folder whose tokenizer / processor files are copied (the run's `model.path`).
         processor: alternatively, a processor object saved with `save_pretrained`.
         training_state: anything else to restore (data iterator state, sampler seed, metrics counters):
@@ -226,7 +368,12 @@ def save_checkpoint(
     del full_sd
 
     optim_sd = None
-    if optimizer is not None:
+    optimizer_format = None
+    if optimizer is not None and _needs_sharded_optimizer_file(optimizer):
+        optimizer_format = "sharded"
+        torch.save(sharded_optimizer_state(model, optimizer), tmp / OPTIMIZER_SHARD_FILE.format(rank=rank))
+    elif optimizer is not None:
+        optimizer_format = "full"
         optim_sd = get_optimizer_state_dict(
             model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
@@ -246,6 +393,7 @@ def save_checkpoint(
                 "arch": arch,
                 "model_type": model_type,
                 "world_size": world,
+                "optimizer_format": optimizer_format,
             },
         )
         if final.exists():  # re-saving a step (e.g. after a resume): swap, then drop the old copy
@@ -287,17 +435,30 @@ def load_training_state(
     if optimizer is not None:
         if model is None:
             raise ValueError("load_training_state: pass model= together with optimizer=")
-        if not (ckpt / OPTIMIZER_FILE).is_file():
+        meta = json.loads((ckpt / META_FILE).read_text())
+        if meta.get("optimizer_format") == "sharded":
+            if meta["world_size"] != _world():
+                raise ValueError(
+                    f"{ckpt} holds a low-bit optimizer state sharded over {meta['world_size']} ranks, but this run "
+                    f"has {_world()}: resume with the same world size (and world.hsdp_replicas), or set "
+                    "training.resume=never to start over"
+                )
+            shard = ckpt / OPTIMIZER_SHARD_FILE.format(rank=rank)
+            local = torch.load(shard, map_location="cpu", weights_only=True)
+            load_sharded_optimizer_state(model, optimizer, local, where=str(shard))
+            del local
+        elif not (ckpt / OPTIMIZER_FILE).is_file():
             raise ValueError(f"{ckpt} holds no optimizer state (it was saved with optimizer=None)")
-        # Only rank 0 reads the full optimizer state; FSDP scatters each rank's shard from it.
-        full = torch.load(ckpt / OPTIMIZER_FILE, map_location="cpu", weights_only=True) if rank == 0 else {}
-        set_optimizer_state_dict(
-            model,
-            optimizer,
-            optim_state_dict=full,
-            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=_world() > 1),
-        )
-        del full
+        else:
+            # Only rank 0 reads the full optimizer state; FSDP scatters each rank's shard from it.
+            full = torch.load(ckpt / OPTIMIZER_FILE, map_location="cpu", weights_only=True) if rank == 0 else {}
+            set_optimizer_state_dict(
+                model,
+                optimizer,
+                optim_state_dict=full,
+                options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=_world() > 1),
+            )
+            del full
     if restore_rng:
         rng_file = ckpt / f"rng_state_rank{rank}.pt"
         if not rng_file.is_file():

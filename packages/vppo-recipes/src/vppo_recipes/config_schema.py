@@ -385,29 +385,11 @@ def validate_config(cfg: DictConfig | Mapping[str, Any], recipe: str) -> DictCon
         raise ConfigError(f"config cannot be resolved (an interpolation or a ??? value): {e}") from e
     errors: list[str] = []
     _validate(plain, schema, "", errors, _all_paths(schema))
-    errors += _unsaveable_optimizer(plain)
     if errors:
         lines = "\n".join(f"  - {e}" for e in errors)
         raise ConfigError(f"invalid config for the {recipe} recipe ({len(errors)} problem(s)):\n{lines}")
     merged = OmegaConf.merge(OmegaConf.create(_defaults(schema)), cfg)
     return merged
-
-
-# torchao optimizers whose states are quantized tensor subclasses. With torch 2.13 / torchao 0.15 their sharded
-# states cannot be all-gathered (OptimState8bit implements no `_wrap_tensor_autograd`), so the full optimizer state
-# a checkpoint holds cannot be built; the recipes save at the last step at the latest. Fail before any compute.
-LOW_BIT_OPTIMIZERS = ("AdamW8bit", "Adam8bit", "AdamW4bit", "Adam4bit", "AdamWFp8", "AdamFp8")
-
-
-def _unsaveable_optimizer(plain: Mapping[str, Any]) -> list[str]:
-    target = str((plain.get("optimizer") or {}).get("_component_", ""))
-    if target.rsplit(".", 1)[-1] in LOW_BIT_OPTIMIZERS and target.startswith("torchao."):
-        return [
-            f"optimizer._component_={target!r}: its quantized states cannot be gathered into a checkpoint with this "
-            "torch/torchao (the recipes always checkpoint); use torch.optim.AdamW, or shard over more GPUs (FSDP "
-            "over all ranks instead of HSDP) so fp32 AdamW states fit"
-        ]
-    return []
 
 
 def check_world_size(cfg: DictConfig | Mapping[str, Any], world_size: int) -> None:

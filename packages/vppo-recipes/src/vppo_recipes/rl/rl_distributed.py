@@ -402,7 +402,7 @@ class RLRecipeDistributed:
         return sampler
 
     def _setup_optimizer(self, cfg: DictConfig):
-        """Optimizer from the config's `_component_` (torch AdamW; low-bit torchao ones are refused by the config check).
+        """Optimizer from the config's `_component_`: torch AdamW, or torchao's AdamW8bit / AdamW4bit / _AdamW.
 
         Constant lr after a linear warmup of `lr_scheduler.warmup_steps` optimizer steps.
         """
