@@ -169,3 +169,10 @@ def test_torchao_low_memory_optimizers_are_accepted(component):
     cfg = OmegaConf.load(CONFIGS / "tiny_vppo.yaml")
     cfg.optimizer = {"_component_": component, "lr": 1e-6}
     validate_config(cfg, "rl")
+
+
+def test_bf16_stochastic_rounding_is_refused_before_compute_with_the_reason():
+    cfg = OmegaConf.load(CONFIGS / "tiny_vppo.yaml")
+    cfg.optimizer = {"_component_": "torchao.optim._AdamW", "lr": 1e-6, "bf16_stochastic_round": True}
+    with pytest.raises(ConfigError, match=r"bf16_stochastic_round=true is not supported.*pytorch/ao#2296"):
+        validate_config(cfg, "rl")

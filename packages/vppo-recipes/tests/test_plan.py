@@ -81,7 +81,7 @@ def test_optimizer_bytes_per_parameter():
     assert optimizer_bytes("torch.optim.AdamW", [1024]) == (4096, 4096, 8192)
     # torchao AdamW8bit: uint8 codes + one fp32 scale per 256 elements + a 256-entry fp32 qmap, per state.
     assert optimizer_bytes("torchao.optim.AdamW8bit", [65536])[2] == 2 * (65536 + 4 * 256 + 1024)
-    assert optimizer_bytes("torchao.optim._AdamW", [10]) == (20, 20, 40)
+    assert optimizer_bytes("torchao.optim._AdamW", [10]) == (40, 40, 80)  # float32 masters, like AdamW
     with pytest.raises(ValueError, match=r"optimizer\._component_"):
         optimizer_bytes("torch.optim.SGD", [10])
 

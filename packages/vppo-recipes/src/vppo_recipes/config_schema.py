@@ -385,11 +385,28 @@ def validate_config(cfg: DictConfig | Mapping[str, Any], recipe: str) -> DictCon
         raise ConfigError(f"config cannot be resolved (an interpolation or a ??? value): {e}") from e
     errors: list[str] = []
     _validate(plain, schema, "", errors, _all_paths(schema))
+    errors += _unsupported_optimizer_options(plain)
     if errors:
         lines = "\n".join(f"  - {e}" for e in errors)
         raise ConfigError(f"invalid config for the {recipe} recipe ({len(errors)} problem(s)):\n{lines}")
     merged = OmegaConf.merge(OmegaConf.create(_defaults(schema)), cfg)
     return merged
+
+
+def _unsupported_optimizer_options(plain: Mapping[str, Any]) -> list[str]:
+    """Optimizer options that cannot work with the recipes' FSDP2 float32 master weights; fail before compute."""
+    optimizer = plain.get("optimizer") or {}
+    if optimizer.get("bf16_stochastic_round"):
+        # torchao <= 0.15 (the versions torchtune 0.6.1 imports) draws its rounding noise at the parameter's global
+        # shape and compares it with the FSDP2 DTensor shard: "got mixed torch.Tensor and DTensor"
+        # (pytorch/ao#2296). It would also only apply to bfloat16 parameters, and the recipes keep float32 masters.
+        return [
+            f"optimizer.bf16_stochastic_round=true is not supported: {optimizer.get('_component_')} cannot round "
+            "FSDP2-sharded parameters stochastically with torchao <= 0.15 (pytorch/ao#2296), and the recipes train "
+            "float32 master weights, where it would do nothing; drop the key (torchao.optim.AdamW8bit is the "
+            "supported low-memory optimizer)"
+        ]
+    return []
 
 
 def check_world_size(cfg: DictConfig | Mapping[str, Any], world_size: int) -> None:

@@ -7,12 +7,13 @@ nnodes x nproc_per_node ranks, or the 2-D HSDP mesh (replicate, shard)). Per ran
 padded shard, so it is the worst case):
 
     params      local shard of every parameter, float32 master weights (the recipe keeps fp32 masters and casts to
-                model.dtype for compute with FSDP2's MixedPrecisionPolicy); bf16 storage for torchao's _AdamW
+                model.dtype for compute with FSDP2's MixedPrecisionPolicy), for every optimizer
     grads       same size and dtype as the local shard
     optimizer   torch.optim.AdamW: exp_avg + exp_avg_sq in fp32 (8 B/param); torchao.optim.AdamW8bit: two uint8
                 code tensors + one fp32 scale per 256-element block each (2 x (1 + 4/256) B/param, + 1 KiB qmap per
                 state; measured on torchao 0.15: 1.03125 B/param/state on a 65,536-element tensor = 1 + 4/256 +
-                1024/65536); torchao.optim._AdamW (bf16 stochastic rounding): two bf16 states (4 B/param)
+                1024/65536); torchao.optim._AdamW: two fp32 states, as AdamW (its bf16 stochastic rounding is
+                refused by the config check: it cannot round FSDP2 shards with torchao <= 0.15)
     activations ESTIMATE. Bytes saved for backward by ONE decoder layer (and one vision block) are traced, not
                 guessed: the layer's forward runs on meta tensors at [micro_batch, prompt + response, hidden] under
                 torch.autograd.graph.saved_tensors_hooks, and the distinct storages it saves are summed (parameters
@@ -318,8 +319,8 @@ def optimizer_bytes(component: str, tensor_numels: Sequence[int]) -> tuple[int, 
         block = 256
         per_state = sum(k + 4 * math.ceil(k / block) + 256 * 4 for k in tensor_numels)
         return 4 * n, 4 * n, 2 * per_state
-    if component == "torchao.optim._AdamW":  # bf16 params + bf16 stochastic rounding: bf16 states
-        return 2 * n, 2 * n, 4 * n
+    if component == "torchao.optim._AdamW":  # float32 masters (no bf16 stochastic rounding): like AdamW
+        return 4 * n, 4 * n, 8 * n
     raise ValueError(
         f"optimizer._component_={component!r} is not one the planner knows; use torch.optim.AdamW, "
         "torchao.optim.AdamW8bit or torchao.optim._AdamW"
