@@ -21,6 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _warm_start import warm_start
+
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "vppo_recipes" / "configs"
@@ -58,40 +61,6 @@ LOSS_RTOL, LOSS_ATOL = 1e-6, 1e-7
 GRAD_RTOL = 1e-5
 
 
-def _warm_start(ckpt: Path, task: Path, out: Path, steps: int = 60) -> Path:
-    """A few AdamW steps of cross-entropy on the answer format, single process; saved as an HF folder."""
-    import datasets
-
-    from vppo_recipes.rl.rl_distributed import response_logprobs
-    from vppo_rollout.collate import collate_rollout, model_inputs
-    from vppo_rollout.loading import load_policy, load_processor
-    from vppo_rollout.prompts import build_prompt
-
-    torch.manual_seed(0)
-    processor, model = load_processor(ckpt), load_policy(ckpt)
-    model.train()
-    rows = datasets.load_dataset(str(task))["train"]
-    tok = processor.tokenizer
-    end = tok.convert_tokens_to_ids("<|im_end|>")
-    prompts = [build_prompt(processor, r["problem"], r["images"]) for r in rows]
-    targets = [tok(f"<think>I see</think> \\boxed{{{r['answer']}}}")["input_ids"] + [end] for r in rows]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        idx = torch.randperm(len(rows), generator=g)[:16].tolist()
-        b = collate_rollout(processor, [prompts[i] for i in idx], [targets[i] for i in idx], config=model.config)
-        lp, _ = response_logprobs(
-            model, model_inputs(b), b["responses"], b["prompt_length"], temperature=1.0, chunk_size=1024
-        )
-        loss = -(lp * b["response_mask"]).sum() / b["response_mask"].sum()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    shutil.copytree(ckpt, out, dirs_exist_ok=True)  # tokenizer / processor files
-    model.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     from vppo_eval.synthetic import build_visual_task
@@ -100,7 +69,7 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("rl_runs")
     ckpt = build_tiny_checkpoint(root / "tiny", "qwen2_5_vl", seed=0)
     build_visual_task(root / "task", n_train=32, n_test=4, seed=0, tasks=("side",))
-    warm = _warm_start(ckpt, root / "task", root / "warm")
+    warm = warm_start(ckpt, root / "task", root / "warm", steps=60, thought="I see")
     return {"root": root, "warm": warm, "task": root / "task"}
 
 

@@ -1,0 +1,47 @@
+"""Shared by the recipe run tests: a tiny policy warm-started on the answer format of the synthetic task.
+
+A random tiny model never writes \\boxed{}, so every sampled group would have identical rewards and the online
+filter would drop them all; a few cross-entropy steps on "<think>...</think> \\boxed{answer}" give mixed rewards.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+
+def warm_start(ckpt: Path, task: Path, out: Path, *, steps: int, thought: str) -> Path:
+    """`steps` AdamW (lr 3e-3) steps of token-mean NLL on "<think>{thought}</think> \\boxed{answer}<|im_end|>",
+    16 seeded random rows of `task`'s train split each, single process; saved as an HF folder at `out`."""
+    import datasets
+
+    from vppo_recipes.rl.rl_distributed import response_logprobs
+    from vppo_rollout.collate import collate_rollout, model_inputs
+    from vppo_rollout.loading import load_policy, load_processor
+    from vppo_rollout.prompts import build_prompt
+
+    torch.manual_seed(0)
+    processor, model = load_processor(ckpt), load_policy(ckpt)
+    model.train()
+    rows = datasets.load_dataset(str(task))["train"]
+    tok = processor.tokenizer
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    prompts = [build_prompt(processor, r["problem"], r["images"]) for r in rows]
+    targets = [tok(f"<think>{thought}</think> \\boxed{{{r['answer']}}}")["input_ids"] + [end] for r in rows]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randperm(len(rows), generator=g)[:16].tolist()
+        b = collate_rollout(processor, [prompts[i] for i in idx], [targets[i] for i in idx], config=model.config)
+        lp, _ = response_logprobs(
+            model, model_inputs(b), b["responses"], b["prompt_length"], temperature=1.0, chunk_size=1024
+        )
+        loss = -(lp * b["response_mask"]).sum() / b["response_mask"].sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    shutil.copytree(ckpt, out, dirs_exist_ok=True)  # tokenizer / processor files
+    model.save_pretrained(out)
+    return out
