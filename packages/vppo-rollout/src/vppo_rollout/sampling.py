@@ -132,3 +132,7 @@ class GroupSampler(Protocol):
     def wake_up(self) -> None:
         """Undo `sleep` before the next `update_weights` / `sample`."""
         ...
+
+    def close(self) -> None:
+        """Release the engine (the last call; vLLM with external_launcher also ends torch.distributed)."""
+        ...

@@ -131,6 +131,16 @@ DEFAULT_SIZES = {
     "max_pixels": None,  # None: 16 merged patches
 }
 
+# Overrides for a tiny model that vLLM's CPU backend serves: its attention needs a head dim >= 32 (the defaults give
+# 16). The tests of the real engine, the recipe on vLLM and the vLLM benchmark build their checkpoints with these.
+VLLM_CPU_SIZES = {
+    "hidden_size": 128,
+    "num_attention_heads": 4,
+    "vision_hidden_size": 64,
+    "vision_intermediate_size": 128,
+}
+MIN_VLLM_CPU_HEAD_DIM = 32
+
 
 def _check_sizes(arch: str, overrides: dict) -> dict:
     if arch not in SUPPORTED_ARCHS:
@@ -278,11 +288,27 @@ def build_tiny_checkpoint(
     return out
 
 
-def _write_real_processor_class(folder: Path, arch: str) -> None:
-    """Name the upstream processor class in processor_config.json, as a downloaded checkpoint does.
+# The video processor class upstream `AutoProcessor` builds for each arch (it needs torchvision).
+VIDEO_PROCESSOR_CLASS_NAMES = {"qwen2_5_vl": "Qwen2VLVideoProcessor", "qwen3_vl": "Qwen3VLVideoProcessor"}
 
-    The image-only subclass is our loading detail; writing its name would make the folder unloadable by
-    AutoProcessor on a machine that has torchvision.
+
+def _video_processor_entry(arch: str, image_processor: dict) -> dict:
+    """The `video_processor` section of processor_config.json: the image processor's patching and normalisation.
+
+    Where torchvision is installed (always beside vLLM), `AutoProcessor` builds the arch's video processor too and
+    fails on a folder that describes none (a downloaded checkpoint has its preprocessor_config.json for that).
+    Videos are never used; the entry only makes the folder complete. The class fills in its own defaults.
+    """
+    keys = ("image_mean", "image_std", "merge_size", "patch_size", "temporal_patch_size")
+    return {"video_processor_type": VIDEO_PROCESSOR_CLASS_NAMES[arch], **{k: image_processor[k] for k in keys}}
+
+
+def _write_real_processor_class(folder: Path, arch: str) -> None:
+    """Name the upstream processor class in processor_config.json, as a downloaded checkpoint does, and describe
+    the video processor that upstream class builds.
+
+    The image-only subclass is our loading detail; writing its name, or leaving the video processor out, would make
+    the folder unloadable by AutoProcessor on a machine that has torchvision.
     """
     for name in ("processor_config.json", "preprocessor_config.json"):
         f = folder / name
@@ -291,7 +317,9 @@ def _write_real_processor_class(folder: Path, arch: str) -> None:
         cfg = json.loads(f.read_text())
         if "processor_class" in cfg:
             cfg["processor_class"] = PROCESSOR_CLASS_NAMES[arch]
-            f.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        if isinstance(cfg.get("image_processor"), dict):
+            cfg["video_processor"] = _video_processor_entry(arch, cfg["image_processor"])
+        f.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     tcfg = folder / "tokenizer_config.json"
     if tcfg.is_file():
         cfg = json.loads(tcfg.read_text())

@@ -261,6 +261,9 @@ class TransformersSampler:
     def wake_up(self) -> None:
         """No-op (see `sleep`)."""
 
+    def close(self) -> None:
+        """No-op: the model belongs to the caller."""
+
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     if hasattr(a, "to_local") and hasattr(b, "to_local"):

