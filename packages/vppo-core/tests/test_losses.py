@@ -12,8 +12,10 @@ import zlib
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from vppo_core.losses import kl_penalty, policy_loss
+from vppo_core.losses import kl_penalty, policy_loss, truncated_is_weights
 from vppo_core.masking import tgf_mask
 from vppo_core.shaping import pgpo_token_weights
 
@@ -445,3 +447,68 @@ def test_full_vppo_update_matches_a_transcription_of_the_official_code():
             assert m_all["clipfrac_dual"].item() == pytest.approx(lower.item(), abs=1e-6)
     torch.testing.assert_close(ours, theirs, rtol=1e-7, atol=1e-9)
     torch.testing.assert_close(_grad(ours, lp_new), _grad(theirs, lp_new), rtol=1e-7, atol=1e-9)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# truncated importance sampling (trainer-sampler mismatch correction)
+
+
+def test_truncated_is_weights_hand_worked():
+    lp_old = torch.tensor([[-1.0, -2.0, -0.5, 7.0]])
+    lp_rollout = torch.tensor([[-1.0, -1.0, -3.0, float("nan")]])  # padding may hold anything
+    mask = torch.tensor([[1, 1, 1, 0]])
+    w = truncated_is_weights(lp_old, lp_rollout, mask, cap=2.0)
+    # exp(0) = 1; exp(-1) = 0.3679; exp(2.5) = 12.18 -> capped at 2; padding -> 0
+    assert torch.allclose(w, torch.tensor([[1.0, math.exp(-1.0), 2.0, 0.0]]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.floats(-30, 0), st.floats(-30, 0), st.booleans()),
+        min_size=1,
+        max_size=24,
+    ),
+    st.floats(0.01, 100.0),
+)
+def test_truncated_is_weights_equal_a_plain_per_token_computation(tokens, cap):
+    lp_old = torch.tensor([[t[0] for t in tokens]], dtype=torch.float64)
+    lp_rollout = torch.tensor([[t[1] for t in tokens]], dtype=torch.float64)
+    mask = torch.tensor([[t[2] for t in tokens]])
+    w = truncated_is_weights(lp_old, lp_rollout, mask, cap=cap)
+    for j, (old, new, valid) in enumerate(tokens):
+        expected = min(math.exp(old - new), cap) if valid else 0.0
+        assert math.isclose(float(w[0, j]), expected, rel_tol=1e-6, abs_tol=1e-12)
+
+
+def test_truncated_is_weights_are_constants_and_reject_bad_input():
+    lp_old = torch.zeros(2, 3, requires_grad=True)
+    w = truncated_is_weights(lp_old, torch.zeros(2, 3), torch.ones(2, 3), cap=2.0)
+    assert not w.requires_grad
+    with pytest.raises(ValueError, match="cap must be a finite number > 0"):
+        truncated_is_weights(lp_old, torch.zeros(2, 3), torch.ones(2, 3), cap=0.0)
+    with pytest.raises(ValueError, match="lp_rollout has shape"):
+        truncated_is_weights(lp_old, torch.zeros(2, 4), torch.ones(2, 3), cap=2.0)
+    with pytest.raises(ValueError, match="lp_rollout contains NaN"):
+        truncated_is_weights(lp_old, torch.full((2, 3), math.nan), torch.ones(2, 3), cap=2.0)
+
+
+def test_truncated_is_weights_reweight_the_policy_term_token_by_token():
+    """policy_loss with token_weights = w equals the per-token reference loss times w, token-mean over all tokens."""
+    g = torch.Generator().manual_seed(0)
+    lp_old = -torch.rand(3, 5, generator=g, dtype=torch.float64) * 3
+    lp_rollout = lp_old + 0.5 * torch.randn(3, 5, generator=g, dtype=torch.float64)
+    lp_new = lp_old + 0.1 * torch.randn(3, 5, generator=g, dtype=torch.float64)
+    adv = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64)
+    mask = torch.ones(3, 5)
+    mask[1, 3:] = 0
+    w = truncated_is_weights(lp_old, lp_rollout, mask, cap=1.5)
+    loss, _ = policy_loss(lp_new, lp_old, adv, mask, token_weights=w, dual_clip=3.0)
+    total, n = 0.0, 0
+    for i in range(3):
+        for j in range(5):
+            if mask[i, j]:
+                t = _reference_token_loss(lp_new[i, j], lp_old[i, j], adv[i], 0.2, 0.28, 3.0)
+                total += float(t) * min(math.exp(float(lp_old[i, j] - lp_rollout[i, j])), 1.5)
+                n += 1
+    assert math.isclose(float(loss), total / n, rel_tol=1e-9)

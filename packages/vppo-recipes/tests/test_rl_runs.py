@@ -10,49 +10,22 @@ Runs are kept to a few RL steps of a few seconds each.
 from __future__ import annotations
 
 import math
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _rl_launch import TIMING, kill_after_checkpoint
+from _rl_launch import metrics as _metrics
+from _rl_launch import run as _run
+from _rl_launch import same as _same
 from _warm_start import warm_start
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(1800)]
 
-CONFIGS = Path(__file__).resolve().parents[1] / "src" / "vppo_recipes" / "configs"
-RECIPE = "vppo_recipes/rl/rl_distributed.py"  # tune run: relative path -> module vppo_recipes.rl.rl_distributed
-ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "WANDB_MODE": "offline",
-    "TOKENIZERS_PARALLELISM": "false",
-    "OMP_NUM_THREADS": "1",  # torchrun sets it for 2 ranks; set it for 1 rank too so both runs do the same math
-    "PYTHONHASHSEED": "0",
-}
-# Small enough for seconds per step, large enough to exercise the whole step: 4 prompts x G=4 per RL step, two
-# mini-batches (2 optimizer steps), two micro-batches per mini-batch per rank, filter draws to refill.
-SMALL = [
-    "rollout.group_size=4",
-    "rollout.batch_prompts=4",
-    "rollout.max_filter_draws=6",
-    "rollout.max_new_tokens=16",
-    "batch.update_prompts=2",
-    "batch.micro_batch_size=2",
-    "training.save_every_n_steps=1",
-    "validation.every_n_steps=2",  # avg@2 on the 4 held-out rows after step 2
-    "validation.k=2",
-    "validation.limit=null",
-]
-# Keys that measure time and memory, not the computation.
-TIMING = ("time/", "throughput/", "memory/")
 # Step-1 loss of the 2-process run vs the 1-process run: the same batch, the same math, only the order of the
 # floating-point reductions and the micro-batch padding differ. Measured |diff|: vppo 4.7e-10, dapo 1.0e-8,
 # pgpo 2.3e-8 on losses of 0.02-0.04 whose terms (policy gradient, entropy penalty) are ~0.2 and cancel, i.e.
@@ -71,37 +44,6 @@ def assets(tmp_path_factory):
     build_visual_task(root / "task", n_train=32, n_test=4, seed=0, tasks=("side",))
     warm = warm_start(ckpt, root / "task", root / "warm", steps=60, thought="I see")
     return {"root": root, "warm": warm, "task": root / "task"}
-
-
-def _command(assets, algo: str, out: Path, nproc: int, steps: int, extra=()) -> list[str]:
-    tune = str(Path(sys.executable).parent / "tune")
-    return [
-        tune, "run", "--nproc_per_node", str(nproc), RECIPE, "--config", str(CONFIGS / f"tiny_{algo}.yaml"),
-        f"output_dir={out}", f"model.path={assets['warm']}", f"data.source={assets['task']}",
-        f"world.nproc_per_node={nproc}", f"training.max_steps={steps}", f"validation.source={assets['task']}",
-        *SMALL, *extra,
-    ]  # fmt: skip
-
-
-def _run(assets, algo: str, out: Path, *, nproc: int, steps: int, extra=()) -> subprocess.CompletedProcess:
-    cmd = _command(assets, algo, out, nproc, steps, extra)
-    proc = subprocess.run(
-        cmd, cwd=assets["root"], env={**os.environ, **ENV}, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0, (
-        f"{' '.join(cmd)}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}"
-    )
-    return proc
-
-
-def _metrics(out: Path) -> list[dict]:
-    from vppo_recipes.metric_logging import read_jsonl
-
-    return read_jsonl(out / "logs" / "metrics.jsonl")
-
-
-def _same(a: float, b: float) -> bool:
-    return (math.isnan(a) and math.isnan(b)) or a == b
 
 
 EXPECTED_KEYS = {
@@ -200,20 +142,7 @@ def test_resume_after_a_kill_continues_exactly_like_an_uninterrupted_run(assets)
     reference = ["algorithm.tas_statistics=reference"]  # the official code's per-rank TAS statistics
     _run(assets, "vppo", full, nproc=2, steps=3, extra=reference)
 
-    cmd = _command(assets, "vppo", cut, 2, 3, reference)
-    proc = subprocess.Popen(
-        cmd, cwd=assets["root"], env={**os.environ, **ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
-    marker = cut / "checkpoints" / "step_000002" / "vppo_checkpoint.json"
-    deadline = time.monotonic() + 900
-    while not marker.is_file():
-        assert proc.poll() is None, "the run ended before checkpoint 2 was written"
-        assert time.monotonic() < deadline, "timed out waiting for checkpoint 2"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid step 3
-    proc.wait()
-    assert not (cut / "checkpoints" / "step_000003").exists(), "killed too late: step 3 already finished"
+    kill_after_checkpoint(assets, "vppo", cut, nproc=2, steps=3, checkpoint=2, extra=reference)
 
     resumed = _run(assets, "vppo", cut, nproc=2, steps=3, extra=reference)
     assert "resumed from" in resumed.stdout + resumed.stderr

@@ -13,7 +13,7 @@ from vppo_core.dependency import (
     trajectory_dependency,
 )
 from vppo_core.logprobs import logprobs_from_hidden, token_logprobs
-from vppo_core.losses import AGGREGATIONS, KL_ESTIMATORS, LOSS_TYPES, kl_penalty, policy_loss
+from vppo_core.losses import AGGREGATIONS, KL_ESTIMATORS, LOSS_TYPES, kl_penalty, policy_loss, truncated_is_weights
 from vppo_core.masking import tgf_mask
 from vppo_core.perturb import PERTURBATION_MODES, patch_positions, perturb_pixels
 from vppo_core.shaping import pgpo_token_weights, tas_bounds, tas_scale, tas_scale_reference
@@ -41,4 +41,5 @@ __all__ = [
     "token_dependency",
     "token_logprobs",
     "trajectory_dependency",
+    "truncated_is_weights",
 ]

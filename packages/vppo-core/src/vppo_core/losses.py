@@ -56,6 +56,37 @@ def kl_penalty(lp: Tensor, ref_lp: Tensor, estimator: Literal["k1", "k2", "k3"] 
     return (torch.exp(x) - x - 1.0).clamp(max=_K3_MAX)
 
 
+def truncated_is_weights(lp_old: Tensor, lp_rollout: Tensor, mask: Tensor, *, cap: float) -> Tensor:
+    """Truncated importance-sampling weights that correct for a sampler that is not the trainer's policy.
+
+    ``w = min(exp(lp_old − lp_rollout), cap)`` per valid token, 0 on padding, where ``lp_rollout`` are the log-probs
+    the rollout engine (vLLM) reported for the tokens it sampled and ``lp_old`` the trainer's for the same tokens
+    with the same weights. Passed to `policy_loss` as (a factor of) ``token_weights``, it reweights the policy
+    term token by token (truncated IS of Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy
+    RL training"; verl's ``tis_imp_ratio_cap``). The weight is a constant: no gradient flows through it.
+
+    Args:
+        lp_old: ``[B, L]`` float — the trainer's log-probs of the sampled tokens (before any update).
+        lp_rollout: ``[B, L]`` float — the sampler's log-probs of the same tokens.
+        mask: ``[B, L]`` bool or 0/1 — 1 on real response tokens.
+        cap: C > 0; weights above C are set to C.
+    Returns:
+        ``[B, L]`` in the inputs' dtype (at least float32).
+    """
+    check_token_tensor(lp_old, "lp_old")
+    check_token_tensor(lp_rollout, "lp_rollout")
+    if lp_rollout.shape != lp_old.shape:
+        raise ValueError(f"lp_rollout has shape {tuple(lp_rollout.shape)}, expected {tuple(lp_old.shape)}")
+    valid = check_mask(mask, lp_old.shape)
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not (math.isfinite(cap) and cap > 0):
+        raise ValueError(f"cap must be a finite number > 0 (the largest importance weight kept), got {cap!r}")
+    check_finite_where(lp_old, valid, "lp_old")
+    check_finite_where(lp_rollout, valid, "lp_rollout")
+    dtype = torch.promote_types(torch.promote_types(lp_old.dtype, lp_rollout.dtype), torch.float32)
+    delta = _zero_pad(lp_old.detach().to(dtype) - lp_rollout.detach().to(dtype), valid)
+    return torch.where(valid, delta.clamp(max=math.log(cap)).exp(), torch.zeros_like(delta))
+
+
 def _check_count(value: int | float | Tensor | None, name: str, at_least: Tensor) -> Tensor | None:
     """A global normaliser: positive, and not below what this micro-batch alone holds."""
     if value is None:

@@ -138,6 +138,12 @@ RL_ONLY: dict[str, Any] = {
         "online_filter": _f(bool, default=True),
         "max_filter_draws": _f(int, default=4, **_NONNEG_INT),
         "gpu_memory_utilization": _f(float, default=0.35, low=0.0, high=1.0),
+        "sync_weights": _f(
+            bool,
+            default=True,
+            doc="false: the sampler keeps its first weights (a diagnostic of the rollout/logprob_* metrics; "
+            "never for training)",
+        ),
     },
     "reward": {
         "format_weight": _f(float, default=0.1, low=0.0, high=1.0),
@@ -169,6 +175,13 @@ RL_ONLY: dict[str, Any] = {
         "kl_coef": _f(float, default=0.0, low=0.0),
         "kl_estimator": _f(str, default="k3", choices=("k1", "k2", "k3")),
         "chunk_size": _f(int, default=1024, **_POS_INT),
+        "rollout_is_cap": _f(
+            float,
+            default=None,
+            nullable=True,
+            low=1.0,
+            doc="truncated importance sampling: weight tokens by min(pi_old / pi_rollout, cap); null: off",
+        ),
     },
 }
 

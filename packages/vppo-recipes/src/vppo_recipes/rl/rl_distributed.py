@@ -54,7 +54,7 @@ from vppo_core.advantages import group_advantages, keep_groups
 from vppo_core.attention import text_only_attention
 from vppo_core.dependency import exact_token_dependency_from_hidden, token_dependency, trajectory_dependency
 from vppo_core.logprobs import logprobs_from_hidden
-from vppo_core.losses import policy_loss
+from vppo_core.losses import policy_loss, truncated_is_weights
 from vppo_core.masking import tgf_mask
 from vppo_core.perturb import perturb_pixels
 from vppo_core.shaping import pgpo_token_weights, tas_scale, tas_scale_reference
@@ -80,6 +80,8 @@ from vppo_rollout.sampling import SamplingConfig
 ALGORITHMS = ("vppo", "pgpo", "dapo", "grpo")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PHASES = ("sample", "reward", "old_logprob", "alt_logprob", "shaping", "update", "weight_sync")
+# |lp_sampler - lp_old| above this counts as a disagreeing token (rollout/logprob_frac_above_1e-3)
+AGREEMENT_THRESHOLD = 1e-3
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -141,6 +143,11 @@ def check_algorithm(cfg: DictConfig, explicit: DictConfig | None = None) -> None
         raise ValueError(
             "loss.kl_coef > 0 needs a frozen reference policy, which this recipe does not load (the published VPPO, "
             "PGPO and DAPO runs use no KL term); set loss.kl_coef=0"
+        )
+    if loss.rollout_is_cap is not None and cfg.rollout.temperature != 1.0:
+        raise ValueError(
+            "loss.rollout_is_cap compares the trainer's log-probs at rollout.temperature with the sampler's raw "
+            f"(temperature 1) log-probs; it needs rollout.temperature=1.0, got {cfg.rollout.temperature}"
         )
     if cfg.rollout.group_size < 2:
         raise ValueError("rollout.group_size must be >= 2 (GRPO's group std needs two responses)")
@@ -242,6 +249,7 @@ class Group:
     token_ids: list[list[int]]
     texts: list[str]
     finish_reasons: list[str]
+    sampler_logprobs: list[list[float]]  # the engine's raw log-prob of every sampled token
     reward: list[float]
     accuracy: list[float]
     format: list[float]
@@ -258,18 +266,22 @@ class MicroBatch:
     advantages: torch.Tensor  # [b] float32 (GRPO advantage, before TAS)
     perturb_seeds: list[int]  # one per response: seeds its perturbation (VPPO)
     images_per_row: list[int]
+    lp_sampler: torch.Tensor  # [b, L] the rollout engine's log-probs of the responses (0 on padding)
     lp_old: torch.Tensor | None = None  # [b, L]
     lp_alt: torch.Tensor | None = None
     S: torch.Tensor | None = None  # [b, L] token dependency
     traj_dep: torch.Tensor | None = None  # [b]
     alpha: torch.Tensor | None = None  # [b]
-    token_weights: torch.Tensor | None = None  # [b, L] TGF mask (float) or PGPO ω̃
+    token_weights: torch.Tensor | None = None  # [b, L] TGF mask (float) or PGPO ω̃ (times is_weights)
+    is_weights: torch.Tensor | None = None  # [b, L] truncated importance weights (loss.rollout_is_cap)
 
 
 @dataclass
 class StepStats:
     counts: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    # trainer-sampler agreement on the first mini-batch of this rank: [sum |diff|, tokens, tokens above, max |diff|]
+    agreement: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -386,17 +398,19 @@ class RLRecipeDistributed:
             return TransformersSampler(self._sampler_model, self.processor)
         from vppo_rollout.vllm_engine import VLLMSampler
 
-        # Colocated: one engine per rank on the rank's GPU, asleep (weights offloaded, KV cache freed) while the
-        # trainer runs; it starts from the same weights as the trainer (model.path, or the resumed checkpoint).
+        # Colocated: one engine per rank, inside the rank's process on its device and process group (vLLM's
+        # external_launcher, as TRL and verl colocate), asleep (weights offloaded, KV cache freed) while the trainer
+        # runs where the platform has sleep mode (CUDA; CPU vLLM has none). It starts from the same weights as the
+        # trainer (model.path, or the resumed checkpoint).
         sampler = VLLMSampler(
             self.weights_path,
             gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
             dtype=cfg.model.dtype,
             max_model_len=int(cfg.data.max_prompt_length) + int(cfg.rollout.max_new_tokens),
             seed=self.seed,
-            enable_sleep_mode=True,
             min_pixels=cfg.model.min_pixels,
             max_pixels=cfg.model.max_pixels,
+            distributed_executor_backend="external_launcher",
         )
         sampler.sleep()
         return sampler
@@ -516,6 +530,7 @@ class RLRecipeDistributed:
                 top_k=cfg.top_k,
                 max_new_tokens=cfg.max_new_tokens,
                 seed=seed,
+                logprobs=True,  # raw (temperature 1) log-probs: the trainer-sampler agreement and rollout_is_cap
             )
 
         t = time.perf_counter()
@@ -537,7 +552,7 @@ class RLRecipeDistributed:
         for (uid, row), r in zip(mine, results):
             answer = self._prompts[row][1]
             rw = compute_rewards(r["texts"], [answer] * self.group_size, format_weight=self._cfg.reward.format_weight)
-            groups.append(Group(uid, row, answer, r["token_ids"], r["texts"], r["finish_reasons"], **rw))
+            groups.append(Group(uid, row, answer, r["token_ids"], r["texts"], r["finish_reasons"], r["logprobs"], **rw))
         stats.seconds["reward"] += time.perf_counter() - t
         return groups
 
@@ -610,6 +625,9 @@ class RLRecipeDistributed:
                 stats.counts["skipped/empty_responses"] += sum(len(x) == 0 for x in ids)  # all-zero mask rows
                 batch = collate_rollout(self.processor, prompts, ids, config=self.model_config)
                 inputs = model_inputs(batch)
+                lp_sampler = torch.zeros(batch["responses"].shape, dtype=torch.float32)
+                for i, (g, j) in enumerate(part):
+                    lp_sampler[i, : len(g.sampler_logprobs[j])] = torch.tensor(g.sampler_logprobs[j])
                 micro.append(
                     MicroBatch(
                         inputs={k: v.to(self.device) for k, v in inputs.items()},
@@ -619,6 +637,7 @@ class RLRecipeDistributed:
                         advantages=adv[sl].to(self.device),
                         perturb_seeds=[mix_seed(self.seed, g.uid, j, 0x9E7) for g, j in part],
                         images_per_row=[len(p.images) for p in prompts],
+                        lp_sampler=lp_sampler.to(self.device),
                     )
                 )
             minis.append(micro)
@@ -734,7 +753,18 @@ class RLRecipeDistributed:
                 mb.traj_dep = trajectory_dependency(mb.S, mb.mask)
                 stats.seconds["alt_logprob"] += time.perf_counter() - t
 
-        # 6. TAS α and TGF mask (VPPO) | PGPO token weights
+        # 5b. trainer-sampler agreement: the engine's log-probs against lp_old on the first mini-batch (the same
+        # weights, before any update). Both are temperature-1 log-probs only when rollout.temperature is 1.
+        if self.temperature == 1.0:
+            for mb in minis[0]:
+                diff = (mb.lp_old.float() - mb.lp_sampler).abs()[mb.mask > 0]
+                if diff.numel():
+                    stats.agreement[0] += float(diff.sum())
+                    stats.agreement[1] += diff.numel()
+                    stats.agreement[2] += float((diff > AGREEMENT_THRESHOLD).sum())
+                    stats.agreement[3] = max(stats.agreement[3], float(diff.max()))
+
+        # 6. TAS α and TGF mask (VPPO) | PGPO token weights (| truncated importance weights)
         t = time.perf_counter()
         for mini in minis:
             self._shape(mini)
@@ -751,7 +781,8 @@ class RLRecipeDistributed:
 
         # 8. push the new full weights into the sampler
         t = time.perf_counter()
-        self._sync_sampler()
+        if cfg.rollout.sync_weights:
+            self._sync_sampler()
         stats.seconds["weight_sync"] += time.perf_counter() - t
         return self._step_metrics(
             stats, minis, groups, t_step, grad_norms=grad_norms, losses=losses, loss_metrics=loss_metrics
@@ -779,6 +810,12 @@ class RLRecipeDistributed:
                 mb.token_weights = tgf_mask(mb.S, mb.mask, fraction=a.tgf_fraction).to(mb.lp_old.dtype)
             elif self.algorithm == "pgpo":
                 mb.token_weights = pgpo_token_weights(mb.S, mb.mask, tau=a.pgpo_tau, beta=a.pgpo_beta)
+        cap = self._cfg.loss.rollout_is_cap
+        if cap is not None:  # truncated IS: reweight each token's policy term by min(π_old / π_rollout, cap)
+            for mb in mini:
+                mb.is_weights = truncated_is_weights(mb.lp_old, mb.lp_sampler, mb.mask, cap=float(cap))
+                w = mb.is_weights.to(mb.lp_old.dtype)
+                mb.token_weights = w if mb.token_weights is None else mb.token_weights * w
 
     def _update(self, mini: list[MicroBatch], loss_metrics: dict[str, float]) -> tuple[float, float]:
         """Gradient accumulation over the micro-batches of one mini-batch, then clip and step (or skip, counted).
@@ -911,6 +948,18 @@ class RLRecipeDistributed:
             m["pgpo/weight_max"] = float(w.max()) if w.numel() else math.nan
             m["pgpo/weight_std"] = float(w.std()) if w.numel() > 1 else math.nan
 
+        # trainer-sampler agreement (first mini-batch, all ranks) and the truncated importance weights
+        total, tokens, above = _all_reduce_list(stats.agreement[:3])
+        (largest,) = _all_reduce_list(stats.agreement[3:], op=dist.ReduceOp.MAX)
+        m["rollout/logprob_abs_diff_mean"] = total / tokens if tokens else math.nan
+        m["rollout/logprob_abs_diff_max"] = largest if tokens else math.nan
+        m["rollout/logprob_frac_above_1e-3"] = above / tokens if tokens else math.nan
+        if self._cfg.loss.rollout_is_cap is not None:
+            w = gathered([mb.is_weights[mb.mask > 0] for mb in mbs])
+            cap = float(self._cfg.loss.rollout_is_cap)
+            m["rollout/is_weight_mean"] = float(w.mean()) if w.numel() else math.nan
+            m["rollout/is_capped_fraction"] = float((w >= cap).double().mean()) if w.numel() else math.nan
+
         # rewards of the responses trained on (kept groups of all ranks)
         r = _all_reduce_list(
             [
@@ -1015,13 +1064,20 @@ class RLRecipeDistributed:
     def cleanup(self) -> None:
         self.metric_logger.close()
         dist.barrier()
-        dist.destroy_process_group()
+        self.sampler.close()  # vLLM's shutdown (external_launcher) also destroys the default process group
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _group_lists(r, i: int, n: int) -> dict[str, list]:
     """The i-th group (n responses) of a `Rollouts` as plain lists (responses are ordered group by group)."""
     sl = slice(i * n, (i + 1) * n)
-    return {"token_ids": r.token_ids[sl], "texts": r.texts[sl], "finish_reasons": r.finish_reasons[sl]}
+    return {
+        "token_ids": r.token_ids[sl],
+        "texts": r.texts[sl],
+        "finish_reasons": r.finish_reasons[sl],
+        "logprobs": r.logprobs[sl],
+    }
 
 
 def _stack_inputs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

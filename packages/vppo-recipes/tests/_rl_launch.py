@@ -1,0 +1,87 @@
+"""Launching the RL recipe from tests: `tune run` commands on the tiny configs, runs, kills, metrics."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "vppo_recipes" / "configs"
+RECIPE = "vppo_recipes/rl/rl_distributed.py"  # tune run: relative path -> module vppo_recipes.rl.rl_distributed
+ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",  # torchrun sets it for 2 ranks; set it for 1 rank too so both runs do the same math
+    "PYTHONHASHSEED": "0",
+}
+# Small enough for seconds per step, large enough to exercise the whole step: 4 prompts x G=4 per RL step, two
+# mini-batches (2 optimizer steps), two micro-batches per mini-batch per rank, filter draws to refill.
+SMALL = [
+    "rollout.group_size=4",
+    "rollout.batch_prompts=4",
+    "rollout.max_filter_draws=6",
+    "rollout.max_new_tokens=16",
+    "batch.update_prompts=2",
+    "batch.micro_batch_size=2",
+    "training.save_every_n_steps=1",
+    "validation.every_n_steps=2",  # avg@2 on the 4 held-out rows after step 2
+    "validation.k=2",
+    "validation.limit=null",
+]
+# Keys that measure time and memory, not the computation.
+TIMING = ("time/", "throughput/", "memory/")
+
+
+def command(assets, algo: str, out: Path, nproc: int, steps: int, extra=()) -> list[str]:
+    tune = str(Path(sys.executable).parent / "tune")
+    return [
+        tune, "run", "--nproc_per_node", str(nproc), RECIPE, "--config", str(CONFIGS / f"tiny_{algo}.yaml"),
+        f"output_dir={out}", f"model.path={assets['warm']}", f"data.source={assets['task']}",
+        f"world.nproc_per_node={nproc}", f"training.max_steps={steps}", f"validation.source={assets['task']}",
+        *SMALL, *extra,
+    ]  # fmt: skip
+
+
+def run(assets, algo: str, out: Path, *, nproc: int, steps: int, extra=()) -> subprocess.CompletedProcess:
+    cmd = command(assets, algo, out, nproc, steps, extra)
+    proc = subprocess.run(
+        cmd, cwd=assets["root"], env={**os.environ, **ENV}, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, (
+        f"{' '.join(cmd)}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}"
+    )
+    return proc
+
+
+def metrics(out: Path) -> list[dict]:
+    from vppo_recipes.metric_logging import read_jsonl
+
+    return read_jsonl(out / "logs" / "metrics.jsonl")
+
+
+def same(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or a == b
+
+
+def kill_after_checkpoint(assets, algo: str, out: Path, *, nproc: int, steps: int, checkpoint: int, extra=()) -> None:
+    """Launch a run, SIGKILL the launcher and every rank as soon as checkpoint `checkpoint` exists (mid next step)."""
+    proc = subprocess.Popen(
+        command(assets, algo, out, nproc, steps, extra), cwd=assets["root"], env={**os.environ, **ENV},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    marker = out / "checkpoints" / f"step_{checkpoint:06d}" / "vppo_checkpoint.json"
+    deadline = time.monotonic() + 900
+    while not marker.is_file():
+        assert proc.poll() is None, f"the run ended before checkpoint {checkpoint} was written"
+        assert time.monotonic() < deadline, f"timed out waiting for checkpoint {checkpoint}"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "checkpoints" / f"step_{checkpoint + 1:06d}").exists(), "killed too late: the next step finished"
