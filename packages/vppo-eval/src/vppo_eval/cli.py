@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="load benchmark NAME from DATA_DIR/NAME instead of the hub")
     p.add_argument("--limit", type=int, default=None, help="only the first N items of each benchmark")
     p.add_argument("--engine", choices=("auto", "vllm", "transformers"), default="auto",
-                   help="auto: vLLM when it is importable and a CUDA GPU exists, else transformers")  # fmt: skip
+                   help="auto: vLLM when it is importable and a CUDA GPU exists, else transformers; vllm: also "
+                   "vLLM's CPU build (see noxfile.py tests_vllm)")  # fmt: skip
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=2048)
@@ -52,16 +53,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def choose_engine(engine: str) -> str:
-    """ "auto" -> "vllm" if vllm is importable and CUDA is available, else "transformers"; checks explicit choices."""
+    """ "auto" -> "vllm" if vllm is importable and CUDA is available, else "transformers"; checks explicit choices.
+
+    An explicit "vllm" needs only an importable vLLM: its CPU build runs without a GPU (slower than on a GPU, but
+    it is the engine the numbers of a GPU run come from).
+    """
     import torch
 
     has_vllm = importlib.util.find_spec("vllm") is not None
     has_gpu = torch.cuda.is_available()
     if engine == "auto":
         return "vllm" if has_vllm and has_gpu else "transformers"
-    if engine == "vllm" and not (has_vllm and has_gpu):
-        missing = "vllm is not installed (pip install 'vppo-rollout[vllm]')" if not has_vllm else "no CUDA GPU"
-        raise SystemExit(f"vppo-eval: --engine vllm: {missing}; use --engine transformers (or auto)")
+    if engine == "vllm" and not has_vllm:
+        raise SystemExit(
+            "vppo-eval: --engine vllm: vllm is not installed (pip install 'vppo-rollout[vllm]'); "
+            "use --engine transformers (or auto)"
+        )
     if engine not in ("vllm", "transformers"):
         raise SystemExit(f"vppo-eval: --engine {engine!r}: use auto, vllm or transformers")
     return engine
@@ -162,12 +169,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.dependency:
         if engine == "vllm":
-            if hasattr(sampler, "sleep"):
-                sampler.sleep()  # free the engine's GPU memory for the transformers model
+            sampler.sleep()  # free the engine's GPU memory for the transformers model (a no-op without sleep mode)
             model = load_policy(args.model, dtype=dtype, device=device)
         dep_paths = dependency_for_items(model, processor, data, results, out, n_items=args.dependency,
                                             seed=args.seed, progress=not args.no_progress)  # fmt: skip
         paths.update(dep_paths)
+    if engine == "vllm":
+        sampler.close()
     print("wrote: " + ", ".join(str(p) for p in paths.values()))
     return 0
 

@@ -333,8 +333,12 @@ def evaluate(
         raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit={limit!r} must be None or an integer >= 1")
-    if not temperature > 0:
-        raise ValueError(f"temperature={temperature!r} must be > 0 (avg@k needs sampling; the paper uses 1.0)")
+    if not temperature >= 0:
+        raise ValueError(f"temperature={temperature!r} must be >= 0 (the paper samples at 1.0; 0 is greedy)")
+    if temperature == 0 and k != 1:
+        raise ValueError(
+            f"temperature=0 (greedy) with k={k}: every sample would be the same response; use k=1 for greedy avg@1"
+        )
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p!r} must be in (0, 1]")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:

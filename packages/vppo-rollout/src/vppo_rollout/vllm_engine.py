@@ -147,6 +147,9 @@ def vllm_sampling_params(
             "top_k": sampling.top_k if sampling.top_k > 0 else -1,
             "max_tokens": sampling.max_new_tokens,
             "stop_token_ids": list(stop_token_ids),
+            # the stop ids are the whole stop set, as in TransformersSampler: without this vLLM also stops at the
+            # tokenizer's EOS even when the caller chose other stop ids
+            "ignore_eos": True,
             "seed": None if sampling.seed is None else sampling.seed + j * n,
             "logprobs": 0 if sampling.logprobs else None,
             "skip_special_tokens": True,
@@ -269,12 +272,22 @@ def _check_cpu_head_dims(config, model_path: str) -> None:
 
 
 def _platform_defaults() -> dict[str, bool]:
-    """vLLM's platform: sleep mode only where it exists (CUDA), eager execution on CPU (compiling costs minutes)."""
+    """What vLLM's platform allows and needs.
+
+    - sleep mode only where it exists (CUDA);
+    - on CPU: eager execution (compiling costs minutes), and no chunked prefill: a prompt whose prefill is split
+      over scheduler steps has its sampled token discarded, and vLLM then rewinds the request's seeded generator
+      with `set_offset`, which CPU generators do not have ("CPU Generator does not use offset"): any seeded batch
+      larger than one step's token budget crashed.
+    """
     from vllm.platforms import current_platform
 
+    cpu = bool(current_platform.is_cpu())
     return {
+        "cpu": cpu,
         "enable_sleep_mode": bool(current_platform.is_sleep_mode_available()),
-        "enforce_eager": bool(current_platform.is_cpu()),
+        "enforce_eager": cpu,
+        "enable_chunked_prefill": not cpu,
     }
 
 
@@ -286,7 +299,8 @@ class VLLMSampler:
         max_images: per-prompt image limit (`limit_mm_per_prompt`); prompts with more are rejected by name.
         gpu_memory_utilization, dtype, max_model_len, tensor_parallel_size, seed: passed to `LLM` (on CPU the KV
             cache size comes from `VLLM_CPU_KVCACHE_SPACE` GiB instead of gpu_memory_utilization).
-        enable_sleep_mode, enforce_eager: None follows the platform (sleep mode on CUDA only, eager on CPU).
+        enable_sleep_mode, enforce_eager: None follows the platform (sleep mode on CUDA only, eager on CPU; on CPU
+            chunked prefill is off too unless `enable_chunked_prefill` is passed, see `_platform_defaults`).
         min_pixels / max_pixels: vLLM processor resize bounds (keep them equal to `load_processor`'s).
         distributed_executor_backend: None (vLLM's default: the engine in a process of its own), "uni" (in this
             process when `VLLM_ENABLE_V1_MULTIPROCESSING=0`), or "external_launcher" (one engine per torchrun rank, in
@@ -341,8 +355,9 @@ class VLLMSampler:
                     "(noxfile.py's tests_vllm session shows the CPU build); or use TransformersSampler"
                 ) from e
             defaults = _platform_defaults()
-            if defaults["enforce_eager"]:  # CPU
+            if defaults["cpu"]:
                 _check_cpu_head_dims(self.config, self.model_path)
+                llm_kwargs.setdefault("enable_chunked_prefill", defaults["enable_chunked_prefill"])
             if enable_sleep_mode and not defaults["enable_sleep_mode"]:
                 raise ValueError(
                     "enable_sleep_mode=True: this vLLM platform has no sleep mode (CPU); pass None to follow it"
