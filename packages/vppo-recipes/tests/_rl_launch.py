@@ -23,13 +23,16 @@ ENV = {
 }
 # Small enough for seconds per step, large enough to exercise the whole step: 4 prompts x G=4 per RL step, two
 # mini-batches (2 optimizer steps), two micro-batches per mini-batch per rank, filter draws to refill.
-SMALL = [
+SMALL_BATCH = [
     "rollout.group_size=4",
     "rollout.batch_prompts=4",
     "rollout.max_filter_draws=6",
     "rollout.max_new_tokens=16",
     "batch.update_prompts=2",
     "batch.micro_batch_size=2",
+]
+SMALL = [
+    *SMALL_BATCH,
     "training.save_every_n_steps=1",
     "validation.every_n_steps=2",  # avg@2 on the 4 held-out rows after step 2
     "validation.k=2",

@@ -16,28 +16,13 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _rl_launch import CONFIGS, ENV, RECIPE, SMALL_BATCH
 from _warm_start import warm_start
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(1800)]
 
-CONFIGS = Path(__file__).resolve().parents[1] / "src" / "vppo_recipes" / "configs"
-RECIPE = "vppo_recipes/rl/rl_distributed.py"  # tune run: relative path -> module vppo_recipes.rl.rl_distributed
-ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "WANDB_MODE": "offline",
-    "TOKENIZERS_PARALLELISM": "false",
-    "OMP_NUM_THREADS": "1",
-    "PYTHONHASHSEED": "0",
-}
 SMALL = [
-    "rollout.group_size=4",
-    "rollout.batch_prompts=4",
-    "rollout.max_filter_draws=6",
-    "rollout.max_new_tokens=16",
-    "batch.update_prompts=2",
-    "batch.micro_batch_size=2",
+    *SMALL_BATCH,
     "training.max_steps=2",
     "training.save_every_n_steps=0",
 ]

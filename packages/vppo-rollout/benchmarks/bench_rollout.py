@@ -41,6 +41,19 @@ from vppo_rollout import (
 )
 
 
+def _prompts(processor, n: int) -> list:
+    """n one-image prompts (random 56x84 pictures, seeded): the same for every engine measured."""
+    rng = np.random.default_rng(0)
+    return [
+        build_prompt(
+            processor,
+            f"How many red circles are in image {i}?",
+            [Image.fromarray(rng.integers(0, 256, (56, 84, 3), dtype=np.uint8))],
+        )
+        for i in range(n)
+    ]
+
+
 def _median_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -57,15 +70,7 @@ def run(arch: str, n_prompts: int, group: int, max_new_tokens: int, repeats: int
         other_path = build_tiny_checkpoint(os.path.join(d, "b"), arch, seed=1)
         model, processor = load_policy(path), load_processor(path)
         other = load_policy(other_path)
-        rng = np.random.default_rng(0)
-        prompts = [
-            build_prompt(
-                processor,
-                f"How many red circles are in image {i}?",
-                [Image.fromarray(rng.integers(0, 256, (56, 84, 3), dtype=np.uint8))],
-            )
-            for i in range(n_prompts)
-        ]
+        prompts = _prompts(processor, n_prompts)
         never = [model.config.text_config.vocab_size + 1]  # an id that cannot be sampled: fixed-length responses
         cfg = SamplingConfig(max_new_tokens=max_new_tokens, stop_token_ids=never, seed=0)
         tokens = n_prompts * group * max_new_tokens
@@ -137,15 +142,7 @@ def run_vllm(arch: str, n_prompts: int, group: int, max_new_tokens: int, repeats
         path = build_tiny_checkpoint(os.path.join(d, "a"), arch, seed=0, **VLLM_CPU_SIZES)
         other = load_policy(build_tiny_checkpoint(os.path.join(d, "b"), arch, seed=1, **VLLM_CPU_SIZES))
         model, processor = load_policy(path), load_processor(path)
-        rng = np.random.default_rng(0)
-        prompts = [
-            build_prompt(
-                processor,
-                f"How many red circles are in image {i}?",
-                [Image.fromarray(rng.integers(0, 256, (56, 84, 3), dtype=np.uint8))],
-            )
-            for i in range(n_prompts)
-        ]
+        prompts = _prompts(processor, n_prompts)
         # vLLM refuses out-of-vocabulary stop ids; the video placeholder is in the vocabulary and never sampled (both
         # engines suppress placeholders): fixed-length responses
         never = [model.config.video_token_id]
