@@ -13,9 +13,11 @@ from omegaconf import OmegaConf
 
 from vppo_recipes.config_schema import validate_config
 from vppo_recipes.rl.rl_distributed import (
+    accumulate_loss_metrics,
     check_algorithm,
     check_batch_sizes,
     chunk_ranges,
+    finalize_loss_metrics,
     masked_quantiles,
     mix_seed,
     response_logprobs,
@@ -142,3 +144,134 @@ def test_response_logprobs_equal_log_softmax_of_the_full_logits_at_positions_p_m
     assert valid.sum(1).tolist() == [len(r) for r in responses]
     torch.testing.assert_close(lp[valid], want[valid], atol=2e-6, rtol=0)
     assert hidden.shape == (3, L, model.config.text_config.hidden_size)
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean"])
+def test_loss_metrics_over_micro_batches_and_ranks_equal_one_policy_loss_call_on_the_whole_batch(aggregation):
+    """4 parts (2 micro-batches x 2 simulated ranks) with the global counts, accumulated, summed (the all-reduce)
+    and finalized, equal the metrics of one `policy_loss` call on the concatenated batch. TGF keeps 40 % of the
+    tokens, so a clip fraction weighted by valid tokens, or a loss share averaged again, fails this."""
+    from vppo_core.losses import policy_loss
+    from vppo_core.masking import tgf_mask
+
+    g = torch.Generator().manual_seed(0)
+    B, L = 8, 12
+    lp_old = -torch.rand(B, L, generator=g, dtype=torch.float64) * 3
+    lp_new = lp_old + 0.3 * torch.randn(B, L, generator=g, dtype=torch.float64)
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    mask = (torch.rand(B, L, generator=g) < 0.8).float()
+    mask[:, 0] = 1
+    weights = tgf_mask(torch.rand(B, L, generator=g, dtype=torch.float64), mask, fraction=0.4).double()
+    kw = {"token_weights": weights, "aggregation": aggregation, "entropy_coef": 0.06}
+    _, whole = policy_loss(lp_new, lp_old, adv, mask, **kw)
+    norm = {"num_tokens": mask.sum()} if aggregation == "token-mean" else {"num_sequences": (mask.sum(1) > 0).sum()}
+    sums: dict[str, float] = {}
+    for part in range(4):  # rows 2p, 2p+1: one micro-batch of one rank
+        sl = slice(2 * part, 2 * part + 2)
+        _, m = policy_loss(lp_new[sl], lp_old[sl], adv[sl], mask[sl], **{**kw, "token_weights": weights[sl]}, **norm)
+        valid = mask[sl] > 0
+        accumulate_loss_metrics(
+            sums, m, valid_tokens=float(valid.sum()), active_tokens=float((valid & (weights[sl] != 0)).sum())
+        )
+    got = finalize_loss_metrics(sums, updates=1)
+    for k, v in whole.items():
+        if k == "num_tokens":
+            continue
+        assert got[k] == pytest.approx(float(v), rel=1e-6, abs=1e-9), k  # metrics are float32
+    assert whole["clipfrac_high"] + whole["clipfrac_low"] > 0, "no token clipped: the weighting would be untested"
+
+
+def test_finalize_averages_the_loss_shares_over_the_steps_updates():
+    sums: dict[str, float] = {}
+    for share in (0.25, 0.5, 0.75, 1.0):  # two updates of two micro-batches each: losses 0.75 and 1.75
+        accumulate_loss_metrics(sums, {"loss": share, "entropy": 2.0}, valid_tokens=10.0, active_tokens=4.0)
+    got = finalize_loss_metrics(sums, updates=2)
+    assert got["loss"] == pytest.approx(1.25) and got["entropy"] == pytest.approx(2.0)
+
+
+def _one_rl_step_in_process(tmp_path, config: str, overrides: dict) -> None:
+    """Build the recipe in this process (a 1-rank gloo group) on a random tiny model and run one `rl_step`."""
+    import torch.distributed as dist
+
+    import vppo_recipes.rl.rl_distributed as rl
+    from vppo_eval.synthetic import build_visual_task
+    from vppo_rollout.tiny import build_tiny_checkpoint
+
+    ckpt = build_tiny_checkpoint(tmp_path / "tiny", "qwen2_5_vl", seed=0)
+    build_visual_task(tmp_path / "task", n_train=8, n_test=2, seed=0, tasks=("side",))
+    small = {
+        "model.path": ckpt,
+        "data.source": tmp_path / "task",
+        "world.nproc_per_node": 1,
+        "validation.every_n_steps": 0,
+        "rollout.group_size": 2,
+        "rollout.batch_prompts": 2,
+        "rollout.max_filter_draws": 0,
+        "rollout.max_new_tokens": 6,
+        "batch.update_prompts": 2,
+        "batch.micro_batch_size": 2,
+        "metric_logger.log_dir": tmp_path / "logs",
+    }
+    cfg, raw = _cfg(config, output_dir=tmp_path / "run", **{**small, **overrides})
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        recipe = rl.RLRecipeDistributed(cfg, raw)
+        recipe.setup(cfg)
+        recipe.rl_step()
+        recipe.metric_logger.close()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    ("config", "overrides"),
+    [
+        ("tiny_vppo", {}),
+        ("tiny_vppo", {"algorithm.dependency": "exact"}),
+        ("tiny_pgpo", {}),
+        ("tiny_dapo", {}),
+        ("tiny_grpo", {}),
+        ("tiny_dapo", {"loss.loss_type": "gspo", "loss.aggregation": "seq-mean-token-mean"}),
+    ],
+)
+def test_old_logprobs_come_from_the_update_batch_shape_so_the_first_ratio_is_exactly_one(
+    tmp_path, monkeypatch, config, overrides
+):
+    """lp_old and the first mini-batch's lp_new are the same function of the same weights on the same rows: they must
+    be bitwise equal (ratio exactly 1, approx-KL exactly 0), for every algorithm and loss. Any difference in what the
+    two passes see (inputs, temperature, positions, weights) fails this. Not caught here: a dependence on the batch
+    shape alone, which GPU kernels have; on this CPU VPPO's stacked 2b-row no-grad pass gives bitwise the same
+    values as b rows (measured in float32 and bf16, hidden size 64 and 256)."""
+    import vppo_recipes.rl.rl_distributed as rl
+    from vppo_core.losses import policy_loss
+
+    seen = []
+
+    def recording(lp_new, lp_old, advantages, mask, **kwargs):
+        seen.append((lp_new.detach().clone(), lp_old.clone(), mask.clone()))
+        return policy_loss(lp_new, lp_old, advantages, mask, **kwargs)
+
+    monkeypatch.setattr(rl, "policy_loss", recording)
+    # no online filter: the random model's groups (all rewards 0) are kept, with advantage 0, and updated on
+    _one_rl_step_in_process(tmp_path, config, {"rollout.online_filter": "false", **overrides})
+    assert seen, "no update ran"
+    for lp_new, lp_old, mask in seen:  # one mini-batch: every call is before the first optimizer step
+        assert torch.equal(lp_new * mask, lp_old * mask), float(((lp_new - lp_old) * mask).abs().max())
+
+
+@pytest.mark.parametrize("multiple_choice", [False, True])
+def test_the_recipe_grades_with_the_configured_reward(tmp_path, monkeypatch, multiple_choice):
+    """`reward.multiple_choice` reaches the reward of every rollout (the paper's reward is false, the default)."""
+    import vppo_recipes.rl.rl_distributed as rl
+    from vppo_eval.reward import compute_rewards
+
+    assert _cfg("tiny_vppo")[0].reward.multiple_choice is False
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["multiple_choice"])
+        return compute_rewards(*args, **kwargs)
+
+    monkeypatch.setattr(rl, "compute_rewards", recording)
+    _one_rl_step_in_process(tmp_path, "tiny_vppo", {"reward.multiple_choice": str(multiple_choice).lower()})
+    assert seen and set(seen) == {multiple_choice}

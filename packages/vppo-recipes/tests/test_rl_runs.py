@@ -85,6 +85,10 @@ def test_two_process_run_writes_metrics_and_its_first_loss_equals_a_single_proce
     assert a["optimizer_steps"] == b["optimizer_steps"] == 2
     assert math.isfinite(a["loss"]) and a["grad_norm"] > 0, "zero gradient: the comparison would test nothing"
     assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL, abs=LOSS_ATOL)
+    # actor/loss sums each micro-batch's share of the global mean over micro-batches and ranks: it is the loss
+    # (it used to be divided once more by the number of micro-batches x ranks)
+    for m in (a, b):
+        assert m["actor/loss"] == pytest.approx(m["loss"], rel=1e-5, abs=1e-7)
     # GRPO's first loss is ~0 (on-policy ratio 1, zero-mean advantages, no entropy term): the gradient is the
     # informative quantity there. Grad norms (mean of the 2 optimizer steps) agree to 3e-7 relative (measured).
     assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=GRAD_RTOL)

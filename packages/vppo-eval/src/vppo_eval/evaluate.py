@@ -14,6 +14,7 @@ sampler an interrupted-and-resumed run gives exactly the numbers of an uninterru
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -30,7 +31,16 @@ CONFIG_FILE = "eval_config.json"
 RESULTS_FILE = "results.json"
 
 # Settings that change what a stored item means: a rerun into the same out_dir must match them exactly.
-_FROZEN_SETTINGS = ("k", "temperature", "top_p", "max_new_tokens", "seed", "format_weight", "system_prompt")
+_FROZEN_SETTINGS = (
+    "k",
+    "temperature",
+    "top_p",
+    "max_new_tokens",
+    "seed",
+    "format_weight",
+    "multiple_choice",
+    "system_prompt",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,6 +312,7 @@ def evaluate(
     batch_size: int = 16,
     seed: int = 0,
     format_weight: float = 0.1,
+    multiple_choice: bool = True,
     system_prompt: str = "You are a helpful assistant.",
     progress: bool = True,
     meta: Mapping[str, Any] | None = None,
@@ -318,6 +329,8 @@ def evaluate(
     data_dir: load registry benchmark `name` from ``data_dir/name`` instead of the hub.
     batch_size: items per sampler call (k responses each); also the resume granularity.
     seed: base seed; each sampler call gets a seed derived from it and the call's first item.
+    multiple_choice: also accept option-letter answers (`vppo_eval.reward.grade`); False grades exactly like the
+        training reward of the paper (mathruler's `grade_answer` on the last `\\boxed{}`).
     meta: extra facts stored in the config (e.g. the model path); not checked on resume.
     load_skipped: with a mapping of records, the loader's dropped-row counts to report (see `load_benchmarks`).
     Items whose prompt cannot be built (ValueError from build_prompt) or whose answer is empty are written as
@@ -358,6 +371,7 @@ def evaluate(
         "max_new_tokens": max_new_tokens,
         "seed": seed,
         "format_weight": format_weight,
+        "multiple_choice": multiple_choice,
         "system_prompt": system_prompt,
         "batch_size": batch_size,
         "limit": limit,
@@ -399,7 +413,8 @@ def evaluate(
                 )
                 rows = _evaluate_chunk(
                     sampler, processor, name, pending, k=k, sampling=sampling, format_weight=format_weight,
-                    system_prompt=system_prompt, compute_rewards=compute_rewards, build_prompt=build_prompt,
+                    system_prompt=system_prompt, build_prompt=build_prompt,
+                    compute_rewards=functools.partial(compute_rewards, multiple_choice=multiple_choice),
                 )  # fmt: skip
                 if f is not None:
                     _append(f, rows)

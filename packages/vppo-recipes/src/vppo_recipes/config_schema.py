@@ -147,6 +147,12 @@ RL_ONLY: dict[str, Any] = {
     },
     "reward": {
         "format_weight": _f(float, default=0.1, low=0.0, high=1.0),
+        "multiple_choice": _f(
+            bool,
+            default=False,
+            doc="also accept option-letter answers ('C', 'B. 12 cm'); false: the paper's reward, mathruler's "
+            "grade_answer on the last \\boxed{}",
+        ),
     },
     "batch": {
         "update_prompts": _f(int, **_POS_INT),

@@ -166,6 +166,52 @@ def check_batch_sizes(cfg: DictConfig, world: int) -> None:
         raise ValueError(f"rollout.batch_prompts={b} must be a multiple of batch.update_prompts={u}")
 
 
+# How `vppo_core.policy_loss` metrics combine over micro-batches and ranks into one number per step.
+# "loss" / "pg_loss" are already each micro-batch's share of the global mean (num_tokens / num_sequences are the
+# global counts): they are summed, then averaged over the step's optimizer updates. Clip fractions are means over
+# the tokens with a non-zero token weight (TGF keeps ~40 %), so they are weighted by those tokens; every other mean
+# is over valid tokens; "*_max" stays a maximum.
+SHARE_METRICS = ("loss", "pg_loss")
+ACTIVE_TOKEN_METRICS = ("clipfrac_high", "clipfrac_low", "clipfrac_dual")
+
+
+def accumulate_loss_metrics(
+    sums: dict[str, float], metrics: dict[str, Any], *, valid_tokens: float, active_tokens: float
+) -> None:
+    """Add one micro-batch's `policy_loss` metrics to the running `sums` (see SHARE_METRICS)."""
+    for k, v in metrics.items():
+        if k == "num_tokens":
+            continue
+        if k.endswith("_max"):
+            sums[k] = max(sums.get(k, -math.inf), float(v))
+        elif k in SHARE_METRICS:
+            sums[k] = sums.get(k, 0.0) + float(v)
+        else:
+            weight = active_tokens if k in ACTIVE_TOKEN_METRICS else valid_tokens
+            sums[k] = sums.get(k, 0.0) + float(v) * weight
+    sums["_tokens"] = sums.get("_tokens", 0.0) + valid_tokens
+    sums["_active_tokens"] = sums.get("_active_tokens", 0.0) + active_tokens
+
+
+def finalize_loss_metrics(sums: dict[str, float], updates: int) -> dict[str, float]:
+    """The step's `actor/*` values from `sums` added up over micro-batches and ranks (maxima: the max over ranks).
+
+    updates: optimizer updates (mini-batches) the sums span; the share metrics are averaged over them.
+    """
+    out = {}
+    for k, v in sums.items():
+        if k.startswith("_"):
+            continue
+        if k.endswith("_max"):
+            out[k] = v
+        elif k in SHARE_METRICS:
+            out[k] = v / updates if updates else math.nan
+        else:
+            n = sums["_active_tokens"] if k in ACTIVE_TOKEN_METRICS else sums["_tokens"]
+            out[k] = v / n if n else math.nan
+    return out
+
+
 def masked_quantiles(values: torch.Tensor, qs: tuple[float, ...]) -> list[float]:
     """Quantiles of a flat float tensor (nan when empty); sort-based, no 16M-element limit of torch.quantile."""
     if values.numel() == 0:
@@ -488,6 +534,7 @@ class RLRecipeDistributed:
                 max_new_tokens=int(self._cfg.rollout.max_new_tokens),
                 seed=mix_seed(self.seed, self.step, 0x7A1),
                 format_weight=float(self._cfg.reward.format_weight),
+                multiple_choice=bool(self._cfg.reward.multiple_choice),
                 progress=False,
             )
             self.sampler.sleep()
@@ -551,7 +598,12 @@ class RLRecipeDistributed:
         groups = []
         for (uid, row), r in zip(mine, results):
             answer = self._prompts[row][1]
-            rw = compute_rewards(r["texts"], [answer] * self.group_size, format_weight=self._cfg.reward.format_weight)
+            rw = compute_rewards(
+                r["texts"],
+                [answer] * self.group_size,
+                format_weight=self._cfg.reward.format_weight,
+                multiple_choice=self._cfg.reward.multiple_choice,
+            )
             groups.append(Group(uid, row, answer, r["token_ids"], r["texts"], r["finish_reasons"], r["logprobs"], **rw))
         stats.seconds["reward"] += time.perf_counter() - t
         return groups
@@ -772,7 +824,7 @@ class RLRecipeDistributed:
 
         # 7. mini-batches: micro-batch forward/backward with the global token count, clip, step (or skip)
         t = time.perf_counter()
-        losses, grad_norms, loss_metrics = [], [], defaultdict(float)
+        losses, grad_norms, loss_metrics = [], [], {}
         for mini in minis:
             loss, grad_norm = self._update(mini, loss_metrics)
             losses.append(loss)
@@ -853,13 +905,12 @@ class RLRecipeDistributed:
             # FSDP's reduce-scatter AVERAGES gradients over ranks; the loss is already a global mean -> undo it.
             (loss * self.world).backward()
             loss_sum += float(loss.detach())
-            n = float(mb.mask.sum())
-            for k, v in metrics.items():
-                if k.endswith("_max"):  # a maximum stays a maximum (over micro-batches, then ranks)
-                    loss_metrics[k] = max(loss_metrics.get(k, -math.inf), float(v))
-                else:  # means are token-weighted over micro-batches, then ranks
-                    loss_metrics[k] += float(v) * n
-            loss_metrics["_tokens"] += n
+            valid = mb.mask > 0
+            active = valid if mb.token_weights is None else valid & (mb.token_weights != 0)
+            accumulate_loss_metrics(
+                loss_metrics, metrics, valid_tokens=float(valid.sum()), active_tokens=float(active.sum())
+            )
+        loss_metrics["_updates"] = loss_metrics.get("_updates", 0.0) + 1
         (loss_total,) = _all_reduce_list([loss_sum])
         max_norm = float(self.grad_clip) if self.grad_clip else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=max_norm)
@@ -912,15 +963,13 @@ class RLRecipeDistributed:
         m["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else math.nan
         m["lr"] = float(self.optimizer.param_groups[0]["lr"])
         m["optimizer_steps"] = float(self.optimizer_steps)
-        if loss_metrics:  # policy_loss metrics: token-weighted means / maxima over all micro-batches and ranks
-            keys = sorted(k for k in loss_metrics if not k.endswith("_max"))
-            d = dict(zip(keys, _all_reduce_list([loss_metrics[k] for k in keys])))
-            tok = d.pop("_tokens")
-            for k, v in d.items():
-                if k != "num_tokens":
-                    m[f"actor/{k}"] = v / tok if tok else math.nan
+        if loss_metrics:  # policy_loss metrics over all micro-batches and ranks (see SHARE_METRICS)
+            updates = int(loss_metrics.get("_updates", 0))  # the same on every rank
+            keys = sorted(k for k in loss_metrics if not k.endswith("_max") and k != "_updates")
+            sums = dict(zip(keys, _all_reduce_list([loss_metrics[k] for k in keys])))
             maxima = sorted(k for k in loss_metrics if k.endswith("_max"))
-            for k, v in zip(maxima, _all_reduce_list([loss_metrics[k] for k in maxima], op=dist.ReduceOp.MAX)):
+            sums.update(zip(maxima, _all_reduce_list([loss_metrics[k] for k in maxima], op=dist.ReduceOp.MAX)))
+            for k, v in finalize_loss_metrics(sums, updates).items():
                 m[f"actor/{k}"] = v
 
         # token dependency and shaping statistics, exact over all ranks (gathered values)
