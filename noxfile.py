@@ -1,6 +1,7 @@
 """Every routine task of the vppo monorepo is a nox session.
 
     nox -s tests        # the whole test suite (all four packages, CPU)
+    nox -s tests_fast   # the inner loop: no multi-process launches, no slow tests
     nox -s tests_core   # vppo-core alone, in a venv holding only torch + test tools
     nox -s tests_vllm   # tests marked `vllm` on the real vLLM engine (CPU build, own venv) + fast tests on its pins
     nox -s lint         # ruff
@@ -71,9 +72,17 @@ def _install(session: nox.Session, *packages: str, extra: str = "test") -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """All tests of all packages on CPU (GPU-only tests are skipped with their reason)."""
+    """All tests of all packages on CPU (tests needing vLLM or a GPU are skipped with their reason); prints the 20
+    slowest."""
     _install(session, *PACKAGES)
-    session.run("pytest", *(session.posargs or []), env=TEST_ENV)
+    session.run("pytest", "--durations=20", *(session.posargs or []), env=TEST_ENV)
+
+
+@nox.session
+def tests_fast(session: nox.Session) -> None:
+    """The inner loop: every test but the multi-process launches and the slow ones (about 30 s on 2 cores)."""
+    _install(session, *PACKAGES)
+    session.run("pytest", "-m", "not slow and not distributed", *(session.posargs or []), env=TEST_ENV)
 
 
 @nox.session

@@ -18,8 +18,10 @@ Design choices a reader coming from verl / EasyR1 / TRL should know:
   weights), dapo and grpo (no dependency pass at all, so DAPO costs exactly one no-grad pass less than VPPO).
 - Every random choice is a pure function of (seed, the prompt's number among the run's usable examples, response
   index): the sampling seed of each prompt (embedded engine: one `sample` call per prompt) and the perturbation
-  mask of each response. Results therefore depend neither on the number of ranks nor on where a run was resumed:
-  the tests compare a 2-process run with a 1-process one, and a killed-and-resumed run with an uninterrupted one.
+  mask of each response. With the embedded engine, results therefore depend neither on the number of ranks nor on
+  where a run was resumed: the tests compare a 2-process run with a 1-process one, and a killed-and-resumed run with
+  an uninterrupted one. The vLLM engine takes one batched call per rank with one seed derived from (seed, the
+  rank's first prompt, rank): its samples depend on the number of ranks, not on where a run was resumed.
 - Ranks own whole groups. The online filter gathers the graded groups of all ranks (token ids, texts, rewards),
   keeps the first `batch_prompts` in data order (a multiple of the world size) and deals every mini-batch out
   again in equal contiguous shares, so the optimizer sees the same mini-batches on any number of ranks and every
@@ -85,7 +87,7 @@ AGREEMENT_THRESHOLD = 1e-3
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Small pure helpers (tested in test_rl_units.py)
+# Small pure helpers (tested in test_rl_distributed.py)
 # --------------------------------------------------------------------------------------------------------------------
 
 
