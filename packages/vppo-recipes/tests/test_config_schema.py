@@ -27,9 +27,9 @@ rollout: {engine: transformers, group_size: 8, batch_prompts: 8, temperature: 1.
 reward: {format_weight: 0.1}
 batch: {update_prompts: 4, micro_batch_size: 4}
 algorithm: {name: vppo, perturbation: blacken, perturb_prob: 0.5, tas: true, beta_min: 0.9, tas_statistics: global,
-            tgf: true, tgf_fraction: 0.4, pgpo_tau: 0.4, pgpo_beta: 2.0, dependency: sampled}
+            tgf: true, tgf_fraction: 0.4, dependency: sampled}
 loss: {loss_type: dapo, aggregation: token-mean, clip_low: 0.2, clip_high: 0.28, dual_clip: 3.0, entropy_coef: 0.06,
-       kl_coef: 0.0, kl_estimator: k3, chunk_size: 1024}
+       chunk_size: 1024}
 optimizer: {_component_: torch.optim.AdamW, lr: 1.0e-6, weight_decay: 0.01}
 lr_scheduler: {warmup_steps: 0}
 training: {max_steps: 4, epochs: 1, grad_clip: 1.0, activation_checkpointing: false, save_every_n_steps: 2,

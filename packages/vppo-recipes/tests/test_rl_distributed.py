@@ -14,7 +14,6 @@ from omegaconf import OmegaConf
 from vppo_recipes.config_schema import validate_config
 from vppo_recipes.rl.rl_distributed import (
     accumulate_loss_metrics,
-    check_algorithm,
     check_batch_sizes,
     chunk_ranges,
     finalize_loss_metrics,
@@ -34,11 +33,15 @@ def _cfg(name: str = "tiny_vppo", **overrides):
 
 
 @pytest.mark.parametrize("name", ["tiny_vppo", "tiny_pgpo", "tiny_dapo", "tiny_grpo"])
-def test_shipped_tiny_configs_validate_and_pass_the_algorithm_checks(name):
-    cfg, raw = _cfg(name)
-    check_algorithm(cfg, raw)
+def test_shipped_tiny_configs_validate_and_pass_the_batch_checks(name):
+    cfg, _ = _cfg(name)
     check_batch_sizes(cfg, cfg.world.nproc_per_node)
     assert cfg.algorithm.name == name.split("_")[1]
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.yaml") if not p.stem.endswith("_sft")))
+def test_every_shipped_rl_config_passes_the_one_config_layer(name):
+    _cfg(name)
 
 
 def test_tiny_configs_carry_each_algorithms_published_settings():
@@ -51,28 +54,60 @@ def test_tiny_configs_carry_each_algorithms_published_settings():
     assert pgpo.rollout.group_size == 5
 
 
-def test_tas_or_tgf_set_explicitly_for_a_baseline_is_an_error_naming_the_key():
-    cfg, raw = _cfg("tiny_dapo", **{"algorithm.tas": "true"})
-    with pytest.raises(ValueError, match=r"algorithm\.tas=true"):
-        check_algorithm(cfg, raw)
+@pytest.mark.parametrize(
+    ("config", "key", "value", "owner"),
+    [
+        ("tiny_dapo", "algorithm.tas", "true", "vppo"),
+        ("tiny_dapo", "algorithm.tgf_fraction", "0.2", "vppo"),  # used to run, recorded as if used
+        ("tiny_grpo", "algorithm.dependency", "exact", "vppo/pgpo"),
+        ("tiny_vppo", "algorithm.pgpo_tau", "0.3", "pgpo"),
+        ("tiny_pgpo", "algorithm.perturbation", "noise", "vppo"),
+    ],
+)
+def test_a_setting_the_chosen_algorithm_does_not_use_is_an_error_naming_both(config, key, value, owner):
+    with pytest.raises(ValueError, match=rf"'{key}' is a setting of {owner}; algorithm\.name=\w+ does not use it"):
+        _cfg(config, **{key: value})
 
 
 def test_vppo_with_both_tas_and_tgf_off_is_rejected_as_dapo():
-    cfg, raw = _cfg("tiny_vppo", **{"algorithm.tas": "false", "algorithm.tgf": "false"})
     with pytest.raises(ValueError, match=r"algorithm\.name=dapo"):
-        check_algorithm(cfg, raw)
+        _cfg("tiny_vppo", **{"algorithm.tas": "false", "algorithm.tgf": "false"})
 
 
 def test_vppo_ablations_tas_only_and_tgf_only_are_accepted():
     for key in ("algorithm.tas", "algorithm.tgf"):
-        cfg, raw = _cfg("tiny_vppo", **{key: "false"})
-        check_algorithm(cfg, raw)
+        _cfg("tiny_vppo", **{key: "false"})
 
 
-def test_kl_term_without_reference_policy_is_an_error():
-    cfg, raw = _cfg("tiny_vppo", **{"loss.kl_coef": "0.01"})
-    with pytest.raises(ValueError, match=r"loss\.kl_coef"):
-        check_algorithm(cfg, raw)
+@pytest.mark.parametrize("key", ["loss.kl_coef", "loss.kl_estimator"])
+def test_removed_kl_keys_are_refused_with_the_reason(key):
+    with pytest.raises(ValueError, match=rf"unknown key '{key}'.*no .*KL term.*remove it"):
+        _cfg("tiny_vppo", **{key: "0.01" if key.endswith("coef") else "k3"})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"rollout.temperature": "0"}, r"rollout\.temperature=0.*must be > 0"),
+        ({"rollout.group_size": "1"}, r"group_size must be >= 2"),
+        ({"algorithm.tgf_fraction": "0"}, r"tgf_fraction must be in \(0, 1\]"),
+        ({"loss.rollout_is_cap": "2.0", "rollout.temperature": "0.7"}, r"rollout_is_cap .* needs rollout\.temperature"),
+    ],
+)
+def test_settings_that_cannot_work_are_refused_before_anything_loads(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        _cfg("tiny_vppo", **overrides)
+
+
+def test_loss_and_perturbation_choices_are_vppo_cores_own():
+    from vppo_core.losses import AGGREGATIONS, LOSS_TYPES
+    from vppo_core.perturb import PERTURBATION_MODES
+    from vppo_recipes.config_schema import schema_for
+
+    schema = schema_for("rl")
+    assert schema["loss"]["loss_type"].choices == LOSS_TYPES
+    assert schema["loss"]["aggregation"].choices == AGGREGATIONS
+    assert schema["algorithm"]["perturbation"].choices == PERTURBATION_MODES
 
 
 def test_update_batch_must_split_over_ranks_and_divide_the_rollout_batch():
@@ -212,10 +247,10 @@ def _one_rl_step_in_process(tmp_path, config: str, overrides: dict) -> None:
         "batch.micro_batch_size": 2,
         "metric_logger.log_dir": tmp_path / "logs",
     }
-    cfg, raw = _cfg(config, output_dir=tmp_path / "run", **{**small, **overrides})
+    cfg, _ = _cfg(config, output_dir=tmp_path / "run", **{**small, **overrides})
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        recipe = rl.RLRecipeDistributed(cfg, raw)
+        recipe = rl.RLRecipeDistributed(cfg)
         recipe.setup(cfg)
         recipe.rl_step()
         recipe.metric_logger.close()

@@ -12,7 +12,10 @@ arguments: each extra key is checked against the signature of the named class (`
 `optimizer.weight_decy` is caught here rather than as a `TypeError` deep inside setup.
 
 The schema is data (the `COMMON`, `RL_ONLY`, `SFT_ONLY` tables below): one schema per recipe, sharing the common
-sections. A key a recipe reads must be listed here, or configs that use it are rejected.
+sections. A key a recipe reads must be listed here, or configs that use it are rejected. This is the only config
+layer: the RL recipe's rules that span keys (`_rl_rules`: an algorithm setting the chosen algorithm does not use,
+sampling that cannot work, ...) are checked here too, before any model or data is loaded, and the allowed values of
+the loss and perturbation options are vppo-core's own tuples.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from vppo_core.losses import AGGREGATIONS, LOSS_TYPES
+from vppo_core.perturb import PERTURBATION_MODES
 
 __all__ = ["ConfigError", "Field", "check_world_size", "schema_for", "validate_config"]
 
@@ -50,6 +56,7 @@ class Field:
     low: float | None = None  # inclusive lower bound for numbers
     high: float | None = None  # inclusive upper bound for numbers
     doc: str = ""
+    algorithms: tuple[str, ...] | None = None  # RL: only these `algorithm.name`s read the key (None: all)
 
     @property
     def required(self) -> bool:
@@ -69,6 +76,8 @@ class Component:
 _POS_INT = {"low": 1}
 _NONNEG_INT = {"low": 0}
 _ARCHS = ("qwen2_5_vl", "qwen3_vl")
+
+_VPPO, _PGPO = ("vppo",), ("pgpo",)  # for Field.algorithms
 
 COMMON: dict[str, Any] = {
     "output_dir": _f(str, doc="run folder: checkpoints, logs"),
@@ -131,7 +140,7 @@ RL_ONLY: dict[str, Any] = {
         "engine": _f(str, choices=("transformers", "vllm")),
         "group_size": _f(int, **_POS_INT),
         "batch_prompts": _f(int, **_POS_INT),
-        "temperature": _f(float, default=1.0, low=0.0),
+        "temperature": _f(float, default=1.0, low=0.0, doc="> 0: RL samples (1.0 in every published run)"),
         "top_p": _f(float, default=1.0, low=0.0, high=1.0),
         "top_k": _f(int, default=-1, low=-1),
         "max_new_tokens": _f(int, **_POS_INT),
@@ -160,26 +169,24 @@ RL_ONLY: dict[str, Any] = {
     },
     "algorithm": {
         "name": _f(str, choices=("vppo", "pgpo", "dapo", "grpo")),
-        "perturbation": _f(str, default="blacken", choices=("blacken", "noise", "blur", "grey")),
-        "perturb_prob": _f(float, default=0.5, low=0.0, high=1.0),
-        "tas": _f(bool, default=True),
-        "beta_min": _f(float, default=0.9, low=0.0, high=1.0),
-        "tas_statistics": _f(str, default="global", choices=("global", "reference")),
-        "tgf": _f(bool, default=True),
-        "tgf_fraction": _f(float, default=0.4, low=0.0, high=1.0),
-        "pgpo_tau": _f(float, default=0.4, low=0.0, high=1.0),
-        "pgpo_beta": _f(float, default=2.0, low=0.0),
-        "dependency": _f(str, default="sampled", choices=("sampled", "exact")),
+        "perturbation": _f(str, default="blacken", choices=PERTURBATION_MODES, algorithms=_VPPO),
+        "perturb_prob": _f(float, default=0.5, low=0.0, high=1.0, algorithms=_VPPO),
+        "tas": _f(bool, default=True, algorithms=_VPPO),
+        "beta_min": _f(float, default=0.9, low=0.0, high=1.0, algorithms=_VPPO),
+        "tas_statistics": _f(str, default="global", choices=("global", "reference"), algorithms=_VPPO),
+        "tgf": _f(bool, default=True, algorithms=_VPPO),
+        "tgf_fraction": _f(float, default=0.4, low=0.0, high=1.0, algorithms=_VPPO, doc="in (0, 1]"),
+        "pgpo_tau": _f(float, default=0.4, low=0.0, high=1.0, algorithms=_PGPO, doc="in (0, 1)"),
+        "pgpo_beta": _f(float, default=2.0, low=0.0, algorithms=_PGPO),
+        "dependency": _f(str, default="sampled", choices=("sampled", "exact"), algorithms=_VPPO + _PGPO),
     },
     "loss": {
-        "loss_type": _f(str, default="dapo", choices=("dapo", "gspo")),
-        "aggregation": _f(str, default="token-mean", choices=("token-mean", "seq-mean-token-mean")),
+        "loss_type": _f(str, default="dapo", choices=LOSS_TYPES),
+        "aggregation": _f(str, default="token-mean", choices=AGGREGATIONS),
         "clip_low": _f(float, default=0.2, low=0.0, high=1.0),
         "clip_high": _f(float, default=0.28, low=0.0),
         "dual_clip": _f(float, default=3.0, nullable=True, low=1.0),
         "entropy_coef": _f(float, default=0.0, low=0.0),
-        "kl_coef": _f(float, default=0.0, low=0.0),
-        "kl_estimator": _f(str, default="k3", choices=("k1", "k2", "k3")),
         "chunk_size": _f(int, default=1024, **_POS_INT),
         "rollout_is_cap": _f(
             float,
@@ -211,6 +218,13 @@ SFT_ONLY: dict[str, Any] = {
     "loss": {
         "chunk_size": _f(int, default=1024, **_POS_INT),
     },
+}
+
+# Keys that existed or that other frameworks have, which the recipes deliberately do not read.
+REMOVED_KEYS = {
+    "loss.kl_coef": "the RL recipe loads no frozen reference policy, so there is no KL term (the published VPPO, "
+    "PGPO and DAPO runs use none); vppo_core.policy_loss has one for your own loops",
+    "loss.kl_estimator": "there is no KL term (see loss.kl_coef)",
 }
 
 # Keys people write by analogy with other frameworks, with the key this project uses instead.
@@ -257,6 +271,8 @@ def _all_paths(schema: Mapping[str, Any], prefix: str = "") -> list[str]:
 
 
 def _suggest(path: str, section_keys: list[str], all_paths: list[str]) -> str:
+    if path in REMOVED_KEYS:
+        return f": {REMOVED_KEYS[path]}; remove it"
     if path in MOVED_KEYS:
         return f" (this project calls it '{MOVED_KEYS[path]}')"
     name = path.rsplit(".", 1)[-1]
@@ -405,11 +421,50 @@ def validate_config(cfg: DictConfig | Mapping[str, Any], recipe: str) -> DictCon
     errors: list[str] = []
     _validate(plain, schema, "", errors, _all_paths(schema))
     errors += _unsupported_optimizer_options(plain)
+    if recipe == "rl" and not errors:
+        errors += _rl_rules(plain, OmegaConf.to_container(OmegaConf.merge(_defaults(schema), plain)), schema)
     if errors:
         lines = "\n".join(f"  - {e}" for e in errors)
         raise ConfigError(f"invalid config for the {recipe} recipe ({len(errors)} problem(s)):\n{lines}")
     merged = OmegaConf.merge(OmegaConf.create(_defaults(schema)), cfg)
     return merged
+
+
+def _rl_rules(user: Mapping[str, Any], cfg: Mapping[str, Any], schema: Mapping[str, Any]) -> list[str]:
+    """The RL recipe's rules that span keys. `user`: the config as written (to tell a key the user set from a
+    default); `cfg`: with defaults filled in."""
+    errors = []
+    name = cfg["algorithm"]["name"]
+    for key in user.get("algorithm") or {}:
+        used_by = schema["algorithm"][key].algorithms
+        if used_by is not None and name not in used_by:
+            errors.append(
+                f"'algorithm.{key}' is a setting of {'/'.join(used_by)}; algorithm.name={name} does not use it: remove "
+                f"it (or set algorithm.name={used_by[0]})"
+            )
+    a, rollout, loss = cfg["algorithm"], cfg["rollout"], cfg["loss"]
+    if name == "vppo" and not (a["tas"] or a["tgf"]):
+        errors.append("algorithm.name=vppo with tas=false and tgf=false is DAPO; set algorithm.name=dapo instead")
+    if name == "vppo" and a["tgf"] and a["tgf_fraction"] <= 0:
+        errors.append(f"algorithm.tgf_fraction must be in (0, 1], got {a['tgf_fraction']}")
+    if name == "pgpo" and not 0.0 < a["pgpo_tau"] < 1.0:
+        errors.append(f"algorithm.pgpo_tau must be in (0, 1), got {a['pgpo_tau']}")
+    if rollout["temperature"] <= 0:
+        errors.append(
+            f"rollout.temperature={rollout['temperature']}: RL samples its groups, so it must be > 0 (1.0 in every "
+            "published run); temperature 0 is greedy and would give G identical responses"
+        )
+    if rollout["group_size"] < 2:
+        errors.append("rollout.group_size must be >= 2 (GRPO's group std needs two responses)")
+    if loss["rollout_is_cap"] is not None and rollout["temperature"] != 1.0:
+        errors.append(
+            "loss.rollout_is_cap compares the trainer's log-probs at rollout.temperature with the sampler's raw "
+            f"(temperature 1) log-probs; it needs rollout.temperature=1.0, got {rollout['temperature']}"
+        )
+    validation = cfg["validation"]
+    if validation["every_n_steps"] and validation["source"] is None:
+        errors.append("validation.every_n_steps > 0 needs validation.source (a held-out split); or set it to 0")
+    return errors
 
 
 def _unsupported_optimizer_options(plain: Mapping[str, Any]) -> list[str]:

@@ -116,47 +116,6 @@ def chunk_ranges(n: int, size: int) -> list[slice]:
     return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-def check_algorithm(cfg: DictConfig, explicit: DictConfig | None = None) -> None:
-    """Reject contradictory algorithm settings before any compute (never silently ignore a key).
-
-    cfg: the validated config (defaults filled in). explicit: the config as the user wrote it (YAML + overrides),
-    to tell a key the user set from a schema default: TAS / TGF default to on, which only means something for
-    VPPO, so `algorithm.name: dapo` alone is fine but `name: dapo` with an explicit `tas: true` is an error.
-    """
-    a, loss = cfg.algorithm, cfg.loss
-    user = (explicit or cfg).get("algorithm", {}) or {}
-    if a.name != "vppo":
-        on = [k for k in ("tas", "tgf") if user.get(k, False)]
-        if on:
-            raise ValueError(
-                f"algorithm.name={a.name} does not use {'/'.join(k.upper() for k in on)}, but "
-                f"{', '.join(f'algorithm.{k}=true' for k in on)} is set; remove it (or use algorithm.name=vppo for "
-                "the VPPO ablations)"
-            )
-    elif not (a.tas or a.tgf):
-        raise ValueError("algorithm.name=vppo with tas=false and tgf=false is DAPO; set algorithm.name=dapo instead")
-    if a.name not in ("vppo", "pgpo") and user.get("dependency") == "exact":
-        raise ValueError(f"algorithm.dependency=exact only applies to vppo/pgpo, got algorithm.name={a.name}")
-    if a.name == "vppo" and a.tgf and not 0.0 < a.tgf_fraction <= 1.0:
-        raise ValueError(f"algorithm.tgf_fraction must be in (0, 1], got {a.tgf_fraction}")
-    if a.name == "pgpo" and not 0.0 < a.pgpo_tau < 1.0:
-        raise ValueError(f"algorithm.pgpo_tau must be in (0, 1), got {a.pgpo_tau}")
-    if loss.kl_coef > 0:
-        raise ValueError(
-            "loss.kl_coef > 0 needs a frozen reference policy, which this recipe does not load (the published VPPO, "
-            "PGPO and DAPO runs use no KL term); set loss.kl_coef=0"
-        )
-    if loss.rollout_is_cap is not None and cfg.rollout.temperature != 1.0:
-        raise ValueError(
-            "loss.rollout_is_cap compares the trainer's log-probs at rollout.temperature with the sampler's raw "
-            f"(temperature 1) log-probs; it needs rollout.temperature=1.0, got {cfg.rollout.temperature}"
-        )
-    if cfg.rollout.group_size < 2:
-        raise ValueError("rollout.group_size must be >= 2 (GRPO's group std needs two responses)")
-    if cfg.validation.every_n_steps and cfg.validation.source is None:
-        raise ValueError("validation.every_n_steps > 0 needs validation.source (a held-out split); or set it to 0")
-
-
 def check_batch_sizes(cfg: DictConfig, world: int) -> None:
     """Rollout batch / update batch / ranks must divide evenly (each rank owns whole groups)."""
     b, u = cfg.rollout.batch_prompts, cfg.batch.update_prompts
@@ -343,8 +302,7 @@ class RLRecipeDistributed:
     cfg: a config already checked by `validate_config(cfg, "rl")` (recipe_main does it before anything else).
     """
 
-    def __init__(self, cfg: DictConfig, explicit: DictConfig | None = None) -> None:
-        check_algorithm(cfg, explicit)
+    def __init__(self, cfg: DictConfig) -> None:
         self._cfg = cfg
         self.seed = int(cfg.seed)
         self.algorithm = cfg.algorithm.name
@@ -1170,9 +1128,8 @@ def _all_gather_var(t: torch.Tensor) -> torch.Tensor:
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point: validate the whole config before any compute, then setup / train / cleanup."""
-    explicit = cfg
     cfg = validate_config(cfg, "rl")
-    recipe = RLRecipeDistributed(cfg, explicit)
+    recipe = RLRecipeDistributed(cfg)
     config.log_config(recipe_name="RLRecipeDistributed", cfg=cfg)
     recipe.setup(cfg)
     recipe.train()
