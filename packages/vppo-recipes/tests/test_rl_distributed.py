@@ -40,8 +40,12 @@ def test_shipped_tiny_configs_validate_and_pass_the_batch_checks(name):
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.yaml") if not p.stem.endswith("_sft")))
-def test_every_shipped_rl_config_passes_the_one_config_layer(name):
-    _cfg(name)
+def test_every_shipped_rl_config_passes_the_one_config_layer_and_its_record_validates_again(name):
+    cfg, _ = _cfg(name)
+    again = validate_config(OmegaConf.create(OmegaConf.to_yaml(cfg)), "rl")  # what logs/config.yaml holds
+    assert again == cfg
+    if cfg.algorithm.name in ("dapo", "grpo"):
+        assert set(cfg.algorithm) == {"name"}  # the record shows no setting the algorithm does not read
 
 
 def test_tiny_configs_carry_each_algorithms_published_settings():

@@ -78,10 +78,13 @@ def _full_state(model) -> dict[str, torch.Tensor]:
     }
 
 
-def _run_recipe_step(cfg, monkeypatch):
-    """One `rl_step`; returns (weights before, weights after, metrics, kept groups, micro-batches, the recipe)."""
-    import torch.distributed as dist
+def capture_step(recipe, monkeypatch) -> dict:
+    """Run one `rl_step` of a set-up recipe; return what it saw, as plain data (tensors, lists, dicts).
 
+    {"before", "after": full state dicts, "metrics", "rewards": [mini][response] of this rank's groups,
+     "minis": [mini][micro] -> {"inputs", "altered" (or None), "responses", "mask", "prompt_length", "lp_old",
+     "lp_alt" (or None)}}. Every rank calls it (gathering the full weights is collective).
+    """
     import vppo_recipes.rl.rl_distributed as rl
 
     seen = {}
@@ -97,17 +100,34 @@ def _run_recipe_step(cfg, monkeypatch):
 
     monkeypatch.setattr(rl.RLRecipeDistributed, "_micro_batches", micro_batches)
     monkeypatch.setattr(rl.RLRecipeDistributed, "generate_rollouts", generate_rollouts)
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        recipe = rl.RLRecipeDistributed(cfg)
-        recipe.setup(cfg)
-        before = _full_state(recipe.model)
-        metrics = recipe.rl_step()
-        after = _full_state(recipe.model)
-        recipe.metric_logger.close()
-    finally:
-        dist.destroy_process_group()
-    return before, after, metrics, seen["groups"], seen["minis"], recipe
+    before = _full_state(recipe.model)
+    metrics = recipe.rl_step()
+    after = _full_state(recipe.model)
+    minis, groups = seen["minis"], seen["groups"]
+    per_mini = len(groups) // len(minis)
+    return {
+        "before": before,
+        "after": after,
+        "metrics": metrics,
+        "rewards": [
+            [r for g in groups[i * per_mini : (i + 1) * per_mini] for r in g.reward] for i in range(len(minis))
+        ],
+        "minis": [
+            [
+                {
+                    "inputs": dict(mb.inputs),
+                    "altered": recipe._altered_inputs(mb) if recipe.uses_dependency else None,
+                    "responses": mb.responses,
+                    "mask": mb.mask,
+                    "prompt_length": mb.prompt_length,
+                    "lp_old": mb.lp_old,
+                    "lp_alt": mb.lp_alt,
+                }
+                for mb in mini
+            ]
+            for mini in minis
+        ],
+    }
 
 
 def _plain_logprobs(model, inputs, responses, prompt_length: int, temperature: float) -> torch.Tensor:
@@ -124,18 +144,11 @@ def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([F.pad(p, (0, width - p.shape[1])) for p in parts])
 
 
-@pytest.mark.parametrize(
-    ("config", "overrides"),
-    [
-        ("tiny_vppo", {}),
-        ("tiny_pgpo", {}),
-        ("tiny_dapo", {}),
-        ("tiny_grpo", {}),
-        ("tiny_dapo", {"loss.loss_type": "gspo", "loss.aggregation": "seq-mean-token-mean", "loss.dual_clip": "null"}),
-    ],
-    ids=["vppo", "pgpo", "dapo", "grpo", "gspo"],
-)
-def test_one_rl_step_equals_a_plain_computation(assets, tmp_path, monkeypatch, config, overrides):
+def plain_step(cfg, warm: Path, before: dict, ranks: list[dict]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The step after sampling, the plain way, on the micro-batches of all `ranks` (captures of `capture_step`).
+
+    Returns (parameters after the step, the expected loss and actor/* metrics).
+    """
     from vppo_core.advantages import group_advantages
     from vppo_core.dependency import token_dependency, trajectory_dependency
     from vppo_core.losses import policy_loss
@@ -143,11 +156,7 @@ def test_one_rl_step_equals_a_plain_computation(assets, tmp_path, monkeypatch, c
     from vppo_core.shaping import pgpo_token_weights, tas_scale
     from vppo_rollout.loading import load_policy
 
-    cfg = _config(assets, tmp_path / "run", config, overrides)
-    before, after, metrics, groups, minis, recipe = _run_recipe_step(cfg, monkeypatch)
-    assert metrics["filter/groups_kept"] == 4 and len(minis) == 2, "the rollout batch must be full to compare"
-
-    model = load_policy(assets["warm"])
+    model = load_policy(warm)
     model.load_state_dict(before)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay)
@@ -158,42 +167,44 @@ def test_one_rl_step_equals_a_plain_computation(assets, tmp_path, monkeypatch, c
         cfg.algorithm,
         cfg.loss,
     )
-    per_mini = len(groups) // len(minis)
+    n_minis = len(ranks[0]["minis"])
+    # global mini-batch i = every rank's share of it (ranks own whole groups)
+    minis = [[mb for r in ranks for mb in r["minis"][i]] for i in range(n_minis)]
+    rewards = [[x for r in ranks for x in r["rewards"][i]] for i in range(n_minis)]
 
     # lp_old (and the altered pass) of every micro-batch, before any update
     with torch.no_grad():
-        lp_old = [
-            [_plain_logprobs(model, mb.inputs, mb.responses, mb.prompt_length, T) for mb in mini] for mini in minis
-        ]
-        lp_alt = None
+        plain_old = [[_plain_logprobs(model, mb["inputs"], mb["responses"], mb["prompt_length"], T) for mb in mini]
+                     for mini in minis]  # fmt: skip
+        plain_alt = None
         if name in ("vppo", "pgpo"):  # the altered inputs are the recipe's (perturbation / text-only mask)
-            lp_alt = [[_plain_logprobs(model, recipe._altered_inputs(mb), mb.responses, mb.prompt_length, T)
-                       for mb in mini] for mini in minis]  # fmt: skip
+            plain_alt = [[_plain_logprobs(model, mb["altered"], mb["responses"], mb["prompt_length"], T)
+                          for mb in mini] for mini in minis]  # fmt: skip
 
     losses, mini_metrics = [], []
     for i, mini in enumerate(minis):
-        mask = _cat([mb.mask for mb in mini])
+        mask = _cat([mb["mask"] for mb in mini])
         # The recipe's no-grad passes agree with the full-logit values; from here on its lp_old / lp_alt are the
         # inputs, because TGF's top-k and PGPO's threshold turn a 1e-7 difference in a near-tie into another token
         # choice (measured: S agrees to 1.2e-7, yet some TGF masks differ when recomputed from the plain values).
-        old = _cat([mb.lp_old for mb in mini])
-        assert torch.allclose(_cat(lp_old[i]) * mask, old * mask, atol=2e-5), "lp_old differs from the full logits"
-        rewards = torch.tensor([r for g in groups[i * per_mini : (i + 1) * per_mini] for r in g.reward])
-        adv = group_advantages(rewards, G)
+        old = _cat([mb["lp_old"] for mb in mini])
+        assert torch.allclose(_cat(plain_old[i]) * mask, old * mask, atol=2e-5), "lp_old differs from the full logits"
+        adv = group_advantages(torch.tensor(rewards[i]), G)
         weights = None
         if name in ("vppo", "pgpo"):
-            alt = _cat([mb.lp_alt for mb in mini])
-            assert torch.allclose(_cat(lp_alt[i]) * mask, alt * mask, atol=2e-5), "lp_alt differs from the full logits"
+            alt = _cat([mb["lp_alt"] for mb in mini])
+            assert torch.allclose(_cat(plain_alt[i]) * mask, alt * mask, atol=2e-5), (
+                "lp_alt differs from the full logits"
+            )
             S = token_dependency(old, alt, mask)
             if name == "vppo":
-                valid = mask.sum(1) > 0
                 if a.tas:
-                    adv = adv * tas_scale(trajectory_dependency(S, mask), beta_min=a.beta_min, valid=valid)
+                    adv = adv * tas_scale(trajectory_dependency(S, mask), beta_min=a.beta_min, valid=mask.sum(1) > 0)
                 if a.tgf:
                     weights = tgf_mask(S, mask, fraction=a.tgf_fraction).float()
             else:
                 weights = pgpo_token_weights(S, mask, tau=a.pgpo_tau, beta=a.pgpo_beta)
-        new = _cat([_plain_logprobs(model, mb.inputs, mb.responses, mb.prompt_length, T) for mb in mini])
+        new = _cat([_plain_logprobs(model, mb["inputs"], mb["responses"], mb["prompt_length"], T) for mb in mini])
         loss, m = policy_loss(
             new, old, adv, mask, token_weights=weights, loss_type=L_.loss_type, clip_low=L_.clip_low,
             clip_high=L_.clip_high, dual_clip=L_.dual_clip, entropy_coef=L_.entropy_coef, aggregation=L_.aggregation,
@@ -207,19 +218,78 @@ def test_one_rl_step_equals_a_plain_computation(assets, tmp_path, monkeypatch, c
         losses.append(float(loss))
         mini_metrics.append((m, float(valid.sum()), float(active.sum())))
 
-    # the parameters after the step
-    worst = max((after[k].float() - v.float()).abs().max().item() for k, v in model.state_dict().items())
-    assert worst <= PARAM_ATOL, f"max |param diff| {worst:.3g}"
-    assert (after["lm_head.weight"] - before["lm_head.weight"]).abs().max() > 1e-5, "nothing trained"
-
-    # every logged loss metric: losses averaged over the two updates, means weighted by the tokens they are over
-    assert metrics["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5, abs=1e-7)
-    expected = {"loss": metrics["loss"], "pg_loss": sum(float(m["pg_loss"]) for m, _, _ in mini_metrics) / 2}
+    # losses averaged over the updates, means weighted by the tokens they are over
+    expected = {"loss": sum(losses) / len(losses), "actor/loss": sum(losses) / len(losses)}
+    expected["actor/pg_loss"] = sum(float(m["pg_loss"]) for m, _, _ in mini_metrics) / len(mini_metrics)
     for key in ("entropy", "approx_kl", "ratio_mean", "token_weight_nonzero_frac"):
-        expected[key] = sum(float(m[key]) * n for m, n, _ in mini_metrics) / sum(n for _, n, _ in mini_metrics)
+        tokens = sum(n for _, n, _ in mini_metrics)
+        expected[f"actor/{key}"] = sum(float(m[key]) * n for m, n, _ in mini_metrics) / tokens
     for key in ("clipfrac_high", "clipfrac_low", "clipfrac_dual"):
         total = sum(k for _, _, k in mini_metrics)
-        expected[key] = sum(float(m[key]) * k for m, _, k in mini_metrics) / total if total else math.nan
-    expected["ratio_max"] = max(float(m["ratio_max"]) for m, _, _ in mini_metrics)
+        expected[f"actor/{key}"] = sum(float(m[key]) * k for m, _, k in mini_metrics) / total if total else math.nan
+    expected["actor/ratio_max"] = max(float(m["ratio_max"]) for m, _, _ in mini_metrics)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, expected
+
+
+def assert_step_matches(before, after, metrics, plain_params, expected) -> None:
+    worst = max((after[k].float() - v.float()).abs().max().item() for k, v in plain_params.items())
+    assert worst <= PARAM_ATOL, f"max |param diff| {worst:.3g}"
+    assert (after["lm_head.weight"] - before["lm_head.weight"]).abs().max() > 1e-5, "nothing trained"
     for key, value in expected.items():
-        assert metrics[f"actor/{key}"] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+        assert metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+CASES = [
+    ("tiny_vppo", {}),
+    ("tiny_pgpo", {}),
+    ("tiny_dapo", {}),
+    ("tiny_grpo", {}),
+    ("tiny_dapo", {"loss.loss_type": "gspo", "loss.aggregation": "seq-mean-token-mean", "loss.dual_clip": "null"}),
+]
+IDS = ["vppo", "pgpo", "dapo", "grpo", "gspo"]
+
+
+@pytest.mark.parametrize(("config", "overrides"), CASES, ids=IDS)
+def test_one_rl_step_equals_a_plain_computation(assets, tmp_path, monkeypatch, config, overrides):
+    import torch.distributed as dist
+
+    import vppo_recipes.rl.rl_distributed as rl
+
+    cfg = _config(assets, tmp_path / "run", config, overrides)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        recipe = rl.RLRecipeDistributed(cfg)
+        recipe.setup(cfg)
+        captured = capture_step(recipe, monkeypatch)
+        recipe.metric_logger.close()
+    finally:
+        dist.destroy_process_group()
+    metrics = captured["metrics"]
+    assert metrics["filter/groups_kept"] == 4 and len(captured["minis"]) == 2, "the rollout batch must be full"
+    plain_params, expected = plain_step(cfg, assets["warm"], captured["before"], [captured])
+    assert_step_matches(captured["before"], captured["after"], metrics, plain_params, expected)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("config", "overrides"), CASES, ids=IDS)
+def test_one_rl_step_on_two_ranks_equals_a_plain_computation(assets, tmp_path, config, overrides):
+    """The same check with the step run by 2 processes (FSDP2 over gloo): the plain computation sees the union of
+    both ranks' micro-batches as each global mini-batch."""
+    import os
+    import subprocess
+
+    from _rl_launch import ENV
+
+    cfg = _config(assets, tmp_path / "run", config, {**overrides, "world.nproc_per_node": 2})
+    OmegaConf.save(cfg, tmp_path / "config.yaml")
+    out = tmp_path / "captured"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(Path(__file__).with_name("rl_step_worker.py")), str(tmp_path / "config.yaml"), str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    metrics = ranks[0]["metrics"]
+    assert metrics["filter/groups_kept"] == 4 and len(ranks[0]["minis"]) == 2, "the rollout batch must be full"
+    plain_params, expected = plain_step(cfg, assets["warm"], ranks[0]["before"], ranks)
+    assert_step_matches(ranks[0]["before"], ranks[0]["after"], metrics, plain_params, expected)

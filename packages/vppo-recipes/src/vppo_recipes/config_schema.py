@@ -407,7 +407,9 @@ def validate_config(cfg: DictConfig | Mapping[str, Any], recipe: str) -> DictCon
 
     Interpolations (`${output_dir}/logs`) are resolved first, so an unresolvable one is reported here too.
     Raises `ConfigError` (a ValueError) listing every unknown key (with the closest valid key), missing required
-    key, wrong type, disallowed value and out-of-bounds number. Never touches a model or a dataset.
+    key, wrong type, disallowed value and out-of-bounds number, and for "rl" every broken rule of `_rl_rules`.
+    Never touches a model or a dataset. For "rl" the `algorithm` section of the result holds only the settings
+    `algorithm.name` reads.
     """
     schema = schema_for(recipe)
     if not isinstance(cfg, DictConfig):
@@ -427,6 +429,14 @@ def validate_config(cfg: DictConfig | Mapping[str, Any], recipe: str) -> DictCon
         lines = "\n".join(f"  - {e}" for e in errors)
         raise ConfigError(f"invalid config for the {recipe} recipe ({len(errors)} problem(s)):\n{lines}")
     merged = OmegaConf.merge(OmegaConf.create(_defaults(schema)), cfg)
+    if recipe == "rl":
+        # The returned (and logged) config holds only the algorithm settings the chosen algorithm reads, so the record
+        # of a DAPO run shows no TGF fraction, and a logged config validates again as it is.
+        name = merged.algorithm.name
+        for key in list(merged.algorithm):
+            used_by = schema["algorithm"][key].algorithms
+            if used_by is not None and name not in used_by:
+                merged.algorithm.pop(key)
     return merged
 
 

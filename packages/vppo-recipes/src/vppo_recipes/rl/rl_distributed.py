@@ -730,7 +730,7 @@ class RLRecipeDistributed:
         minis = self._micro_batches(groups, stats)
 
         # 4. no-grad passes: lp_old on the clean inputs, lp_alt on the altered ones (VPPO / PGPO only)
-        exact = cfg.algorithm.dependency == "exact"
+        exact = cfg.algorithm.get("dependency") == "exact"  # vppo / pgpo only
         with torch.no_grad():
             for mb in (m for mini in minis for m in mini):
                 t = time.perf_counter()

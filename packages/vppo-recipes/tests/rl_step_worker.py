@@ -1,0 +1,37 @@
+"""One `rl_step` of the RL recipe on every rank, for test_rl_step_independent.py's multi-process check.
+
+    torchrun --nproc_per_node 2 rl_step_worker.py CONFIG.yaml OUT_DIR
+
+Each rank writes OUT_DIR/rank{r}.pt: what `capture_step` saw (its micro-batches, rewards, the weights before and
+after, the step's metrics), loadable with `torch.load(..., weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def main(config_path: str, out: str) -> None:
+    import pytest
+    import torch
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+    from test_rl_step_independent import capture_step
+
+    import vppo_recipes.rl.rl_distributed as rl
+    from vppo_recipes.config_schema import validate_config
+
+    cfg = validate_config(OmegaConf.load(config_path), "rl")
+    recipe = rl.RLRecipeDistributed(cfg)  # joins the torchrun process group
+    recipe.setup(cfg)
+    with pytest.MonkeyPatch.context() as mp:
+        captured = capture_step(recipe, mp)
+    torch.save(captured, Path(out) / f"rank{dist.get_rank()}.pt")
+    recipe.cleanup()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
