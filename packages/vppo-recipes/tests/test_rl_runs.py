@@ -186,3 +186,22 @@ def test_torchao_adamw8bit_run_resumes_from_its_per_rank_optimizer_shards_exactl
     _assert_same_weights(full / "checkpoints" / "step_000002", cut / "checkpoints" / "step_000002", atol=0.0)
     s1, s2 = _load_state(step1), _load_state(full / "checkpoints" / "step_000002")
     assert max((s1[k] - s2[k]).abs().max().item() for k in s1) > 0, "step 2 did not train: nothing was compared"
+
+
+def test_a_plain_tune_run_without_nproc_per_node_trains(assets):
+    """`tune run recipe.py --config ...` sets no RANK / WORLD_SIZE: the recipe makes its own 1-rank group (it used to
+    fail at init_process_group)."""
+    import os
+    import subprocess
+
+    from _rl_launch import ENV, command
+
+    out = assets["root"] / "plain_tune_run"
+    cmd = command(assets, "dapo", out, 1, 1)
+    assert cmd[2:4] == ["--nproc_per_node", "1"]
+    cmd = cmd[:2] + cmd[4:]
+    proc = subprocess.run(
+        cmd, cwd=assets["root"], env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert [m["step"] for m in _metrics(out)] == [1]

@@ -36,6 +36,7 @@ Design choices a reader coming from verl / EasyR1 / TRL should know:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import resource
@@ -71,11 +72,12 @@ from vppo_recipes.checkpointing import (
 )
 from vppo_recipes.config_schema import check_world_size, validate_config
 from vppo_recipes.data import Example, ExampleStream, SkipRow, VisualQADataset
+from vppo_recipes.distributed import init_distributed, load_training_policy, shard_and_place
 from vppo_recipes.lr_schedule import constant_with_warmup
 from vppo_recipes.metric_logging import build_metric_logger
-from vppo_recipes.sharding import call_in_root_forward, mixed_precision, policy_mesh, shard_policy
+from vppo_recipes.sharding import call_in_root_forward
 from vppo_rollout.collate import collate_rollout, model_inputs
-from vppo_rollout.loading import checkpoint_arch, load_policy, load_processor
+from vppo_rollout.loading import load_processor
 from vppo_rollout.prompts import Prompt, PromptTooLongError, build_prompt
 from vppo_rollout.sampling import SamplingConfig
 
@@ -325,8 +327,7 @@ class RLRecipeDistributed:
         if self.device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
             self.device = torch.device("cuda", torch.cuda.current_device())
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self._rendezvous_file = init_distributed(self.device)  # a plain `tune run` gets a 1-rank group
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         self.is_rank_zero = self.rank == 0
         check_world_size(cfg, self.world)
@@ -371,13 +372,7 @@ class RLRecipeDistributed:
 
         weights: model.path, or the checkpoint folder being resumed (an HF folder with the same config).
         """
-        arch = checkpoint_arch(cfg.model.path)
-        if arch != cfg.model.arch:
-            raise ValueError(f"model.arch={cfg.model.arch} but {cfg.model.path} holds a {arch} checkpoint")
-        # Loaded on CPU in float32 (master weights; FSDP2's MixedPrecisionPolicy casts to model.dtype for compute),
-        # sharded, and only then moved, so a GPU never holds the whole float32 model.
-        model = load_policy(weights, dtype=torch.float32, device="cpu", trust_remote_code=cfg.model.trust_remote_code)
-        model.config.use_cache = False
+        model = load_training_policy(cfg, weights)
         self.model_config = model.config
         self.image_token_id = int(model.config.image_token_id)
         # The embedded sampler is a full unsharded copy on every rank (ENVIRONMENT.md pitfalls: generating with an
@@ -385,16 +380,7 @@ class RLRecipeDistributed:
         self._sampler_model = None
         if cfg.rollout.engine == "transformers":
             self._sampler_model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype).eval()
-        mesh = policy_mesh(self.device.type, self.world, int(cfg.world.hsdp_replicas))
-        model = shard_policy(
-            model,
-            mesh,
-            mp_policy=mixed_precision(self.dtype),
-            activation_checkpointing=cfg.training.activation_checkpointing,
-        )
-        model.to(self.device)
-        model.train()
-        return model
+        return shard_and_place(model, cfg, device=self.device, world=self.world, dtype=self.dtype)
 
     def _setup_sampler(self, cfg: DictConfig):
         """The group sampler: the embedded transformers engine (full copy per rank) or colocated vLLM."""
@@ -584,9 +570,11 @@ class RLRecipeDistributed:
                 break
             draws += 1
             local = self._sample_groups(draw, stats)
-            gathered: list[list[Group]] = [None] * self.world  # type: ignore[list-item]
-            dist.all_gather_object(gathered, local)
-            groups = sorted((g for part in gathered for g in part), key=lambda g: g.uid)
+            # Plain dicts travel: a plain `tune run` executes this file as `__main__` without registering it, so a
+            # pickled Group could not be looked up by class ("attribute lookup Group on __main__ failed").
+            gathered: list[list[dict]] = [None] * self.world  # type: ignore[list-item]
+            dist.all_gather_object(gathered, [dataclasses.asdict(g) for g in local])
+            groups = sorted((Group(**g) for part in gathered for g in part), key=lambda g: g.uid)
             stats.counts["filter/groups_sampled"] += len(groups)
             for g in groups:
                 acc = torch.tensor(g.accuracy, dtype=torch.float32)
@@ -1076,6 +1064,8 @@ class RLRecipeDistributed:
         self.sampler.close()  # vLLM's shutdown (external_launcher) also destroys the default process group
         if dist.is_initialized():
             dist.destroy_process_group()
+        if self._rendezvous_file is not None and os.path.exists(self._rendezvous_file):
+            os.remove(self._rendezvous_file)
 
 
 def _group_lists(r, i: int, n: int) -> dict[str, list]:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from typing import Any
@@ -54,11 +53,12 @@ from vppo_recipes.checkpointing import (
 )
 from vppo_recipes.config_schema import check_world_size, validate_config
 from vppo_recipes.data import Example, ExampleStream, VisualQADataset, build_response, rank_slice
+from vppo_recipes.distributed import init_distributed, load_training_policy, shard_and_place
 from vppo_recipes.lr_schedule import constant_with_warmup
 from vppo_recipes.metric_logging import build_metric_logger
-from vppo_recipes.sharding import call_in_root_forward, mixed_precision, policy_mesh, shard_policy
+from vppo_recipes.sharding import call_in_root_forward
 from vppo_rollout.collate import collate_rollout, model_inputs
-from vppo_rollout.loading import checkpoint_arch, load_policy, load_processor
+from vppo_rollout.loading import load_processor
 from vppo_rollout.prompts import Prompt, PromptTooLongError, build_prompt
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -89,21 +89,6 @@ def target_logprobs(
     return lp.clone() if lp._base is not None else lp
 
 
-def _init_distributed(device: torch.device) -> str | None:
-    """torchrun / `tune run --nproc_per_node N` set RANK etc.; a plain `tune run` does not: then a 1-rank group
-    (file rendezvous) so the single-process run takes exactly the FSDP2 code path of the multi-process one.
-    Returns the rendezvous file to delete after `destroy_process_group` (None under torchrun)."""
-    if dist.is_initialized():
-        return None
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if "RANK" in os.environ:
-        dist.init_process_group(backend)
-        return None
-    store = tempfile.NamedTemporaryFile(prefix="vppo_sft_rdzv_", delete=False).name
-    dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
-    return store
-
-
 class SFTRecipeDistributed:
     """Cross-entropy fine-tuning on (question, images) -> target text with FSDP2 (see the module docstring).
 
@@ -125,7 +110,7 @@ class SFTRecipeDistributed:
         if self.device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self._rendezvous_file = _init_distributed(self.device)
+        self._rendezvous_file = init_distributed(self.device)
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         self.is_rank_zero = self.rank == 0
         check_world_size(cfg, self.world)
@@ -168,22 +153,9 @@ class SFTRecipeDistributed:
 
     def _setup_model(self, cfg: DictConfig, *, weights: str) -> torch.nn.Module:
         """Load the HF policy on every rank (float32 master weights, CPU), shard it with FSDP2, then move it."""
-        arch = checkpoint_arch(cfg.model.path)
-        if arch != cfg.model.arch:
-            raise ValueError(f"model.arch={cfg.model.arch} but {cfg.model.path} holds a {arch} checkpoint")
-        model = load_policy(weights, dtype=torch.float32, device="cpu", trust_remote_code=cfg.model.trust_remote_code)
-        model.config.use_cache = False
+        model = load_training_policy(cfg, weights)
         self.model_config = model.config
-        mesh = policy_mesh(self.device.type, self.world, int(cfg.world.hsdp_replicas))
-        model = shard_policy(
-            model,
-            mesh,
-            mp_policy=mixed_precision(self.dtype),
-            activation_checkpointing=cfg.training.activation_checkpointing,
-        )
-        model.to(self.device)
-        model.train()
-        return model
+        return shard_and_place(model, cfg, device=self.device, world=self.world, dtype=self.dtype)
 
     def _setup_optimizer(self, cfg: DictConfig):
         """Optimizer from the config's `_component_`; constant lr after a linear warmup of `warmup_steps`."""
