@@ -16,6 +16,7 @@ Reuse a venv between runs with `nox -R -s tests`.
 from __future__ import annotations
 
 import os
+import runpy
 import zipfile
 from pathlib import Path
 
@@ -29,16 +30,11 @@ ROOT = Path(__file__).parent
 PACKAGES = ["vppo-core", "vppo-rollout", "vppo-eval", "vppo-recipes"]
 # torch 2.13.0 is the CPU wheel this machine ships; any other torch pulls a multi-GB CUDA build.
 TORCH = "torch==2.13.0"
-# Offline by construction: no hub, no wandb server. Tests build tiny models and small data locally.
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "WANDB_MODE": "offline",
-    "WANDB_SILENT": "true",
-    "TOKENIZERS_PARALLELISM": "false",
-    "PYTHONHASHSEED": "0",
-}
+# Offline by construction: no hub, no wandb server. Tests build tiny models and small data locally. The one
+# definition lives in the package (the demo, tests and benchmarks use it); it is a plain dict, read here by path.
+OFFLINE_ENV: dict[str, str] = runpy.run_path(str(ROOT / "packages/vppo-recipes/src/vppo_recipes/offline.py"))[
+    "OFFLINE_ENV"
+]
 # Test sessions also fix hypothesis' examples (see conftest.py) so that a CI failure reproduces exactly.
 TEST_ENV = {**OFFLINE_ENV, "HYPOTHESIS_PROFILE": "ci"}
 

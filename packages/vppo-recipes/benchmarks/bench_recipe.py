@@ -28,16 +28,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from vppo_recipes.offline import OFFLINE_ENV
+
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "vppo_recipes" / "configs"
 PHASES = ("sample", "reward", "old_logprob", "alt_logprob", "shaping", "update", "weight_sync", "step")
-ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "WANDB_MODE": "offline",
-    "TOKENIZERS_PARALLELISM": "false",
-    "OMP_NUM_THREADS": "1",
-}
+ENV = {**OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
 
 
 def build_assets(root: Path) -> tuple[Path, Path]:

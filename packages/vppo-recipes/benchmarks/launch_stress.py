@@ -41,15 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     build_visual_task(work / "task", n_train=16, n_test=0, seed=0)
     config = Path(vppo_recipes.__file__).parent / "configs" / "tiny_grpo.yaml"
     tune = Path(sys.executable).with_name("tune")
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "WANDB_MODE": "offline",
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
+    from vppo_recipes.offline import OFFLINE_ENV
+
+    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
     # `tune run` imports the recipe as a module relative to the cwd: run from the folder above the package.
     cwd = Path(vppo_recipes.__file__).parent.parent
     failed = 0

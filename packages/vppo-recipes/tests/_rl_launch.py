@@ -10,17 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+from vppo_recipes.offline import OFFLINE_ENV
+
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "vppo_recipes" / "configs"
 RECIPE = "vppo_recipes/rl/rl_distributed.py"  # tune run: relative path -> module vppo_recipes.rl.rl_distributed
-ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "WANDB_MODE": "offline",
-    "TOKENIZERS_PARALLELISM": "false",
-    "OMP_NUM_THREADS": "1",  # torchrun sets it for 2 ranks; set it for 1 rank too so both runs do the same math
-    "PYTHONHASHSEED": "0",
-}
+# torchrun sets OMP_NUM_THREADS for 2 ranks; set it for 1 rank too so both runs do the same math
+ENV = {**OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
 # Small enough for seconds per step, large enough to exercise the whole step: 4 prompts x G=4 per RL step, two
 # mini-batches (2 optimizer steps), two micro-batches per mini-batch per rank, filter draws to refill.
 SMALL_BATCH = [

@@ -45,3 +45,15 @@ def warm_start(ckpt: Path, task: Path, out: Path, *, steps: int, thought: str) -
     shutil.copytree(ckpt, out, dirs_exist_ok=True)  # tokenizer / processor files
     model.save_pretrained(out)
     return out
+
+
+def warm_assets(root: Path, **size_overrides) -> dict[str, Path]:
+    """A tiny Qwen2.5-VL (seed 0, `size_overrides` for vppo_rollout.build_tiny_checkpoint), the synthetic task's
+    left/right family (32 train / 4 test rows) and the 60-step warm start: {"root", "warm", "task"}."""
+    from vppo_eval.synthetic import build_visual_task
+    from vppo_rollout.tiny import build_tiny_checkpoint
+
+    ckpt = build_tiny_checkpoint(root / "tiny", "qwen2_5_vl", seed=0, **size_overrides)
+    build_visual_task(root / "task", n_train=32, n_test=4, seed=0, tasks=("side",))
+    warm = warm_start(ckpt, root / "task", root / "warm", steps=60, thought="I see")
+    return {"root": root, "warm": warm, "task": root / "task"}

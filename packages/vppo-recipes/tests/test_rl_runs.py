@@ -22,7 +22,7 @@ from _rl_launch import TIMING, kill_after_checkpoint
 from _rl_launch import metrics as _metrics
 from _rl_launch import run as _run
 from _rl_launch import same as _same
-from _warm_start import warm_start
+from _warm_start import warm_assets
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -36,14 +36,7 @@ GRAD_RTOL = 1e-5
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from vppo_eval.synthetic import build_visual_task
-    from vppo_rollout.tiny import build_tiny_checkpoint
-
-    root = tmp_path_factory.mktemp("rl_runs")
-    ckpt = build_tiny_checkpoint(root / "tiny", "qwen2_5_vl", seed=0)
-    build_visual_task(root / "task", n_train=32, n_test=4, seed=0, tasks=("side",))
-    warm = warm_start(ckpt, root / "task", root / "warm", steps=60, thought="I see")
-    return {"root": root, "warm": warm, "task": root / "task"}
+    return warm_assets(tmp_path_factory.mktemp("rl_runs"))
 
 
 EXPECTED_KEYS = {

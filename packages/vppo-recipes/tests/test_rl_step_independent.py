@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _warm_start import warm_start
+from _warm_start import warm_assets
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -35,17 +35,7 @@ PARAM_ATOL = 5e-6
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from vppo_eval.synthetic import build_visual_task
-    from vppo_rollout.tiny import build_tiny_checkpoint
-
-    root = tmp_path_factory.mktemp("rl_step")
-    ckpt = build_tiny_checkpoint(root / "tiny", "qwen2_5_vl", seed=0)
-    build_visual_task(root / "task", n_train=32, n_test=4, seed=0, tasks=("side",))
-    return {
-        "root": root,
-        "warm": warm_start(ckpt, root / "task", root / "warm", steps=60, thought="I see"),
-        "task": root / "task",
-    }
+    return warm_assets(tmp_path_factory.mktemp("rl_step"))
 
 
 def _config(assets, out: Path, name: str, overrides: dict):

@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _rl_launch import TIMING, kill_after_checkpoint, metrics, run, same
-from _warm_start import warm_start
+from _warm_start import warm_assets
 
 pytestmark = [pytest.mark.vllm, pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -29,14 +29,9 @@ AGREEMENT_MEAN_MAX = 1e-4  # the issue's bound on rollout/logprob_abs_diff_mean 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from vppo_eval.synthetic import build_visual_task
-    from vppo_rollout.tiny import VLLM_CPU_SIZES, build_tiny_checkpoint
+    from vppo_rollout.tiny import VLLM_CPU_SIZES
 
-    root = tmp_path_factory.mktemp("rl_vllm")
-    ckpt = build_tiny_checkpoint(root / "tiny", "qwen2_5_vl", seed=0, **VLLM_CPU_SIZES)
-    build_visual_task(root / "task", n_train=32, n_test=4, seed=0, tasks=("side",))
-    warm = warm_start(ckpt, root / "task", root / "warm", steps=60, thought="I see")
-    return {"root": root, "warm": warm, "task": root / "task"}
+    return warm_assets(tmp_path_factory.mktemp("rl_vllm"), **VLLM_CPU_SIZES)
 
 
 @pytest.fixture(scope="module")

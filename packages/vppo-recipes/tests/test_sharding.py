@@ -123,7 +123,9 @@ def test_call_in_root_forward_is_a_plain_call_on_an_unsharded_model():
 def test_two_gloo_ranks_match_a_single_process_after_three_adamw_steps():
     """FSDP / FSDP+AC / HSDP+AC / tied embeddings, both architectures: losses and gathered fp32 params equal a
     single-process run on the full batches (tolerances in shard_worker.py)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    from vppo_recipes.offline import OFFLINE_ENV
+
+    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [
             sys.executable,

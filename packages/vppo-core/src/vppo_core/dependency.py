@@ -17,15 +17,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vppo_core.logprobs import (
-    _as_rows,
-    _Chunker,
-    _compute_dtype,
-    _log_softmax_into,
-    _tempered,
+from vppo_core.chunking import (
+    Chunker,
+    as_rows,
     check_temperature,
     chunk_width,
+    compute_dtype,
+    log_softmax_into,
+    tempered,
 )
+from vppo_core.validation import check_finite_where, check_mask
 
 __all__ = [
     "exact_token_dependency",
@@ -37,28 +38,6 @@ __all__ = [
 # Clamps of the sampled-token estimator (ALGORITHMS.md §1, as in the VPPO reference code).
 LOG_RATIO_CLAMP = 20.0
 DEPENDENCY_MAX = 10.0
-
-
-def _check_mask(mask: torch.Tensor, shape: tuple[int, ...], name: str = "mask") -> torch.Tensor:
-    """mask: [B, L] bool or 0/1 numbers -> bool [B, L]."""
-    if not isinstance(mask, torch.Tensor):
-        raise ValueError(f"{name} must be a tensor [B, L] of 0/1 (1 on real response tokens), got {type(mask)}")
-    if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {tuple(shape)}")
-    if mask.dtype == torch.bool:
-        return mask
-    if not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError(f"{name} must contain only 0 and 1 (1 on real response tokens)")
-    return mask != 0
-
-
-def _check_finite_where(x: torch.Tensor, valid: torch.Tensor, name: str) -> None:
-    bad = valid & ~torch.isfinite(x)
-    if bool(bad.any()):
-        raise ValueError(
-            f"{name} is not finite at {int(bad.sum())} valid position(s), first at {bad.nonzero()[0].tolist()}; "
-            "positions where mask is 0 may hold anything, valid ones must be finite"
-        )
 
 
 @torch.no_grad()
@@ -80,10 +59,10 @@ def token_dependency(lp: torch.Tensor, lp_alt: torch.Tensor, mask: torch.Tensor)
             raise ValueError(f"{name} must be a floating tensor [B, L], got {getattr(t, 'shape', type(t))}")
     if lp_alt.shape != lp.shape:
         raise ValueError(f"lp_alt has shape {tuple(lp_alt.shape)}, expected lp's shape {tuple(lp.shape)}")
-    valid = _check_mask(mask, tuple(lp.shape))
-    _check_finite_where(lp, valid, "lp")
-    _check_finite_where(lp_alt, valid, "lp_alt")
-    dtype = _compute_dtype(torch.promote_types(lp.dtype, lp_alt.dtype))
+    valid = check_mask(mask, tuple(lp.shape))
+    check_finite_where(lp, valid, "lp")
+    check_finite_where(lp_alt, valid, "lp_alt")
+    dtype = compute_dtype(torch.promote_types(lp.dtype, lp_alt.dtype))
     d = (lp_alt.to(dtype) - lp.to(dtype)).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     s = (torch.exp(d) - d - 1.0).clamp(0.0, DEPENDENCY_MAX)
     return torch.where(valid, s, torch.zeros((), dtype=dtype, device=s.device))
@@ -102,8 +81,8 @@ def trajectory_dependency(S: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """
     if not isinstance(S, torch.Tensor) or S.ndim != 2 or not S.is_floating_point():
         raise ValueError(f"S must be a floating tensor [B, L], got {getattr(S, 'shape', type(S))}")
-    valid = _check_mask(mask, tuple(S.shape))
-    _check_finite_where(S, valid, "S")
+    valid = check_mask(mask, tuple(S.shape))
+    check_finite_where(S, valid, "S")
     total = torch.where(valid, S, torch.zeros((), dtype=S.dtype, device=S.device)).sum(-1)
     return total / valid.sum(-1).clamp_min(1).to(S.dtype)
 
@@ -114,19 +93,19 @@ def _exact_kl(logits_of, rows_shape, out_shape, vocab, mask, chunk_size, device,
     logits_of(side, sl, buf): the tempered float logits of positions ``sl`` for side 0 (original image) or 1
     (altered image), as a [b, k, V] tensor (written into ``buf`` when a conversion is needed).
     """
-    valid = _check_mask(mask, out_shape)
+    valid = check_mask(mask, out_shape)
     b, n = rows_shape
-    ch = _Chunker(b, n, vocab, chunk_width(chunk_size, b, vocab), dtype, device, n_buffers=3)
+    ch = Chunker(b, n, vocab, chunk_width(chunk_size, b, vocab), dtype, device, n_buffers=3)
     out = torch.empty(b, n, dtype=dtype, device=device)
     for sl in ch.slices():
         buf_z, buf_la, buf_lb = ch.views(sl)
-        la = _log_softmax_into(logits_of(0, sl, buf_z), buf_la)
-        lb = _log_softmax_into(logits_of(1, sl, buf_z), buf_lb)
+        la = log_softmax_into(logits_of(0, sl, buf_z), buf_la)
+        lb = log_softmax_into(logits_of(1, sl, buf_z), buf_lb)
         torch.sub(la, lb, out=lb)  # log p − log q
         # No nan_to_num: a NaN/±inf logit leaves a NaN/inf in its row, which the check below reports.
         out[:, sl] = torch.exp(la, out=buf_z).mul_(lb).sum(-1)
     out = out.view(out_shape)
-    _check_finite_where(out, valid, f"the KL from {name} (they contain NaN/inf)")
+    check_finite_where(out, valid, f"the KL from {name} (they contain NaN/inf)")
     # KL >= 0 mathematically; float rounding can leave -1e-7 when the two distributions are nearly equal.
     return torch.where(valid, out.clamp_min_(0.0), torch.zeros((), dtype=dtype, device=device))
 
@@ -165,13 +144,13 @@ def exact_token_dependency(
     if logits_alt.shape != logits.shape:
         raise ValueError(f"logits_alt has shape {tuple(logits_alt.shape)}, expected logits' {tuple(logits.shape)}")
     temperature = check_temperature(temperature)
-    dtype = _compute_dtype(logits.dtype)
-    xa, xb = _as_rows(logits), _as_rows(logits_alt)
+    dtype = compute_dtype(logits.dtype)
+    xa, xb = as_rows(logits), as_rows(logits_alt)
     if xa.shape != xb.shape:  # one of them is an un-viewable slice: walk both as [B, L, V]
         xa, xb = logits, logits_alt
     batch, length, vocab = logits.shape
     return _exact_kl(
-        lambda side, sl, buf: _tempered((xa, xb)[side][:, sl], buf, temperature),
+        lambda side, sl, buf: tempered((xa, xb)[side][:, sl], buf, temperature),
         tuple(xa.shape[:2]),
         (batch, length),
         vocab,
@@ -220,14 +199,14 @@ def exact_token_dependency_from_hidden(
             f"hidden ({hidden.dtype}), hidden_alt ({hidden_alt.dtype}) and weight ({weight.dtype}) must share one dtype"
         )
     temperature = check_temperature(temperature)
-    dtype = _compute_dtype(hidden.dtype)
-    ha, hb = _as_rows(hidden), _as_rows(hidden_alt)
+    dtype = compute_dtype(hidden.dtype)
+    ha, hb = as_rows(hidden), as_rows(hidden_alt)
     if ha.shape != hb.shape:
         ha, hb = hidden, hidden_alt
     batch, length, _ = hidden.shape
     return _exact_kl(
         # The LM head in the model's dtype (the op `model.lm_head` runs), upcast into the float buffer.
-        lambda side, sl, buf: _tempered(F.linear((ha, hb)[side][:, sl], weight), buf, temperature),
+        lambda side, sl, buf: tempered(F.linear((ha, hb)[side][:, sl], weight), buf, temperature),
         tuple(ha.shape[:2]),
         (batch, length),
         weight.shape[0],

@@ -22,37 +22,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vppo_core.chunking import (
+    Chunker,
+    as_rows,
+    check_temperature,
+    chunk_width,
+    compute_dtype,
+    log_softmax_into,
+    tempered,
+)
+
 __all__ = ["logprobs_from_hidden", "token_logprobs"]
-
-# chunk_size=None: as many positions as fit a float32 [positions, V] chunk of this many bytes. 64 MiB is ~110
-# positions at V = 151,936: small enough to stay far below the naive path, big enough that per-chunk overhead
-# (a few kernel launches) is negligible next to the V-wide work.
-DEFAULT_CHUNK_BYTES = 64 * 2**20
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for every input dtype except float64 (kept, so gradcheck and exactness tests can run)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def chunk_width(chunk_size: int | None, batch: int, vocab: int) -> int:
-    """Number of sequence positions (dim 1) per chunk, so that a chunk holds about ``chunk_size`` positions.
-
-    ``chunk_size=None`` picks the positions whose float32 ``[positions, vocab]`` chunk fits ``DEFAULT_CHUNK_BYTES``.
-    """
-    if chunk_size is None:
-        chunk_size = max(1, DEFAULT_CHUNK_BYTES // (4 * max(1, vocab)))
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int (positions per chunk) or None, got {chunk_size!r}")
-    return max(1, chunk_size // max(1, batch))
-
-
-def check_temperature(temperature: float) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise ValueError(f"temperature must be a positive float, got {temperature!r}")
-    if not (temperature > 0 and temperature < float("inf")):
-        raise ValueError(f"temperature must be a finite number > 0 (it divides the logits), got {temperature!r}")
-    return float(temperature)
 
 
 def _check_labels(labels: torch.Tensor, shape: tuple[int, int], vocab: int) -> None:
@@ -76,57 +56,6 @@ def _raise_non_finite(bad: torch.Tensor, name: str) -> None:
         )
 
 
-def _as_rows(x: torch.Tensor) -> torch.Tensor:
-    """[B, L, *] -> a [1, B·L, *] *view* when the layout allows it (then every chunk is contiguous), else x itself.
-
-    A slice like ``logits[:, P-1:-1]`` of a bigger output cannot be viewed so; it is then chunked as [B, w, *]
-    slices (never copied whole).
-    """
-    if x.shape[0] == 1:
-        return x
-    try:
-        return x.view(1, x.shape[0] * x.shape[1], *x.shape[2:])
-    except RuntimeError:
-        return x
-
-
-class _Chunker:
-    """Walks dim 1 of a [b, n, ...] tensor in chunks of ``width`` and owns ``n_buffers`` reusable float buffers.
-
-    Reusing the buffers matters on CPU: a fresh 64 MiB block per chunk is a fresh mmap, i.e. page faults on every
-    chunk, which costs as much as the log-softmax itself (measured: about 2x slower).
-    """
-
-    def __init__(self, b, n, vocab, width, dtype, device, n_buffers: int = 2):
-        self.b, self.n, self.width, self.vocab = b, n, width, vocab
-        rows = b * min(width, n)
-        self.buffers = [torch.empty(rows, vocab, dtype=dtype, device=device) for _ in range(n_buffers)]
-
-    def slices(self):
-        for start in range(0, self.n, self.width):
-            yield slice(start, min(start + self.width, self.n))
-
-    def views(self, sl: slice) -> tuple[torch.Tensor, ...]:
-        """The buffers as contiguous [b, k, vocab] tensors for the chunk ``sl`` (k = its length)."""
-        k = sl.stop - sl.start
-        return tuple(buf[: self.b * k].view(self.b, k, self.vocab) for buf in self.buffers)
-
-
-def _tempered(chunk: torch.Tensor, buf: torch.Tensor, temperature: float) -> torch.Tensor:
-    """chunk / temperature in the compute dtype, written into ``buf`` unless chunk can be read as is."""
-    if chunk.dtype == buf.dtype and temperature == 1.0:
-        return chunk
-    buf.copy_(chunk)
-    if temperature != 1.0:
-        buf.div_(temperature)
-    return buf
-
-
-def _log_softmax_into(z: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """log_softmax(z, -1) written into the preallocated ``out`` (same shape)."""
-    return torch.ops.aten._log_softmax.out(z, -1, False, out=out)
-
-
 def _grad_from_log_softmax(ls, p_buf, labels, g_lp, temperature):
     """d(loss)/d(logits) of one chunk: ``(onehot(label) − p) · g / T``, written into ``p_buf``.
 
@@ -143,14 +72,14 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, temperature, chunk_size):
         batch, length, vocab = logits.shape
-        x = _as_rows(logits)
+        x = as_rows(logits)
         lab = labels.reshape(x.shape[0], x.shape[1])
-        cdt = _compute_dtype(logits.dtype)
-        ch = _Chunker(x.shape[0], x.shape[1], vocab, chunk_width(chunk_size, x.shape[0], vocab), cdt, logits.device)
+        cdt = compute_dtype(logits.dtype)
+        ch = Chunker(x.shape[0], x.shape[1], vocab, chunk_width(chunk_size, x.shape[0], vocab), cdt, logits.device)
         lp = torch.empty(x.shape[0], x.shape[1], dtype=cdt, device=logits.device)
         for sl in ch.slices():
             buf_z, buf_ls = ch.views(sl)
-            ls = _log_softmax_into(_tempered(x[:, sl], buf_z, temperature), buf_ls)
+            ls = log_softmax_into(tempered(x[:, sl], buf_z, temperature), buf_ls)
             lp[:, sl] = ls.gather(-1, lab[:, sl].unsqueeze(-1)).squeeze(-1)
         lp = lp.view(batch, length)
         # A NaN or +inf anywhere in a row, or -inf at the label, makes that row's log-prob non-finite.
@@ -164,16 +93,16 @@ class _TokenLogprobs(torch.autograd.Function):
         logits, labels = ctx.saved_tensors
         vocab = logits.shape[-1]
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        x, gx = _as_rows(logits), _as_rows(grad)
+        x, gx = as_rows(logits), as_rows(grad)
         if gx.shape[:2] != x.shape[:2]:  # logits is an un-viewable slice: walk both as [B, L, V]
             x, gx = logits, grad
         lab = labels.reshape(x.shape[0], x.shape[1])
-        cdt = _compute_dtype(logits.dtype)
+        cdt = compute_dtype(logits.dtype)
         g_lp = g_lp.to(cdt).reshape(x.shape[0], x.shape[1])
-        ch = _Chunker(x.shape[0], x.shape[1], vocab, chunk_width(ctx.chunk_size, x.shape[0], vocab), cdt, x.device)
+        ch = Chunker(x.shape[0], x.shape[1], vocab, chunk_width(ctx.chunk_size, x.shape[0], vocab), cdt, x.device)
         for sl in ch.slices():
             buf_z, buf_ls = ch.views(sl)
-            ls = _log_softmax_into(_tempered(x[:, sl], buf_z, ctx.temperature), buf_ls)
+            ls = log_softmax_into(tempered(x[:, sl], buf_z, ctx.temperature), buf_ls)
             gx[:, sl] = _grad_from_log_softmax(ls, buf_z, lab[:, sl], g_lp[:, sl], ctx.temperature)
         return grad, None, None, None
 
@@ -228,17 +157,17 @@ class _HiddenLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, temperature, chunk_size, with_entropy):
         batch, length, _ = hidden.shape
         vocab = weight.shape[0]
-        h = _as_rows(hidden)
+        h = as_rows(hidden)
         lab = labels.reshape(h.shape[0], h.shape[1])
-        cdt = _compute_dtype(hidden.dtype)
-        ch = _Chunker(h.shape[0], h.shape[1], vocab, chunk_width(chunk_size, h.shape[0], vocab), cdt, hidden.device)
+        cdt = compute_dtype(hidden.dtype)
+        ch = Chunker(h.shape[0], h.shape[1], vocab, chunk_width(chunk_size, h.shape[0], vocab), cdt, hidden.device)
         lp = torch.empty(h.shape[0], h.shape[1], dtype=cdt, device=hidden.device)
         lse = torch.empty_like(lp)
         ent = torch.empty_like(lp) if with_entropy else None
         for sl in ch.slices():
             buf_z, buf_p = ch.views(sl)
             # The LM head in the model's own dtype (the op `model.lm_head` runs), upcast into the float buffer.
-            z = _tempered(F.linear(h[:, sl], weight), buf_z, temperature)
+            z = tempered(F.linear(h[:, sl], weight), buf_z, temperature)
             lse[:, sl] = torch.logsumexp(z, dim=-1)
             lp[:, sl] = z.gather(-1, lab[:, sl].unsqueeze(-1)).squeeze(-1) - lse[:, sl]
             if with_entropy:  # H = −Σ p log p (not lse − Σ p z: that cancels badly when lse is large)
@@ -263,7 +192,7 @@ class _HiddenLogprobs(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         batch, length, hid = hidden.shape
         vocab, n = weight.shape[0], batch * length
-        cdt = _compute_dtype(hidden.dtype)
+        cdt = compute_dtype(hidden.dtype)
         temperature = ctx.temperature
         h = hidden.reshape(n, hid)  # a copy only for an un-viewable slice: [B·L, H] is small next to [B·L, V]
         lab, lse = labels.reshape(n), lse.reshape(n, 1)
@@ -273,14 +202,14 @@ class _HiddenLogprobs(torch.autograd.Function):
             g_ent, ent = g_ent.to(cdt).reshape(n, 1), ent.reshape(n, 1)
         # Same element budget as a forward chunk: (positions per chunk) × V = n × (vocabulary entries per block).
         block = max(1, chunk_width(ctx.chunk_size, 1, vocab) * vocab // max(1, n))
-        ch = _Chunker(1, vocab, n, block, cdt, h.device)  # buffers [n, block] (walked along the vocabulary)
+        ch = Chunker(1, vocab, n, block, cdt, h.device)  # buffers [n, block] (walked along the vocabulary)
         grad_h = torch.zeros(n, hid, dtype=cdt, device=h.device) if need_h else None
         grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else None
         for sl in ch.slices():
             k = sl.stop - sl.start
             buf_z, buf_p = (buf.view(-1)[: n * k].view(n, k) for buf in ch.buffers)
             w_blk = weight[sl]
-            z = _tempered(F.linear(h, w_blk), buf_z, temperature)
+            z = tempered(F.linear(h, w_blk), buf_z, temperature)
             logp = z.sub_(lse) if z.data_ptr() == buf_z.data_ptr() else torch.sub(z, lse, out=buf_z)
             p = torch.exp(logp, out=buf_p)
             # d lp / d z = onehot(label) − p;   d H / d z = −p (log p + H);   d z / d logits = 1 / T.

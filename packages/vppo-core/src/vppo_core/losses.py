@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from vppo_core.masking import check_finite_where, check_mask, check_token_tensor
+from vppo_core.validation import check_finite_where, check_mask, check_token_tensor
 
 __all__ = ["AGGREGATIONS", "KL_ESTIMATORS", "LOSS_TYPES", "kl_penalty", "policy_loss"]
 

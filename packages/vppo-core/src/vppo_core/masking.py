@@ -1,8 +1,4 @@
-"""VPPO Token-level Gradient Filtering (TGF) — ALGORITHMS.md §4.
-
-Also home of the response-mask checks shared by `shaping` and `losses` (a mask is the one input every
-token-level function takes).
-"""
+"""VPPO Token-level Gradient Filtering (TGF) — ALGORITHMS.md §4."""
 
 from __future__ import annotations
 
@@ -11,6 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from vppo_core.validation import check_finite_where, check_mask, check_token_tensor
+
 __all__ = ["tgf_mask"]
 
 # ρ·n is computed in float64 and shrunk by this relative amount before the ceiling: ρ = 0.4 is stored as
@@ -18,35 +16,6 @@ __all__ = ["tgf_mask"]
 # error of ρ·n is ≤ 2.3e-16 relative; a genuine fractional part of ρ·n is ≥ 1/10^d for a ρ with d decimals,
 # far above 1e-12·ρ·n for any response length, so no real ceiling is ever lost.
 _CEIL_REL_TOL = 1e-12
-
-
-def check_mask(mask: Tensor, shape: torch.Size | tuple[int, ...], name: str = "mask") -> Tensor:
-    """Return ``mask`` as bool after checking its shape and that it only holds 0/1 (any dtype)."""
-    if not isinstance(mask, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
-    if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {tuple(shape)} (one entry per token)")
-    if mask.dtype == torch.bool:
-        return mask
-    if not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError(f"{name} must hold only 0/1 (1 on real response tokens, 0 on padding)")
-    return mask != 0
-
-
-def check_finite_where(x: Tensor, valid: Tensor, name: str) -> None:
-    """ValueError if ``x`` holds NaN/inf on a valid position (padding may hold anything)."""
-    if not bool((torch.isfinite(x) | ~valid).all()):
-        raise ValueError(f"{name} contains NaN or inf on valid (mask == 1) positions")
-
-
-def check_token_tensor(x: Tensor, name: str) -> None:
-    """``x`` must be a floating ``[B, L]`` tensor."""
-    if not isinstance(x, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of shape [B, L], got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"{name} must have shape [B, L], got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
 
 
 def tgf_mask(S: Tensor, mask: Tensor, *, fraction: float = 0.4) -> Tensor:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from vppo_core.masking import check_finite_where, check_mask, check_token_tensor
+from vppo_core.validation import check_finite_where, check_mask, check_token_tensor
 
 __all__ = ["pgpo_token_weights", "tas_bounds", "tas_scale", "tas_scale_reference"]
 

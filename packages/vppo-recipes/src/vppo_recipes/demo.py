@@ -42,18 +42,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from vppo_recipes.offline import OFFLINE_ENV
+
 __all__ = ["DemoSettings", "main", "run_demo"]
 
 ALGORITHMS = ("vppo", "dapo", "grpo")
-# Offline by construction (the noxfile sets the same): no hub, no wandb server.
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "WANDB_MODE": "offline",
-    "WANDB_SILENT": "true",
-    "TOKENIZERS_PARALLELISM": "false",
-}
 
 
 @dataclasses.dataclass(frozen=True)
