@@ -8,7 +8,8 @@ both algorithms sample exactly the same responses for exactly the same prompts a
 difference in work is VPPO's perturbed rows in the no-grad pass plus TAS/TGF. The runs are interleaved
 DAPO, VPPO, VPPO, DAPO (--repeats 2) so that a shared machine's load drifts alike over both; the first step of
 every run (lazy initialisation) is dropped, and the table shows the MEDIAN over the remaining steps of each phase
-(the slowest rank's seconds, as logged by the recipe), the VPPO / DAPO ratio per phase, and the peak memory of each
+(the slowest rank's seconds, as logged by the recipe), the VPPO / DAPO ratio per phase, each phase's share of its
+algorithm's step (the "step" row is the wall time of the whole step, 100 %), and the peak memory of each
 rank (peak RSS on CPU, peak allocated memory on GPU). Target (issue 5): step-time ratio <= 1.10 (official code
 +9.7 %).
 
@@ -89,11 +90,12 @@ def main() -> None:
     tokens = median(d, "response/length_mean") * 8 * 8
     print(f"\nRL step of the recipe, tiny Qwen2.5-VL, {args.nproc} processes (gloo, CPU), 8 prompts x G=8, "
           f"~{tokens:.0f} response tokens per step; median of steps 2..{args.steps} of {args.repeats} runs each")  # fmt: skip
-    print(f"{'phase':<14}{'DAPO s':>10}{'VPPO s':>10}{'VPPO/DAPO':>11}")
+    step_d, step_v = median(d, "time/step_s"), median(v, "time/step_s")
+    print(f"{'phase':<14}{'DAPO s':>10}{'VPPO s':>10}{'VPPO/DAPO':>11}{'DAPO share':>12}{'VPPO share':>12}")
     for p in PHASES:
         a, b = median(d, f"time/{p}_s"), median(v, f"time/{p}_s")
         ratio = f"{b / a:.3f}" if a > 1e-4 else "-"
-        print(f"{p:<14}{a:>10.3f}{b:>10.3f}{ratio:>11}")
+        print(f"{p:<14}{a:>10.3f}{b:>10.3f}{ratio:>11}{a / step_d:>12.1%}{b / step_v:>12.1%}")
     train = ("old_logprob", "alt_logprob", "shaping", "update")
     a = sum(median(d, f"time/{p}_s") for p in train)
     b = sum(median(v, f"time/{p}_s") for p in train)

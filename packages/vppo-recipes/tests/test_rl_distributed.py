@@ -278,9 +278,10 @@ def test_old_logprobs_come_from_the_update_batch_shape_so_the_first_ratio_is_exa
 ):
     """lp_old and the first mini-batch's lp_new are the same function of the same weights on the same rows: they must
     be bitwise equal (ratio exactly 1, approx-KL exactly 0), for every algorithm and loss. Any difference in what the
-    two passes see (inputs, temperature, positions, weights) fails this. Not caught here: a dependence on the batch
-    shape alone, which GPU kernels have; on this CPU VPPO's stacked 2b-row no-grad pass gives bitwise the same
-    values as b rows (measured in float32 and bf16, hidden size 64 and 256)."""
+    two passes see (inputs, temperature, positions, weights) fails this. A dependence on the batch shape alone,
+    which GPU kernels have in bf16, does not show on this CPU: the stacked 2b-row pass VPPO's lp_old used to come
+    from gave bitwise the b-row values here (measured in float32 and bf16, hidden size 64 and 256), so the recipe
+    now simply computes lp_old in the update's micro-batch shape."""
     import vppo_recipes.rl.rl_distributed as rl
     from vppo_core.losses import policy_loss
 

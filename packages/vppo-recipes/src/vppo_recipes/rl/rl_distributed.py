@@ -26,8 +26,12 @@ Design choices a reader coming from verl / EasyR1 / TRL should know:
   keeps the first `batch_prompts` in data order (a multiple of the world size) and deals every mini-batch out
   again in equal contiguous shares, so the optimizer sees the same mini-batches on any number of ranks and every
   rank runs the same number of forward/backward passes (FSDP collectives would deadlock otherwise).
-- Log-probs (lp_old, lp_alt, lp_new) use the sampling temperature (rollout.temperature, 1.0 in every published
-  run), as EasyR1 / verl do; they come from the last hidden state in chunks (vppo_core.logprobs_from_hidden).
+- Temperature: the trainer's log-probs (lp_old, lp_alt, lp_new) are of softmax(logits / rollout.temperature), as
+  EasyR1 / verl compute them, from the last hidden state in chunks (vppo_core.logprobs_from_hidden); both samplers
+  report temperature-1 log-probs of the raw distribution. They are the same quantity at rollout.temperature = 1.0
+  (every published run), the only temperature at which the trainer-sampler agreement is logged and
+  loss.rollout_is_cap is accepted.
+- lp_old is computed per micro-batch, in the shape the update uses (no stacking with the perturbed rows).
 - Loss normalisation: each micro-batch loss is divided by the valid-token count of the whole GLOBAL mini-batch
   (`num_tokens`), then multiplied by the data-parallel world size because FSDP's reduce-scatter averages
   gradients over ranks; the accumulated gradient is then exactly that of one token-mean over the global batch.
@@ -686,13 +690,13 @@ class RLRecipeDistributed:
         inputs["pixel_values"] = torch.cat(pieces)
         return inputs
 
-    def _logprobs(self, mb: MicroBatch, inputs: dict[str, torch.Tensor], *, with_hidden: bool = False, repeat: int = 1):
-        """lp [repeat·b, L] (and hidden) of mb's responses under `inputs` (`repeat` stacked copies of the batch)."""
+    def _logprobs(self, mb: MicroBatch, inputs: dict[str, torch.Tensor], *, with_hidden: bool = False):
+        """lp [b, L] (and hidden [b, L, H]) of mb's responses under `inputs`."""
         return call_in_root_forward(
             self.model,
             response_logprobs,
             inputs,
-            mb.responses.repeat(repeat, 1),
+            mb.responses,
             mb.prompt_length,
             temperature=self.temperature,
             chunk_size=self.chunk_size,
@@ -722,26 +726,15 @@ class RLRecipeDistributed:
         with torch.no_grad():
             for mb in (m for mini in minis for m in mini):
                 t = time.perf_counter()
-                if self.algorithm == "vppo":
-                    # Clean and perturbed rows in ONE forward of 2b rows: same tokens and positions, only pixels
-                    # differ. Half the FSDP all-gathers and launches of two passes; the clean half is counted as
-                    # old_logprob time, the rest (perturbation + the extra rows) as alt_logprob time.
-                    both = _stack_inputs(mb.inputs, self._altered_inputs(mb))
-                    t_alt = time.perf_counter()
-                    lp, hid = self._logprobs(mb, both, with_hidden=exact, repeat=2)
-                    mb.lp_old, mb.lp_alt = lp.chunk(2)
-                    hidden, hidden_alt = hid.chunk(2) if exact else (None, None)
-                    share = (time.perf_counter() - t_alt) / 2
-                    stats.seconds["old_logprob"] += share
-                    stats.seconds["alt_logprob"] += time.perf_counter() - t - share
-                    t = time.perf_counter()
-                else:
-                    mb.lp_old, hidden = self._logprobs(mb, mb.inputs, with_hidden=exact)
-                    stats.seconds["old_logprob"] += time.perf_counter() - t
-                    if not self.uses_dependency:
-                        continue
-                    t = time.perf_counter()
-                    mb.lp_alt, hidden_alt = self._logprobs(mb, self._altered_inputs(mb), with_hidden=exact)
+                # lp_old from the clean rows alone, in the micro-batch shape of the update: a pass over another batch
+                # shape (e.g. clean and perturbed rows stacked) changes the matmul shapes, and on GPUs in bf16 the
+                # result, so the first mini-batch's ratios would not be exactly 1 (verl: log-prob micro-batch = update's)
+                mb.lp_old, hidden = self._logprobs(mb, mb.inputs, with_hidden=exact)
+                stats.seconds["old_logprob"] += time.perf_counter() - t
+                if not self.uses_dependency:
+                    continue
+                t = time.perf_counter()
+                mb.lp_alt, hidden_alt = self._logprobs(mb, self._altered_inputs(mb), with_hidden=exact)
                 # 5. token visual dependency (sampled-token k3 estimator, or the exact full-vocabulary KL)
                 if exact:
                     mb.S = call_in_root_forward(
@@ -1077,12 +1070,6 @@ def _group_lists(r, i: int, n: int) -> dict[str, list]:
         "finish_reasons": r.finish_reasons[sl],
         "logprobs": r.logprobs[sl],
     }
-
-
-def _stack_inputs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Two collated batches of the same shape as one: rows of `a` then rows of `b` (position_ids [3, B, S] on dim 1,
-    pixel rows and image grids in the same order as the image tokens)."""
-    return {k: torch.cat([a[k], b[k]], dim=1 if k == "position_ids" else 0) for k in a}
 
 
 def _all_reduce_list(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
