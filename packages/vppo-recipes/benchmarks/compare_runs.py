@@ -19,6 +19,7 @@ from pathlib import Path
 
 NEW = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(NEW / "packages/vppo-recipes/tests"))
+from _rl_launch import ENV, SMALL_BATCH  # noqa: E402
 from _warm_start import warm_assets  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,26 +37,8 @@ root.mkdir(parents=True, exist_ok=True)
 assets = (
     warm_assets(root) if not (root / "warm").exists() else {"root": root, "warm": root / "warm", "task": root / "task"}
 )
-SMALL = [
-    "rollout.group_size=4",
-    "rollout.batch_prompts=4",
-    "rollout.max_filter_draws=6",
-    "rollout.max_new_tokens=16",
-    "batch.update_prompts=2",
-    "batch.micro_batch_size=2",
-    "training.save_every_n_steps=0",
-    "validation.every_n_steps=0",
-]
-env = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "WANDB_MODE": "offline",
-    "TOKENIZERS_PARALLELISM": "false",
-    "OMP_NUM_THREADS": "1",
-    "PYTHONHASHSEED": "0",
-}
+SMALL = [*SMALL_BATCH, "training.save_every_n_steps=0", "validation.every_n_steps=0"]
+env = {**os.environ, **ENV}
 tune = str(Path(sys.executable).parent / "tune")
 
 
