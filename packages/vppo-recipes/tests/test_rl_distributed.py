@@ -315,3 +315,61 @@ def test_the_recipe_grades_with_the_configured_reward(tmp_path, monkeypatch, mul
     monkeypatch.setattr(rl, "compute_rewards", recording)
     _one_rl_step_in_process(tmp_path, "tiny_vppo", {"reward.multiple_choice": str(multiple_choice).lower()})
     assert seen and set(seen) == {multiple_choice}
+
+
+def _count_vppo_conversions(calls: list[str]):
+    """Patch torch.Tensor's conversions to Python values to record the ones made by vppo code (not by transformers'
+    model internals), as "file:line"; returns a function that restores the originals."""
+    import sys as _sys
+
+    names = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+    originals = {name: getattr(torch.Tensor, name) for name in names}
+
+    def counting(name):
+        def method(self, *args, **kwargs):
+            caller = _sys._getframe(1)
+            if "vppo_" in caller.f_code.co_filename:
+                calls.append(f"{caller.f_code.co_filename.rsplit('/', 1)[-1]}:{caller.f_lineno}")
+            return originals[name](self, *args, **kwargs)
+
+        return method
+
+    for name in names:
+        setattr(torch.Tensor, name, counting(name))
+
+    def restore():
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, fn)
+
+    return restore
+
+
+@pytest.mark.parametrize("config", ["tiny_vppo", "tiny_pgpo", "tiny_grpo"])
+def test_one_update_syncs_with_the_host_a_fixed_number_of_times_whatever_the_micro_batches(
+    tmp_path, monkeypatch, config
+):
+    """The update of one mini-batch (4 responses) with 4 micro-batches of 1 and with 1 micro-batch of 4: the same
+    small number of tensor-to-Python conversions by vppo code (transformers' own inside the forward not counted)."""
+    import vppo_recipes.rl.rl_distributed as rl
+
+    update = rl.RLRecipeDistributed._update
+    counts = {}
+    for micro in (1, 4):
+        calls: list[str] = []
+
+        def counted(self, mini, loss_metrics, calls=calls):
+            restore = _count_vppo_conversions(calls)
+            try:
+                return update(self, mini, loss_metrics)
+            finally:
+                restore()
+
+        monkeypatch.setattr(rl.RLRecipeDistributed, "_update", counted)
+        _one_rl_step_in_process(
+            tmp_path / f"micro{micro}",
+            config,
+            {"rollout.online_filter": "false", "rollout.group_size": 4, "batch.micro_batch_size": micro},
+        )
+        counts[micro] = calls
+    assert counts[1], "no update ran"
+    assert len(counts[1]) == len(counts[4]) <= 2, counts  # the token count; the loss with the grad norm

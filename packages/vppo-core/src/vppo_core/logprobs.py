@@ -35,12 +35,12 @@ from vppo_core.chunking import (
 __all__ = ["logprobs_from_hidden", "token_logprobs"]
 
 
-def _check_labels(labels: torch.Tensor, shape: tuple[int, int], vocab: int) -> None:
+def _check_labels(labels: torch.Tensor, shape: tuple[int, int], vocab: int, values: bool = True) -> None:
     if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
         raise ValueError("labels must be an int64 (or int32) tensor of token ids [B, L]")
     if tuple(labels.shape) != shape:
         raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {shape} (the first two dims of the input)")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= vocab):
+    if values and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= vocab):
         raise ValueError(
             f"labels must be token ids in [0, {vocab}); got values in [{int(labels.min())}, {int(labels.max())}]. "
             "Replace padding labels (e.g. -100) by any valid id such as the pad token id and mask them instead."
@@ -154,7 +154,7 @@ class _HiddenLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, chunk_size, with_entropy):
+    def forward(ctx, hidden, weight, labels, temperature, chunk_size, with_entropy, validate):
         batch, length, _ = hidden.shape
         vocab = weight.shape[0]
         h = as_rows(hidden)
@@ -179,7 +179,8 @@ class _HiddenLogprobs(torch.autograd.Function):
         if with_entropy:
             ent = ent.view(batch, length)
             bad |= ~torch.isfinite(ent)
-        _raise_non_finite(bad, "hidden @ weight.T (the logits)")
+        if validate:
+            _raise_non_finite(bad, "hidden @ weight.T (the logits)")
         ctx.save_for_backward(hidden, weight, labels, lse, ent)
         ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, chunk_size, with_entropy
         if with_entropy:
@@ -232,7 +233,7 @@ class _HiddenLogprobs(torch.autograd.Function):
             del gz, z, logp, p
         if need_h:
             grad_h = grad_h.to(hidden.dtype).view(batch, length, hid)
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def logprobs_from_hidden(
@@ -243,6 +244,7 @@ def logprobs_from_hidden(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     return_entropy: bool = False,
+    validate: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each label straight from the last hidden states; full logits never exist.
 
@@ -261,6 +263,8 @@ def logprobs_from_hidden(
         chunk_size: positions per chunk (None: ~64 MiB of float32 logits per chunk). Results do not depend on it.
         return_entropy: also return the analytic entropy ``H = -Σ_v p_v log p_v`` of ``softmax(z)`` (differentiable).
             This is *not* the sampled-token NLL of ALGORITHMS.md §6; it is the "analytic entropy" option.
+        validate: check the label range and that the result is finite. ``False`` skips these two data-reading
+            checks (device-to-host syncs on a GPU) for a caller that handles non-finite values itself.
 
     Returns:
         lp: [B, L] float32 (float64 for float64 inputs); with ``return_entropy``: ``(lp, entropy)``, both [B, L].
@@ -281,7 +285,9 @@ def logprobs_from_hidden(
             f"weight ({weight.dtype}, {weight.device}) must have hidden's dtype and device "
             f"({hidden.dtype}, {hidden.device}); cast one of them"
         )
-    _check_labels(labels, tuple(hidden.shape[:2]), weight.shape[0])
+    _check_labels(labels, tuple(hidden.shape[:2]), weight.shape[0], values=validate)
     temperature = check_temperature(temperature)
     chunk_width(chunk_size, 1, weight.shape[0])  # validate chunk_size before any work
-    return _HiddenLogprobs.apply(hidden, weight, labels.long(), temperature, chunk_size, bool(return_entropy))
+    return _HiddenLogprobs.apply(
+        hidden, weight, labels.long(), temperature, chunk_size, bool(return_entropy), bool(validate)
+    )

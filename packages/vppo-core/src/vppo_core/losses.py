@@ -87,13 +87,17 @@ def truncated_is_weights(lp_old: Tensor, lp_rollout: Tensor, mask: Tensor, *, ca
     return torch.where(valid, delta.clamp(max=math.log(cap)).exp(), torch.zeros_like(delta))
 
 
-def _check_count(value: int | float | Tensor | None, name: str, at_least: Tensor) -> Tensor | None:
-    """A global normaliser: positive, and not below what this micro-batch alone holds."""
+def _check_count(
+    value: int | float | Tensor | None, name: str, at_least: Tensor, validate: bool = True
+) -> Tensor | None:
+    """A global normaliser: positive, and not below what this micro-batch alone holds (checked when `validate`)."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
         raise ValueError(f"{name} must be a positive number or a 0-dim tensor, got {value!r}")
     t = torch.as_tensor(value, dtype=torch.float64, device=at_least.device).reshape(-1)
+    if not validate:
+        return t.reshape(())
     if t.numel() != 1 or not bool(torch.isfinite(t).all()) or not bool(t > 0):
         raise ValueError(f"{name} must be a single positive finite count, got {value!r}")
     if bool(t < at_least):
@@ -148,6 +152,7 @@ def policy_loss(
     ref_logprobs: Tensor | None = None,
     kl_coef: float = 0.0,
     kl_estimator: Literal["k1", "k2", "k3"] = "k3",
+    validate: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The clipped policy-gradient loss of §6, plus optional entropy and reference-KL terms.
 
@@ -188,6 +193,10 @@ def policy_loss(
         loss_type: ``"dapo"`` (token ratio) or ``"gspo"`` (sequence ratio).
         ref_logprobs: optional ``[B, L]`` log-probs under a reference policy; required when ``kl_coef != 0``.
         kl_coef, kl_estimator: weight and estimator of the reference KL term.
+        validate: check the values of the inputs (0/1 mask, finite log-probs, advantages and weights, weights ≥ 0,
+            counts ≥ this call's own). Shapes, dtypes and options are always checked. ``False`` skips only the
+            checks that read data (each one a device-to-host sync on a GPU), for a caller that checked its inputs
+            once per step; non-finite values then reach the loss instead of raising.
 
     Returns:
         ``(loss, metrics)``: a scalar tensor (float32, or float64 for float64 inputs) and a dict of detached 0-dim
@@ -203,7 +212,7 @@ def policy_loss(
     check_token_tensor(lp_old, "lp_old")
     if lp_old.shape != lp_new.shape:
         raise ValueError(f"lp_old has shape {tuple(lp_old.shape)}, expected the shape of lp_new {tuple(lp_new.shape)}")
-    valid = check_mask(mask, lp_new.shape)
+    valid = check_mask(mask, lp_new.shape, values=validate)
     B, L = lp_new.shape
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -224,18 +233,20 @@ def policy_loss(
     dtype = torch.float64 if lp_new.dtype == torch.float64 else torch.float32
     lp_new = lp_new.to(dtype)
     lp_old = lp_old.detach().to(dtype)
-    check_finite_where(lp_new.detach(), valid, "lp_new")
-    check_finite_where(lp_old, valid, "lp_old")
+    if validate:
+        check_finite_where(lp_new.detach(), valid, "lp_new")
+        check_finite_where(lp_old, valid, "lp_old")
 
     if not isinstance(advantages, Tensor) or not advantages.is_floating_point():
         raise ValueError("advantages must be a float tensor of shape [B] or [B, L]")
     if advantages.shape == (B,):
         adv = advantages.detach().to(dtype)[:, None].expand(B, L)
-        if not bool(torch.isfinite(adv).all()):
+        if validate and not bool(torch.isfinite(adv).all()):
             raise ValueError("advantages contains NaN or inf")
     elif advantages.shape == (B, L):
         adv = advantages.detach().to(dtype)
-        check_finite_where(adv, valid, "advantages")
+        if validate:
+            check_finite_where(adv, valid, "advantages")
     else:
         raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected [B]=({B},) or [B, L]=({B}, {L})")
 
@@ -246,20 +257,23 @@ def policy_loss(
             shape = tuple(token_weights.shape) if isinstance(token_weights, Tensor) else type(token_weights).__name__
             raise ValueError(f"token_weights has shape {shape}, expected [B, L]=({B}, {L}) (TGF mask or PGPO ω̃)")
         weights = token_weights.detach().to(dtype)
-        check_finite_where(weights, valid, "token_weights")
-        if not bool(((weights >= 0) | ~valid).all()):
+        if validate:
+            check_finite_where(weights, valid, "token_weights")
+        if validate and not bool(((weights >= 0) | ~valid).all()):
             raise ValueError("token_weights must be ≥ 0 on valid tokens (a TGF mask or PGPO weights)")
     if entropy is not None:
         check_token_tensor(entropy, "entropy")
         if entropy.shape != lp_new.shape:
             raise ValueError(f"entropy has shape {tuple(entropy.shape)}, expected [B, L]=({B}, {L})")
         entropy = entropy.to(dtype)
-        check_finite_where(entropy.detach(), valid, "entropy")
+        if validate:
+            check_finite_where(entropy.detach(), valid, "entropy")
     if ref_logprobs is not None:
         check_token_tensor(ref_logprobs, "ref_logprobs")
         if ref_logprobs.shape != lp_new.shape:
             raise ValueError(f"ref_logprobs has shape {tuple(ref_logprobs.shape)}, expected [B, L]=({B}, {L})")
-        check_finite_where(ref_logprobs.detach(), valid, "ref_logprobs")
+        if validate:
+            check_finite_where(ref_logprobs.detach(), valid, "ref_logprobs")
     elif kl_coef != 0.0:
         raise ValueError("kl_coef != 0 needs ref_logprobs (log-probs of the responses under the reference policy)")
 
@@ -267,8 +281,8 @@ def policy_loss(
         raise ValueError("num_sequences is for the seq-mean-* aggregations; token-mean divides by num_tokens")
     if aggregation != "token-mean" and num_tokens is not None:
         raise ValueError(f"num_tokens is for aggregation='token-mean'; {aggregation!r} divides by num_sequences")
-    n_tok = _check_count(num_tokens, "num_tokens", valid.sum())
-    n_seq = _check_count(num_sequences, "num_sequences", valid.any(dim=1).sum())
+    n_tok = _check_count(num_tokens, "num_tokens", valid.sum(), validate)
+    n_seq = _check_count(num_sequences, "num_sequences", valid.any(dim=1).sum(), validate)
 
     # Padding is set to 0 in every input before any arithmetic: NaN/inf there must reach neither the loss nor, via
     # 0 * NaN in a backward pass, the model's gradient.

@@ -11,15 +11,18 @@ from torch import Tensor
 __all__ = ["check_finite_where", "check_mask", "check_token_tensor"]
 
 
-def check_mask(mask: Tensor, shape: torch.Size | tuple[int, ...], name: str = "mask") -> Tensor:
-    """Return ``mask`` as bool after checking its shape and that it only holds 0/1 (any dtype)."""
+def check_mask(mask: Tensor, shape: torch.Size | tuple[int, ...], name: str = "mask", *, values: bool = True) -> Tensor:
+    """Return ``mask`` as bool after checking its shape and (``values=True``) that it only holds 0/1 (any dtype).
+
+    ``values=False`` skips the one check that reads the data (a device-to-host sync on a GPU).
+    """
     if not isinstance(mask, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {tuple(shape)} (one entry per token)")
     if mask.dtype == torch.bool:
         return mask
-    if not bool(((mask == 0) | (mask == 1)).all()):
+    if values and not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError(f"{name} must hold only 0/1 (1 on real response tokens, 0 on padding)")
     return mask != 0
 

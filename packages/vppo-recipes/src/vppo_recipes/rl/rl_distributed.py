@@ -142,20 +142,24 @@ SHARE_METRICS = ("loss", "pg_loss")
 ACTIVE_TOKEN_METRICS = ("clipfrac_high", "clipfrac_low", "clipfrac_dual")
 
 
-def accumulate_loss_metrics(
-    sums: dict[str, float], metrics: dict[str, Any], *, valid_tokens: float, active_tokens: float
-) -> None:
-    """Add one micro-batch's `policy_loss` metrics to the running `sums` (see SHARE_METRICS)."""
+def accumulate_loss_metrics(sums: dict[str, Any], metrics: dict[str, Any], *, valid_tokens, active_tokens) -> None:
+    """Add one micro-batch's `policy_loss` metrics to the running `sums` (see SHARE_METRICS).
+
+    Values may be 0-dim tensors (then the sums stay tensors on the device: no host sync per micro-batch) or floats.
+    """
     for k, v in metrics.items():
         if k == "num_tokens":
             continue
+        v = v.double() if isinstance(v, torch.Tensor) else float(v)
         if k.endswith("_max"):
-            sums[k] = max(sums.get(k, -math.inf), float(v))
+            sums[k] = (
+                v if k not in sums else (torch.maximum(sums[k], v) if isinstance(v, torch.Tensor) else max(sums[k], v))
+            )
         elif k in SHARE_METRICS:
-            sums[k] = sums.get(k, 0.0) + float(v)
+            sums[k] = sums.get(k, 0.0) + v
         else:
             weight = active_tokens if k in ACTIVE_TOKEN_METRICS else valid_tokens
-            sums[k] = sums.get(k, 0.0) + float(v) * weight
+            sums[k] = sums.get(k, 0.0) + v * weight
     sums["_tokens"] = sums.get("_tokens", 0.0) + valid_tokens
     sums["_active_tokens"] = sums.get("_active_tokens", 0.0) + active_tokens
 
@@ -206,6 +210,7 @@ def response_logprobs(
     temperature: float,
     chunk_size: int,
     with_hidden: bool = False,
+    validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob of every response token, straight from the last hidden state (never [B, L, V] logits).
 
@@ -225,7 +230,9 @@ def response_logprobs(
     out = model.model(**inputs, use_cache=False)
     L = responses.shape[1]
     hidden = out.last_hidden_state[:, prompt_length - 1 : prompt_length - 1 + L]
-    lp = logprobs_from_hidden(hidden, model.lm_head.weight, responses, temperature=temperature, chunk_size=chunk_size)
+    lp = logprobs_from_hidden(
+        hidden, model.lm_head.weight, responses, temperature=temperature, chunk_size=chunk_size, validate=validate
+    )
     return lp, (hidden if with_hidden else None)
 
 
@@ -690,8 +697,8 @@ class RLRecipeDistributed:
         inputs["pixel_values"] = torch.cat(pieces)
         return inputs
 
-    def _logprobs(self, mb: MicroBatch, inputs: dict[str, torch.Tensor], *, with_hidden: bool = False):
-        """lp [b, L] (and hidden [b, L, H]) of mb's responses under `inputs`."""
+    def _logprobs(self, mb: MicroBatch, inputs: dict[str, torch.Tensor], *, with_hidden=False, validate=True):
+        """lp [b, L] (and hidden [b, L, H]) of mb's responses under `inputs`; see `response_logprobs`."""
         return call_in_root_forward(
             self.model,
             response_logprobs,
@@ -701,6 +708,7 @@ class RLRecipeDistributed:
             temperature=self.temperature,
             chunk_size=self.chunk_size,
             with_hidden=with_hidden,
+            validate=validate,
         )
 
     # ---------------------------------------------------------------- the RL step
@@ -816,19 +824,24 @@ class RLRecipeDistributed:
         Every micro-batch loss is divided by the GLOBAL valid-token count of the mini-batch (or the global number
         of non-empty responses for seq-mean-token-mean / GSPO-style aggregations), so the summed losses are one
         token-mean over all ranks. Returns (loss, grad norm) of the mini-batch; a non-finite one skips the step.
+
+        Host syncs: two per mini-batch (the token count, and the loss with the grad norm for the skip decision),
+        however many micro-batches it has. The micro-batch loop runs vppo-core with `validate=False` (its inputs
+        were made and checked by this recipe; a non-finite value shows up in the loss and skips the step) and keeps
+        its metrics as tensors (`accumulate_loss_metrics`), moved to the host once per step in `_step_metrics`.
         """
         L = self._cfg.loss
-        num_tokens, num_sequences = _all_reduce_list(
-            [sum(float(mb.mask.sum()) for mb in mini), sum(float((mb.mask.sum(1) > 0).sum()) for mb in mini)]
-        )
-        if num_tokens == 0:  # only empty responses: nothing to learn from, keep the ranks in step
+        counts = torch.stack([torch.stack([mb.mask.sum(), (mb.mask.sum(1) > 0).sum()]).double() for mb in mini])
+        counts = counts.sum(0)
+        dist.all_reduce(counts)
+        if counts[0].item() == 0:  # only empty responses: nothing to learn from, keep the ranks in step
             self.totals["skipped/updates_without_tokens"] += 1
             return math.nan, math.nan
         token_mean = L.aggregation == "token-mean"
-        norm = {"num_tokens": num_tokens} if token_mean else {"num_sequences": num_sequences}
-        loss_sum = 0.0
+        norm = {"num_tokens": counts[0]} if token_mean else {"num_sequences": counts[1]}
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for mb in mini:
-            lp_new, _ = self._logprobs(mb, mb.inputs)
+            lp_new, _ = self._logprobs(mb, mb.inputs, validate=False)
             loss, metrics = policy_loss(
                 lp_new,
                 mb.lp_old,
@@ -841,23 +854,22 @@ class RLRecipeDistributed:
                 dual_clip=L.dual_clip,
                 entropy_coef=L.entropy_coef,
                 aggregation=L.aggregation,
+                validate=False,
                 **norm,
             )
             # FSDP's reduce-scatter AVERAGES gradients over ranks; the loss is already a global mean -> undo it.
             (loss * self.world).backward()
-            loss_sum += float(loss.detach())
+            loss_sum = loss_sum + loss.detach().double()
             valid = mb.mask > 0
             active = valid if mb.token_weights is None else valid & (mb.token_weights != 0)
-            accumulate_loss_metrics(
-                loss_metrics, metrics, valid_tokens=float(valid.sum()), active_tokens=float(active.sum())
-            )
+            accumulate_loss_metrics(loss_metrics, metrics, valid_tokens=valid.sum(), active_tokens=active.sum())
         loss_metrics["_updates"] = loss_metrics.get("_updates", 0.0) + 1
-        (loss_total,) = _all_reduce_list([loss_sum])
+        dist.all_reduce(loss_sum)
         max_norm = float(self.grad_clip) if self.grad_clip else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=max_norm)
         if isinstance(grad_norm, DTensor):
             grad_norm = grad_norm.full_tensor()
-        grad_norm = float(grad_norm)
+        loss_total, grad_norm = torch.stack([loss_sum, grad_norm.double().to(loss_sum.device)]).tolist()
         if not (math.isfinite(grad_norm) and math.isfinite(loss_total)):
             # Same decision on every rank (both numbers are global); the step is skipped, never applied.
             self.optimizer.zero_grad(set_to_none=True)
@@ -1072,12 +1084,20 @@ def _group_lists(r, i: int, n: int) -> dict[str, list]:
     }
 
 
-def _all_reduce_list(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
-    """All-reduce a list of Python numbers (float64, on CPU with gloo / on the GPU with NCCL)."""
+def _all_reduce_list(values: list, op=dist.ReduceOp.SUM) -> list[float]:
+    """All-reduce a list of Python numbers and/or 0-dim tensors (float64, on CPU with gloo / on the GPU with NCCL);
+    one host transfer for the whole list."""
     if not values:
         return []
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    t = torch.stack(
+        [
+            v.detach().to(device=device, dtype=torch.float64).reshape(())
+            if isinstance(v, torch.Tensor)
+            else torch.tensor(float(v), dtype=torch.float64, device=device)
+            for v in values
+        ]
+    )
     dist.all_reduce(t, op=op)
     return t.tolist()
 
