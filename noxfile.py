@@ -68,7 +68,7 @@ def _install(session: nox.Session, *packages: str, extra: str = "test") -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """All tests of all packages on CPU (tests needing vLLM or a GPU are skipped with their reason); prints the 20
+    """All tests of all packages on CPU (tests needing vLLM are skipped with the reason); prints the 20
     slowest."""
     _install(session, *PACKAGES)
     session.run("pytest", "--durations=20", *(session.posargs or []), env=TEST_ENV)
