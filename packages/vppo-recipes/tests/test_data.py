@@ -115,10 +115,16 @@ def test_stream_skips_bad_rows_and_counts_each_reason():
     assert stream.drawn == 18
 
 
-def test_stream_keep_filter_skips_are_counted_under_its_reason():
-    stream = ExampleStream(VisualQADataset(_dataset(6)), seed=0, keep=lambda e: "too_long" if e.answer == "3" else None)
+def test_stream_returns_what_prepare_makes_and_counts_its_skips_under_their_reason():
+    def prepare(example):
+        if example.answer == "3":
+            raise SkipRow("too_long")
+        return ("prepared", example.row, example.answer)
+
+    stream = ExampleStream(VisualQADataset(_dataset(6)), seed=0, prepare=prepare)
     got = stream.take(5)
-    assert "3" not in [e.answer for e in got] and stream.skipped["too_long"] == 1
+    assert all(tag == "prepared" for tag, _, _ in got) and "3" not in [answer for _, _, answer in got]
+    assert stream.skipped["too_long"] == 1 and stream.drawn == 6
 
 
 def test_dataset_without_any_usable_row_raises_instead_of_looping():

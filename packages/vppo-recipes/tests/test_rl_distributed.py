@@ -5,6 +5,7 @@ The multi-process runs (`tune run --nproc_per_node 2`) are in test_rl_runs.py.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -20,7 +21,6 @@ from vppo_recipes.rl.rl_distributed import (
     masked_quantiles,
     mix_seed,
     response_logprobs,
-    split_evenly,
 )
 
 CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[1] / "src" / "vppo_recipes" / "configs"
@@ -131,10 +131,7 @@ def test_mix_seed_is_deterministic_31_bit_and_separates_nearby_inputs():
     assert mix_seed(0, 1, 2) != mix_seed(0, 2, 1)
 
 
-def test_split_evenly_and_chunk_ranges_cover_everything_once():
-    assert [split_evenly(8, 2, r) for r in (0, 1)] == [slice(0, 4), slice(4, 8)]
-    with pytest.raises(ValueError):
-        split_evenly(5, 2, 0)
+def test_chunk_ranges_cover_everything_once():
     assert chunk_ranges(5, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
     assert chunk_ranges(0, 2) == []
 
@@ -228,8 +225,9 @@ def test_finalize_averages_the_loss_shares_over_the_steps_updates():
     assert got["loss"] == pytest.approx(1.25) and got["entropy"] == pytest.approx(2.0)
 
 
-def _one_rl_step_in_process(tmp_path, config: str, overrides: dict) -> None:
-    """Build the recipe in this process (a 1-rank gloo group) on a random tiny model and run one `rl_step`."""
+def _one_rl_step_in_process(tmp_path, config: str, overrides: dict, inspect=None) -> None:
+    """Build the recipe in this process (a 1-rank gloo group) on a random tiny model and run one `rl_step`;
+    then `inspect(recipe)`, if given, while the process group is still up."""
     import torch.distributed as dist
 
     import vppo_recipes.rl.rl_distributed as rl
@@ -257,11 +255,26 @@ def _one_rl_step_in_process(tmp_path, config: str, overrides: dict) -> None:
         recipe = rl.RLRecipeDistributed(cfg)
         recipe.setup(cfg)
         recipe.rl_step()
+        if inspect is not None:
+            inspect(recipe)
         recipe.metric_logger.close()
     finally:
         dist.destroy_process_group()
 
 
+def _recording_policy_loss(monkeypatch, seen: list):
+    """Make the recipe's `policy_loss` record (lp_new, lp_old, mask) of every call."""
+    import vppo_recipes.rl.rl_distributed as rl
+    from vppo_core.losses import policy_loss
+
+    def recording(lp_new, lp_old, advantages, mask, **kwargs):
+        seen.append((lp_new.detach().clone(), lp_old.clone(), mask.clone()))
+        return policy_loss(lp_new, lp_old, advantages, mask, **kwargs)
+
+    monkeypatch.setattr(rl, "policy_loss", recording)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize(
     ("config", "overrides"),
     [
@@ -274,29 +287,129 @@ def _one_rl_step_in_process(tmp_path, config: str, overrides: dict) -> None:
     ],
 )
 def test_old_logprobs_come_from_the_update_batch_shape_so_the_first_ratio_is_exactly_one(
-    tmp_path, monkeypatch, config, overrides
+    tmp_path, monkeypatch, config, overrides, dtype
 ):
     """lp_old and the first mini-batch's lp_new are the same function of the same weights on the same rows: they must
-    be bitwise equal (ratio exactly 1, approx-KL exactly 0), for every algorithm and loss. Any difference in what the
-    two passes see (inputs, temperature, positions, weights) fails this. A dependence on the batch shape alone,
-    which GPU kernels have in bf16, does not show on this CPU: the stacked 2b-row pass VPPO's lp_old used to come
-    from gave bitwise the b-row values here (measured in float32 and bf16, hidden size 64 and 256), so the recipe
-    now simply computes lp_old in the update's micro-batch shape."""
-    import vppo_recipes.rl.rl_distributed as rl
-    from vppo_core.losses import policy_loss
-
+    be bitwise equal (ratio exactly 1, approx-KL exactly 0), for every algorithm and loss, in float32 and in bf16
+    (FSDP2 mixed precision). Any difference in what the two passes see (inputs, temperature, positions, weights,
+    batch shape) fails this; the next test shows a batch shape that differs does."""
     seen = []
-
-    def recording(lp_new, lp_old, advantages, mask, **kwargs):
-        seen.append((lp_new.detach().clone(), lp_old.clone(), mask.clone()))
-        return policy_loss(lp_new, lp_old, advantages, mask, **kwargs)
-
-    monkeypatch.setattr(rl, "policy_loss", recording)
+    _recording_policy_loss(monkeypatch, seen)
     # no online filter: the random model's groups (all rewards 0) are kept, with advantage 0, and updated on
-    _one_rl_step_in_process(tmp_path, config, {"rollout.online_filter": "false", **overrides})
+    _one_rl_step_in_process(tmp_path, config, {"rollout.online_filter": "false", "model.dtype": dtype, **overrides})
     assert seen, "no update ran"
     for lp_new, lp_old, mask in seen:  # one mini-batch: every call is before the first optimizer step
         assert torch.equal(lp_new * mask, lp_old * mask), float(((lp_new - lp_old) * mask).abs().max())
+
+
+def _batch_shape_dependent_linear(self, x):
+    """nn.Linear whose rounding depends on how many rows share the call, as GPU GEMMs' does (cuBLAS picks its
+    split-K reduction by shape, and bf16 makes the difference visible): the inner dimension is summed in one piece
+    when the row count has an even bit length, in two otherwise, so doubling the rows always changes the order."""
+    rows = x.numel() // x.shape[-1]
+    if rows.bit_length() % 2 == 0:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+    k = x.shape[-1] // 2
+    out = torch.nn.functional.linear(x[..., k:], self.weight[:, k:], self.bias)
+    return torch.nn.functional.linear(x[..., :k], self.weight[:, :k]) + out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_with_batch_shape_dependent_kernels_a_stacked_old_pass_fails_and_the_recipes_does_not(
+    tmp_path, monkeypatch, dtype
+):
+    """This CPU's kernels give a row the same bits whatever the batch (measured: the stacked 2b-row pass VPPO's
+    lp_old used to come from matched the b-row pass bitwise in float32 and bf16), so the previous test alone could
+    not tell the two designs apart. Here every nn.Linear rounds by batch shape, as on a GPU. Then:
+    - the recipe's lp_old still equals the first update's lp_new bitwise (ratio exactly 1);
+    - the clean half of a stacked [clean; perturbed] pass, the old lp_old, does not."""
+    import vppo_recipes.rl.rl_distributed as rl
+    from vppo_recipes.sharding import call_in_root_forward
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", _batch_shape_dependent_linear)
+    seen, captured = [], {}
+    _recording_policy_loss(monkeypatch, seen)
+    no_grad_passes = rl.RLRecipeDistributed.no_grad_passes
+
+    def recording_passes(self, minis):
+        captured["minis"] = minis
+        return no_grad_passes(self, minis)
+
+    monkeypatch.setattr(rl.RLRecipeDistributed, "no_grad_passes", recording_passes)
+
+    def stacked_clean_half(recipe):  # optimizer.lr=0: the weights are still those of the no-grad passes
+        mb = captured["minis"][0][0]
+        both = {
+            k: torch.cat([v, recipe._altered_inputs(mb)[k]], dim=1 if k == "position_ids" else 0)
+            for k, v in mb.inputs.items()
+        }
+        with torch.no_grad():
+            lp, _ = call_in_root_forward(
+                recipe.model, rl.response_logprobs, both, torch.cat([mb.responses, mb.responses]), mb.prompt_length,
+                temperature=recipe.temperature, chunk_size=recipe.chunk_size,
+            )  # fmt: skip
+        captured["stacked"] = lp[: mb.responses.shape[0]]
+
+    _one_rl_step_in_process(
+        tmp_path,
+        "tiny_vppo",
+        {"rollout.online_filter": "false", "model.dtype": dtype, "optimizer.lr": 0.0},
+        inspect=stacked_clean_half,
+    )
+    assert seen, "no update ran"
+    for lp_new, lp_old, mask in seen:
+        assert torch.equal(lp_new * mask, lp_old * mask), float(((lp_new - lp_old) * mask).abs().max())
+    lp_new, _, mask = seen[0]  # the first micro-batch's update pass
+    assert not torch.equal(captured["stacked"] * mask, lp_new * mask), "a stacked pass would have passed too"
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    """Every tensor inside a phase's result (dataclasses, lists, tuples, dicts), in a fixed order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if dataclasses.is_dataclass(value):
+        return [t for f in dataclasses.fields(value) for t in _tensors(getattr(value, f.name))]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for k in sorted(value) for t in _tensors(value[k])]
+    return []
+
+
+@pytest.mark.parametrize(
+    ("config", "overrides"),
+    [("tiny_vppo", {}), ("tiny_pgpo", {}), ("tiny_dapo", {"loss.rollout_is_cap": 2.0})],
+)
+def test_each_phase_returns_frozen_values_that_no_later_phase_changes(tmp_path, monkeypatch, config, overrides):
+    """rl_step's phases hand frozen dataclasses to each other, and no phase writes into an earlier one's tensors
+    in place: every tensor a phase returned is bitwise what it was when returned, after the whole step."""
+    import vppo_recipes.rl.rl_distributed as rl
+
+    for cls in (rl.Draw, rl.Group, rl.Rollouts, rl.MicroBatch, rl.NoGradPass, rl.Shaped, rl.UpdateResult):
+        assert cls.__dataclass_params__.frozen, cls
+    returned = []
+    for name in ("generate_rollouts", "prepare_minibatches", "no_grad_passes", "shape"):
+        phase = getattr(rl.RLRecipeDistributed, name)
+
+        def recording(self, *args, phase=phase, name=name):
+            out = phase(self, *args)
+            returned.append((name, out, [t.detach().clone() for t in _tensors(out)]))
+            return out
+
+        monkeypatch.setattr(rl.RLRecipeDistributed, name, recording)
+    graded = rl.compute_rewards
+
+    def alternating_rewards(texts, *args, **kwargs):  # the random model earns 0 everywhere: advantages would be 0
+        out = graded(texts, *args, **kwargs)
+        out["reward"] = [float(i % 2) for i in range(len(texts))]
+        return out
+
+    monkeypatch.setattr(rl, "compute_rewards", alternating_rewards)
+    _one_rl_step_in_process(tmp_path, config, {"rollout.online_filter": "false", **overrides})
+    assert {name for name, _, _ in returned} == {"generate_rollouts", "prepare_minibatches", "no_grad_passes", "shape"}
+    for name, out, snapshot in returned:
+        now = _tensors(out)
+        assert len(now) == len(snapshot) and all(torch.equal(a, b) for a, b in zip(now, snapshot)), name
 
 
 @pytest.mark.parametrize("multiple_choice", [False, True])
@@ -352,19 +465,19 @@ def test_one_update_syncs_with_the_host_a_fixed_number_of_times_whatever_the_mic
     small number of tensor-to-Python conversions by vppo code (transformers' own inside the forward not counted)."""
     import vppo_recipes.rl.rl_distributed as rl
 
-    update = rl.RLRecipeDistributed._update
+    update = rl.RLRecipeDistributed._update_mini_batch
     counts = {}
     for micro in (1, 4):
         calls: list[str] = []
 
-        def counted(self, mini, loss_metrics, calls=calls):
+        def counted(self, *args, calls=calls):
             restore = _count_vppo_conversions(calls)
             try:
-                return update(self, mini, loss_metrics)
+                return update(self, *args)
             finally:
                 restore()
 
-        monkeypatch.setattr(rl.RLRecipeDistributed, "_update", counted)
+        monkeypatch.setattr(rl.RLRecipeDistributed, "_update_mini_batch", counted)
         _one_rl_step_in_process(
             tmp_path / f"micro{micro}",
             config,

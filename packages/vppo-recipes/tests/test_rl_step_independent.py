@@ -78,22 +78,25 @@ def capture_step(recipe, monkeypatch) -> dict:
     import vppo_recipes.rl.rl_distributed as rl
 
     seen = {}
-    make_minis, make_groups = rl.RLRecipeDistributed._micro_batches, rl.RLRecipeDistributed.generate_rollouts
+    Recipe = rl.RLRecipeDistributed
+    generate_rollouts, prepare_minibatches, no_grad_passes = (
+        Recipe.generate_rollouts, Recipe.prepare_minibatches, Recipe.no_grad_passes
+    )  # fmt: skip
 
-    def micro_batches(self, groups, stats):
-        seen["minis"] = make_minis(self, groups, stats)
-        return seen["minis"]
+    def recording(name, phase):
+        def method(self, *args):
+            seen[name] = phase(self, *args)
+            return seen[name]
 
-    def generate_rollouts(self, stats):
-        seen["groups"] = make_groups(self, stats)
-        return seen["groups"]
+        return method
 
-    monkeypatch.setattr(rl.RLRecipeDistributed, "_micro_batches", micro_batches)
-    monkeypatch.setattr(rl.RLRecipeDistributed, "generate_rollouts", generate_rollouts)
+    monkeypatch.setattr(Recipe, "generate_rollouts", recording("rollouts", generate_rollouts))
+    monkeypatch.setattr(Recipe, "prepare_minibatches", recording("minis", prepare_minibatches))
+    monkeypatch.setattr(Recipe, "no_grad_passes", recording("passes", no_grad_passes))
     before = _full_state(recipe.model)
     metrics = recipe.rl_step()
     after = _full_state(recipe.model)
-    minis, groups = seen["minis"], seen["groups"]
+    (minis, _), (passes, _), groups = seen["minis"], seen["passes"], seen["rollouts"].groups
     per_mini = len(groups) // len(minis)
     return {
         "before": before,
@@ -110,12 +113,12 @@ def capture_step(recipe, monkeypatch) -> dict:
                     "responses": mb.responses,
                     "mask": mb.mask,
                     "prompt_length": mb.prompt_length,
-                    "lp_old": mb.lp_old,
-                    "lp_alt": mb.lp_alt,
+                    "lp_old": p.lp_old,
+                    "lp_alt": p.lp_alt,
                 }
-                for mb in mini
+                for mb, p in zip(mini, mini_passes)
             ]
-            for mini in minis
+            for mini, mini_passes in zip(minis, passes)
         ],
     }
 

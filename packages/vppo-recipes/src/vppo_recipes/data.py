@@ -21,10 +21,12 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 from PIL import Image
+
+T = TypeVar("T")
 
 __all__ = [
     "DEFAULT_COLUMNS",
@@ -284,11 +286,13 @@ class PromptIterator:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
 
-class ExampleStream:
+class ExampleStream(Generic[T]):
     """Draw usable examples in `PromptIterator` order, counting skipped rows by reason.
 
-    `keep(example) -> None | str` is an extra filter (e.g. the RL recipe's prompt-length check): a returned string
-    is the skip reason. If a whole pass over the dataset yields no usable row, raises ValueError rather than loop.
+    `prepare(example) -> T` turns each usable example into what the recipe consumes (e.g. the RL recipe's chat
+    prompt); it raises `SkipRow(reason)` to skip the row, counted under that reason like the dataset's own skips.
+    `take` returns the prepared values, so nothing is kept on the side between drawing and using. If a whole pass
+    over the dataset yields no usable row, raises ValueError rather than loop.
     """
 
     def __init__(
@@ -297,11 +301,11 @@ class ExampleStream:
         *,
         seed: int,
         shuffle: bool = True,
-        keep: Callable[[Example], str | None] | None = None,
+        prepare: Callable[[Example], T] | None = None,
     ) -> None:
         self.dataset = dataset
         self.iterator = PromptIterator(len(dataset), seed=seed, shuffle=shuffle)
-        self.keep = keep
+        self.prepare = prepare
         self.skipped: Counter[str] = Counter()
         self.drawn = 0
 
@@ -311,18 +315,16 @@ class ExampleStream:
         it = self.iterator
         return it.epoch + (1 if it.index >= it.num_rows else 0)
 
-    def take(self, n: int) -> list[Example]:
-        """The next `n` usable examples (the same on every rank)."""
-        out: list[Example] = []
+    def take(self, n: int) -> list[T]:
+        """The next `n` usable examples, prepared (the same on every rank)."""
+        out: list[T] = []
         misses = 0
         while len(out) < n:
             row = next(self.iterator)
             self.drawn += 1
             try:
                 example = self.dataset.example(row)
-                reason = self.keep(example) if self.keep is not None else None
-                if reason is not None:
-                    raise SkipRow(reason)
+                prepared = self.prepare(example) if self.prepare is not None else example
             except SkipRow as skip:
                 self.skipped[skip.reason] += 1
                 misses += 1
@@ -333,7 +335,7 @@ class ExampleStream:
                     ) from None
                 continue
             misses = 0
-            out.append(example)
+            out.append(prepared)
         return out
 
     def state_dict(self) -> dict[str, Any]:

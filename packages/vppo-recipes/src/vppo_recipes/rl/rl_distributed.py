@@ -6,12 +6,18 @@ see ENVIRONMENT.md "tune run"), or through the `vppo-recipes run rl_distributed 
     tune run --nproc_per_node 2 vppo_recipes/rl/rl_distributed.py --config tiny_vppo.yaml output_dir=/tmp/run
     # multi-node: tune run --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT ...
 
-One step (`rl_step`) is ALGORITHMS.md §7 in data-flow order (ARCHITECTURE.md):
+One step (`rl_step`) is ALGORITHMS.md §7 in data-flow order (ARCHITECTURE.md). Each phase returns frozen values
+that the next one reads; none writes into another's:
 
-    draw prompts -> sampler.sample(G per prompt) -> compute_rewards -> group_advantages + keep_groups (draw more
-    prompts until the rollout batch is full, capped) -> no-grad lp_old (clean) and lp_alt (VPPO: perturbed pixels,
-    PGPO: text-only attention) -> token_dependency -> TAS α + TGF mask | PGPO weights -> per mini-batch: per
-    micro-batch policy_loss / backward, grad clip, optimizer step -> push the full weights to the sampler.
+    generate_rollouts    draw prompts -> sampler.sample(G per prompt) -> compute_rewards -> group_advantages,
+                         online filter (draw more prompts until the rollout batch is full, capped)   -> Rollouts
+    prepare_minibatches  this rank's groups -> mini-batches of collated micro-batches                 -> MicroBatch
+    no_grad_passes       lp_old (clean inputs); VPPO / PGPO: lp_alt (perturbed pixels / text-only
+                         attention) and token_dependency S                                            -> NoGradPass
+    shape                TAS α and TGF mask (VPPO) | PGPO weights (| truncated IS weights)           -> Shaped
+    update               per mini-batch: per micro-batch policy_loss / backward, clip, step          -> UpdateResult
+    _sync_sampler        push the full weights to the sampler
+    _step_metrics        everything above, reduced over ranks into one flat dict; counters into the run's totals
 
 Design choices a reader coming from verl / EasyR1 / TRL should know:
 - The algorithm is configuration (`algorithm.name`): vppo (TAS + TGF, each switchable for ablations), pgpo (token
@@ -75,7 +81,7 @@ from vppo_recipes.checkpointing import (
     save_checkpoint,
 )
 from vppo_recipes.config_schema import check_world_size, validate_config
-from vppo_recipes.data import Example, ExampleStream, SkipRow, VisualQADataset
+from vppo_recipes.data import Example, ExampleStream, SkipRow, VisualQADataset, rank_slice
 from vppo_recipes.distributed import init_distributed, load_training_policy, shard_and_place
 from vppo_recipes.lr_schedule import constant_with_warmup
 from vppo_recipes.metric_logging import build_metric_logger
@@ -107,14 +113,6 @@ def mix_seed(*values: int) -> int:
         x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
         x ^= x >> 31
     return int(x & 0x7FFFFFFF)
-
-
-def split_evenly(n: int, world: int, rank: int) -> slice:
-    """Contiguous share `[start, stop)` of `n` items for `rank` when `n` is a multiple of `world`."""
-    if n % world:
-        raise ValueError(f"n={n} must be a multiple of world={world}")
-    per = n // world
-    return slice(rank * per, (rank + 1) * per)
 
 
 def chunk_ranges(n: int, size: int) -> list[slice]:
@@ -255,16 +253,26 @@ def exact_dependency_in_root(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Rollout bookkeeping
+# What each phase of a step returns (frozen: a phase reads its inputs and returns new values, never writes into them)
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Group:
-    """The G responses of one prompt, with everything needed to rebuild its inputs on any rank."""
+@dataclass(frozen=True)
+class Draw:
+    """One usable example of this step, prepared on every rank (all ranks draw the same examples)."""
 
-    uid: int  # number of the prompt among the run's usable examples (seeds its sampling and perturbations)
+    uid: int  # number of the example among the run's usable examples (seeds its sampling and perturbations)
     row: int  # dataset row
+    prompt: Prompt
+    answer: str
+
+
+@dataclass(frozen=True)
+class Group:
+    """The G graded responses of one prompt, with their group advantages and the prompt to rebuild the inputs."""
+
+    uid: int
+    row: int
     answer: str
     token_ids: list[list[int]]
     texts: list[str]
@@ -273,35 +281,68 @@ class Group:
     reward: list[float]
     accuracy: list[float]
     format: list[float]
+    advantages: list[float]  # GRPO advantage of each response: group_advantages(reward) (before TAS)
+    prompt: Prompt = field(compare=False, repr=False)  # this rank's own copy: never sent to other ranks
+
+    def payload(self) -> dict[str, Any]:
+        """Everything but the prompt, as a plain dict: what `all_gather_object` sends. Plain dicts, because a plain
+        `tune run` executes this file as `__main__` without registering it, so a pickled Group could not be looked
+        up by class ("attribute lookup Group on __main__ failed"); without the prompt, because its images are large
+        and every rank has built the same prompt from the same draw."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "prompt"}
 
 
-@dataclass
+@dataclass(frozen=True)
+class Rollouts:
+    """The rollout phase's result: this rank's share of the kept groups, ordered by mini-batch."""
+
+    groups: list[Group]
+    counts: dict[str, float]  # filter/*: computed on the gathered groups, so already global
+    seconds: dict[str, float]  # "sample", "reward"
+
+
+@dataclass(frozen=True)
 class MicroBatch:
-    """One forward's worth of responses of this rank, with the tensors every pass needs."""
+    """One forward's worth of this rank's responses: the tensors every pass over them needs."""
 
-    inputs: dict[str, torch.Tensor]
+    inputs: dict[str, torch.Tensor]  # the model's forward tensors (collate_rollout -> model_inputs)
     responses: torch.Tensor  # [b, L] long
     mask: torch.Tensor  # [b, L] float
     prompt_length: int
-    advantages: torch.Tensor  # [b] float32 (GRPO advantage, before TAS)
+    advantages: torch.Tensor  # [b] float32, the groups' advantages (before TAS)
     perturb_seeds: list[int]  # one per response: seeds its perturbation (VPPO)
     images_per_row: list[int]
     lp_sampler: torch.Tensor  # [b, L] the rollout engine's log-probs of the responses (0 on padding)
-    lp_old: torch.Tensor | None = None  # [b, L]
-    lp_alt: torch.Tensor | None = None
-    S: torch.Tensor | None = None  # [b, L] token dependency
-    traj_dep: torch.Tensor | None = None  # [b]
-    alpha: torch.Tensor | None = None  # [b]
-    token_weights: torch.Tensor | None = None  # [b, L] TGF mask (float) or PGPO ω̃ (times is_weights)
-    is_weights: torch.Tensor | None = None  # [b, L] truncated importance weights (loss.rollout_is_cap)
 
 
-@dataclass
-class StepStats:
-    counts: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    # trainer-sampler agreement on the first mini-batch of this rank: [sum |diff|, tokens, tokens above, max |diff|]
-    agreement: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
+@dataclass(frozen=True)
+class NoGradPass:
+    """The no-grad passes over one micro-batch before any update: lp_old; VPPO / PGPO also the altered pass and S."""
+
+    lp_old: torch.Tensor  # [b, L]
+    lp_alt: torch.Tensor | None = None  # [b, L] under the perturbed image (VPPO) / text-only attention (PGPO)
+    S: torch.Tensor | None = None  # [b, L] token visual dependency
+    traj_dep: torch.Tensor | None = None  # [b] mean S over each response's tokens
+
+
+@dataclass(frozen=True)
+class Shaped:
+    """What the loss of one micro-batch uses beyond lp_old: the shaped advantages and the token weights."""
+
+    advantages: torch.Tensor  # [b] group advantage × TAS α
+    alpha: torch.Tensor  # [b] TAS α (ones without TAS)
+    token_weights: torch.Tensor | None  # [b, L] TGF mask (float) or PGPO ω̃, times is_weights; None = all ones
+    is_weights: torch.Tensor | None  # [b, L] truncated importance weights (loss.rollout_is_cap), or None
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """The update phase's result over all mini-batches of the step."""
+
+    losses: list[float]  # per mini-batch (global), nan when skipped
+    grad_norms: list[float]
+    metric_sums: dict[str, Any]  # policy_loss metrics summed on this rank (accumulate_loss_metrics), tensors
+    counts: dict[str, float]  # skipped/* updates: decided on global values, so already global
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -344,8 +385,6 @@ class RLRecipeDistributed:
         check_world_size(cfg, self.world)
         check_batch_sizes(cfg, self.world)
         self.dtype = _DTYPES[cfg.model.dtype]
-        if self.device.type == "cpu" and self.dtype != torch.float32:
-            raise ValueError("model.dtype=bfloat16 needs a GPU (FSDP2 mixed precision); use float32 on CPU")
         torch.manual_seed(self.seed)
 
         # Progress (restored by load_checkpoint): RL steps done, optimizer steps done, usable examples drawn.
@@ -433,20 +472,10 @@ class RLRecipeDistributed:
         (text + expanded image tokens) are skipped by the stream and counted by reason.
         """
         self.dataset = VisualQADataset.from_source(cfg.data.source, cfg.data.split, dict(cfg.data.columns))
-        self.stream = ExampleStream(self.dataset, seed=self.seed, shuffle=cfg.data.shuffle, keep=self._keep_example)
+        self.stream = ExampleStream(
+            self.dataset, seed=self.seed, shuffle=cfg.data.shuffle, prepare=self._prepare_example
+        )
         self.epochs = int(cfg.training.epochs)
-        self._prompts: dict[int, tuple[Prompt, str]] = {}  # row -> (prompt, answer), filled while drawing
-
-    def _keep_example(self, example: Example) -> str | None:
-        """ExampleStream filter: build the chat prompt once (cached for this step); skip over-long prompts."""
-        try:
-            prompt = build_prompt(
-                self.processor, example.question, example.images, max_prompt_length=self._cfg.data.max_prompt_length
-            )
-        except PromptTooLongError:
-            return "prompt_too_long"
-        self._prompts[example.row] = (prompt, example.answer)
-        return None
 
     def _setup_validation(self, cfg: DictConfig) -> None:
         """Held-out rows for avg@k every `validation.every_n_steps` steps; each rank scores its strided share."""
@@ -506,26 +535,91 @@ class RLRecipeDistributed:
             "validation/items": n,
         }
 
-    # ---------------------------------------------------------------- rollout
+    # ---------------------------------------------------------------- the RL step, in data-flow order
 
-    def _draw(self, count: int) -> list[tuple[int, int]]:
-        """Next `count` usable examples as (uid, row), the same on every rank; [] once `training.epochs` are done.
+    def rl_step(self) -> dict[str, float] | None:
+        """One RL step (module docstring); returns its metrics, or None once `training.epochs` of data are done.
+
+        Each phase returns new values and no phase writes into another's: rollouts (groups with rewards and
+        advantages) -> mini-batches of micro-batches -> no-grad passes (lp_old, S) -> shaped advantages and token
+        weights -> the update -> the weight push. Counters come back from the phases and are added to the run's
+        totals here, once.
+        """
+        if self.stream.epoch >= self.epochs:
+            return None
+        t_step = time.perf_counter()
+
+        # 1-3. sample G per prompt, grade, group advantages + online filter (drawing more prompts as needed)
+        rollouts = self.generate_rollouts()
+        if not rollouts.groups:  # every group filtered out even after max_filter_draws extra draws: no update
+            metrics = self._step_metrics(
+                rollouts, [], [], [], UpdateResult([], [], {}, {"skipped/steps_without_groups": 1.0}),
+                local_counts={}, seconds=rollouts.seconds, agreement=[0.0] * 4, t_step=t_step,
+            )  # fmt: skip
+            return metrics
+
+        # the mini-batches (update_prompts / world groups of this rank each), in micro-batches of tensors
+        minis, local_counts = self.prepare_minibatches(rollouts.groups)
+
+        # 4-5. no-grad passes: lp_old on the clean inputs; VPPO / PGPO: lp_alt on the altered ones, and S
+        passes, pass_seconds = self.no_grad_passes(minis)
+
+        # 5b. trainer-sampler agreement on the first mini-batch (the same weights, before any update)
+        agreement = self.sampler_agreement(minis[0], passes[0])
+
+        # 6. TAS α and TGF mask (VPPO) | PGPO token weights (| truncated importance weights)
+        t = time.perf_counter()
+        shaped = [self.shape(mini, mini_passes) for mini, mini_passes in zip(minis, passes)]
+        shaping_s = time.perf_counter() - t
+
+        # 7. per mini-batch: micro-batch forward/backward with the global token count, clip, step (or skip)
+        t = time.perf_counter()
+        update = self.update(minis, passes, shaped)
+        update_s = time.perf_counter() - t
+
+        # 8. push the new full weights into the sampler
+        t = time.perf_counter()
+        if self._cfg.rollout.sync_weights:
+            self._sync_sampler()
+        sync_s = time.perf_counter() - t
+
+        seconds = {**rollouts.seconds, **pass_seconds, "shaping": shaping_s, "update": update_s, "weight_sync": sync_s}
+        return self._step_metrics(
+            rollouts, minis, passes, shaped, update,
+            local_counts=local_counts, seconds=seconds, agreement=agreement, t_step=t_step,
+        )  # fmt: skip
+
+    # ---------------------------------------------------------------- 1-3. rollout
+
+    def _prepare_example(self, example: Example) -> tuple[int, Prompt, str]:
+        """ExampleStream's `prepare`: (row, chat prompt, answer); a prompt over data.max_prompt_length is skipped."""
+        try:
+            prompt = build_prompt(
+                self.processor, example.question, example.images, max_prompt_length=self._cfg.data.max_prompt_length
+            )
+        except PromptTooLongError:
+            raise SkipRow("prompt_too_long") from None
+        return example.row, prompt, example.answer
+
+    def _draw(self, count: int) -> list[Draw]:
+        """Next `count` usable examples, the same on every rank; [] once `training.epochs` are done.
 
         uid numbers the usable examples of the run (0, 1, 2, ...): it seeds that prompt's sampling and its
         responses' perturbations, so randomness follows the data, not the rank or the batching.
         """
         if self.stream.epoch >= self.epochs:
             return []
-        examples = self.stream.take(count)
-        out = [(self.examples_drawn + i, ex.row) for i, ex in enumerate(examples)]
-        self.examples_drawn += len(examples)
-        return out
+        prepared = self.stream.take(count)
+        draws = [Draw(self.examples_drawn + i, row, prompt, answer) for i, (row, prompt, answer) in enumerate(prepared)]
+        self.examples_drawn += len(draws)
+        return draws
 
-    def _sample_groups(self, draws: list[tuple[int, int]], stats: StepStats) -> list[Group]:
-        """Sample G responses for this rank's share of `draws` (strided) and grade them."""
+    def _sample_groups(self, mine: list[Draw]) -> tuple[list[Group], float, float]:
+        """Sample G responses for each of this rank's draws, grade them, and compute the group advantages.
+
+        Returns (groups, sampling seconds, grading seconds).
+        """
         cfg = self._cfg.rollout
-        mine = draws[self.rank :: self.world]
-        prompts = [self._prompts[row][0] for _, row in mine]
 
         def sampling(seed: int) -> SamplingConfig:
             return SamplingConfig(
@@ -542,120 +636,137 @@ class RLRecipeDistributed:
         if cfg.engine == "transformers":
             # One call per prompt, seeded by the prompt's uid: the responses do not depend on how prompts are
             # spread over ranks or batched, so runs are world-size independent and resume exactly.
-            for (uid, _), prompt in zip(mine, prompts):
-                r = self.sampler.sample([prompt], self.group_size, sampling(mix_seed(self.seed, uid)))
+            for d in mine:
+                r = self.sampler.sample([d.prompt], self.group_size, sampling(mix_seed(self.seed, d.uid)))
                 results.append(_group_lists(r, 0, self.group_size))
-        elif prompts:
+        elif mine:
             # vLLM: one batched call per rank (GroupSampler takes one SamplingConfig, so one seed per call).
-            r = self.sampler.sample(prompts, self.group_size, sampling(mix_seed(self.seed, mine[0][0], self.rank)))
-            results = [_group_lists(r, i, self.group_size) for i in range(len(prompts))]
-        stats.seconds["sample"] += time.perf_counter() - t
+            r = self.sampler.sample(
+                [d.prompt for d in mine], self.group_size, sampling(mix_seed(self.seed, mine[0].uid, self.rank))
+            )
+            results = [_group_lists(r, i, self.group_size) for i in range(len(mine))]
+        sample_s = time.perf_counter() - t
 
         t = time.perf_counter()
         groups = []
-        for (uid, row), r in zip(mine, results):
-            answer = self._prompts[row][1]
+        for d, r in zip(mine, results):
             rw = compute_rewards(
                 r["texts"],
-                [answer] * self.group_size,
+                [d.answer] * self.group_size,
                 format_weight=self._cfg.reward.format_weight,
                 multiple_choice=self._cfg.reward.multiple_choice,
             )
-            groups.append(Group(uid, row, answer, r["token_ids"], r["texts"], r["finish_reasons"], r["logprobs"], **rw))
-        stats.seconds["reward"] += time.perf_counter() - t
-        return groups
+            # per group: ranks own whole groups, so the advantages need nothing from other ranks
+            advantages = group_advantages(torch.tensor(rw["reward"], dtype=torch.float32), self.group_size)
+            group = Group(
+                uid=d.uid,
+                row=d.row,
+                answer=d.answer,
+                token_ids=r["token_ids"],
+                texts=r["texts"],
+                finish_reasons=r["finish_reasons"],
+                sampler_logprobs=r["logprobs"],
+                **rw,
+                advantages=advantages.tolist(),
+                prompt=d.prompt,
+            )
+            groups.append(group)
+        return groups, sample_s, time.perf_counter() - t
 
-    def generate_rollouts(self, stats: StepStats) -> list[Group]:
+    def generate_rollouts(self) -> Rollouts:
         """Fill the rollout batch: draw `batch_prompts` prompts at a time, sample, grade, filter (DAPO dynamic
         sampling), until `batch_prompts` groups are kept globally or `max_filter_draws` extra draws are spent.
 
         Returns this rank's share of the kept groups (whole groups; every rank gets the same number), ordered by
-        mini-batch.
+        mini-batch, with the filter counts and the phase's seconds.
         """
+        counts: dict[str, float] = defaultdict(float)
+        seconds = {"sample": 0.0, "reward": 0.0}
         kept: list[Group] = []
         draws = 0
         self.sampler.wake_up()  # vLLM: weights and KV cache back on the GPU (no-op for the embedded engine)
         while len(kept) < self.batch_prompts and draws <= self.max_filter_draws:
-            draw = self._draw(self.batch_prompts)
-            if not draw:
+            drawn = self._draw(self.batch_prompts)
+            if not drawn:
                 break
             draws += 1
-            local = self._sample_groups(draw, stats)
-            # Plain dicts travel: a plain `tune run` executes this file as `__main__` without registering it, so a
-            # pickled Group could not be looked up by class ("attribute lookup Group on __main__ failed").
+            local, sample_s, reward_s = self._sample_groups(drawn[self.rank :: self.world])
+            seconds["sample"] += sample_s
+            seconds["reward"] += reward_s
             gathered: list[list[dict]] = [None] * self.world  # type: ignore[list-item]
-            dist.all_gather_object(gathered, [dataclasses.asdict(g) for g in local])
-            groups = sorted((Group(**g) for part in gathered for g in part), key=lambda g: g.uid)
-            stats.counts["filter/groups_sampled"] += len(groups)
+            dist.all_gather_object(gathered, [g.payload() for g in local])
+            prompts = {d.uid: d.prompt for d in drawn}
+            groups = sorted(
+                (Group(**g, prompt=prompts[g["uid"]]) for part in gathered for g in part), key=lambda g: g.uid
+            )
+            counts["filter/groups_sampled"] += len(groups)
             for g in groups:
-                acc = torch.tensor(g.accuracy, dtype=torch.float32)
-                identical = len(set(g.reward)) == 1
                 if self.online_filter:
-                    if not bool(keep_groups(acc, self.group_size)[0]):
-                        stats.counts["filter/groups_dropped"] += 1
+                    if not bool(keep_groups(torch.tensor(g.accuracy, dtype=torch.float32), self.group_size)[0]):
+                        counts["filter/groups_dropped"] += 1
                         continue
-                elif identical:
-                    stats.counts["filter/zero_advantage_groups"] += 1  # kept; its advantage is exactly 0
+                elif len(set(g.reward)) == 1:
+                    counts["filter/zero_advantage_groups"] += 1  # kept; its advantage is exactly 0
                 kept.append(g)
             if not self.online_filter:
                 break
         self.sampler.sleep()
-        stats.counts["filter/draws"] += draws
+        counts["filter/draws"] += draws
         kept = kept[: self.batch_prompts]
         usable = len(kept) // self.world * self.world
-        stats.counts["filter/groups_kept"] += usable
-        stats.counts["filter/groups_unused"] += len(kept) - usable
+        counts["filter/groups_kept"] += usable
+        counts["filter/groups_unused"] += len(kept) - usable
         if usable < self.batch_prompts:
-            stats.counts["filter/underfilled_steps"] += 1
+            counts["filter/underfilled_steps"] += 1
         # Global mini-batch j is kept[j*U : (j+1)*U] whatever the world size; each rank takes an equal contiguous
         # share of every mini-batch, so the optimizer sees the same batches as a single-process run.
         mine = []
         for mini in chunk_ranges(usable, self.update_prompts):
             part = kept[mini]
-            mine += part[split_evenly(len(part), self.world, self.rank)]
-        return mine
+            mine += part[rank_slice(len(part), self.rank, self.world)]
+        return Rollouts(mine, dict(counts), seconds)
 
     # ---------------------------------------------------------------- inputs
 
-    def _micro_batches(self, groups: list[Group], stats: StepStats) -> list[list[MicroBatch]]:
-        """This rank's groups -> mini-batches (update_prompts/world groups each) -> micro-batches of tensors."""
+    def prepare_minibatches(self, groups: list[Group]) -> tuple[list[list[MicroBatch]], dict[str, float]]:
+        """This rank's groups -> mini-batches (update_prompts/world groups each) -> micro-batches of tensors.
+
+        Returns (minis, counts); counts has this rank's skipped/empty_responses (summed over ranks later).
+        """
         per_rank = self.update_prompts // self.world
+        empty = 0
         minis = []
         for mini in chunk_ranges(len(groups), per_rank):
-            rows = []  # (group, j)
-            for g in groups[mini]:
-                rows += [(g, j) for j in range(self.group_size)]
-            # Advantages are per group (whole groups on each rank), so local computation is exact.
-            rewards = torch.tensor([g.reward[j] for g, j in rows], dtype=torch.float32)
-            adv = group_advantages(rewards, self.group_size)
+            rows = [(g, j) for g in groups[mini] for j in range(self.group_size)]
             micro = []
             for sl in chunk_ranges(len(rows), self.micro_batch_size):
                 part = rows[sl]
-                prompts = [self._prompts[g.row][0] for g, _ in part]
+                prompts = [g.prompt for g, _ in part]
                 ids = [g.token_ids[j] for g, j in part]
-                stats.counts["skipped/empty_responses"] += sum(len(x) == 0 for x in ids)  # all-zero mask rows
+                empty += sum(len(x) == 0 for x in ids)  # all-zero mask rows
                 batch = collate_rollout(self.processor, prompts, ids, config=self.model_config)
-                inputs = model_inputs(batch)
                 lp_sampler = torch.zeros(batch["responses"].shape, dtype=torch.float32)
                 for i, (g, j) in enumerate(part):
                     lp_sampler[i, : len(g.sampler_logprobs[j])] = torch.tensor(g.sampler_logprobs[j])
                 micro.append(
                     MicroBatch(
-                        inputs={k: v.to(self.device) for k, v in inputs.items()},
+                        inputs={k: v.to(self.device) for k, v in model_inputs(batch).items()},
                         responses=batch["responses"].to(self.device),
                         mask=batch["response_mask"].to(self.device),
                         prompt_length=int(batch["prompt_length"]),
-                        advantages=adv[sl].to(self.device),
+                        advantages=torch.tensor([g.advantages[j] for g, j in part], dtype=torch.float32).to(
+                            self.device
+                        ),
                         perturb_seeds=[mix_seed(self.seed, g.uid, j, 0x9E7) for g, j in part],
                         images_per_row=[len(p.images) for p in prompts],
                         lp_sampler=lp_sampler.to(self.device),
                     )
                 )
             minis.append(micro)
-        return minis
+        return minis, {"skipped/empty_responses": float(empty)}
 
     def _altered_inputs(self, mb: MicroBatch) -> dict[str, torch.Tensor]:
-        """The inputs of the second no-grad pass (ALGORITHMS.md §1, what image' is).
+        """The inputs of the second no-grad pass (ALGORITHMS.md §1, what image' is): a new dict, mb is unchanged.
 
         VPPO: each response's image(s) perturbed with its own seeded draw (a fresh mask per response, reproducible
         from the response's identity alone); PGPO: the same tokens and M-RoPE position ids with a 4-D attention
@@ -711,91 +822,70 @@ class RLRecipeDistributed:
             validate=validate,
         )
 
-    # ---------------------------------------------------------------- the RL step
+    # ---------------------------------------------------------------- 4-5. no-grad passes
 
-    def rl_step(self) -> dict[str, float] | None:
-        """One RL step in data-flow order; returns the step's metrics (None when the data stream is exhausted)."""
-        cfg = self._cfg
-        stats = StepStats()
-        t_step = time.perf_counter()
+    def no_grad_passes(self, minis: list[list[MicroBatch]]) -> tuple[list[list[NoGradPass]], dict[str, float]]:
+        """lp_old of every micro-batch (and for VPPO / PGPO lp_alt, S and S̄), before any update.
 
-        # 1-3. sample G per prompt, grade, group advantages + online filter (drawing more prompts as needed)
-        self._prompts.clear()
-        if self.stream.epoch >= self.epochs:
-            return None  # training.epochs of data are done
-        groups = self.generate_rollouts(stats)
-        if not groups:  # every group filtered out even after max_filter_draws extra draws: no update this step
-            stats.counts["skipped/steps_without_groups"] += 1
-            return self._step_metrics(stats, [], groups, t_step, grad_norms=[], losses=[])
-        minis = self._micro_batches(groups, stats)
-
-        # 4. no-grad passes: lp_old on the clean inputs, lp_alt on the altered ones (VPPO / PGPO only)
-        exact = cfg.algorithm.get("dependency") == "exact"  # vppo / pgpo only
+        lp_old comes from the clean rows alone, in the micro-batch shape of the update: a pass over another batch
+        shape (e.g. clean and perturbed rows stacked) changes the matmul shapes, and on GPUs in bf16 the result, so
+        the first mini-batch's ratios would not be exactly 1 (verl: the log-prob micro-batch must equal the
+        update's). Returns (passes [mini][micro], {"old_logprob": s, "alt_logprob": s}).
+        """
+        exact = self._cfg.algorithm.get("dependency") == "exact"  # vppo / pgpo only
+        seconds = {"old_logprob": 0.0, "alt_logprob": 0.0}
+        passes = []
         with torch.no_grad():
-            for mb in (m for mini in minis for m in mini):
-                t = time.perf_counter()
-                # lp_old from the clean rows alone, in the micro-batch shape of the update: a pass over another batch
-                # shape (e.g. clean and perturbed rows stacked) changes the matmul shapes, and on GPUs in bf16 the
-                # result, so the first mini-batch's ratios would not be exactly 1 (verl: log-prob micro-batch = update's)
-                mb.lp_old, hidden = self._logprobs(mb, mb.inputs, with_hidden=exact)
-                stats.seconds["old_logprob"] += time.perf_counter() - t
-                if not self.uses_dependency:
-                    continue
-                t = time.perf_counter()
-                mb.lp_alt, hidden_alt = self._logprobs(mb, self._altered_inputs(mb), with_hidden=exact)
-                # 5. token visual dependency (sampled-token k3 estimator, or the exact full-vocabulary KL)
-                if exact:
-                    mb.S = call_in_root_forward(
-                        self.model, exact_dependency_in_root, hidden, hidden_alt, mb.mask,
-                        temperature=self.temperature, chunk_size=self.chunk_size,
-                    )  # fmt: skip
-                else:
-                    mb.S = token_dependency(mb.lp_old, mb.lp_alt, mb.mask)
-                mb.traj_dep = trajectory_dependency(mb.S, mb.mask)
-                stats.seconds["alt_logprob"] += time.perf_counter() - t
+            for mini in minis:
+                mini_passes = []
+                for mb in mini:
+                    t = time.perf_counter()
+                    lp_old, hidden = self._logprobs(mb, mb.inputs, with_hidden=exact)
+                    seconds["old_logprob"] += time.perf_counter() - t
+                    if not self.uses_dependency:
+                        mini_passes.append(NoGradPass(lp_old))
+                        continue
+                    t = time.perf_counter()
+                    lp_alt, hidden_alt = self._logprobs(mb, self._altered_inputs(mb), with_hidden=exact)
+                    # 5. token visual dependency (sampled-token k3 estimator, or the exact full-vocabulary KL)
+                    if exact:
+                        S = call_in_root_forward(
+                            self.model, exact_dependency_in_root, hidden, hidden_alt, mb.mask,
+                            temperature=self.temperature, chunk_size=self.chunk_size,
+                        )  # fmt: skip
+                    else:
+                        S = token_dependency(lp_old, lp_alt, mb.mask)
+                    mini_passes.append(NoGradPass(lp_old, lp_alt, S, trajectory_dependency(S, mb.mask)))
+                    seconds["alt_logprob"] += time.perf_counter() - t
+                passes.append(mini_passes)
+        return passes, seconds
 
-        # 5b. trainer-sampler agreement: the engine's log-probs against lp_old on the first mini-batch (the same
-        # weights, before any update). Both are temperature-1 log-probs only when rollout.temperature is 1.
-        if self.temperature == 1.0:
-            for mb in minis[0]:
-                diff = (mb.lp_old.float() - mb.lp_sampler).abs()[mb.mask > 0]
-                if diff.numel():
-                    stats.agreement[0] += float(diff.sum())
-                    stats.agreement[1] += diff.numel()
-                    stats.agreement[2] += float((diff > AGREEMENT_THRESHOLD).sum())
-                    stats.agreement[3] = max(stats.agreement[3], float(diff.max()))
+    def sampler_agreement(self, mini: list[MicroBatch], passes: list[NoGradPass]) -> list[float]:
+        """|lp_sampler − lp_old| over one mini-batch's valid tokens: [sum, tokens, tokens above the threshold, max].
 
-        # 6. TAS α and TGF mask (VPPO) | PGPO token weights (| truncated importance weights)
-        t = time.perf_counter()
-        for mini in minis:
-            self._shape(mini)
-        stats.seconds["shaping"] += time.perf_counter() - t
+        Both are temperature-1 log-probs only when rollout.temperature is 1; otherwise all zeros (not logged).
+        """
+        agreement = [0.0, 0.0, 0.0, 0.0]
+        if self.temperature != 1.0:
+            return agreement
+        for mb, p in zip(mini, passes):
+            diff = (p.lp_old.float() - mb.lp_sampler).abs()[mb.mask > 0]
+            if diff.numel():
+                agreement[0] += float(diff.sum())
+                agreement[1] += diff.numel()
+                agreement[2] += float((diff > AGREEMENT_THRESHOLD).sum())
+                agreement[3] = max(agreement[3], float(diff.max()))
+        return agreement
 
-        # 7. mini-batches: micro-batch forward/backward with the global token count, clip, step (or skip)
-        t = time.perf_counter()
-        losses, grad_norms, loss_metrics = [], [], {}
-        for mini in minis:
-            loss, grad_norm = self._update(mini, loss_metrics)
-            losses.append(loss)
-            grad_norms.append(grad_norm)
-        stats.seconds["update"] += time.perf_counter() - t
+    # ---------------------------------------------------------------- 6. shaping
 
-        # 8. push the new full weights into the sampler
-        t = time.perf_counter()
-        if cfg.rollout.sync_weights:
-            self._sync_sampler()
-        stats.seconds["weight_sync"] += time.perf_counter() - t
-        return self._step_metrics(
-            stats, minis, groups, t_step, grad_norms=grad_norms, losses=losses, loss_metrics=loss_metrics
-        )
-
-    def _shape(self, mini: list[MicroBatch]) -> None:
-        """Per mini-batch: VPPO's α (TAS, §3) and TGF mask (§4), or PGPO's ω̃ (§5). Sets mb.alpha / token_weights."""
+    def shape(self, mini: list[MicroBatch], passes: list[NoGradPass]) -> list[Shaped]:
+        """One mini-batch: VPPO's α (TAS, §3) and TGF mask (§4), or PGPO's ω̃ (§5), and the truncated importance
+        weights (loss.rollout_is_cap). Returns one Shaped per micro-batch."""
         a = self._cfg.algorithm
-        for mb in mini:
-            mb.alpha = torch.ones_like(mb.advantages)
+        alphas = [torch.ones_like(mb.advantages) for mb in mini]
         if self.tas:
-            traj = torch.cat([mb.traj_dep for mb in mini])
+            traj = torch.cat([p.traj_dep for p in passes])
             valid = torch.cat([mb.mask.sum(1) > 0 for mb in mini])
             if a.tas_statistics == "global":
                 # m, M and mean(n) over the GLOBAL mini-batch: gather S̄ of every rank (same length on each).
@@ -804,26 +894,50 @@ class RLRecipeDistributed:
                 alpha = alpha[self.rank * traj.numel() : (self.rank + 1) * traj.numel()]
             else:  # the official code: per-rank mini-batch min/max, per-micro-batch mean(n)
                 alpha = tas_scale_reference(traj, self.micro_batch_size, beta_min=a.beta_min, valid=valid)
-            for mb, part in zip(mini, alpha.split([mb.traj_dep.numel() for mb in mini])):
-                mb.alpha = part
-        for mb in mini:
-            if self.tgf:
-                mb.token_weights = tgf_mask(mb.S, mb.mask, fraction=a.tgf_fraction).to(mb.lp_old.dtype)
-            elif self.algorithm == "pgpo":
-                mb.token_weights = pgpo_token_weights(mb.S, mb.mask, tau=a.pgpo_tau, beta=a.pgpo_beta)
+            alphas = list(alpha.split([p.traj_dep.numel() for p in passes]))
         cap = self._cfg.loss.rollout_is_cap
-        if cap is not None:  # truncated IS: reweight each token's policy term by min(π_old / π_rollout, cap)
-            for mb in mini:
-                mb.is_weights = truncated_is_weights(mb.lp_old, mb.lp_sampler, mb.mask, cap=float(cap))
-                w = mb.is_weights.to(mb.lp_old.dtype)
-                mb.token_weights = w if mb.token_weights is None else mb.token_weights * w
+        shaped = []
+        for mb, p, alpha in zip(mini, passes, alphas):
+            token_weights = None
+            if self.tgf:
+                token_weights = tgf_mask(p.S, mb.mask, fraction=a.tgf_fraction).to(p.lp_old.dtype)
+            elif self.algorithm == "pgpo":
+                token_weights = pgpo_token_weights(p.S, mb.mask, tau=a.pgpo_tau, beta=a.pgpo_beta)
+            is_weights = None
+            if cap is not None:  # truncated IS: reweight each token's policy term by min(π_old / π_rollout, cap)
+                is_weights = truncated_is_weights(p.lp_old, mb.lp_sampler, mb.mask, cap=float(cap))
+                w = is_weights.to(p.lp_old.dtype)
+                token_weights = w if token_weights is None else token_weights * w
+            shaped.append(Shaped(mb.advantages * alpha, alpha, token_weights, is_weights))
+        return shaped
 
-    def _update(self, mini: list[MicroBatch], loss_metrics: dict[str, float]) -> tuple[float, float]:
-        """Gradient accumulation over the micro-batches of one mini-batch, then clip and step (or skip, counted).
+    # ---------------------------------------------------------------- 7. update
+
+    def update(
+        self, minis: list[list[MicroBatch]], passes: list[list[NoGradPass]], shaped: list[list[Shaped]]
+    ) -> UpdateResult:
+        """One optimizer update per mini-batch (gradient accumulation over its micro-batches, clip, step)."""
+        losses, grad_norms = [], []
+        metric_sums: dict[str, Any] = {}  # this phase's own accumulator, filled by every mini-batch in turn
+        counts: dict[str, float] = defaultdict(float)
+        for mini, mini_passes, mini_shaped in zip(minis, passes, shaped):
+            loss, grad_norm, skipped = self._update_mini_batch(mini, mini_passes, mini_shaped, metric_sums)
+            losses.append(loss)
+            grad_norms.append(grad_norm)
+            if skipped is not None:
+                counts[f"skipped/{skipped}"] += 1
+        return UpdateResult(losses, grad_norms, metric_sums, dict(counts))
+
+    def _update_mini_batch(
+        self, mini: list[MicroBatch], passes: list[NoGradPass], shaped: list[Shaped], metric_sums: dict[str, Any]
+    ) -> tuple[float, float, str | None]:
+        """Gradient accumulation over the micro-batches of one mini-batch, then clip and step (or skip).
 
         Every micro-batch loss is divided by the GLOBAL valid-token count of the mini-batch (or the global number
         of non-empty responses for seq-mean-token-mean / GSPO-style aggregations), so the summed losses are one
-        token-mean over all ranks. Returns (loss, grad norm) of the mini-batch; a non-finite one skips the step.
+        token-mean over all ranks. Adds the micro-batches' policy_loss metrics to `metric_sums`. Returns (loss,
+        grad norm, None) of the mini-batch, or with the reason it was skipped ("updates_without_tokens",
+        "nonfinite_updates"; both decided on global values, so alike on every rank).
 
         Host syncs: two per mini-batch (the token count, and the loss with the grad norm for the skip decision),
         however many micro-batches it has. The micro-batch loop runs vppo-core with `validate=False` (its inputs
@@ -835,19 +949,18 @@ class RLRecipeDistributed:
         counts = counts.sum(0)
         dist.all_reduce(counts)
         if counts[0].item() == 0:  # only empty responses: nothing to learn from, keep the ranks in step
-            self.totals["skipped/updates_without_tokens"] += 1
-            return math.nan, math.nan
+            return math.nan, math.nan, "updates_without_tokens"
         token_mean = L.aggregation == "token-mean"
         norm = {"num_tokens": counts[0]} if token_mean else {"num_sequences": counts[1]}
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for mb in mini:
+        for mb, p, s in zip(mini, passes, shaped):
             lp_new, _ = self._logprobs(mb, mb.inputs, validate=False)
             loss, metrics = policy_loss(
                 lp_new,
-                mb.lp_old,
-                mb.advantages * mb.alpha,
+                p.lp_old,
+                s.advantages,
                 mb.mask,
-                token_weights=mb.token_weights,
+                token_weights=s.token_weights,
                 loss_type=L.loss_type,
                 clip_low=L.clip_low,
                 clip_high=L.clip_high,
@@ -861,9 +974,9 @@ class RLRecipeDistributed:
             (loss * self.world).backward()
             loss_sum = loss_sum + loss.detach().double()
             valid = mb.mask > 0
-            active = valid if mb.token_weights is None else valid & (mb.token_weights != 0)
-            accumulate_loss_metrics(loss_metrics, metrics, valid_tokens=valid.sum(), active_tokens=active.sum())
-        loss_metrics["_updates"] = loss_metrics.get("_updates", 0.0) + 1
+            active = valid if s.token_weights is None else valid & (s.token_weights != 0)
+            accumulate_loss_metrics(metric_sums, metrics, valid_tokens=valid.sum(), active_tokens=active.sum())
+        metric_sums["_updates"] = metric_sums.get("_updates", 0.0) + 1
         dist.all_reduce(loss_sum)
         max_norm = float(self.grad_clip) if self.grad_clip else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=max_norm)
@@ -871,15 +984,16 @@ class RLRecipeDistributed:
             grad_norm = grad_norm.full_tensor()
         loss_total, grad_norm = torch.stack([loss_sum, grad_norm.double().to(loss_sum.device)]).tolist()
         if not (math.isfinite(grad_norm) and math.isfinite(loss_total)):
-            # Same decision on every rank (both numbers are global); the step is skipped, never applied.
+            # The step is skipped, never applied: a NaN/inf gradient would poison AdamW's moments.
             self.optimizer.zero_grad(set_to_none=True)
-            self.totals["skipped/nonfinite_updates"] += 1
-            return loss_total, grad_norm
+            return loss_total, grad_norm, "nonfinite_updates"
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
         self.optimizer_steps += 1
-        return loss_total, grad_norm
+        return loss_total, grad_norm, None
+
+    # ---------------------------------------------------------------- 8. weight push
 
     def _sync_sampler(self) -> None:
         """Gather every parameter to full on every rank (one tensor at a time) and copy it into the sampler.
@@ -896,22 +1010,37 @@ class RLRecipeDistributed:
     # ---------------------------------------------------------------- metrics
 
     def _step_metrics(
-        self, stats: StepStats, minis, groups: list[Group], t_step: float, *, grad_norms, losses, loss_metrics=None
+        self,
+        rollouts: Rollouts,
+        minis: list[list[MicroBatch]],
+        passes: list[list[NoGradPass]],
+        shaped: list[list[Shaped]],
+        update: UpdateResult,
+        *,
+        local_counts: dict[str, float],
+        seconds: dict[str, float],
+        agreement: list[float],
+        t_step: float,
     ) -> dict[str, float]:
-        """Reduce this step's statistics over all ranks into one flat dict (the same on every rank)."""
+        """Reduce the phases' results over all ranks into one flat dict (the same on every rank), and add the step's
+        counts to the run's totals."""
         mbs = [mb for mini in minis for mb in mini]
+        mb_passes = [p for mini in passes for p in mini]
+        mb_shaped = [s for mini in shaped for s in mini]
+        groups = rollouts.groups
         m: dict[str, float] = {}
-        # filter/* counters are already global (computed on the gathered groups); skipped/* ones are per rank.
-        counts = dict(stats.counts)
-        local = sorted(k for k in counts if k.startswith("skipped/"))
-        summed = _all_reduce_list([counts[k] for k in local])
-        counts.update(zip(local, summed))
+        # filter/* and the update's skipped/* are global already (decided on gathered or all-reduced values);
+        # local_counts (skipped/empty_responses) are this rank's and are summed.
+        local = sorted(local_counts)
+        counts = {**rollouts.counts, **update.counts}
+        counts.update(zip(local, _all_reduce_list([local_counts[k] for k in local])))
         for k, v in counts.items():
             self.totals[k] += v
             m[k] = v
         sampled = counts.get("filter/groups_sampled", 0.0)
         m["filter/keep_rate"] = counts.get("filter/groups_kept", 0.0) / sampled if sampled else math.nan
 
+        losses, grad_norms, loss_metrics = update.losses, update.grad_norms, update.metric_sums
         m["loss"] = sum(losses) / len(losses) if losses else math.nan
         m["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else math.nan
         m["lr"] = float(self.optimizer.param_groups[0]["lr"])
@@ -931,33 +1060,33 @@ class RLRecipeDistributed:
             return _all_gather_var(local_values)
 
         if self.uses_dependency:
-            S = gathered([mb.S[mb.mask > 0] for mb in mbs])
-            traj = gathered([mb.traj_dep[mb.mask.sum(1) > 0] for mb in mbs])
+            S = gathered([p.S[mb.mask > 0] for mb, p in zip(mbs, mb_passes)])
+            traj = gathered([p.traj_dep[mb.mask.sum(1) > 0] for mb, p in zip(mbs, mb_passes)])
             m["dependency/token_mean"] = float(S.mean()) if S.numel() else math.nan
             m["dependency/token_p50"], m["dependency/token_p90"] = masked_quantiles(S, (0.5, 0.9))
             m["dependency/traj_mean"] = float(traj.mean()) if traj.numel() else math.nan
         if self.algorithm == "vppo":
-            alpha = gathered([mb.alpha[mb.mask.sum(1) > 0] for mb in mbs])
+            alpha = gathered([s.alpha[mb.mask.sum(1) > 0] for mb, s in zip(mbs, mb_shaped)])
             m["tas/alpha_min"] = float(alpha.min()) if alpha.numel() else math.nan
             m["tas/alpha_max"] = float(alpha.max()) if alpha.numel() else math.nan
             if self.tgf:
-                w = gathered([mb.token_weights[mb.mask > 0] for mb in mbs])
+                w = gathered([s.token_weights[mb.mask > 0] for mb, s in zip(mbs, mb_shaped)])
                 m["tgf/selected_fraction"] = float(w.mean()) if w.numel() else math.nan
         if self.algorithm == "pgpo":
-            w = gathered([mb.token_weights[mb.mask > 0] for mb in mbs])
+            w = gathered([s.token_weights[mb.mask > 0] for mb, s in zip(mbs, mb_shaped)])
             m["pgpo/weight_mean"] = float(w.mean()) if w.numel() else math.nan
             m["pgpo/weight_min"] = float(w.min()) if w.numel() else math.nan
             m["pgpo/weight_max"] = float(w.max()) if w.numel() else math.nan
             m["pgpo/weight_std"] = float(w.std()) if w.numel() > 1 else math.nan
 
         # trainer-sampler agreement (first mini-batch, all ranks) and the truncated importance weights
-        total, tokens, above = _all_reduce_list(stats.agreement[:3])
-        (largest,) = _all_reduce_list(stats.agreement[3:], op=dist.ReduceOp.MAX)
+        total, tokens, above = _all_reduce_list(agreement[:3])
+        (largest,) = _all_reduce_list(agreement[3:], op=dist.ReduceOp.MAX)
         m["rollout/logprob_abs_diff_mean"] = total / tokens if tokens else math.nan
         m["rollout/logprob_abs_diff_max"] = largest if tokens else math.nan
         m["rollout/logprob_frac_above_1e-3"] = above / tokens if tokens else math.nan
         if self._cfg.loss.rollout_is_cap is not None:
-            w = gathered([mb.is_weights[mb.mask > 0] for mb in mbs])
+            w = gathered([s.is_weights[mb.mask > 0] for mb, s in zip(mbs, mb_shaped)])
             cap = float(self._cfg.loss.rollout_is_cap)
             m["rollout/is_weight_mean"] = float(w.mean()) if w.numel() else math.nan
             m["rollout/is_capped_fraction"] = float((w >= cap).double().mean()) if w.numel() else math.nan
@@ -979,9 +1108,9 @@ class RLRecipeDistributed:
         m["response/length_mean"] = r[4] / n if n else math.nan
         m["response/truncated_fraction"] = r[5] / n if n else math.nan
 
-        seconds = _all_reduce_list([stats.seconds.get(p, 0.0) for p in PHASES], op=dist.ReduceOp.MAX)
-        for p, v in zip(PHASES, seconds):
-            m[f"time/{p}_s"] = v  # the slowest rank sets the pace
+        slowest = _all_reduce_list([seconds.get(phase, 0.0) for phase in PHASES], op=dist.ReduceOp.MAX)
+        for phase, v in zip(PHASES, slowest):
+            m[f"time/{phase}_s"] = v  # the slowest rank sets the pace
         m["time/step_s"] = time.perf_counter() - t_step
         m["throughput/tokens_per_s"] = r[4] / m["time/step_s"]
         # Peak memory of every rank: allocated GPU memory on CUDA, the process's peak RSS on CPU.

@@ -52,7 +52,7 @@ from vppo_recipes.checkpointing import (
     save_checkpoint,
 )
 from vppo_recipes.config_schema import check_world_size, validate_config
-from vppo_recipes.data import Example, ExampleStream, VisualQADataset, build_response, rank_slice
+from vppo_recipes.data import Example, ExampleStream, SkipRow, VisualQADataset, build_response, rank_slice
 from vppo_recipes.distributed import init_distributed, load_training_policy, shard_and_place
 from vppo_recipes.lr_schedule import constant_with_warmup
 from vppo_recipes.metric_logging import build_metric_logger
@@ -120,8 +120,6 @@ class SFTRecipeDistributed:
                 "(every rank trains on an equal share)"
             )
         self.dtype = _DTYPES[cfg.model.dtype]
-        if self.device.type == "cpu" and self.dtype != torch.float32:
-            raise ValueError("model.dtype=bfloat16 needs a GPU (FSDP2 mixed precision); use float32 on CPU")
         torch.manual_seed(self.seed)
 
         self.step = 0  # optimizer steps attempted (skipped non-finite ones included)
@@ -165,9 +163,7 @@ class SFTRecipeDistributed:
     def _setup_data(self, cfg: DictConfig) -> None:
         """Rows through the column mapping, in a seeded resumable order that every rank shares."""
         self.dataset = VisualQADataset.from_source(cfg.data.source, cfg.data.split, dict(cfg.data.columns))
-        self.stream = ExampleStream(self.dataset, seed=self.seed, shuffle=cfg.data.shuffle, keep=self._keep_example)
-        # (prompt, target ids) of each example `take` accepted, in order; consumed by the next train_step.
-        self._pending: list[tuple[Prompt, list[int]]] = []
+        self.stream = ExampleStream(self.dataset, seed=self.seed, shuffle=cfg.data.shuffle, prepare=self._encode)
 
     def target_text(self, example: Example) -> str:
         """The text the model learns to answer with: the response column, or the template filled with the answer."""
@@ -175,30 +171,29 @@ class SFTRecipeDistributed:
             return example.response
         return build_response(example.answer, self._cfg.data.response_template)
 
-    def _keep_example(self, example: Example) -> str | None:
-        """ExampleStream filter: encode prompt and target once; too-long rows are skipped (and counted)."""
+    def _encode(self, example: Example) -> tuple[Prompt, list[int]]:
+        """ExampleStream's `prepare`: (chat prompt, target token ids); a too-long row is skipped (and counted)."""
         cfg = self._cfg.data
         try:
             prompt = build_prompt(
                 self.processor, example.question, example.images, max_prompt_length=cfg.max_prompt_length
             )
         except PromptTooLongError:
-            return "prompt_too_long"
+            raise SkipRow("prompt_too_long") from None
         ids = self.processor.tokenizer(self.target_text(example), add_special_tokens=False)["input_ids"]
         ids = [*ids, self.end_of_turn_id]
         if len(ids) > cfg.max_response_length:
-            return "response_too_long"
-        self._pending.append((prompt, ids))
-        return None
+            raise SkipRow("response_too_long")
+        return prompt, ids
 
     # ---------------------------------------------------------------- one step
 
-    def train_step(self, examples: list[Example]) -> dict[str, float]:
-        """One optimizer step on `examples` (the global batch, identical on every rank). Returns its metrics."""
+    def train_step(self, encoded: list[tuple[Prompt, list[int]]]) -> dict[str, float]:
+        """One optimizer step on `encoded` (the global batch of (prompt, target ids), identical on every rank).
+
+        Returns its metrics.
+        """
         t0 = time.perf_counter()
-        encoded, self._pending = self._pending, []
-        if len(encoded) != len(examples):  # the stream accepted exactly the examples it returned
-            raise RuntimeError(f"internal: {len(encoded)} encoded rows for {len(examples)} examples")
         # Normaliser of the global token-mean: every rank sees the whole batch, so no communication is needed.
         num_tokens = sum(len(ids) for _, ids in encoded)
         mine = encoded[rank_slice(len(encoded), self.rank, self.world)]
@@ -253,8 +248,7 @@ class SFTRecipeDistributed:
         every = int(self._cfg.training.save_every_n_steps)
         saved_at = self.step if self.resume_from is not None else -1
         while self.step < self.max_steps and self.stream.epoch < self.epochs:
-            examples = self.stream.take(self.batch_size)
-            metrics = self.train_step(examples)
+            metrics = self.train_step(self.stream.take(self.batch_size))
             self.step += 1
             for reason, count in self.stream.skipped.items():
                 metrics[f"total/skipped_rows/{reason}"] = float(count)
