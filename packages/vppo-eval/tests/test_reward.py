@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -232,3 +233,72 @@ def test_inputs_that_hang_sympy_are_graded_without_it(junk):
     worker.join(timeout=10)
     assert result == {"score": 0.0}, f"grading {junk!r} did not finish within 10 s"
     assert grade(boxed(junk), junk) == 1.0  # string equality still counts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Linear time: the reference's regular expressions, kept here as the specification
+# ---------------------------------------------------------------------------------------------------------------
+
+REFERENCE_SPACING = re.compile(r"\s*(<|>|/)\s*")
+REFERENCE_FORMAT = re.compile(r"<think>.*</think>.*\\boxed\{.*\}.*", re.DOTALL)
+# the characters the two patterns care about, plus some that they do not
+PIECES = st.sampled_from(
+    ["<think>", "</think>", "\\boxed{", "}", "{", "<", ">", "/", " ", "\n", "\t", "x", "1", "\u3000"]
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(PIECES, max_size=24).map("".join))
+def test_normalize_spacing_equals_the_reference_substitution(text):
+    assert normalize_spacing(text) == REFERENCE_SPACING.sub(r"\1", text)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(PIECES, max_size=24).map("".join))
+def test_format_reward_equals_the_reference_fullmatch(text):
+    expected = 1.0 if REFERENCE_FORMAT.fullmatch(REFERENCE_SPACING.sub(r"\1", text)) else 0.0
+    assert format_reward(text) == expected
+
+
+ADVERSARIAL = {
+    "spaces": " " * 100_000 + "x",  # the reference spacing rule: 113 s
+    "spaces_then_tag": " " * 50_000 + "x" + " " * 50_000 + "<",
+    "think_boxed": "<think>" + "</think>\\boxed{" * 6_600,
+    "close_think_boxed": "</think>\\boxed{" * 6_600,
+    "unclosed_box": "<think></think>\\boxed{" + "{" * 100_000,
+    "angles": "< " * 50_000,
+    "sum_box": "<think></think>\\boxed{" + "1+" * 50_000 + "1}",
+    "frac_box": "<think></think>\\boxed{" + "\\frac{1}{2}" * 9_000 + "}",  # mathruler's normalisation: 1.2 s
+    "sqrt_box": "<think></think>\\boxed{" + "\\sqrt{" * 5_000 + "2" + "}" * 5_001,
+    "parens_box": "<think></think>\\boxed{" + "(" * 50_000 + "1" + ")" * 49_990 + "}",
+    "letters_box": "<think></think>\\boxed{" + "A, " * 33_000 + "B}",
+    "digits_box": "<think></think>\\boxed{" + "9" * 100_000 + "}",
+    "many_boxes": "<think></think>" + "\\boxed{1}" * 11_000,
+    "frac_box_at_the_cap": "<think></think>\\boxed{" + ("\\frac{1}{2}" * 100)[:1000] + "}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(ADVERSARIAL))
+@pytest.mark.parametrize("multiple_choice", [False, True])
+def test_adversarial_responses_up_to_100_kb_are_graded_in_under_50_ms(name, multiple_choice):
+    import time
+
+    text = ADVERSARIAL[name]
+    assert len(text) <= 100_100
+    compute_rewards([text], ["1"], multiple_choice=multiple_choice)  # warm caches (sympy imports, regexes)
+    best = math.inf
+    for _ in range(3):  # the best of three: a loaded CI machine can stall any single call
+        start = time.perf_counter()
+        compute_rewards([text], ["\\frac{1}{2}"], multiple_choice=multiple_choice)
+        compute_rewards([text], ["A, B"], multiple_choice=multiple_choice)
+        best = min(best, (time.perf_counter() - start) / 2)
+    assert best < 0.05, f"{name}: {best * 1e3:.1f} ms"
+
+
+def test_an_overlong_box_counts_only_when_identical_to_the_ground_truth():
+    from vppo_eval.reward import MAX_ANSWER_CHARS
+
+    long_truth = "1" * (MAX_ANSWER_CHARS + 1)
+    assert grade(boxed(long_truth), long_truth) == 1.0
+    assert grade(boxed("0.5" + "0" * MAX_ANSWER_CHARS), "1/2") == 0.0  # equivalent, but too long to grade
+    assert grade(boxed("0.5" + "0" * 10), "1/2") == 1.0

@@ -14,13 +14,17 @@ Accuracy is 1.0 or 0.0, the format reward is 1.0 when the whole response matches
 (0.9 / 0.1 by default).
 
 One addition over the reference, on by default and switchable off (``multiple_choice=False`` gives the reference
-result on every input except the two guards noted here: the sympy guard above, and a response without a box, which
-the reference grades as the string ``"None"``): when the ground truth is a set of option letters (``"B"``, ``"A, C"``), a boxed answer that
+result on every input except the guards noted here: the sympy guard above; a response without a box, which the
+reference grades as the string ``"None"``; and a boxed answer longer than ``max(MAX_ANSWER_CHARS, 4 × the ground
+truth)``, which counts only when identical to the ground truth, because mathruler's normalisation is super-linear in
+the answer's length (1.2 s for a 100 KB box of ``\frac{1}{2}``)): when the ground truth is a set of option letters (``"B"``, ``"A, C"``), a boxed answer that
 names exactly the same set of letters is also correct — ``"(B)"``, ``"B. 12 cm"``, ``"\\text{B}"``, ``"C, A"``,
 ``"A and C"``. mathruler alone accepts ``"(B)"`` and ``"A,C"`` but rejects ``"C, A"`` and ``"B. 12 cm"``. The extra
 rule can only turn a 0 into a 1, never the reverse, and never for a non-letter ground truth.
 
-Nothing here raises on model output: junk, ``None``, unbalanced braces, sympy blow-ups all score 0.
+Nothing here raises on model output: junk, ``None``, unbalanced braces, sympy blow-ups all score 0. Every step
+takes time linear in the response's length (the reference's two regular expressions backtrack super-linearly:
+113 s for 100 KB of spaces); ``tests/test_reward.py`` bounds adversarial 100 KB responses to 50 ms each.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from mathruler.math_normalize import normalize_answer
 
 __all__ = [
     "DEFAULT_FORMAT_WEIGHT",
+    "MAX_ANSWER_CHARS",
     "choice_letters",
     "compute_rewards",
     "extract_boxed",
@@ -42,10 +47,13 @@ __all__ = [
 ]
 
 DEFAULT_FORMAT_WEIGHT = 0.1
+# Longest boxed answer handed to mathruler (see the module docstring); ground truths are a few characters.
+MAX_ANSWER_CHARS = 1000
 
-_SPACING = re.compile(r"\s*(<|>|/)\s*")
-# The reference pattern, applied with fullmatch to the space-normalised response.
-_FORMAT = re.compile(r"<think>.*</think>.*\\boxed\{.*\}.*", re.DOTALL)
+# A whitespace run before or after "<", ">" or "/". The reference's r"\s*(<|>|/)\s*" is retried from every position
+# inside a run and rescans the rest of it each time: quadratic, 113 s for 100 KB of spaces. Here a run can start a
+# match only at its first character (the look-behind), so each run is scanned a bounded number of times.
+_SPACE_AT_DELIMITER = re.compile(r"(?<!\s)\s+(?=[<>/])|(?<=[<>/])\s+")
 _BOXED = "\\boxed{"
 
 # One option letter, optionally wrapped as "(A)", "[A]", "\text{A}", "\textbf{A}", "\mathrm{A}", followed by nothing
@@ -69,8 +77,9 @@ _SPLIT_LETTERS = re.compile(r"\s*(?:,|;|\band\b|&)\s*")
 
 
 def normalize_spacing(text: str) -> str:
-    """Remove whitespace around ``<``, ``>`` and ``/`` (reference: ``re.sub(r"\\s*(<|>|/)\\s*", r"\\1", text)``)."""
-    return _SPACING.sub(r"\1", text)
+    """Remove whitespace around ``<``, ``>`` and ``/``: the reference's ``re.sub(r"\\s*(<|>|/)\\s*", r"\\1", text)``,
+    in time linear in the length."""
+    return _SPACE_AT_DELIMITER.sub("", text)
 
 
 def extract_boxed(text: str) -> str | None:
@@ -134,6 +143,8 @@ def _grade_boxed(boxed: str | None, ground_truth: str, *, multiple_choice: bool)
     """Grade an already extracted answer. Never raises."""
     if boxed is None or not isinstance(ground_truth, str) or not ground_truth.strip():
         return 0.0
+    if len(boxed) > max(MAX_ANSWER_CHARS, 4 * len(ground_truth)):
+        return 1.0 if boxed == ground_truth.strip() else 0.0
     try:
         if _grade_answer_safe(boxed, ground_truth):
             return 1.0
@@ -158,10 +169,25 @@ def grade(response: str, answer: str, *, multiple_choice: bool = True) -> float:
 
 
 def format_reward(response: str) -> float:
-    """1.0 when the space-normalised response fully matches ``<think>…</think>…\\boxed{…}…``, else 0.0."""
+    """1.0 when the space-normalised response fully matches ``<think>…</think>…\\boxed{…}…``, else 0.0.
+
+    The reference is ``re.fullmatch(r"<think>.*</think>.*\\\\boxed\\{.*\\}.*", text, re.DOTALL)``, whose nested
+    ``.*`` backtrack super-linearly. Since every ``.*`` matches anything, the pattern matches exactly when the text
+    starts with ``<think>`` and ``</think>``, ``\\boxed{`` and ``}`` follow in that order; taking the earliest of
+    each leaves the most room for the next, so four ``find`` calls decide it in linear time.
+    """
     if not isinstance(response, str):
         return 0.0
-    return 1.0 if _FORMAT.fullmatch(normalize_spacing(response)) else 0.0
+    text = normalize_spacing(response)
+    if not text.startswith("<think>"):
+        return 0.0
+    end_think = text.find("</think>", len("<think>"))
+    if end_think == -1:
+        return 0.0
+    box = text.find(_BOXED, end_think + len("</think>"))
+    if box == -1:
+        return 0.0
+    return 1.0 if text.find("}", box + len(_BOXED)) != -1 else 0.0
 
 
 def compute_rewards(
