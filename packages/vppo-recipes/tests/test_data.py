@@ -100,7 +100,7 @@ def test_missing_column_names_the_columns_present_and_the_key_to_set():
     assert VisualQADataset(ds, {"question": "question"}).example(0).question == "How many? 0"
 
 
-@pytest.mark.parametrize(("row", "reason"), [(6, "no_image"), (7, "undecodable_image"), (8, "empty_answer")])
+@pytest.mark.parametrize(("row", "reason"), [(6, "missing_image"), (7, "undecodable_image"), (8, "empty_answer")])
 def test_bad_row_raises_skiprow_with_its_reason(row, reason):
     with pytest.raises(SkipRow) as info:
         VisualQADataset(_dataset(6, bad=True)).example(row)
@@ -111,20 +111,20 @@ def test_stream_skips_bad_rows_and_counts_each_reason():
     stream = ExampleStream(VisualQADataset(_dataset(6, bad=True)), seed=0)
     got = stream.take(12)  # 2 epochs of the 6 good rows, the 3 bad rows skipped twice each
     assert sorted(int(e.answer) for e in got) == sorted(list(range(6)) * 2)
-    assert dict(stream.skipped) == {"no_image": 2, "undecodable_image": 2, "empty_answer": 2}
+    assert dict(stream.skipped) == {"missing_image": 2, "undecodable_image": 2, "empty_answer": 2}
     assert stream.drawn == 18
 
 
 def test_stream_returns_what_prepare_makes_and_counts_its_skips_under_their_reason():
     def prepare(example):
         if example.answer == "3":
-            raise SkipRow("too_long")
+            raise SkipRow("prompt_too_long")
         return ("prepared", example.row, example.answer)
 
     stream = ExampleStream(VisualQADataset(_dataset(6)), seed=0, prepare=prepare)
     got = stream.take(5)
     assert all(tag == "prepared" for tag, _, _ in got) and "3" not in [answer for _, _, answer in got]
-    assert stream.skipped["too_long"] == 1 and stream.drawn == 6
+    assert stream.skipped["prompt_too_long"] == 1 and stream.drawn == 6
 
 
 def test_dataset_without_any_usable_row_raises_instead_of_looping():
@@ -177,3 +177,99 @@ def test_rank_slice_splits_evenly_or_raises():
     assert [rank_slice(8, r, 2) for r in range(2)] == [slice(0, 4), slice(4, 8)]
     with pytest.raises(ValueError, match="cannot be split evenly over 3 ranks"):
         rank_slice(8, 0, 3)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Odd images and text: the same picture as evaluation, counted skips under evaluation's reasons
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _transparent_diagram_png() -> bytes:
+    """A black diagonal on a fully transparent canvas (how geometry diagrams are often drawn)."""
+    rgba = Image.new("RGBA", (16, 16), (0, 0, 0, 0))
+    for i in range(16):
+        rgba.putpixel((i, i), (0, 0, 0, 255))
+    buf = io.BytesIO()
+    rgba.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _grey16_png() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.array([[0, 257 * 100, 65535]], dtype=np.uint16)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _bomb_png() -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", 20_000, 20_000, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize("png", [_transparent_diagram_png, _grey16_png], ids=["transparent", "grey16"])
+def test_training_decodes_an_image_to_the_same_picture_as_evaluation(tmp_path, png):
+    """Training used to turn transparency black (evaluation: white) and clip 16-bit greyscale to white."""
+    from vppo_eval.evaluate import records_from_rows
+
+    rows = {"problem": ["q"], "answer": ["1"], "images": [[{"bytes": png(), "path": None}]]}
+    datasets.Dataset.from_dict(rows, features=FEATURES).to_parquet(str(tmp_path / "train.parquet"))
+    trained = VisualQADataset.from_source(tmp_path / "train.parquet", "train").example(0).images[0]
+    records, skipped = records_from_rows(
+        [{"problem": "q", "answer": "1", "images": [{"bytes": png(), "path": None}]}], id_column=None
+    )
+    evaluated = records[0].images[0]
+    assert not skipped and np.array_equal(np.asarray(trained), np.asarray(evaluated))
+    pixels = np.asarray(trained)
+    if png is _transparent_diagram_png:
+        assert (pixels[0, 5] == 255).all() and (pixels[5, 5] == 0).all()  # white canvas, black stroke
+    else:
+        assert pixels[0, :, 0].tolist() == [0, 100, 255]
+
+
+def test_a_decompression_bomb_row_is_a_counted_skip_in_training_and_evaluation(tmp_path):
+    """It used to kill the run at the step that drew it (and again after every resume)."""
+    from vppo_eval.evaluate import records_from_rows
+
+    bomb = {"bytes": _bomb_png(), "path": None}
+    rows = {"problem": ["q0", "bomb", "q2"], "answer": ["0", "1", "2"], "images": [[{"bytes": _png(0), "path": None}], [bomb], [{"bytes": _png(2), "path": None}]]}  # fmt: skip
+    datasets.Dataset.from_dict(rows, features=FEATURES).to_parquet(str(tmp_path / "train.parquet"))
+    stream = ExampleStream(VisualQADataset.from_source(tmp_path / "train.parquet", "train"), seed=0, shuffle=False)
+    assert [e.answer for e in stream.take(4)] == ["0", "2", "0", "2"]
+    assert dict(stream.skipped) == {"image_too_large": 2}
+    _, skipped = records_from_rows([{"problem": "q", "answer": "1", "images": [bomb]}], id_column=None)
+    assert skipped == {"image_too_large": 1}
+
+
+def test_a_question_that_is_not_utf8_is_counted_as_undecodable_text_not_as_an_image(tmp_path):
+    features = datasets.Features(
+        {
+            "problem": datasets.Value("binary"),
+            "answer": datasets.Value("string"),
+            "images": datasets.List(datasets.Image()),
+        }
+    )
+    rows = {
+        "problem": ["How many? é".encode(), b"\xff\xfe not utf-8"],
+        "answer": ["1", "2"],
+        "images": [[{"bytes": _png(0), "path": None}]] * 2,
+    }
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "train.parquet"))
+    ds = VisualQADataset.from_source(tmp_path / "train.parquet", "train")
+    assert ds.example(0).question == "How many? é"
+    with pytest.raises(SkipRow) as info:
+        ds.example(1)
+    assert info.value.reason == "undecodable_text" and "row 1 question" in str(info.value)
+
+
+def test_a_missing_image_file_is_missing_image_in_training_as_in_evaluation(tmp_path):
+    (tmp_path / "train.jsonl").write_text(json.dumps({"problem": "q", "answer": "1", "images": ["absent.png"]}) + "\n")
+    with pytest.raises(SkipRow) as info:
+        VisualQADataset.from_source(tmp_path / "train.jsonl", "train").example(0)
+    assert info.value.reason == "missing_image" and "absent.png" in str(info.value)

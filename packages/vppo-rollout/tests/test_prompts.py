@@ -69,7 +69,7 @@ def test_images_from_bytes_path_and_datasets_dict(tiny_processor, tmp_path):
 
 
 def test_bad_images_and_limits_name_the_item(tiny_processor):
-    with pytest.raises(ValueError, match=r"images\[1\]: cannot read"):
+    with pytest.raises(ValueError, match=r"images\[1\]: UnidentifiedImageError.*\(undecodable_image: "):
         build_prompt(tiny_processor, "q", [make_image(56, 56, 0), b"not an image"])
     with pytest.raises(ValueError, match=r"images\[0\]: zero-size"):
         build_prompt(tiny_processor, "q", [Image.new("RGB", (0, 5))])

@@ -9,9 +9,11 @@ function turning one raw row into a ``Record``. Every benchmark is loaded by the
   of parquet/jsonl data files, or a ``save_to_disk`` folder,
 - a single local ``.parquet`` / ``.jsonl`` / ``.json`` / ``.csv`` / ``.arrow`` file in the raw schema.
 
-Rows that cannot be used are skipped and counted by reason (``load_benchmark_report``): ``empty_answer``,
-``missing_image``, ``undecodable_image``, ``empty_question``, ``bad_options`` and, for MathVerse, MathVision and
-DynaMath (filtered by the paper to exact-match-checkable items, ALGORITHMS.md §8), ``not_exact_match``.
+Rows that cannot be used are skipped and counted by reason (``load_benchmark_report``), in the vocabulary training
+uses too (``vppo_rollout.images.SKIP_REASONS``): ``empty_answer``, ``missing_image``, ``undecodable_image``,
+``image_too_large``, ``empty_question``, ``bad_options`` and, for MathVerse, MathVision and DynaMath (filtered by
+the paper to exact-match-checkable items, ALGORITHMS.md §8), ``not_exact_match``. Images are decoded by
+``vppo_rollout.images.decode_image``, the decoder training uses.
 A missing *column* is an error, not a skip: the source is then not the benchmark's schema at all.
 
 Which schema facts were confirmed against dataset cards and which are assumed: packages/vppo-eval/README.md,
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import ast
 import difflib
-import io
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -34,6 +35,7 @@ from PIL import Image
 
 from vppo_eval.records import Record
 from vppo_eval.reward import choice_letters
+from vppo_rollout.images import SkipRow, decode_image
 
 __all__ = [
     "BENCHMARKS",
@@ -54,14 +56,6 @@ __all__ = [
 _FIXTURES = Path(__file__).parent / "fixtures"
 _FILE_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".arrow": "arrow"}
 _OPTION_LETTERS = "ABCDEFGHIJ"
-
-
-class SkipRow(Exception):  # a control-flow signal, not an error
-    """Raised by a normaliser for a row that cannot be evaluated; ``reason`` is the key it is counted under."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 class BenchmarkUnavailableError(RuntimeError):
@@ -113,62 +107,6 @@ class LoadReport:
 # ---------------------------------------------------------------------------------------------------------------
 # Row helpers
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy; transparent pixels become white (diagrams are drawn on transparent canvases; plain ``convert``
-    would turn them black and hide black strokes)."""
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def _from_bytes(data: bytes) -> Image.Image:
-    """Decode fully once (a corrupt or truncated file fails here, at load time, not mid-evaluation); an RGB image is
-    then returned *lazily opened*, so a loaded benchmark holds compressed bytes, not pixels (MathVerse alone has
-    3,940 images, some of several megapixels). Other modes are converted now."""
-    with Image.open(io.BytesIO(data)) as probe:
-        probe.load()
-        if probe.mode != "RGB":
-            return _to_rgb(probe)
-    return Image.open(io.BytesIO(data))
-
-
-def decode_image(value: Any, *, base_dir: Path | None = None) -> Image.Image:
-    """Decode one raw image cell into an RGB PIL image, or raise ``SkipRow``.
-
-    value: a PIL image, ``{"bytes": ..., "path": ...}`` (``datasets.Image(decode=False)``), raw bytes, or a path
-    (relative paths are resolved against ``base_dir``, the folder of the source).
-    """
-    if value is None:
-        raise SkipRow("missing_image")
-    try:
-        if isinstance(value, Image.Image):
-            return _to_rgb(value)
-        if isinstance(value, Mapping):
-            if value.get("bytes"):
-                return _from_bytes(value["bytes"])
-            if value.get("path"):
-                return decode_image(value["path"], base_dir=base_dir)
-            raise SkipRow("missing_image")
-        if isinstance(value, (bytes, bytearray)):
-            return _from_bytes(bytes(value))
-        if isinstance(value, str):
-            if not value.strip():
-                raise SkipRow("missing_image")
-            path = Path(value)
-            if not path.is_absolute() and base_dir is not None:
-                path = base_dir / path
-            if not path.is_file():
-                raise SkipRow("missing_image")
-            return _from_bytes(path.read_bytes())
-    except SkipRow:
-        raise
-    except Exception as err:  # PIL raises many types (UnidentifiedImageError, OSError, DecompressionBombError, ...)
-        raise SkipRow("undecodable_image") from err
-    raise SkipRow("undecodable_image")
 
 
 def _images(values: Iterable[Any], base_dir: Path | None) -> list[Image.Image]:

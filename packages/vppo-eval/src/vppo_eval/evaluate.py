@@ -213,8 +213,8 @@ def records_from_rows(
     (pass the counts to `evaluate(load_skipped={name: skips})`); ids fall back to the row index when `id_column`
     is None or absent. A missing question/answer/images column is a ValueError naming it.
     """
-    from vppo_eval.benchmarks import SkipRow, decode_image
     from vppo_eval.records import Record
+    from vppo_rollout.images import SkipRow, decode_image
 
     records, skipped = [], Counter()
     for index, row in enumerate(rows):

@@ -4,8 +4,10 @@
   parquet / jsonl / json / csv files, or one such file.
 - `VisualQADataset`: the rows of that source seen through a column mapping (ViRL39K's `problem`, `answer`,
   `images` by default). A missing column is an error naming the columns present and the config key to set.
-  A bad row (no image, an image that does not decode, an empty question or answer) raises `SkipRow` with the
-  reason; `ExampleStream` counts those skips and never drops a row silently.
+  A bad row (no image, an image that does not decode or is too large, text that is not UTF-8, an empty question or
+  answer) raises `SkipRow` with its reason, in the vocabulary evaluation uses too
+  (`vppo_rollout.images.SKIP_REASONS`); `ExampleStream` counts those skips and never drops a row silently. Images
+  are decoded by `vppo_rollout.images.decode_image`, the decoder evaluation uses: the same picture in both.
 - `PromptIterator`: the order rows are drawn in: a seeded permutation per epoch, position `(epoch, index)`,
   `state_dict()` / `load_state_dict()`. It depends only on `(seed, epoch, num_rows)`, so every rank that builds
   it with the same seed sees the same order and a resumed run continues exactly where it stopped.
@@ -15,7 +17,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -25,6 +26,8 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 from PIL import Image
+
+from vppo_rollout.images import SkipRow, decode_image
 
 T = TypeVar("T")
 
@@ -55,14 +58,6 @@ class Example:
     answer: str
     images: list[Image.Image]
     response: str | None = None
-
-
-class SkipRow(Exception):
-    """A row that cannot be used; `reason` is a short counter name (e.g. "no_image")."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
 
 
 def load_source(source: str | os.PathLike, split: str):
@@ -123,28 +118,6 @@ def build_response(answer: str, template: str) -> str:
     return template.replace("{answer}", answer)
 
 
-def _decode_image(value: Any, base_dir: Path | None) -> Image.Image:
-    """A PIL image, a datasets image dict {bytes, path} or a file path -> RGB PIL image (raises on failure)."""
-    if isinstance(value, Image.Image):
-        image = value
-    elif isinstance(value, Mapping) and (value.get("bytes") or value.get("path")):
-        if value.get("bytes"):
-            image = Image.open(io.BytesIO(value["bytes"]))
-        else:
-            image = Image.open(_resolve(value["path"], base_dir))
-    elif isinstance(value, (str, os.PathLike)):
-        image = Image.open(_resolve(value, base_dir))
-    else:
-        raise SkipRow("undecodable_image", f"unsupported image value of type {type(value).__name__}")
-    image.load()
-    return image.convert("RGB")
-
-
-def _resolve(path: str | os.PathLike, base_dir: Path | None) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() or base_dir is None else base_dir / p
-
-
 class VisualQADataset:
     """Rows of a `datasets.Dataset` read through a column mapping.
 
@@ -176,6 +149,7 @@ class VisualQADataset:
                     f"Set {config_key}.{role}=<one of those columns>"
                 )
         self.dataset = dataset
+        self._rows = dataset.with_format("arrow")
         self.base_dir = Path(base_dir) if base_dir is not None else None
 
     @classmethod
@@ -190,18 +164,20 @@ class VisualQADataset:
         return len(self.dataset)
 
     def example(self, row: int) -> Example:
-        """Row `row` as an `Example`; raises `SkipRow` (reason: no_image, undecodable_image, empty_question,
-        empty_answer, empty_response) when the row cannot be used."""
+        """Row `row` as an `Example`; raises `SkipRow` when the row cannot be used (reasons: missing_image,
+        undecodable_image, image_too_large, undecodable_text, empty_question, empty_answer, empty_response)."""
         try:
-            record = self.dataset[int(row)]
-        except (OSError, ValueError, SyntaxError) as e:  # datasets decodes images on access; PIL raises these
-            raise SkipRow("undecodable_image", f"row {row}: {type(e).__name__}: {e}") from e
+            # Through the Arrow format: image cells stay {"bytes", "path"} (datasets would decode them with PIL
+            # and raise on a decompression bomb before we could count it), texts come back as str.
+            record = self._rows[int(row)].to_pylist()[0]
+        except UnicodeDecodeError as e:
+            raise SkipRow("undecodable_text", f"row {row}: {e}") from e
         cols = self.columns
-        question = record[cols["question"]]
-        answer = record[cols["answer"]]
-        if question is None or not str(question).strip():
+        question = _text(record[cols["question"]], row, "question")
+        answer = _text(record[cols["answer"]], row, "answer")
+        if not question.strip():
             raise SkipRow("empty_question", f"row {row}")
-        if answer is None or not str(answer).strip():
+        if not answer.strip():
             raise SkipRow("empty_answer", f"row {row}")
         raw_images = record[cols["images"]]
         if raw_images is None:
@@ -209,22 +185,28 @@ class VisualQADataset:
         elif not isinstance(raw_images, (list, tuple)):
             raw_images = [raw_images]
         if not raw_images or any(v is None for v in raw_images):
-            raise SkipRow("no_image", f"row {row}")
-        try:
-            images = [_decode_image(v, self.base_dir) for v in raw_images]
-        except SkipRow:
-            raise
-        except (OSError, ValueError, SyntaxError) as e:
-            raise SkipRow("undecodable_image", f"row {row}: {type(e).__name__}: {e}") from e
+            raise SkipRow("missing_image", f"row {row}")
+        images = [
+            decode_image(v, base_dir=self.base_dir, label=f"row {row} image {i}") for i, v in enumerate(raw_images)
+        ]
         response = None
         if cols.get("response") is not None:
-            response = record[cols["response"]]
-            if response is None or not str(response).strip():
+            response = _text(record[cols["response"]], row, "response")
+            if not response.strip():
                 raise SkipRow("empty_response", f"row {row}")
-            response = str(response)
-        return Example(
-            row=int(row), question=str(question), answer=str(answer).strip(), images=images, response=response
-        )
+        return Example(row=int(row), question=question, answer=answer.strip(), images=images, response=response)
+
+
+def _text(value: Any, row: int, role: str) -> str:
+    """A text cell as str: None is empty, bytes must be UTF-8 (else the row is skipped as undecodable_text)."""
+    if value is None:
+        return ""
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise SkipRow("undecodable_text", f"row {row} {role}: {e}") from e
+    return str(value)
 
 
 class PromptIterator:

@@ -6,14 +6,13 @@ processor expands each to the image's number of merged patches when the batch is
 
 from __future__ import annotations
 
-import io
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
+from vppo_rollout.images import SKIP_REASONS, SkipRow, decode_image
 
 # ALGORITHMS.md §8: reason inside <think> </think>, final answer in \boxed{} (the VPPO / EasyR1 r1v wording).
 DEFAULT_INSTRUCTION = (
@@ -72,27 +71,15 @@ def pixel_bounds(processor) -> tuple[int, int, int]:
 
 
 def load_image(image: Any, *, name: str = "image") -> Image.Image:
-    """Open one image given as PIL image, path, bytes, or a datasets dict {"bytes": ..., "path": ...}; RGB.
+    """Open one image given as PIL image, path, bytes, or a datasets dict {"bytes": ..., "path": ...}: its RGB
+    picture by `vppo_rollout.images.decode_image` (transparency on white, 16-bit greyscale scaled, ...).
 
-    Raises ValueError naming `name` for unreadable data or a zero-size image.
+    Raises ValueError naming `name` and the reason for a missing, unreadable, too large or zero-size image.
     """
     try:
-        if isinstance(image, Image.Image):
-            img = image
-        elif isinstance(image, (str, os.PathLike)):
-            img = Image.open(Path(image))
-        elif isinstance(image, (bytes, bytearray)):
-            img = Image.open(io.BytesIO(image))
-        elif isinstance(image, dict) and (image.get("bytes") or image.get("path")):
-            img = Image.open(io.BytesIO(image["bytes"])) if image.get("bytes") else Image.open(image["path"])
-        else:
-            raise TypeError(f"unsupported type {type(image).__name__}")
-        img.load()
-    except Exception as e:
-        raise ValueError(f"{name}: cannot read the image ({type(e).__name__}: {e})") from e
-    if img.width == 0 or img.height == 0:
-        raise ValueError(f"{name}: zero-size image ({img.width}x{img.height})")
-    return img.convert("RGB") if img.mode != "RGB" else img
+        return decode_image(image, label=name)
+    except SkipRow as skip:
+        raise ValueError(f"{skip.detail or name} ({skip.reason}: {SKIP_REASONS[skip.reason]})") from skip
 
 
 def resize_image(image: Image.Image, processor) -> Image.Image:
