@@ -273,3 +273,28 @@ def test_a_missing_image_file_is_missing_image_in_training_as_in_evaluation(tmp_
     with pytest.raises(SkipRow) as info:
         VisualQADataset.from_source(tmp_path / "train.jsonl", "train").example(0)
     assert info.value.reason == "missing_image" and "absent.png" in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Damaged data files: an error naming the file and the line (vppo_eval.datafiles, shared with evaluation)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_an_empty_or_malformed_training_file_is_an_error_naming_the_file_and_line(tmp_path):
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"data.source='.*empty.jsonl' is empty"):  # was a bare StopIteration
+        load_source(tmp_path / "empty.jsonl", "train")
+    row = json.dumps({"problem": "q", "answer": "1", "images": ["a.png"]})
+    (tmp_path / "bad.jsonl").write_text(row + "\n" + row[:-1] + "\n" + row + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl' cannot be read as json: line 2, column \d+"):  # "position 47"
+        load_source(tmp_path / "bad.jsonl", "train")
+
+
+def test_a_training_folder_with_a_jsonl_and_an_image_folder_is_read_as_the_jsonl(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), i, dtype=np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    rows = [{"problem": f"q{i}", "answer": str(i), "images": [f"imgs/{i}.png"]} for i in range(2)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = VisualQADataset.from_source(tmp_path, "train")  # was read as an image folder: "column 'problem' ... not in"
+    assert len(ds) == 2 and ds.example(1).images[0].getpixel((0, 0)) == (1, 1, 1)

@@ -33,6 +33,7 @@ from typing import Any
 
 from PIL import Image
 
+from vppo_eval.datafiles import load_data_file, load_data_folder
 from vppo_eval.records import Record
 from vppo_eval.reward import choice_letters
 from vppo_rollout.images import SkipRow, decode_image
@@ -54,7 +55,6 @@ __all__ = [
 ]
 
 _FIXTURES = Path(__file__).parent / "fixtures"
-_FILE_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".arrow": "arrow"}
 _OPTION_LETTERS = "ABCDEFGHIJ"
 
 
@@ -552,31 +552,12 @@ def _open(spec: Benchmark, source: str | Path | None, split: str, config: str | 
     path = Path(source).expanduser()
     label = str(source)
     if path.is_file():
-        fmt = _FILE_FORMATS.get(path.suffix.lower())
-        if fmt is None:
-            raise ValueError(
-                f"source {label!r} has an unsupported extension {path.suffix!r}; use one of {sorted(_FILE_FORMATS)} "
-                "or a folder"
-            )
-        try:
-            return datasets.load_dataset(fmt, data_files=str(path), split="train"), path.parent, label
-        except Exception as err:  # re-raised with the fix
-            raise _unavailable(spec, label, None, "train", err) from err
+        return load_data_file(path, "train", label="source"), path.parent, label
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             loaded = datasets.load_from_disk(str(path))
             return _pick_split(loaded, split, label), path, label
-        try:
-            try:
-                loaded = datasets.load_dataset(str(path), name=config)
-            except ValueError:
-                if config is None:
-                    raise
-                # A folder of plain data files has no named configs.
-                loaded = datasets.load_dataset(str(path))
-        except Exception as err:  # re-raised with the fix
-            raise _unavailable(spec, label, config, split, err) from err
-        return _pick_split(loaded, split, label), path, label
+        return _pick_split(load_data_folder(path, label="source", config=config), split, label), path, label
     if str(source).startswith((".", "/", "~")) or "\\" in str(source):
         raise ValueError(f"source {label!r} does not exist; pass an existing file or folder, or a hub id")
     try:

@@ -27,6 +27,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 from PIL import Image
 
+from vppo_eval.datafiles import load_data_file, load_data_folder
 from vppo_rollout.images import SkipRow, decode_image
 
 T = TypeVar("T")
@@ -45,8 +46,6 @@ __all__ = [
 
 # Role -> column name. ViRL39K (chamber111/VPPO_ViRL39K_train) uses these names.
 DEFAULT_COLUMNS: dict[str, str] = {"question": "problem", "answer": "answer", "images": "images"}
-
-_FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".arrow": "arrow"}
 
 
 @dataclass
@@ -75,15 +74,9 @@ def load_source(source: str | os.PathLike, split: str):
         loaded = datasets.load_from_disk(str(path))
         return _pick_split(loaded, split, source)
     if path.is_file():
-        builder = _FILE_BUILDERS.get(path.suffix)
-        if builder is None:
-            raise ValueError(
-                f"data.source={str(source)!r} is a file with suffix {path.suffix!r}; "
-                f"supported files: {', '.join(sorted(_FILE_BUILDERS))} (or a folder / hub id)"
-            )
-        return datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
+        return load_data_file(path, split, label="data.source")
     if path.is_dir():
-        return _pick_split(datasets.load_dataset(str(path)), split, source)
+        return _pick_split(load_data_folder(path, label="data.source"), split, source)
     if str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
         # Not of the hub's "owner/name" form, and not on disk: a local path that does not exist.
         raise ValueError(f"data.source={str(source)!r} does not exist (looked for a local folder or file)")

@@ -1,0 +1,147 @@
+"""Local data files and folders into `datasets`, with errors that name the file, the line and the fix.
+
+Used by evaluation (`benchmarks.load_benchmark`) and by the training recipes (`vppo_recipes.data.load_source`), so
+both read a file the same way and fail the same way:
+
+- a file: ``.parquet``, ``.jsonl`` / ``.json``, ``.csv``, ``.arrow``. An empty file, a line that is not JSON, bytes
+  that are not UTF-8 or a damaged parquet file raise ``ValueError`` naming the file (and the line), not the bare
+  ``StopIteration`` / "position 47" / ``ArrowInvalid`` that ``datasets`` gives;
+- a folder: a hub snapshot (it has a ``README.md`` dataset card, which may define configs and splits) is read by
+  ``datasets``' own inference; any other folder is read as the data files it holds (split names taken from the file
+  names as ``datasets`` does), ignoring other files. ``datasets`` alone would read a folder with one ``.jsonl`` and
+  an ``imgs/`` folder of PNGs as an image folder, with only an ``image`` column.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["FILE_BUILDERS", "load_data_file", "load_data_folder"]
+
+# suffix -> `datasets` builder
+FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".arrow": "arrow"}
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    """Where a JSON Lines file stops being JSON Lines: "line N: <why>: <start of the line>", or None."""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return f"line {number} is not UTF-8 ({err}); re-encode the file as UTF-8 (e.g. iconv -t utf-8)"
+            if not text.strip():
+                continue
+            try:
+                value = json.loads(text.strip())
+            except json.JSONDecodeError as err:
+                return f"line {number}, column {err.colno}: {err.msg}: {text.strip()[:80]!r}"
+            if not isinstance(value, dict):
+                return f"line {number} is a JSON {type(value).__name__}, not an object with one field per column"
+    return None
+
+
+def _diagnose(path: Path, builder: str, err: Exception) -> str:
+    """The most specific reason `datasets` could not read `path`."""
+    if builder == "json":
+        if path.suffix.lower() == ".jsonl" or _looks_like_json_lines(path):
+            where = _first_bad_json_line(path)
+            if where is not None:
+                return where
+        else:
+            try:
+                json.loads(path.read_bytes().decode("utf-8"))
+            except UnicodeDecodeError as bad:
+                return f"not UTF-8 ({bad}); re-encode the file as UTF-8"
+            except json.JSONDecodeError as bad:
+                return f"not valid JSON at line {bad.lineno}, column {bad.colno}: {bad.msg}"
+    if builder == "parquet":
+        return f"not a readable parquet file (truncated or damaged?): {type(err).__name__}: {err}"
+    return f"{type(err).__name__}: {err}"
+
+
+def _looks_like_json_lines(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(1).strip()
+    return head == b"{"
+
+
+def load_data_file(path: str | Path, split: str = "train", *, label: str = "data.source") -> Any:
+    """One local data file as a `datasets.Dataset` (its rows become split `split`).
+
+    Raises ValueError naming `label` and the file: unsupported suffix, empty file, unreadable content (with the
+    line for JSON), or a file without rows.
+    """
+    import datasets
+
+    path = Path(path)
+    builder = FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise ValueError(
+            f"{label}={str(path)!r} is a file with suffix {path.suffix!r}; supported files: "
+            f"{', '.join(sorted(FILE_BUILDERS))} (or a folder, or a hub id)"
+        )
+    if path.stat().st_size == 0:
+        raise ValueError(f"{label}={str(path)!r} is empty (0 bytes): there are no rows to read")
+    try:
+        dataset = datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
+    except Exception as err:  # datasets / pyarrow raise many types; the diagnosis names the file and line
+        raise ValueError(f"{label}={str(path)!r} cannot be read as {builder}: {_diagnose(path, builder, err)}") from err
+    if len(dataset) == 0:
+        raise ValueError(f"{label}={str(path)!r} has no rows")
+    return dataset
+
+
+def load_data_folder(path: str | Path, *, label: str = "data.source", config: str | None = None) -> Any:
+    """A local folder as a `datasets.DatasetDict` (see the module docstring for how a folder is read).
+
+    config: a hub snapshot's config (subset) name; ignored for a plain folder of data files.
+    """
+    import datasets
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    path = Path(path)
+    if (path / "README.md").is_file():  # a hub snapshot: its card may name configs, splits and data files
+        try:
+            try:
+                return datasets.load_dataset(str(path), name=config)
+            except ValueError:
+                if config is None:
+                    raise
+                return datasets.load_dataset(str(path))  # a folder of plain data files has no named configs
+        except Exception as err:
+            raise ValueError(
+                f"{label}={str(path)!r} was read as a hub snapshot (it has a README.md dataset card) and failed: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+    patterns = get_data_patterns(str(path))
+    resolved = DataFilesDict.from_patterns(patterns, base_path=str(path))
+    data_files: dict[str, list[str]] = {}
+    for split, files in resolved.items():
+        kept = [f for f in files if Path(f).suffix.lower() in FILE_BUILDERS and "/." not in f]
+        if kept:
+            data_files[str(split)] = kept
+    every_file = sorted({f for files in data_files.values() for f in files})
+    if not every_file:
+        raise ValueError(
+            f"{label}={str(path)!r} holds no data file ({', '.join(sorted(FILE_BUILDERS))}); point {label} at a "
+            "data file, a folder of them, a save_to_disk folder or a hub snapshot"
+        )
+    builders = {FILE_BUILDERS[Path(f).suffix.lower()] for f in every_file}
+    if len(builders) > 1:
+        raise ValueError(
+            f"{label}={str(path)!r} mixes data file kinds ({', '.join(sorted(builders))}): "
+            f"{[Path(f).name for f in every_file]}; point {label} at one file"
+        )
+    empty = [f for f in every_file if Path(f).stat().st_size == 0]
+    if empty:
+        raise ValueError(f"{label}={str(path)!r}: empty data file(s) {empty}; remove them or fill them")
+    (builder,) = builders
+    try:
+        return datasets.load_dataset(builder, data_files=data_files)
+    except Exception as err:
+        for f in every_file:  # find the file at fault: the same checks and messages as for a single file
+            load_data_file(Path(f), label=f"{label} file")
+        raise ValueError(f"{label}={str(path)!r} ({builder} files {every_file}): {type(err).__name__}: {err}") from err
