@@ -26,14 +26,17 @@ _EXPORTS: dict[str, str] = {
     "load_source": "data",
     "rank_slice": "data",
     # checkpointing
+    "CheckpointWriteError": "checkpointing",
     "capture_rng_state": "checkpointing",
     "check_checkpoint_matches": "checkpointing",
     "checkpoint_dir": "checkpointing",
     "find_latest_checkpoint": "checkpointing",
+    "find_resumable_checkpoint": "checkpointing",
     "gather_full_state_dict": "checkpointing",
     "load_training_state": "checkpointing",
     "restore_rng_state": "checkpointing",
     "save_checkpoint": "checkpointing",
+    "verify_checkpoint": "checkpointing",
     # metric_logging
     "JsonlLogger": "metric_logging",
     "NullLogger": "metric_logging",

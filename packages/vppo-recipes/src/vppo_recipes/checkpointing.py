@@ -9,11 +9,19 @@ Layout of one checkpoint (`<output_dir>/checkpoints/step_000004/`), which is its
     optimizer.pt                                              optimizer state (full, keyed by parameter FQN), or
     optimizer_rank{r}.pt                                      each rank's shard of it (low-bit torchao states)
     rng_state_rank{r}.pt                                      torch / python / numpy (/ cuda) RNG of each rank
-    vppo_checkpoint.json                                      format version, step, arch, world size; written last
+    vppo_checkpoint.json                                      format version, step, arch, world size, and the
+                                                              size and SHA-256 of every other file; written last
 
 Atomicity: everything is written into `checkpoints/.tmp_step_000004/`, which rank 0 renames to `step_000004/`
 (`os.replace`, atomic on POSIX) only after every rank has finished. A run killed mid-save leaves a `.tmp_*`
 folder that `find_latest_checkpoint` ignores (and the next save removes), never a half checkpoint as "latest".
+A save that fails on any rank (a full disk: "no space left on <path>") removes its `.tmp_*` folder on every rank's
+say-so and raises `CheckpointWriteError` on every rank, so no rank waits forever at the next collective; the
+previous checkpoint is untouched.
+
+Trust: `find_resumable_checkpoint` (what the recipes resume from) checks the newest checkpoint's files against its
+manifest (sizes, then hashes) and, when one is missing, truncated or altered, says so loudly, naming the file, and
+falls back to the newest checkpoint that verifies. Checkpoints of format 1 (no manifest) are accepted unverified.
 
 Everything is saved with plain tensors / Python containers and read back with `torch.load(weights_only=True)`.
 The optimizer state is the *full* state dict keyed by parameter FQN (`get_optimizer_state_dict(full_state_dict=
@@ -34,12 +42,15 @@ All functions that take `model` / `optimizer` are collective under torch.distrib
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import importlib
 import json
 import os
 import random
 import re
 import shutil
+import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -58,10 +69,12 @@ from torch.distributed.tensor import DTensor
 
 __all__ = [
     "FORMAT_VERSION",
+    "CheckpointWriteError",
     "capture_rng_state",
     "check_checkpoint_matches",
     "checkpoint_dir",
     "find_latest_checkpoint",
+    "find_resumable_checkpoint",
     "gather_full_state_dict",
     "load_sharded_optimizer_state",
     "load_training_state",
@@ -69,9 +82,10 @@ __all__ = [
     "restore_rng_state",
     "save_checkpoint",
     "sharded_optimizer_state",
+    "verify_checkpoint",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: vppo_checkpoint.json holds the files' manifest
 META_FILE = "vppo_checkpoint.json"
 TRAINING_STATE_FILE = "training_state.pt"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -132,6 +146,102 @@ def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
         if m and (child / META_FILE).is_file() and (best is None or int(m.group(1)) > best[0]):
             best = (int(m.group(1)), child)
     return None if best is None else best[1]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """{file name: {"bytes", "sha256"}} of every file in `folder` except the metadata file."""
+    return {
+        f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+        for f in sorted(folder.iterdir())
+        if f.is_file() and f.name != META_FILE
+    }
+
+
+def verify_checkpoint(ckpt_dir: str | os.PathLike, *, hashes: bool = True) -> list[str]:
+    """What is wrong with a complete checkpoint's files, as messages naming each file ([] = it verifies).
+
+    Compares every file listed in vppo_checkpoint.json's manifest: present, same size, and (`hashes`) same
+    SHA-256. A format-1 checkpoint has no manifest: [] (it cannot be verified).
+    """
+    ckpt = Path(ckpt_dir)
+    try:
+        meta = json.loads((ckpt / META_FILE).read_text())
+    except (OSError, ValueError) as err:
+        return [f"{ckpt / META_FILE}: unreadable ({type(err).__name__}: {err})"]
+    problems = []
+    for name, expected in (meta.get("files") or {}).items():
+        path = ckpt / name
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+            continue
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            problems.append(f"{path}: {size} bytes, the checkpoint recorded {expected['bytes']} (truncated?)")
+        elif hashes and _sha256(path) != expected["sha256"]:
+            problems.append(f"{path}: contents differ from the recorded SHA-256 (damaged or altered)")
+    return problems
+
+
+def find_resumable_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint whose files verify (`verify_checkpoint`), or None. Collective when
+    torch.distributed is initialised: rank 0 reads and hashes, every rank gets its answer.
+
+    A newer checkpoint that fails verification is reported on stderr and with a warning, naming its files, and
+    skipped: the run resumes from the previous good one (a later save of that step replaces the damaged folder).
+    """
+    choice: list[Any] = [None]
+    if _rank() == 0:
+        root = Path(output_dir) / "checkpoints"
+        steps = []
+        if root.is_dir():
+            for child in root.iterdir():
+                m = _STEP_DIR.match(child.name)
+                if m and (child / META_FILE).is_file():
+                    steps.append((int(m.group(1)), child))
+        for _, ckpt in sorted(steps, reverse=True):
+            problems = verify_checkpoint(ckpt)
+            if not problems:
+                choice[0] = str(ckpt)
+                break
+            message = (
+                f"CHECKPOINT DAMAGED, NOT RESUMING FROM IT: {ckpt}\n  "
+                + "\n  ".join(problems)
+                + "\n  -> falling back to the previous complete checkpoint (if any); delete the damaged folder "
+                "to silence this"
+            )
+            print(message, file=sys.stderr, flush=True)
+            warnings.warn(message, stacklevel=2)
+    if _world() > 1:
+        dist.broadcast_object_list(choice, src=0)
+    return None if choice[0] is None else Path(choice[0])
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (the message says why and where); the previous checkpoints are intact."""
+
+
+def _write_failure(err: BaseException, where: Path) -> str:
+    """Why a write into `where` failed, in words: a full disk is named as such (torch.save reports it as
+    "inline_container.cc ... unexpected pos", without errno)."""
+    try:
+        free = shutil.disk_usage(where if where.exists() else where.parent).free
+    except OSError:
+        free = None
+    no_space = (isinstance(err, OSError) and err.errno == errno.ENOSPC) or (free is not None and free < 1 << 20)
+    if no_space:
+        return (
+            f"no space left on {where} ({free if free is not None else '?'} bytes free): free space or point "
+            f"output_dir at a larger disk ({type(err).__name__}: {err})"
+        )
+    return f"{type(err).__name__}: {err}"
 
 
 def gather_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -351,51 +461,92 @@ def save_checkpoint(
     rank, world = _rank(), _world()
     final = checkpoint_dir(output_dir, step)
     tmp = final.parent / f".tmp_{final.name}"
-    if rank == 0:
-        if tmp.exists():  # left over by a run killed mid-save
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    _barrier()
-    torch.save(capture_rng_state(), tmp / f"rng_state_rank{rank}.pt")
+    failure: str | None = None  # this rank's write error; every rank learns whether any rank failed
 
-    full_sd = gather_full_state_dict(model)
+    def attempt(write) -> None:
+        nonlocal failure
+        if failure is None:
+            try:
+                write()
+            except (OSError, RuntimeError) as err:  # torch.save raises RuntimeError on a full disk
+                failure = f"rank {rank}: {_write_failure(err, tmp)}"
+
+    def any_failed() -> str | None:
+        """Collective: the first failure of any rank (None if none), the same on every rank."""
+        if world == 1:
+            return failure
+        failures: list[str | None] = [None] * world
+        dist.all_gather_object(failures, failure)
+        return next((f for f in failures if f is not None), None)
+
+    def give_up(reason: str) -> None:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
+        raise CheckpointWriteError(
+            f"checkpoint step {step} not written to {final}: {reason}. The previous checkpoints are intact "
+            f"(latest: {find_latest_checkpoint(output_dir)})"
+        )
+
     if rank == 0:
-        model.save_pretrained(str(tmp), state_dict=full_sd, is_main_process=True)
+
+        def make_tmp() -> None:
+            if tmp.exists():  # left over by a run killed mid-save
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+
+        attempt(make_tmp)
+    if (reason := any_failed()) is not None:
+        give_up(reason)
+    attempt(lambda: torch.save(capture_rng_state(), tmp / f"rng_state_rank{rank}.pt"))
+
+    full_sd = gather_full_state_dict(model)  # collective: every rank takes part even after a local failure
+    if rank == 0:
+        attempt(lambda: model.save_pretrained(str(tmp), state_dict=full_sd, is_main_process=True))
         if processor is not None:
-            processor.save_pretrained(str(tmp))
+            attempt(lambda: processor.save_pretrained(str(tmp)))
         elif processor_source is not None:
-            _copy_processor_files(Path(processor_source), tmp)
-    del full_sd
+            attempt(lambda: _copy_processor_files(Path(processor_source), tmp))
+    full_sd = None  # free rank 0's full copy before the optimizer's
 
     optim_sd = None
     optimizer_format = None
     if optimizer is not None and _needs_sharded_optimizer_file(optimizer):
         optimizer_format = "sharded"
-        torch.save(sharded_optimizer_state(model, optimizer), tmp / OPTIMIZER_SHARD_FILE.format(rank=rank))
+        shard = sharded_optimizer_state(model, optimizer)
+        attempt(lambda: torch.save(shard, tmp / OPTIMIZER_SHARD_FILE.format(rank=rank)))
+        shard = None
     elif optimizer is not None:
         optimizer_format = "full"
         optim_sd = get_optimizer_state_dict(
             model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
     if rank == 0:
-        torch.save({"step": int(step), "state": dict(training_state or {})}, tmp / TRAINING_STATE_FILE)
+        attempt(lambda: torch.save({"step": int(step), "state": dict(training_state or {})}, tmp / TRAINING_STATE_FILE))
         if optim_sd is not None:
-            torch.save(optim_sd, tmp / OPTIMIZER_FILE)
-    del optim_sd
-    _barrier()  # every rank's RNG file is in place
+            attempt(lambda: torch.save(optim_sd, tmp / OPTIMIZER_FILE))
+    optim_sd = None
+    if (reason := any_failed()) is not None:  # also the barrier: every rank's files are in place
+        give_up(reason)
     if rank == 0:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        _write_json_durably(
-            tmp / META_FILE,
-            {
-                "format_version": FORMAT_VERSION,
-                "step": int(step),
-                "arch": arch,
-                "model_type": model_type,
-                "world_size": world,
-                "optimizer_format": optimizer_format,
-            },
+        attempt(
+            lambda: _write_json_durably(
+                tmp / META_FILE,
+                {
+                    "format_version": FORMAT_VERSION,
+                    "step": int(step),
+                    "arch": arch,
+                    "model_type": model_type,
+                    "world_size": world,
+                    "optimizer_format": optimizer_format,
+                    "files": _manifest(tmp),
+                },
+            )
         )
+    if (reason := any_failed()) is not None:
+        give_up(reason)
+    if rank == 0:
         if final.exists():  # re-saving a step (e.g. after a resume): swap, then drop the old copy
             old = final.parent / f".old_{final.name}"
             shutil.rmtree(old, ignore_errors=True)

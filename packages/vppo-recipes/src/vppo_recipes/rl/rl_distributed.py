@@ -76,7 +76,7 @@ from vppo_eval.records import Record
 from vppo_eval.reward import compute_rewards
 from vppo_recipes.checkpointing import (
     check_checkpoint_matches,
-    find_latest_checkpoint,
+    find_resumable_checkpoint,
     load_training_state,
     save_checkpoint,
 )
@@ -397,7 +397,7 @@ class RLRecipeDistributed:
 
     def setup(self, cfg: DictConfig) -> None:
         """Logger, processor, model (+ sampler copy), optimizer, data; then the training state when resuming."""
-        self.resume_from = find_latest_checkpoint(self.output_dir) if cfg.training.resume == "auto" else None
+        self.resume_from = find_resumable_checkpoint(self.output_dir) if cfg.training.resume == "auto" else None
         if self.resume_from is not None:  # a checkpoint of another model is an error before any compute
             check_checkpoint_matches(self.resume_from, arch=cfg.model.arch, model_dir=cfg.model.path)
         self.metric_logger = build_metric_logger(cfg.metric_logger, rank=self.rank)  # NullLogger off rank 0

@@ -48,6 +48,7 @@ from vppo_core.logprobs import logprobs_from_hidden
 from vppo_recipes.checkpointing import (
     check_checkpoint_matches,
     find_latest_checkpoint,
+    find_resumable_checkpoint,
     load_training_state,
     save_checkpoint,
 )
@@ -129,7 +130,7 @@ class SFTRecipeDistributed:
 
     def setup(self, cfg: DictConfig) -> None:
         """Logger, processor, data, model, optimizer; then the training state when resuming."""
-        self.resume_from = find_latest_checkpoint(self.output_dir) if cfg.training.resume == "auto" else None
+        self.resume_from = find_resumable_checkpoint(self.output_dir) if cfg.training.resume == "auto" else None
         if self.resume_from is not None:  # a checkpoint of another model is an error before any compute
             check_checkpoint_matches(self.resume_from, arch=cfg.model.arch, model_dir=cfg.model.path)
         self.metric_logger = build_metric_logger(cfg.metric_logger, rank=self.rank)
