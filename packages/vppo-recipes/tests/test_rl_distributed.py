@@ -486,3 +486,74 @@ def test_one_update_syncs_with_the_host_a_fixed_number_of_times_whatever_the_mic
         counts[micro] = calls
     assert counts[1], "no update ran"
     assert len(counts[1]) == len(counts[4]) <= 2, counts  # the token count; the loss with the grad norm
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Resuming with a changed config
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _train_in_process(root, config: str, overrides: dict) -> list[dict]:
+    """setup + train of the recipe in this process (a 1-rank gloo group) on a random tiny model; its logged metrics.
+
+    root holds the model and the data (built once) and the run's output_dir, so calls with the same root resume."""
+    import torch.distributed as dist
+
+    import vppo_recipes.rl.rl_distributed as rl
+    from vppo_eval.synthetic import build_visual_task
+    from vppo_recipes.metric_logging import read_jsonl
+    from vppo_rollout.tiny import build_tiny_checkpoint
+
+    if not (root / "tiny").exists():
+        build_tiny_checkpoint(root / "tiny", "qwen2_5_vl", seed=0)
+        build_visual_task(root / "task", n_train=8, n_test=2, seed=0, tasks=("side",))
+    small = {
+        "model.path": root / "tiny",
+        "data.source": root / "task",
+        "world.nproc_per_node": 1,
+        "validation.every_n_steps": 0,
+        "rollout.group_size": 2,
+        "rollout.batch_prompts": 2,
+        "rollout.max_new_tokens": 4,
+        "rollout.online_filter": "false",
+        "batch.update_prompts": 2,
+        "batch.micro_batch_size": 2,
+        "training.save_every_n_steps": 1,
+        "metric_logger.log_dir": root / "run" / "logs",
+    }
+    cfg, _ = _cfg(config, output_dir=root / "run", **{**small, **overrides})
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        recipe = rl.RLRecipeDistributed(cfg)
+        recipe.setup(cfg)
+        recipe.train()
+        recipe.metric_logger.close()
+    finally:
+        dist.destroy_process_group()
+    return read_jsonl(root / "run" / "logs" / "metrics.jsonl")
+
+
+def test_resume_with_a_changed_lr_or_algorithm_is_refused_naming_the_keys_and_the_flag(tmp_path):
+    """A changed optimizer.lr used to be ignored on resume while logs/config.yaml claimed it; a changed algorithm
+    was accepted without a word."""
+    _train_in_process(tmp_path, "tiny_dapo", {"training.max_steps": 1, "optimizer.lr": 1e-4})
+    with pytest.raises(ValueError, match=r"(?s)optimizer.lr: checkpoint 0.0001, now 0.001.*accept_config_changes=true"):
+        _train_in_process(tmp_path, "tiny_dapo", {"training.max_steps": 2, "optimizer.lr": 1e-3})
+    with pytest.raises(ValueError, match=r"algorithm.name: checkpoint 'dapo', now 'grpo'"):
+        _train_in_process(tmp_path, "tiny_grpo", {"training.max_steps": 2, "optimizer.lr": 1e-4})
+
+
+def test_an_accepted_lr_change_takes_effect_and_every_launch_keeps_its_config_record(tmp_path):
+    first = _train_in_process(tmp_path, "tiny_dapo", {"training.max_steps": 1, "optimizer.lr": 1e-4})
+    assert [m["lr"] for m in first] == [1e-4]
+    # extending the run (max_steps) is not a change of what is trained: no flag needed
+    second = _train_in_process(tmp_path, "tiny_dapo", {"training.max_steps": 2, "optimizer.lr": 1e-4})
+    assert [m["lr"] for m in second] == [1e-4, 1e-4]
+    third = _train_in_process(
+        tmp_path, "tiny_dapo", {"training.max_steps": 3, "optimizer.lr": 1e-3, "training.accept_config_changes": "true"}
+    )
+    assert [m["lr"] for m in third] == [1e-4, 1e-4, 1e-3]
+    logs = tmp_path / "run" / "logs"
+    records = [OmegaConf.load(logs / name) for name in ("config.yaml", "config.2.yaml", "config.3.yaml")]
+    assert [r.optimizer.lr for r in records] == [1e-4, 1e-4, 1e-3]
+    assert [r.training.max_steps for r in records] == [1, 2, 3]

@@ -6,6 +6,7 @@ Layout of one checkpoint (`<output_dir>/checkpoints/step_000004/`), which is its
     config.json, generation_config.json, model.safetensors   the policy (`save_pretrained`, original key names)
     tokenizer / processor files                               copied from the model folder the run started from
     training_state.pt                                         step, data position, anything else the recipe passes
+    training_config.yaml                                      the run's resolved config (checked on resume)
     optimizer.pt                                              optimizer state (full, keyed by parameter FQN), or
     optimizer_rank{r}.pt                                      each rank's shard of it (low-bit torchao states)
     rng_state_rank{r}.pt                                      torch / python / numpy (/ cuda) RNG of each rank
@@ -59,6 +60,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -70,8 +72,10 @@ from torch.distributed.tensor import DTensor
 __all__ = [
     "FORMAT_VERSION",
     "CheckpointWriteError",
+    "apply_optimizer_settings",
     "capture_rng_state",
     "check_checkpoint_matches",
+    "check_resume_config",
     "checkpoint_dir",
     "find_latest_checkpoint",
     "find_resumable_checkpoint",
@@ -88,6 +92,7 @@ __all__ = [
 FORMAT_VERSION = 2  # 2: vppo_checkpoint.json holds the files' manifest
 META_FILE = "vppo_checkpoint.json"
 TRAINING_STATE_FILE = "training_state.pt"
+CONFIG_FILE = "training_config.yaml"
 OPTIMIZER_FILE = "optimizer.pt"
 OPTIMIZER_SHARD_FILE = "optimizer_rank{rank}.pt"
 # Quantized optimizer-state tensor subclasses a sharded optimizer file may name (rebuilt from their parts).
@@ -442,6 +447,7 @@ def save_checkpoint(
     processor: Any = None,
     training_state: Mapping[str, Any] | None = None,
     arch: str | None = None,
+    config: Any = None,
 ) -> Path:
     """Write checkpoint `step` atomically and return its folder. Collective: call on every rank.
 
@@ -457,6 +463,8 @@ def save_checkpoint(
         training_state: anything else to restore (data iterator state, sampler seed, metrics counters):
             tensors, numbers, strings, lists, tuples, dicts only (it is read back with weights_only=True).
         arch: recorded in vppo_checkpoint.json ("qwen2_5_vl" | "qwen3_vl").
+        config: the run's config (DictConfig or mapping), saved resolved as training_config.yaml; a resumed run
+            compares its own against it (`check_resume_config`).
     """
     rank, world = _rank(), _world()
     final = checkpoint_dir(output_dir, step)
@@ -525,6 +533,8 @@ def save_checkpoint(
         attempt(lambda: torch.save({"step": int(step), "state": dict(training_state or {})}, tmp / TRAINING_STATE_FILE))
         if optim_sd is not None:
             attempt(lambda: torch.save(optim_sd, tmp / OPTIMIZER_FILE))
+        if config is not None:
+            attempt(lambda: OmegaConf.save(OmegaConf.create(config), tmp / CONFIG_FILE, resolve=True))
     optim_sd = None
     if (reason := any_failed()) is not None:  # also the barrier: every rank's files are in place
         give_up(reason)
@@ -661,3 +671,45 @@ def check_checkpoint_matches(
             + "; ".join(diffs)
             + ". Resume from a checkpoint of this model, or set training.resume=never / another output_dir"
         )
+
+
+def check_resume_config(ckpt_dir: str | os.PathLike, cfg: Any) -> list[str]:
+    """Compare this launch's config `cfg` with the one saved in `ckpt_dir`; raise ValueError listing every key that
+    changes what is trained (`config_schema.config_changes`) unless `training.accept_config_changes` is true.
+
+    Returns the accepted changes ([] when there are none, or when the checkpoint holds no config: written before
+    configs were saved, reported as a warning). Call before any compute.
+    """
+    from vppo_recipes.config_schema import config_changes
+
+    saved_file = Path(ckpt_dir) / CONFIG_FILE
+    if not saved_file.is_file():
+        warnings.warn(f"{ckpt_dir} holds no {CONFIG_FILE}: the resumed run's config cannot be compared", stacklevel=2)
+        return []
+    saved = OmegaConf.to_container(OmegaConf.load(saved_file), resolve=True)
+    changes = config_changes(saved, OmegaConf.to_container(OmegaConf.create(cfg), resolve=True))
+    if changes and not cfg.training.accept_config_changes:
+        listed = "\n".join(f"  - {c}" for c in changes)
+        raise ValueError(
+            f"resuming from {ckpt_dir} with a config that changes what is trained:\n{listed}\n"
+            "Restore those values, or pass training.accept_config_changes=true to continue with the new ones "
+            "(or training.resume=never / another output_dir to start over)"
+        )
+    return changes
+
+
+def apply_optimizer_settings(optimizer: torch.optim.Optimizer, lr_scheduler: Any, optimizer_cfg: Mapping) -> None:
+    """Put the config's optimizer settings (lr, weight_decay, betas, ...) back after a resume restored the
+    checkpoint's: `load_state_dict` brings back the saved param-group values and the scheduler's base lr, so
+    without this an accepted lr change would be ignored. The scheduler keeps its position (warmup included)."""
+    settings = {k: v for k, v in dict(optimizer_cfg).items() if k != "_component_"}
+    for group in optimizer.param_groups:
+        for key, value in settings.items():
+            if key in group:
+                group[key] = tuple(value) if isinstance(group[key], tuple) else value
+        if "lr" in settings:
+            group["initial_lr"] = settings["lr"]
+    if "lr" in settings and lr_scheduler is not None:
+        lr_scheduler.base_lrs = [settings["lr"]] * len(optimizer.param_groups)
+        for group, factor in zip(optimizer.param_groups, lr_scheduler.lr_lambdas):
+            group["lr"] = settings["lr"] * factor(lr_scheduler.last_epoch)

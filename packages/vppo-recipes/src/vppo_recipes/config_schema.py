@@ -123,6 +123,12 @@ COMMON: dict[str, Any] = {
         "activation_checkpointing": _f(bool, default=False),
         "save_every_n_steps": _f(int, default=0, **_NONNEG_INT, doc="0: only at the end"),
         "resume": _f(str, default="auto", choices=("auto", "never")),
+        "accept_config_changes": _f(
+            bool,
+            default=False,
+            doc="resume even though keys that change what is trained differ from the checkpoint's config; the new "
+            "values take effect (the optimizer's lr and weight decay too)",
+        ),
     },
     "metric_logger": Component({"_component_": _f(str)}),
     "log_every_n_steps": _f(int, default=1, **_POS_INT),
@@ -509,3 +515,49 @@ def check_world_size(cfg: DictConfig | Mapping[str, Any], world_size: int) -> No
     replicas = int(world.get("hsdp_replicas", 1))
     if world_size % replicas != 0:
         raise ConfigError(f"world.hsdp_replicas={replicas} must divide the world size {world_size}")
+
+
+# Keys a resumed run may change freely: how long and how often, where to log, how many ranks, memory knobs. Any
+# other difference from the checkpoint's config changes what is trained and needs training.accept_config_changes.
+RESUME_FREE_KEYS = (
+    "output_dir",
+    "training.max_steps",
+    "training.epochs",
+    "training.save_every_n_steps",
+    "training.resume",
+    "training.accept_config_changes",
+    "training.activation_checkpointing",
+    "log_every_n_steps",
+    "metric_logger",
+    "validation",
+    "world",
+    "model.path",  # the weights come from the checkpoint; model.path is checked for the same architecture
+    "rollout.gpu_memory_utilization",
+    "batch.micro_batch_size",
+    "loss.chunk_size",
+)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """The keys that differ between a checkpoint's config and this launch's, outside `RESUME_FREE_KEYS`, as
+    "key: checkpoint X, now Y" (a key only one side has shows as <absent>)."""
+    a, b = _flatten(saved), _flatten(current)
+
+    def free(key: str) -> bool:
+        return any(key == f or key.startswith(f + ".") for f in RESUME_FREE_KEYS)
+
+    absent = "<absent>"
+    return [
+        f"{key}: checkpoint {a.get(key, absent)!r}, now {b.get(key, absent)!r}"
+        for key in sorted(set(a) | set(b))
+        if not free(key) and a.get(key, absent) != b.get(key, absent)
+    ]

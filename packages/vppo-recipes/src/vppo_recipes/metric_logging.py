@@ -78,9 +78,16 @@ class JsonlLogger(MetricLoggerInterface):
         self._fh.flush()
 
     def log_config(self, config: DictConfig) -> None:
-        """Write the resolved config next to the metrics, as `config.yaml`."""
-        if self.rank == 0:
-            OmegaConf.save(config, self.path.parent / "config.yaml", resolve=True)
+        """Write the resolved config next to the metrics: `config.yaml` for the first launch, `config.2.yaml`,
+        `config.3.yaml`, ... for every later one (a resume), so no launch's record is overwritten."""
+        if self.rank != 0:
+            return
+        folder = self.path.parent
+        target, launch = folder / "config.yaml", 1
+        while target.exists():
+            launch += 1
+            target = folder / f"config.{launch}.yaml"
+        OmegaConf.save(config, target, resolve=True)
 
     def rewind(self, step: int) -> None:
         """Drop every line with `step` > `step` (call after resuming from checkpoint `step`, so lines logged by

@@ -46,7 +46,9 @@ from tqdm import tqdm
 
 from vppo_core.logprobs import logprobs_from_hidden
 from vppo_recipes.checkpointing import (
+    apply_optimizer_settings,
     check_checkpoint_matches,
+    check_resume_config,
     find_latest_checkpoint,
     find_resumable_checkpoint,
     load_training_state,
@@ -131,8 +133,13 @@ class SFTRecipeDistributed:
     def setup(self, cfg: DictConfig) -> None:
         """Logger, processor, data, model, optimizer; then the training state when resuming."""
         self.resume_from = find_resumable_checkpoint(self.output_dir) if cfg.training.resume == "auto" else None
-        if self.resume_from is not None:  # a checkpoint of another model is an error before any compute
+        self.accepted_changes: list[str] = []
+        if self.resume_from is not None:  # another model, or a changed config, is an error before any compute
             check_checkpoint_matches(self.resume_from, arch=cfg.model.arch, model_dir=cfg.model.path)
+            self.accepted_changes = check_resume_config(self.resume_from, cfg)
+            if self.accepted_changes and self.rank == 0:
+                changed = "\n  ".join(self.accepted_changes)
+                print(f"RESUMING WITH CHANGED CONFIG (training.accept_config_changes=true):\n  {changed}", flush=True)
         self.metric_logger = build_metric_logger(cfg.metric_logger, rank=self.rank)
         self.metric_logger.log_config(cfg)
         self.processor = load_processor(
@@ -289,6 +296,7 @@ class SFTRecipeDistributed:
             processor_source=self._cfg.model.path,
             training_state=self._recipe_state(),
             arch=self._cfg.model.arch,
+            config=self._cfg,
         )
 
     def load_checkpoint(self, ckpt_dir) -> None:
@@ -303,6 +311,8 @@ class SFTRecipeDistributed:
         self.step = loaded["step"]
         self.stream.load_state_dict(state["data"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.accepted_changes:  # the checkpoint's optimizer settings came back with its state: use the config's
+            apply_optimizer_settings(self.optimizer, self.lr_scheduler, self._cfg.optimizer)
         self.totals = defaultdict(float, state["totals"])
         if hasattr(self.metric_logger, "rewind"):  # drop lines the interrupted run logged after this checkpoint
             self.metric_logger.rewind(self.step)
