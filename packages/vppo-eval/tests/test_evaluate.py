@@ -173,6 +173,21 @@ def test_last_row_without_newline_is_kept_and_the_next_append_starts_a_new_line(
     assert len(read_items(path)) == 2 and res.benchmarks["a"].avg_at_k == 1.0
 
 
+def test_a_last_line_cut_anywhere_even_inside_a_utf8_character_is_dropped(tmp_path):
+    """A cut inside a multi-byte character used to end the resume with UnicodeDecodeError."""
+    path = tmp_path / ITEMS_FILE
+    rows = [{"benchmark": "a", "id": f"a{i}", "status": "ok", "response": f"三角形 {i} é ∠ABC"} for i in range(2)]
+    first = (json.dumps(rows[0], ensure_ascii=False) + "\n").encode()
+    last = (json.dumps(rows[1], ensure_ascii=False) + "\n").encode()
+    assert len(last) > len(json.dumps(rows[1], ensure_ascii=False))  # multi-byte characters in the line
+    for cut in range(1, len(last) - 1):  # every byte offset of the last line, without its newline
+        path.write_bytes(first + last[:cut])
+        assert read_items(path) == rows[:1], cut
+        assert path.read_bytes() == first  # the torn tail is cut off the file
+    path.write_bytes(first + last[:-1])  # complete row, no newline: kept
+    assert read_items(path) == rows and path.read_bytes() == first + last
+
+
 def test_corrupt_middle_line_or_foreign_row_raises_instead_of_resuming(tmp_path):
     path = tmp_path / ITEMS_FILE
     path.write_text('{"benchmark": "a", "id": "a0", "status": "skipped"}\n{oops\n{"id": 1}\n')

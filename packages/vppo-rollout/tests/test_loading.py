@@ -77,3 +77,23 @@ def test_load_processor_never_falls_back_silently_when_auto_processor_fails(tiny
     with pytest.raises(OSError, match=r"cannot load '.*' \(RuntimeError: operator torchvision::nms") as e:
         load_processor(tiny_dir)
     assert str(tiny_dir) in str(e.value) and "uninstall it" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "remove", [("tokenizer.json",), ("processor_config.json",), ("tokenizer.json", "processor_config.json")]
+)
+def test_a_model_folder_without_its_processor_names_the_missing_files_and_the_fix(tiny_dir, tmp_path, remove):
+    """It used to end in a raw transformers traceback ("Can't load image processor ... make sure you don't have a
+    local directory with the same name")."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    for name in remove:
+        (folder / name).unlink()
+    with pytest.raises(FileNotFoundError) as info:
+        load_processor(folder)
+    message = str(info.value)
+    missing, fix = message.split(". Copy", 1)
+    assert missing.startswith(f"{folder} has the model but not its processor: missing")
+    assert ("tokenizer.json or vocab.json" in missing) == ("tokenizer.json" in remove)
+    assert ("preprocessor_config.json or processor_config.json" in missing) == ("processor_config.json" in remove)
+    assert "processor.save_pretrained" in fix

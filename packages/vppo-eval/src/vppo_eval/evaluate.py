@@ -142,7 +142,7 @@ def read_items(path: str | os.PathLike) -> list[dict[str, Any]]:
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as err:
+        except ValueError as err:  # JSONDecodeError, or UnicodeDecodeError for a line cut inside a UTF-8 character
             is_last = i == len(lines) - 1  # no trailing newline: the write was interrupted
             if not is_last:
                 raise ValueError(

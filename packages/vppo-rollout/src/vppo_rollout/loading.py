@@ -154,6 +154,36 @@ def set_pixel_bounds(processor, *, min_pixels: int | None = None, max_pixels: in
             setattr(ip, attr, value)
 
 
+# What a Qwen-VL processor is built from: any one file of each group.
+_PROCESSOR_FILE_GROUPS = {
+    "the tokenizer": ("tokenizer.json", "vocab.json"),
+    "the image processor settings": ("preprocessor_config.json", "processor_config.json"),
+}
+
+
+def _check_processor_files(folder: Path) -> None:
+    """Raise FileNotFoundError naming what a model folder lacks to build its processor, and how to add it.
+
+    Without this, transformers fails deep inside with "Can't load image processor ... make sure you don't have a
+    local directory with the same name", which names neither the missing file nor the fix.
+    """
+    if not folder.is_dir():
+        return  # a hub id: transformers downloads (or reports) it
+    missing = [
+        f"{what} ({' or '.join(names)})"
+        for what, names in _PROCESSOR_FILE_GROUPS.items()
+        if not any((folder / name).is_file() for name in names)
+    ]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder} has the model but not its processor: missing {'; '.join(missing)}. Copy the tokenizer and "
+            "processor files (tokenizer.json, tokenizer_config.json, preprocessor_config.json or "
+            "processor_config.json, chat_template.jinja) from the model it was trained from, e.g. "
+            "`huggingface-cli download Qwen/Qwen2.5-VL-7B-Instruct --include 'tokenizer*' 'preprocessor_config.json' "
+            f"'chat_template*' --local-dir {folder}`, or save them with processor.save_pretrained({str(folder)!r})"
+        )
+
+
 def load_processor(
     path: str | os.PathLike,
     *,
@@ -170,6 +200,7 @@ def load_processor(
     """
     resolved = _resolve(path, "load_processor(path)")
     arch = checkpoint_arch(resolved)
+    _check_processor_files(Path(resolved))
     processor = None
     if transformers.utils.is_torchvision_available():
         # Never fall back silently here: the folder must load the way vLLM (which always has torchvision) loads it.
