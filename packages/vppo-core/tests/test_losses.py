@@ -305,6 +305,21 @@ def test_all_padding_batch_gives_zero_loss_that_still_backpropagates(aggregation
     assert m["num_tokens"].item() == 0.0 and m["token_weight_nonzero_frac"].item() == 0.0
 
 
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_all_zero_token_weights_on_valid_tokens_give_a_finite_policy_term_with_no_gradient(aggregation):
+    """TGF with nothing selected (or PGPO weights all 0): the policy term vanishes, no NaN, the mean stays over the
+    valid tokens (the normaliser does not shrink to the zero active tokens)."""
+    lp_new = torch.randn(2, 3, requires_grad=True)
+    mask = torch.ones(2, 3)
+    loss, m = policy_loss(
+        lp_new, lp_new.detach() - 0.1, torch.tensor([1.0, -1.0]), mask, token_weights=torch.zeros(2, 3),
+        aggregation=aggregation,
+    )  # fmt: skip
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(lp_new.grad, torch.zeros(2, 3))
+    assert m["num_tokens"].item() == 6.0 and m["token_weight_nonzero_frac"].item() == 0.0
+
+
 def test_bf16_log_probs_are_upcast_to_float32():
     lp_new, lp_old, adv, mask, *_ = make_batch(9)
     loss, _ = policy_loss(lp_new.to(torch.bfloat16), lp_old.to(torch.bfloat16), adv.float(), mask)

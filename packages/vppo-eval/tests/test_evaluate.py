@@ -219,19 +219,26 @@ def test_raising_the_limit_samples_only_the_new_items(tiny, tmp_path):
     assert res.benchmarks["a"].n_items == 3 and res.benchmarks["a"].avg_at_k == pytest.approx(1 / 3)
 
 
-def test_empty_answer_and_unreadable_image_are_counted_skips_not_zeros(tiny):
+def test_empty_answer_and_unreadable_image_are_counted_skips_not_zeros(tiny, tmp_path):
+    """Counted under the reasons training uses (they used to be "empty answer" and "prompt: ValueError: ...")."""
     _, processor = tiny
     records = [
         *_records(["1"], "a"),
         Record(id="empty", question="a question e", images=[_image()], answer="  "),
+        Record(id="noq", question="  ", images=[_image()], answer="1"),
         Record(id="badimg", question="a question b", images=[Image.new("RGB", (0, 0))], answer="1"),
+        Record(id="placeholders", question="<image> and <image>", images=[_image()], answer="1"),
     ]
     script = {"a question 0": [_ok("1")] * 2}
-    res = evaluate(Scripted(script), {"a": records}, processor=processor, k=2, progress=False)
+    res = evaluate(Scripted(script), {"a": records}, processor=processor, k=2, out_dir=tmp_path, progress=False)
     b = res.benchmarks["a"]
-    assert (b.n_items, b.n_skipped, b.avg_at_k) == (1, 2, 1.0)
-    assert b.skipped["empty answer"] == 1
-    assert sum(v for key, v in b.skipped.items() if key.startswith("prompt: ValueError")) == 1
+    assert (b.n_items, b.n_skipped, b.avg_at_k) == (1, 4, 1.0)
+    assert b.skipped == {"bad_prompt": 1, "empty_answer": 1, "empty_question": 1, "undecodable_image": 1}
+    from vppo_rollout.images import SKIP_REASONS
+
+    assert set(b.skipped) <= set(SKIP_REASONS)
+    detail = {r["id"]: r.get("detail", "") for r in read_items(tmp_path / ITEMS_FILE)}
+    assert "zero-size" in detail["badimg"] and "placeholder" in detail["placeholders"]
 
 
 def test_unknown_benchmark_raises_before_sampling(tiny, tmp_path):

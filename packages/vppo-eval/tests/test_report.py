@@ -72,7 +72,7 @@ def results() -> EvalResults:
         _item("geo3k", "c", [0.0, 1.0], finish="length"),
         _item("mmk12", "x", [0.0, 0.0], fmt=0.0),
         _item("mmk12", "y", [1.0, 0.0]),
-        {"benchmark": "mmk12", "id": "z", "status": "skipped", "reason": "empty answer"},
+        {"benchmark": "mmk12", "id": "z", "status": "skipped", "reason": "empty_answer"},
     ]
     return _results(items)
 
@@ -108,7 +108,7 @@ def test_summarize_counts_scored_skipped_and_truncated(results):
     assert (geo.n_items, geo.n_skipped) == (3, 0)
     assert geo.truncated_rate == pytest.approx(2 / 6)
     assert mmk.avg_at_k == pytest.approx(0.25)
-    assert (mmk.n_items, mmk.n_skipped, mmk.skipped) == (2, 1, {"empty answer": 1})
+    assert (mmk.n_items, mmk.n_skipped, mmk.skipped) == (2, 1, {"empty_answer": 1})
     assert mmk.format_rate == pytest.approx(0.5)
 
 

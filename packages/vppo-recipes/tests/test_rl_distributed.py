@@ -225,9 +225,9 @@ def test_finalize_averages_the_loss_shares_over_the_steps_updates():
     assert got["loss"] == pytest.approx(1.25) and got["entropy"] == pytest.approx(2.0)
 
 
-def _one_rl_step_in_process(tmp_path, config: str, overrides: dict, inspect=None) -> None:
+def _one_rl_step_in_process(tmp_path, config: str, overrides: dict, inspect=None) -> dict:
     """Build the recipe in this process (a 1-rank gloo group) on a random tiny model and run one `rl_step`;
-    then `inspect(recipe)`, if given, while the process group is still up."""
+    then `inspect(recipe)`, if given, while the process group is still up. Returns the step's metrics."""
     import torch.distributed as dist
 
     import vppo_recipes.rl.rl_distributed as rl
@@ -254,12 +254,13 @@ def _one_rl_step_in_process(tmp_path, config: str, overrides: dict, inspect=None
     try:
         recipe = rl.RLRecipeDistributed(cfg)
         recipe.setup(cfg)
-        recipe.rl_step()
+        metrics = recipe.rl_step()
         if inspect is not None:
             inspect(recipe)
         recipe.metric_logger.close()
     finally:
         dist.destroy_process_group()
+    return metrics
 
 
 def _recording_policy_loss(monkeypatch, seen: list):
@@ -557,3 +558,70 @@ def test_an_accepted_lr_change_takes_effect_and_every_launch_keeps_its_config_re
     records = [OmegaConf.load(logs / name) for name in ("config.yaml", "config.2.yaml", "config.3.yaml")]
     assert [r.optimizer.lr for r in records] == [1e-4, 1e-4, 1e-3]
     assert [r.training.max_steps for r in records] == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Steps that cannot learn: counted, never applied, never a crash
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_a_step_whose_groups_are_all_filtered_out_is_counted_and_updates_nothing(tmp_path):
+    """The random model earns reward 0 everywhere, so the online filter drops every group (and the capped extra
+    draws): no update, `skipped/steps_without_groups` = 1 (once, not once per rank), the run goes on."""
+    weights = {}
+
+    def snapshot(recipe):
+        weights["after"] = [p.detach().clone() for p in recipe.model.parameters()]
+
+    metrics = _one_rl_step_in_process(
+        tmp_path, "tiny_dapo", {"rollout.online_filter": "true", "rollout.max_filter_draws": 1}, inspect=snapshot
+    )
+    assert metrics["skipped/steps_without_groups"] == 1.0
+    assert metrics["filter/groups_dropped"] == metrics["filter/groups_sampled"] == 4  # 2 draws of 2 prompts
+    assert metrics["filter/groups_kept"] == 0 and metrics["optimizer_steps"] == 0.0
+    assert math.isnan(metrics["loss"])
+
+
+def test_a_non_finite_update_is_skipped_counted_and_never_applied(tmp_path, monkeypatch):
+    import vppo_recipes.rl.rl_distributed as rl
+    from vppo_core.losses import policy_loss
+
+    def poisoned(*args, **kwargs):
+        loss, metrics = policy_loss(*args, **kwargs)
+        return loss * float("nan"), metrics
+
+    monkeypatch.setattr(rl, "policy_loss", poisoned)
+    state = {}
+
+    def weights(recipe):
+        state["path"] = recipe._cfg.model.path
+        state["after"] = {
+            k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in recipe.model.state_dict().items()
+        }
+
+    metrics = _one_rl_step_in_process(tmp_path, "tiny_dapo", {"rollout.online_filter": "false"}, inspect=weights)
+    assert metrics["skipped/nonfinite_updates"] == 1.0 and metrics["optimizer_steps"] == 0.0
+    from vppo_rollout.loading import load_policy
+
+    before = load_policy(state["path"]).state_dict()
+    assert before.keys() == state["after"].keys()
+    assert all(torch.equal(before[k], v) for k, v in state["after"].items())
+
+
+def test_no_token_or_key_from_the_environment_is_written_into_a_run(tmp_path, monkeypatch):
+    """HF_TOKEN / WANDB_API_KEY in the environment must not reach the config record, metrics or checkpoints."""
+    secrets = {
+        "HF_TOKEN": "hf_SECRETabc123",
+        "WANDB_API_KEY": "0123456789abcdefSECRET",
+        "HUGGING_FACE_HUB_TOKEN": "hf_OTHERsecret",
+    }
+    for key, value in secrets.items():
+        monkeypatch.setenv(key, value)
+    _train_in_process(tmp_path, "tiny_dapo", {"training.max_steps": 1})
+    written = [f for f in (tmp_path / "run").rglob("*") if f.is_file()]
+    assert any(f.name == "config.yaml" for f in written) and any(f.name == "model.safetensors" for f in written)
+    for f in written:
+        data = f.read_bytes()
+        for value in secrets.values():
+            assert value.encode() not in data, f"{value} written into {f}"

@@ -435,6 +435,19 @@ def evaluate(
     return results
 
 
+def _prompt_skip_reason(err: ValueError) -> str:
+    """The skip reason of an item whose prompt could not be built: the image's own reason (missing, undecodable,
+    too large), prompt_too_long, or bad_prompt (e.g. more <image> placeholders than images)."""
+    from vppo_rollout.images import SkipRow
+    from vppo_rollout.prompts import PromptTooLongError
+
+    if isinstance(err.__cause__, SkipRow):
+        return err.__cause__.reason
+    if isinstance(err, PromptTooLongError):
+        return "prompt_too_long"
+    return "bad_prompt"
+
+
 def _evaluate_chunk(
     sampler, processor, name, records, *, k, sampling, format_weight, system_prompt, compute_rewards, build_prompt
 ) -> list[dict[str, Any]]:
@@ -445,14 +458,22 @@ def _evaluate_chunk(
         rid = str(record.id)
         answer = "" if record.answer is None else str(record.answer)
         if not answer.strip():
-            rows[rid] = {"benchmark": name, "id": rid, "status": "skipped", "reason": "empty answer"}
+            rows[rid] = {"benchmark": name, "id": rid, "status": "skipped", "reason": "empty_answer"}
+            continue
+        if not str(record.question or "").strip():
+            rows[rid] = {"benchmark": name, "id": rid, "status": "skipped", "reason": "empty_question"}
             continue
         try:
             prompt = build_prompt(processor, record.question, list(record.images), system_prompt=system_prompt)
         except ValueError as err:
-            # The reason keeps only the exception type and first line so the skip counts group sensibly.
-            reason = f"prompt: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            rows[rid] = {"benchmark": name, "id": rid, "status": "skipped", "reason": reason}
+            # Counted under the reasons training uses (vppo_rollout.images.SKIP_REASONS); the message is kept.
+            rows[rid] = {
+                "benchmark": name,
+                "id": rid,
+                "status": "skipped",
+                "reason": _prompt_skip_reason(err),
+                "detail": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+            }
             continue
         prompts.append(prompt)
         kept.append(record)
