@@ -298,3 +298,18 @@ def test_a_training_folder_with_a_jsonl_and_an_image_folder_is_read_as_the_jsonl
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ds = VisualQADataset.from_source(tmp_path, "train")  # was read as an image folder: "column 'problem' ... not in"
     assert len(ds) == 2 and ds.example(1).images[0].getpixel((0, 0)) == (1, 1, 1)
+
+
+def test_a_training_file_in_another_encoding_is_counted_row_by_row_and_named_when_nothing_is_usable(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    good = json.dumps({"problem": "q", "answer": "1", "images": ["a.png"]}).encode()
+    latin1 = '{"problem": "caf\u00e9 ?", "answer": "1", "images": ["a.png"]}'.encode("latin-1")
+    (tmp_path / "mixed.jsonl").write_bytes(good + b"\n" + latin1 + b"\n")
+    stream = ExampleStream(VisualQADataset.from_source(tmp_path / "mixed.jsonl", "train"), seed=0, shuffle=False)
+    assert [e.question for e in stream.take(2)] == ["q", "q"] and stream.skipped == {"undecodable_text": 1}
+    (tmp_path / "latin1.jsonl").write_bytes(latin1 + b"\n" + latin1 + b"\n")
+    stream = ExampleStream(VisualQADataset.from_source(tmp_path / "latin1.jsonl", "train"), seed=0)
+    with pytest.raises(
+        ValueError, match=r"no usable row in a full pass over .*latin1.jsonl \(split train\).*undecodable_text"
+    ):
+        stream.take(1)

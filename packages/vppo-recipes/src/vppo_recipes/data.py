@@ -119,6 +119,7 @@ class VisualQADataset:
         columns: role -> column name for "question", "answer", "images" and optionally "response" (None: unused).
         config_key: the config key of the mapping, named in errors ("data.columns").
         base_dir: folder that relative image paths are resolved against (a local source's folder).
+        source: what the rows came from, named in errors about the whole dataset (`from_source` sets it).
     Raises:
         ValueError: a mapped column is missing; the message names the columns present and the key to set.
     """
@@ -130,6 +131,7 @@ class VisualQADataset:
         *,
         config_key: str = "data.columns",
         base_dir: str | os.PathLike | None = None,
+        source: str | None = None,
     ) -> None:
         self.columns = {**DEFAULT_COLUMNS, **dict(columns or {})}
         present = list(dataset.column_names)
@@ -144,6 +146,7 @@ class VisualQADataset:
         self.dataset = dataset
         self._rows = dataset.with_format("arrow")
         self.base_dir = Path(base_dir) if base_dir is not None else None
+        self.source = source  # named in errors about the whole dataset
 
     @classmethod
     def from_source(
@@ -151,7 +154,7 @@ class VisualQADataset:
     ) -> VisualQADataset:
         """`load_source(source, split)` viewed through `columns`."""
         base_dir = Path(source) if Path(source).is_dir() else Path(source).parent if Path(source).is_file() else None
-        return cls(load_source(source, split), columns, base_dir=base_dir, **kw)
+        return cls(load_source(source, split), columns, base_dir=base_dir, source=f"{source} (split {split})", **kw)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -305,7 +308,8 @@ class ExampleStream(Generic[T]):
                 misses += 1
                 if misses >= len(self.dataset):
                     raise ValueError(
-                        f"no usable row in a full pass over the dataset ({len(self.dataset)} rows); "
+                        f"no usable row in a full pass over {self.dataset.source or 'the dataset'} "
+                        f"({len(self.dataset)} rows); "
                         f"skips so far: {dict(self.skipped)}"
                     ) from None
                 continue
