@@ -245,8 +245,135 @@ def test_pgpo_padding_may_hold_nan():
         (torch.zeros(1, 2), torch.ones(1, 2), {"beta": -1.0}, "beta"),
         (torch.zeros(1, 2), torch.ones(1, 2), {"eps": 0.0}, "eps"),
         (torch.zeros(2), torch.ones(2), {}, r"S must have shape \[B, L\]"),
+        (torch.zeros(1, 2), torch.ones(1, 2), {"threshold_mode": "median"}, "threshold_mode must be one of"),
+        (torch.zeros(1, 2), torch.ones(1, 2), {"weight_floor": -0.1}, "weight_floor"),
+        (torch.zeros(1, 2), torch.ones(1, 2), {"weight_floor": 1.5}, "weight_floor"),
     ],
 )
 def test_pgpo_bad_input_names_the_argument(S, mask, kwargs, match):
     with pytest.raises(ValueError, match=match):
         pgpo_token_weights(S, mask, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PGPO's switches: the authors' development variants, and a side-by-side with the public re-implementation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _row(s_hat: list[float]) -> torch.Tensor:
+    """S giving exactly Ŝ = log1p(S) = s_hat (float64, so the hand-worked values are exact to 1e-12)."""
+    return torch.expm1(torch.tensor([s_hat], dtype=torch.float64))
+
+
+def test_pgpo_quantile_threshold_floor_and_no_mass_normalisation_hand_worked():
+    S, mask = _row([0.0, 1.0, 2.0, 3.0, 4.0]), torch.ones(1, 5)
+    # I = [0, .25, .5, .75, 1]; quantile τ = 0.4 -> index floor(5·0.4) = 2 -> τ_i = 0.5; β = 2:
+    # ω = [0/.5, .25/.5, 1, 1 + 2·.25/.5, 1 + 2·.5/.5] = [0, .5, 1, 2, 3] (Σ 6.5)
+    raw = torch.tensor([[0.0, 0.5, 1.0, 2.0, 3.0]], dtype=torch.float64)
+    kw = {"eps": 1e-12, "threshold_mode": "quantile"}
+    torch.testing.assert_close(pgpo_token_weights(S, mask, mass_normalization=False, **kw), raw)
+    torch.testing.assert_close(pgpo_token_weights(S, mask, **kw), raw * 5 / 6.5)
+    floored = torch.tensor([[0.1, 0.5, 1.0, 2.0, 3.0]], dtype=torch.float64)
+    torch.testing.assert_close(pgpo_token_weights(S, mask, weight_floor=0.1, mass_normalization=False, **kw), floored)
+    # absolute τ = 0.4: ω = [0, .625, 1 + 2·.1/.6, 1 + 2·.35/.6, 1 + 2·.6/.6]
+    absolute = torch.tensor([[0.0, 0.625, 1 + 0.2 / 0.6, 1 + 0.7 / 0.6, 3.0]], dtype=torch.float64)
+    torch.testing.assert_close(pgpo_token_weights(S, mask, eps=1e-12, mass_normalization=False), absolute)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.integers(1, 4),
+    st.integers(1, 9),
+    st.sampled_from(["absolute", "quantile"]),
+    st.sampled_from([0.0, 0.1, 1.0]),
+    st.floats(0.05, 0.95),
+    st.data(),
+)
+def test_pgpo_switches_keep_weights_non_negative_order_preserving_and_mass_conserving(B, L, mode, floor, tau, data):
+    S = torch.tensor(data.draw(st.lists(st.floats(0, 20), min_size=B * L, max_size=B * L)), dtype=torch.float64)
+    S = S.reshape(B, L)
+    mask = torch.tensor(data.draw(st.lists(st.booleans(), min_size=B * L, max_size=B * L))).reshape(B, L)
+    for mass in (True, False):
+        w = pgpo_token_weights(S, mask, tau=tau, threshold_mode=mode, weight_floor=floor, mass_normalization=mass)
+        assert (w >= 0).all() and (w[~mask] == 0).all()
+        if mass:
+            torch.testing.assert_close(w.sum(1), mask.sum(1).to(w.dtype))
+        for b in range(B):
+            v = mask[b].nonzero().flatten().tolist()
+            for i in v:
+                for j in v:
+                    if S[b, i] <= S[b, j]:
+                        assert w[b, i] <= w[b, j] + 1e-9
+
+
+def _reimplementation_pgpo(S, mask, threshold, boost, threshold_mode, low_weight_floor, mass_normalization, eps=1e-8):
+    """The arithmetic of `_compute_pgpo_token_scaling` in zsxm1998/awesome-perception-aware-rlvr
+    (verl/trainer/perception_reasoning_loss.py, with `minmax_normalize_by_response` of visual_sensitivity.py),
+    transcribed for this comparison: scores clamped at 0 before log1p, min-max divided by clamp(spread, eps) and
+    clamped to [0, 1], thresholds divided by clamp(τ, eps) and clamp(1 − τ, eps), mass normalisation with a
+    clamp(Σ, eps) division and a fall back to ones when Σ ≤ eps."""
+    valid = mask.bool()
+    scores = torch.log1p(S.float().clamp(min=0.0))
+    lo = scores.masked_fill(~valid, float("inf")).min(-1, keepdim=True).values
+    hi = scores.masked_fill(~valid, float("-inf")).max(-1, keepdim=True).values
+    norm = ((scores - lo) / (hi - lo).clamp(min=eps)).masked_fill(~valid, 0.0).clamp(0.0, 1.0)
+    if threshold_mode == "quantile":
+        lengths = valid.sum(-1, keepdim=True)
+        index = torch.minimum((lengths.float() * threshold).long(), (lengths - 1).clamp(min=0))
+        ranked = norm.masked_fill(~valid, float("inf")).sort(-1).values
+        thr = torch.where(lengths > 0, ranked.gather(-1, index), 0.0)
+    else:
+        thr = scores.new_tensor(threshold)
+    below = norm / thr.clamp(min=eps)
+    if low_weight_floor > 0.0:
+        below = below.clamp(min=low_weight_floor)
+    above = 1.0 + boost * (norm - thr) / (1.0 - thr).clamp(min=eps)
+    raw = torch.where(norm < thr, below, above).masked_fill(~valid, 0.0)
+    if not mass_normalization:
+        return raw
+    counts = valid.sum(-1, keepdim=True).to(raw.dtype)
+    sums = raw.sum(-1, keepdim=True)
+    out = torch.where(sums > eps, raw * counts / sums.clamp(min=eps), valid.to(raw.dtype))
+    return out.masked_fill(~valid, 0.0)
+
+
+@pytest.mark.parametrize("mode", ["absolute", "quantile"])
+@pytest.mark.parametrize("floor", [0.0, 0.1])
+@pytest.mark.parametrize("mass", [True, False])
+def test_pgpo_equals_the_public_reimplementation_on_random_inputs(mode, floor, mass):
+    """At least 200 random batches per setting. Inputs keep every row's spread of log1p(S) ≥ 1e-2 (with ≥ 2 valid tokens),
+    where the two differ only by where ε enters (ours: + ε in the denominators; theirs: clamp at ε), and ε = 1e-8
+    on both sides; degenerate rows are compared in the next test."""
+    g = torch.Generator().manual_seed(11)
+    compared = 0
+    for _ in range(300):
+        B, L = int(torch.randint(1, 5, (1,), generator=g)), int(torch.randint(2, 12, (1,), generator=g))
+        S = torch.empty(B, L).exponential_(generator=g) * float(torch.rand(1, generator=g) * 3)
+        mask = torch.rand(B, L, generator=g) < 0.8
+        mask[:, :2] = True
+        lo = torch.log1p(S).masked_fill(~mask, math.inf).min(1).values
+        hi = torch.log1p(S).masked_fill(~mask, -math.inf).max(1).values
+        if not ((hi - lo) >= 1e-2).all():
+            continue
+        ours = pgpo_token_weights(
+            S, mask, eps=1e-8, threshold_mode=mode, weight_floor=floor, mass_normalization=mass
+        )  # fmt: skip
+        theirs = _reimplementation_pgpo(S, mask.float(), 0.4, 2.0, mode, floor, mass)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        compared += 1
+    assert compared >= 200, compared
+
+
+def test_pgpo_degenerate_rows_differ_from_the_reimplementation_only_as_documented():
+    """All-equal row: both give ones with mass normalisation. Without it, the formula applies as is: I = 0 -> ω = 0
+    (or the floor) in both. A spread of 1e-9: ours (ε added, 1e-6) treats the row as equal (ones); theirs divides by
+    clamp(1e-9, 1e-8) and ranks the tokens (README's table of differences)."""
+    equal, mask = torch.full((1, 4), 0.3), torch.ones(1, 4)
+    for mass in (True, False):
+        for floor in (0.0, 0.1):
+            torch.testing.assert_close(
+                pgpo_token_weights(equal, mask, weight_floor=floor, mass_normalization=mass),
+                _reimplementation_pgpo(equal, mask, 0.4, 2.0, "absolute", floor, mass),
+            )
+    tiny_spread = torch.tensor([[0.3, 0.3 + 1e-9 * 1.3, 0.3, 0.3]], dtype=torch.float64)
+    torch.testing.assert_close(pgpo_token_weights(tiny_spread, mask), torch.ones(1, 4, dtype=torch.float64))

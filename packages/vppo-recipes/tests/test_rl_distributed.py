@@ -625,3 +625,28 @@ def test_no_token_or_key_from_the_environment_is_written_into_a_run(tmp_path, mo
         data = f.read_bytes()
         for value in secrets.values():
             assert value.encode() not in data, f"{value} written into {f}"
+
+
+def test_pgpo_switches_reach_the_token_weights(tmp_path, monkeypatch):
+    """algorithm.pgpo_threshold_mode / pgpo_weight_floor / pgpo_mass_normalization reach pgpo_token_weights."""
+    import vppo_recipes.rl.rl_distributed as rl
+
+    seen = []
+    weights = rl.pgpo_token_weights
+
+    def recording(S, mask, **kwargs):
+        seen.append(kwargs)
+        return weights(S, mask, **kwargs)
+
+    monkeypatch.setattr(rl, "pgpo_token_weights", recording)
+    switches = {
+        "algorithm.pgpo_threshold_mode": "quantile",
+        "algorithm.pgpo_weight_floor": 0.1,
+        "algorithm.pgpo_mass_normalization": "false",
+    }
+    _one_rl_step_in_process(tmp_path, "tiny_pgpo", {"rollout.online_filter": "false", **switches})
+    assert seen and all(
+        (k["threshold_mode"], k["weight_floor"], k["mass_normalization"]) == ("quantile", 0.1, False) for k in seen
+    )
+    with pytest.raises(ValueError, match=r"algorithm\.pgpo_weight_floor.*algorithm\.name=dapo does not use it"):
+        _cfg("tiny_dapo", **{"algorithm.pgpo_weight_floor": 0.1})

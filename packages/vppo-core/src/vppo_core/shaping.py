@@ -9,7 +9,7 @@ from torch import Tensor
 
 from vppo_core.validation import check_finite_where, check_mask, check_token_tensor
 
-__all__ = ["pgpo_token_weights", "tas_bounds", "tas_scale", "tas_scale_reference"]
+__all__ = ["PGPO_THRESHOLD_MODES", "pgpo_token_weights", "tas_bounds", "tas_scale", "tas_scale_reference"]
 
 # §3 fallback: a statistics set whose dependencies span no more than this gets α ≡ 1.
 _TAS_MIN_SPREAD = 1e-6
@@ -154,24 +154,47 @@ def tas_scale_reference(
     return alpha
 
 
-def pgpo_token_weights(S: Tensor, mask: Tensor, *, tau: float = 0.4, beta: float = 2.0, eps: float = 1e-6) -> Tensor:
+PGPO_THRESHOLD_MODES = ("absolute", "quantile")
+
+
+def pgpo_token_weights(
+    S: Tensor,
+    mask: Tensor,
+    *,
+    tau: float = 0.4,
+    beta: float = 2.0,
+    eps: float = 1e-6,
+    threshold_mode: str = "absolute",
+    weight_floor: float = 0.0,
+    mass_normalization: bool = True,
+) -> Tensor:
     """PGPO's threshold-gated, mass-conserving token weights ω̃ (§5); token advantage ``Ã_{i,t} = A_i · ω̃_{i,t}``.
 
     Per response over its valid tokens: ``Ŝ = log(1 + S)``, ``I = (Ŝ − min Ŝ) / (max Ŝ − min Ŝ + eps)``,
-    ``ω = I / (τ + eps)`` if ``I < τ`` else ``1 + β (I − τ) / (1 − τ + eps)``, ``ω̃ = ω · n / Σ ω``.
+    ``ω = I / (τ_i + eps)`` if ``I < τ_i`` else ``1 + β (I − τ_i) / (1 − τ_i + eps)``, ``ω̃ = ω · n / Σ ω``.
+    The defaults are the paper's (``τ_i = τ``, no floor, mass normalisation on). Three switches give what the
+    authors' development code is described to do (ALGORITHMS.md §5): ``threshold_mode="quantile"`` takes ``τ_i`` as
+    the response's own ascending ``I`` at index ``min(floor(n_i·τ), n_i − 1)``; ``weight_floor`` raises the
+    below-threshold weights to at least that value; ``mass_normalization=False`` returns ω itself.
 
     Args:
         S: ``[B, L]`` float — token dependency; non-negative by construction, must be > −1 (log1p) and finite on
             valid positions.
         mask: ``[B, L]`` bool or 0/1.
-        tau: τ in (0, 1) (paper: 0.4).  beta: β ≥ 0 (paper: 2.0).  eps: ε > 0 (paper: 1e-6).
+        tau: τ in (0, 1) (paper: 0.4; in quantile mode the quantile).  beta: β ≥ 0 (paper: 2.0).
+        eps: ε > 0 (paper: 1e-6).
+        threshold_mode: "absolute" (paper) | "quantile".
+        weight_floor: in [0, 1] (above 1 a below-threshold token would outweigh one above), lower bound of the
+            below-threshold weights (paper: 0; development code: 0.1).
+        mass_normalization: rescale each row to sum to n_i (paper: True).
 
     Returns:
-        ``[B, L]`` float (dtype of ``S``, detached), ≥ 0, zero on padding; each row sums to its valid-token count
-        n_i and is order-preserving (``S_a ≤ S_b`` ⇒ ``ω̃_a ≤ ω̃_b`` within a row). Degenerate rows, where the
-        formula is 0/0: an empty row is all zeros (sum 0 = n_i); a row whose ``max Ŝ − min Ŝ ≤ eps`` (all tokens
-        equally dependent, including a single token) gets ω̃ = 1 on every valid token — the GRPO weighting. Without
-        that rule a spread of, say, 1e-9 would hand a row's whole advantage mass to its top token.
+        ``[B, L]`` float (dtype of ``S``, detached), ≥ 0, zero on padding, order-preserving within a row
+        (``S_a ≤ S_b`` ⇒ ``ω̃_a ≤ ω̃_b``). With mass normalisation each row sums to its valid-token count n_i.
+        Degenerate rows, where the formula is 0/0: an empty row is all zeros; with mass normalisation, a row whose
+        ``max Ŝ − min Ŝ ≤ eps`` (all tokens equally dependent, including a single token) gets ω̃ = 1 on every valid
+        token — the GRPO weighting. Without that rule a spread of, say, 1e-9 would hand a row's whole advantage mass
+        to its top token. Without mass normalisation there is no division by Σω and the formula applies as is.
     """
     check_token_tensor(S, "S")
     valid = check_mask(mask, S.shape)
@@ -179,9 +202,14 @@ def pgpo_token_weights(S: Tensor, mask: Tensor, *, tau: float = 0.4, beta: float
         ("tau", tau, 0.0 < tau < 1.0),
         ("beta", beta, beta >= 0.0),
         ("eps", eps, eps > 0.0),
+        ("weight_floor", weight_floor, 0.0 <= weight_floor <= 1.0),
     ):
         if not ok or not math.isfinite(value):
-            raise ValueError(f"{name} out of range: got {value!r} (need 0 < tau < 1, beta ≥ 0, eps > 0)")
+            raise ValueError(
+                f"{name} out of range: got {value!r} (need 0 < tau < 1, beta ≥ 0, eps > 0, 0 ≤ weight_floor ≤ 1)"
+            )
+    if threshold_mode not in PGPO_THRESHOLD_MODES:
+        raise ValueError(f"threshold_mode must be one of {PGPO_THRESHOLD_MODES}, got {threshold_mode!r}")
     check_finite_where(S, valid, "S")
     if not bool((S > -1.0)[valid].all()):
         raise ValueError("S must be > -1 on valid positions (it is a non-negative KL estimate; log1p(S) is taken)")
@@ -192,15 +220,23 @@ def pgpo_token_weights(S: Tensor, mask: Tensor, *, tau: float = 0.4, beta: float
     hi = torch.where(valid, s_hat, -inf).amax(dim=1, keepdim=True)
     spread = hi - lo  # -inf on empty rows
     importance = ((s_hat - lo) / (spread + eps)).nan_to_num(0.0)
-    omega = torch.where(
-        importance < tau,
-        importance / (tau + eps),
-        1.0 + beta * (importance - tau) / (1.0 - tau + eps),
-    )
+    n_valid = valid.sum(dim=1, keepdim=True)
+    if threshold_mode == "quantile":
+        index = torch.minimum((n_valid.to(S.dtype) * tau).long(), (n_valid - 1).clamp(min=0))
+        ascending = torch.where(valid, importance, inf).sort(dim=1).values
+        threshold = torch.where(n_valid > 0, ascending.gather(1, index), torch.zeros_like(index, dtype=S.dtype))
+    else:
+        threshold = torch.full_like(lo, tau)
+    below = importance / (threshold + eps)
+    if weight_floor > 0.0:
+        below = below.clamp(min=weight_floor)
+    omega = torch.where(importance < threshold, below, 1.0 + beta * (importance - threshold) / (1.0 - threshold + eps))
     omega = torch.where(valid, omega, torch.zeros_like(omega))
-    n = valid.sum(dim=1, keepdim=True).to(S.dtype)
+    if not mass_normalization:
+        return omega
+    n = n_valid.to(S.dtype)
     total = omega.sum(dim=1, keepdim=True)
     degenerate = ~(spread > eps)  # also True on empty rows (spread = -inf)
-    # Σω > 0 whenever spread > eps: the top token has I = spread / (spread + eps) > 0.
+    # Σω > 0 whenever spread > eps: the top token has I = spread / (spread + eps) > 0, so ω ≥ 1 or I / (τ_i + ε) > 0.
     weights = omega * (n / torch.where(degenerate, torch.ones_like(total), total))
     return torch.where(degenerate, valid.to(S.dtype), weights)

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vppo_core.losses import AGGREGATIONS, LOSS_TYPES
 from vppo_core.perturb import PERTURBATION_MODES
+from vppo_core.shaping import PGPO_THRESHOLD_MODES
 
 __all__ = ["ConfigError", "Field", "check_world_size", "schema_for", "validate_config"]
 
@@ -184,6 +185,19 @@ RL_ONLY: dict[str, Any] = {
         "tgf_fraction": _f(float, default=0.4, low=0.0, high=1.0, algorithms=_VPPO, doc="in (0, 1]"),
         "pgpo_tau": _f(float, default=0.4, low=0.0, high=1.0, algorithms=_PGPO, doc="in (0, 1)"),
         "pgpo_beta": _f(float, default=2.0, low=0.0, algorithms=_PGPO),
+        "pgpo_threshold_mode": _f(
+            str,
+            default="absolute",
+            choices=PGPO_THRESHOLD_MODES,
+            algorithms=_PGPO,
+            doc="absolute: the paper's τ; quantile: each response's own τ-quantile (the authors' development code)",
+        ),
+        "pgpo_weight_floor": _f(
+            float, default=0.0, low=0.0, high=1.0, algorithms=_PGPO, doc="0: the paper; 0.1: development code"
+        ),
+        "pgpo_mass_normalization": _f(
+            bool, default=True, algorithms=_PGPO, doc="true: the paper; false: development code"
+        ),
         "dependency": _f(str, default="sampled", choices=("sampled", "exact"), algorithms=_VPPO + _PGPO),
     },
     "loss": {

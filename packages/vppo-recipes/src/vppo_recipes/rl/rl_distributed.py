@@ -909,7 +909,15 @@ class RLRecipeDistributed:
             if self.tgf:
                 token_weights = tgf_mask(p.S, mb.mask, fraction=a.tgf_fraction).to(p.lp_old.dtype)
             elif self.algorithm == "pgpo":
-                token_weights = pgpo_token_weights(p.S, mb.mask, tau=a.pgpo_tau, beta=a.pgpo_beta)
+                token_weights = pgpo_token_weights(
+                    p.S,
+                    mb.mask,
+                    tau=a.pgpo_tau,
+                    beta=a.pgpo_beta,
+                    threshold_mode=a.pgpo_threshold_mode,
+                    weight_floor=a.pgpo_weight_floor,
+                    mass_normalization=a.pgpo_mass_normalization,
+                )
             is_weights = None
             if cap is not None:  # truncated IS: reweight each token's policy term by min(π_old / π_rollout, cap)
                 is_weights = truncated_is_weights(p.lp_old, mb.lp_sampler, mb.mask, cap=float(cap))
