@@ -18,8 +18,13 @@ So every perturbation is a tensor operation on those rows, with no re-processing
   replicated). Blur commutes with the per-channel affine normalisation, so it runs on normalised values.
 - ``grey``: the whole image becomes grey ``grey_value`` (128) on every channel.
 
-Perturbations act on the *processed* (resized) image; the reference code perturbs the original PIL image before
-resizing. For blacken this only changes where the patch grid sits (here it is the ViT grid, as the paper states).
+Perturbations act on the *processed* image, on the ViT patch grid (as the paper states). The official code
+(huaixuheqing/VPPO-RL, ``fsdp_workers._process_aug_multi_modal_inputs``) perturbs a PIL image in between two resizes:
+EasyR1's ``process_image`` first scales the original into [min_pixels, max_pixels] (sizes truncated with ``int``),
+``perc_utils.random_patch_blackening`` then blackens 14-px blocks of *that* image (numpy's global RNG), and only
+then does the Qwen processor resize it to multiples of 28. On an image whose intermediate size is not a multiple of
+28 the blackened blocks therefore straddle ViT patches (most patches end up partly black); on 28-aligned sizes the
+two coincide up to the resampling of black edges. This module does not reproduce that order.
 """
 
 from __future__ import annotations
