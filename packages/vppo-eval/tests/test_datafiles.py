@@ -103,3 +103,16 @@ def test_a_bad_file_inside_a_folder_is_named(tmp_path):
     (tmp_path / "test.jsonl").write_text(json.dumps(ROW) + "\n{oops\n")
     with pytest.raises(ValueError, match=r"test.jsonl' cannot be read as json: line 2"):
         load_data_folder(tmp_path)
+
+
+def test_a_folder_under_a_hidden_folder_is_read_and_hidden_sub_folders_are_ignored(tmp_path, monkeypatch):
+    """CI runs under .nox/…/tmp: a hidden *parent* must not hide the files (a filter on "/." in the absolute path
+    did); a hidden sub-folder of the data folder (.cache) is still not data. Relative paths work too."""
+    folder = tmp_path / ".venv" / "tmp" / "task"
+    folder.mkdir(parents=True)
+    _jsonl(folder / "train.jsonl", [ROW] * 3)
+    (folder / ".cache").mkdir()
+    _jsonl(folder / ".cache" / "train.jsonl", [ROW] * 5)
+    assert {k: len(v) for k, v in load_data_folder(folder).items()} == {"train": 3}
+    monkeypatch.chdir(tmp_path / ".venv")
+    assert {k: len(v) for k, v in load_data_folder("tmp/task").items()} == {"train": 3}

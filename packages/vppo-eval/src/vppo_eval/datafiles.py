@@ -116,11 +116,19 @@ def load_data_folder(path: str | Path, *, label: str = "data.source", config: st
                 f"{label}={str(path)!r} was read as a hub snapshot (it has a README.md dataset card) and failed: "
                 f"{type(err).__name__}: {err}"
             ) from err
-    patterns = get_data_patterns(str(path))
-    resolved = DataFilesDict.from_patterns(patterns, base_path=str(path))
+    root = path.resolve()
+    patterns = get_data_patterns(str(root))
+    resolved = DataFilesDict.from_patterns(patterns, base_path=str(root))
+
+    def is_data_file(name: str) -> bool:
+        """A data file inside the folder, not in a hidden sub-folder (.cache, .git); the folder itself may sit
+        under a hidden one (a virtual environment's tmp, ~/.cache)."""
+        relative = Path(name).resolve().relative_to(root)
+        return relative.suffix.lower() in FILE_BUILDERS and not any(part.startswith(".") for part in relative.parts)
+
     data_files: dict[str, list[str]] = {}
     for split, files in resolved.items():
-        kept = [f for f in files if Path(f).suffix.lower() in FILE_BUILDERS and "/." not in f]
+        kept = [f for f in files if is_data_file(f)]
         if kept:
             data_files[str(split)] = kept
     every_file = sorted({f for files in data_files.values() for f in files})
