@@ -549,8 +549,8 @@ class RLRecipeDistributed:
 
         Each phase returns new values and no phase writes into another's: rollouts (groups with rewards and
         advantages) -> mini-batches of micro-batches -> no-grad passes (lp_old, S) -> shaped advantages and token
-        weights -> the update -> the weight push. Counters come back from the phases and are added to the run's
-        totals here, once.
+        weights -> the update -> the weight push. Counters come back from the phases; `_step_metrics` reduces
+        them over ranks and adds them to the run's totals, once.
         """
         if self.stream.epoch >= self.epochs:
             return None
