@@ -1,4 +1,4 @@
-"""The CPU demo: the pure summary logic, and one smoke run of the whole pipeline (`--quick`)."""
+"""The CPU demo: the summary logic against hand-worked values, and the whole pipeline (`--quick`), twice."""
 
 from __future__ import annotations
 
@@ -8,45 +8,85 @@ import math
 
 import pytest
 
-from vppo_recipes.demo import DemoSettings, main, summarize, verdict
+from vppo_eval.records import Record
+from vppo_recipes.demo import DemoSettings, RunResult, main, summarize, verdict
+
+K = 4
 
 
-def _rows(final: float, steps: int = 4, k: int = 4) -> list[dict]:
+def _settings(**kw) -> DemoSettings:
+    return dataclasses.replace(DemoSettings.full(), rl_steps=4, eval_every=2, seeds=(0, 1, 2), n_boot=500, **kw)
+
+
+def _records() -> list[Record]:
+    # items 0, 1: the hint is right (guessable); items 2, 3: the hint is wrong (only the image tells)
+    qs = [("red", "red"), ("blue", "blue"), ("red", "green"), ("yellow", "blue")]
     return [
-        {"step": t, "reward/accuracy": 0.5, **({f"validation/avg@{k}": final} if t == steps else {})}
-        for t in range(1, steps + 1)
-    ]
+        Record(id=str(i), question=f"What colour is the shape in the top-left corner? Hint: it is often {h}.",
+               images=[], answer=a)
+        for i, (h, a) in enumerate(qs)
+    ]  # fmt: skip
 
 
-def _summary(finals: dict[str, list[float]]) -> dict:
-    s = dataclasses.replace(DemoSettings.full(), rl_steps=4, eval_every=2, seeds=(0, 1, 2))
-    runs = {a: {seed: _rows(v) for seed, v in enumerate(vals)} for a, vals in finals.items()}
-    return summarize(runs, {"avg_at_k": 0.4, "format_rate": 1.0, "items": 64}, s, {})
+def _run(item_scores: dict[int, list[float]], train_acc: float = 0.5) -> RunResult:
+    """item_scores: step -> the 4 items' accuracies; the metrics rows carry their mean as avg@k."""
+    rows = []
+    for t in range(1, 5):
+        row = {"step": t, "reward/accuracy": train_acc, "diag/pg_share_on_dependent_tokens": 0.3 + 0.1 * (t % 2)}
+        if t in item_scores:
+            row[f"validation/avg@{K}"] = sum(item_scores[t]) / 4
+        rows.append(row)
+    return RunResult(rows, {t: {str(i): v for i, v in enumerate(vals)} for t, vals in item_scores.items()})
 
 
-def test_summary_reports_mean_std_and_gain_over_warm_start_per_algorithm():
-    out = _summary({"vppo": [0.5, 0.6, 0.7], "dapo": [0.4, 0.4, 0.4]})
-    v = out["algorithms"]["vppo"]
-    assert v["final_avg_at_k_mean"] == pytest.approx(0.6)
-    assert v["final_avg_at_k_std"] == pytest.approx(0.1)  # sample std (n-1)
-    assert v["gain_over_warm_start"] == pytest.approx(0.2)
-    assert out["algorithms"]["dapo"]["final_avg_at_k_std"] == pytest.approx(0.0, abs=1e-12)
+BEFORE = {"avg_at_k": 0.25, "format_rate": 1.0, "items": {"0": 0.25, "1": 0.25, "2": 0.25, "3": 0.25}}
+
+
+def test_summary_final_auc_hint_split_and_paired_difference_by_hand():
+    vppo = {seed: _run({2: [0.5, 0.5, 0.5, 0.5], 4: [1.0, 1.0, 0.5, 0.5]}) for seed in (0, 1, 2)}
+    dapo = {seed: _run({2: [0.25, 0.25, 0.25, 0.25], 4: [0.75, 0.75, 0.25, 0.25]}) for seed in (0, 1, 2)}
+    out = summarize({"vppo": vppo, "dapo": dapo}, BEFORE, _records(), _settings())
+    v, d = out["algorithms"]["vppo"], out["algorithms"]["dapo"]
+    assert v["final_avg_at_k_mean"] == pytest.approx(0.75) and v["final_avg_at_k_std"] == pytest.approx(0.0)
+    assert v["gain_over_warm_start"] == pytest.approx(0.5)
+    # item 0 of VPPO: steps 0, 2, 4 -> 0.25, 0.5, 1.0: trapezoids (0.375 * 2 + 0.75 * 2) / 4 = 0.5625
+    # item 2: 0.25, 0.5, 0.5 -> (0.375 * 2 + 0.5 * 2) / 4 = 0.4375; mean over items = 0.5
+    assert v["auc_mean"] == pytest.approx(0.5)
+    assert (v["final_accuracy_hint_right"], v["final_accuracy_hint_wrong"]) == (1.0, 0.5)
+    assert out["held_out"] == {"items": 4, "hint_right": 2, "hint_wrong": 2}
+    assert out["text_only_ceiling"] == 0.5
+    # VPPO reaches 0.5 (the ceiling) at step 2, DAPO only at step 4
+    assert v["steps_to_text_only_ceiling_per_seed"] == {"0": 2.0, "1": 2.0, "2": 2.0}
+    assert d["steps_to_text_only_ceiling_per_seed"] == {"0": 4.0, "1": 4.0, "2": 4.0}
+    # every (seed, item) differs by exactly 0.25 at the end -> a zero-width interval at +0.25
+    final = out["paired_differences"]["vppo-dapo"]["final"]
+    assert final["mean"] == final["low"] == final["high"] == pytest.approx(0.25)
+    auc = out["paired_differences"]["vppo-dapo"]["auc"]
+    assert auc["mean"] == pytest.approx(0.5 - d["auc_mean"]) and auc["low"] > 0
+    # diagnostics: mean over seeds per step
+    assert v["diagnostics"]["diag/pg_share_on_dependent_tokens"] == {
+        "1": pytest.approx(0.4), "2": pytest.approx(0.3), "3": pytest.approx(0.4), "4": pytest.approx(0.3)
+    }  # fmt: skip
+    assert "VPPO ends ahead of DAPO" in verdict(out) and "learns faster" in verdict(out)
     json.dumps(out)  # the summary is written as JSON
 
 
-def test_verdict_says_no_difference_when_gap_is_within_seed_spread():
-    text = verdict(_summary({"vppo": [0.5, 0.6, 0.7], "dapo": [0.45, 0.55, 0.6]}))
-    assert "no demonstrated difference" in text
+def test_verdict_follows_the_interval_whichever_way():
+    base = {2: [0.5, 0.5, 0.5, 0.5]}
+    noisy_a = {s: _run({**base, 4: x}) for s, x in enumerate([[1, 0, 1, 0], [0, 1, 0, 1], [1, 1, 0, 0]])}
+    noisy_b = {s: _run({**base, 4: x}) for s, x in enumerate([[0, 1, 0, 1], [1, 0, 1, 0], [0, 0, 1, 1]])}
+    out = summarize({"vppo": noisy_a, "grpo": noisy_b}, BEFORE, _records(), _settings())
+    assert "no difference between VPPO and GRPO at the last step is shown" in verdict(out)
+    worse = {s: _run({**base, 4: [0.0, 0.0, 0.0, 0.25]}) for s in range(3)}
+    better = {s: _run({**base, 4: [1.0, 1.0, 1.0, 0.75]}) for s in range(3)}
+    out = summarize({"vppo": worse, "grpo": better}, BEFORE, _records(), _settings())
+    assert "VPPO ends behind GRPO" in verdict(out)
 
 
-def test_verdict_says_vppo_did_not_win_when_a_baseline_is_clearly_better():
-    text = verdict(_summary({"vppo": [0.40, 0.41, 0.42], "grpo": [0.60, 0.61, 0.62]}))
-    assert "did not beat" in text and "GRPO" in text
-
-
-def test_verdict_credits_vppo_only_beyond_the_seed_spread():
-    text = verdict(_summary({"vppo": [0.60, 0.61, 0.62], "dapo": [0.40, 0.41, 0.42]}))
-    assert "VPPO was ahead" in text
+def test_a_run_without_every_item_scored_is_refused():
+    cut = {0: RunResult([{"step": 2, f"validation/avg@{K}": 0.5}], {2: {"0": 0.5}})}
+    with pytest.raises(ValueError, match="seed 0: no held-out score of every item at step 4"):
+        summarize({"vppo": cut}, BEFORE, _records(), dataclasses.replace(_settings(), seeds=(0,)))
 
 
 def test_settings_reject_a_last_step_that_is_not_validated():
@@ -54,17 +94,33 @@ def test_settings_reject_a_last_step_that_is_not_validated():
         dataclasses.replace(DemoSettings.full(), rl_steps=7, eval_every=5).check()
     with pytest.raises(ValueError, match="algorithms"):
         dataclasses.replace(DemoSettings.full(), algorithms=("ppo",)).check()
+    with pytest.raises(ValueError, match="each once"):
+        dataclasses.replace(DemoSettings.full(), seeds=(1, 1)).check()
+
+
+def test_the_full_demo_has_the_statistical_power_the_issue_asks_for():
+    s = DemoSettings.full()
+    assert len(s.seeds) >= 5 and s.n_eval >= 256 and set(s.algorithms) >= {"vppo", "dapo", "grpo"}
+    assert s.text_only_ceiling() == 0.5 and s.reasoning
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_quick_demo_runs_every_stage_and_writes_plots_and_summary(tmp_path):
-    """Task + tiny model -> SFT recipe (tune run, 2 procs) -> avg@k -> RL recipe (VPPO, 2 procs) -> reports."""
-    assert main(["--out", str(tmp_path), "--quick", "--algorithms", "vppo"]) == 0
-    for name in ("curves.png", "dependency_hist.png", "dependency.html", "summary.md", "summary.json"):
-        assert (tmp_path / name).stat().st_size > 0, name
-    summary = json.loads((tmp_path / "summary.json").read_text())
+def test_quick_demo_runs_every_stage_and_reproduces_its_summary_bit_for_bit(tmp_path):
+    """Task + tiny model -> SFT recipe (tune run, 2 procs) -> avg@k -> RL recipe (2 procs each) -> reports; twice,
+    in two folders: summary.json must be the same bytes."""
+    args = ["--quick", "--algorithms", "vppo,dapo"]
+    assert main(["--out", str(tmp_path / "a"), *args]) == 0
+    for name in ("curves.png", "diagnostics.png", "dependency_hist.png", "dependency.html", "summary.md",
+                 "summary.json", "timings.json"):  # fmt: skip
+        assert (tmp_path / "a" / name).stat().st_size > 0, name
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     final = summary["algorithms"]["vppo"]["final_avg_at_k_per_seed"]["0"]
     assert 0.0 <= final <= 1.0 and not math.isnan(summary["warm_start"]["avg_at_k"])
     assert summary["dependency"]["n_tokens"] > 0
-    assert (tmp_path / "work" / "rl" / "vppo_seed0" / "checkpoints" / "step_000002").is_dir()
+    assert "vppo-dapo" in summary["paired_differences"]
+    # DAPO measured dependency too (diagnostics.dependency=true) without it entering its loss
+    assert "diag/pg_share_on_dependent_tokens" in summary["algorithms"]["dapo"]["diagnostics"]
+    assert (tmp_path / "a" / "work" / "rl" / "vppo_seed0" / "checkpoints" / "step_000002").is_dir()
+    assert main(["--out", str(tmp_path / "b"), *args]) == 0
+    assert (tmp_path / "a" / "summary.json").read_bytes() == (tmp_path / "b" / "summary.json").read_bytes()

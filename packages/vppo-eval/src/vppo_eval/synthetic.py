@@ -14,9 +14,22 @@ once per shuffled pass, so given the text alone every answer of that family is e
 cannot beat chance (1/4 for count and colour, 1/2 for side). The answer vocabulary has 10 words, small enough for a
 tiny model to learn in a few dozen RL steps.
 
+Two options turn the ``colour`` family into the CPU demo's task, where the mechanism VPPO relies on can act
+(``build_visual_task(..., hint=3, reasoning=True)``):
+
+- ``hint=w``: the question carries a linguistic prior, "... corner? Hint: it is often blue." The hinted colour is the
+  answer ``w`` times out of ``w + 3`` (the other three colours once each), per (corner, hint) pair and pass, so from
+  the text alone the best possible accuracy is ``w / (w + 3)`` (1/2 for ``w = 3``): some correct answers can be
+  guessed without looking, as in the paper's argument for TAS. Every colour is still the answer equally often.
+- ``reasoning=True``: a ``response`` column holds an SFT target with a chain of thought in which most tokens do not
+  depend on the image and are not deterministic (filler sentences and a random sum drawn per row), and one clause
+  carries the visual evidence: ``<think>The top-left shape is blue. 7 plus 3 is 10. I check the
+  corner.</think> \\boxed{blue}``.
+
 Written as a ``datasets.DatasetDict`` (train/test) of parquet files with embedded PNG bytes, in the ViRL39K column
 names the recipes default to: ``problem`` (the question, no ``<image>`` placeholder), ``answer``, ``images``
-(``List(Image())``, one image) plus ``id`` and ``task``. Deterministic from ``seed``.
+(``List(Image())``, one image) plus ``id`` and ``task`` (and ``response`` with ``reasoning=True``). Deterministic from
+``seed``.
 """
 
 from __future__ import annotations
@@ -29,7 +42,17 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-__all__ = ["COLOURS", "CORNERS", "SHAPES", "TASKS", "build_visual_task", "render_scene", "sample_item"]
+__all__ = [
+    "COLOURS",
+    "CORNERS",
+    "FILLERS",
+    "SHAPES",
+    "TASKS",
+    "build_visual_task",
+    "reasoning_response",
+    "render_scene",
+    "sample_item",
+]
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -41,6 +64,19 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 TASKS: tuple[str, ...] = ("count", "colour", "side")
 CORNERS: tuple[str, ...] = ("top-left", "top-right", "bottom-left", "bottom-right")
 _MAX_COUNT = 4
+
+# Sentences of the chain of thought that do not depend on the image ({a} + {b} = {c}: a random sum per row). The
+# words come from the tiny tokenizer's corpus (vppo_rollout.tiny), so each is a few tokens.
+FILLERS: tuple[str, ...] = (
+    "I look at the image.",
+    "Let me think step by step.",
+    "count the objects in the picture.",
+    "{a} plus {b} is {c}.",
+    "What is in this image?",
+    "I see the shapes.",
+    "The answer is in the image.",
+    "I check the corner.",
+)
 
 # A scene: cell (row, col) -> (shape, colour name); cells not in the dict are empty.
 Scene = dict[tuple[int, int], tuple[str, str]]
@@ -110,8 +146,36 @@ def sample_item(task: str, parameter: str, answer: str, rng: random.Random, *, g
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
 
-def _combinations(task: str, grid: int) -> list[tuple[str, str]]:
-    """Every (question parameter, answer) pair of a family; each pair is used once per pass."""
+def reasoning_response(corner: str, answer: str, rng: random.Random, *, n_fillers: int = 2) -> str:
+    """An SFT target for a ``colour`` item: a chain of thought with random filler around the one visual clause.
+
+    The visual clause comes first, so the colour token sits at the same place in every response (behind the
+    image, a fixed distance away: a tiny decoder learns that lookup, and not one at a varying distance); then
+    ``n_fillers`` sentences drawn with replacement from FILLERS (the sum's operands drawn in 0..12); then the
+    answer, which copies the clause.
+    """
+
+    def filler() -> str:
+        a, b = rng.randrange(13), rng.randrange(13)
+        return rng.choice(FILLERS).format(a=a, b=b, c=a + b)
+
+    fillers = " ".join(filler() for _ in range(n_fillers))
+    return f"<think>The {corner} shape is {answer}. {fillers}</think> \\boxed{{{answer}}}"
+
+
+def _combinations(task: str, grid: int, hint: int | None = None) -> list[tuple[str, str]]:
+    """Every (question parameter, answer) pair of a family; each pair is used once per pass.
+
+    With ``hint`` (colour only) the parameter is ``(corner, hinted colour)`` and the hinted answer appears ``hint``
+    times per pass, every other colour once.
+    """
+    if task == "colour" and hint is not None:
+        return [
+            ((corner, hinted), answer)
+            for corner in CORNERS
+            for hinted in COLOURS
+            for answer in [hinted] * hint + [c for c in COLOURS if c != hinted]
+        ]
     if task == "count":
         counts = [str(k) for k in range(1, min(_MAX_COUNT, grid * grid) + 1)]
         return list(itertools.product(COLOURS, counts))
@@ -120,8 +184,8 @@ def _combinations(task: str, grid: int) -> list[tuple[str, str]]:
     return list(itertools.product(COLOURS, ("left", "right")))
 
 
-def _balanced(task: str, grid: int, rng: random.Random) -> Iterator[tuple[str, str]]:
-    combos = _combinations(task, grid)
+def _balanced(task: str, grid: int, rng: random.Random, hint: int | None = None) -> Iterator[tuple]:
+    combos = _combinations(task, grid, hint)
     while True:
         rng.shuffle(combos)
         yield from combos
@@ -134,22 +198,43 @@ def _png(image: Image.Image) -> bytes:
 
 
 def _split_columns(
-    split: str, n: int, *, seed: int, tasks: Sequence[str], grid: int, image_size: int
+    split: str,
+    n: int,
+    *,
+    seed: int,
+    tasks: Sequence[str],
+    grid: int,
+    image_size: int,
+    hint: int | None = None,
+    reasoning: bool = False,
 ) -> dict[str, list]:
     # String seeds are hashed with SHA-512 by `random`, so this is stable across processes and PYTHONHASHSEED.
     rng = random.Random(f"vppo-visual-task/{seed}/{split}")
-    streams = {task: _balanced(task, grid, random.Random(f"vppo-visual-task/{seed}/{split}/{task}")) for task in tasks}
+    # The chain of thought has its own stream, so adding it leaves every other column as it was.
+    text_rng = random.Random(f"vppo-visual-task/{seed}/{split}/reasoning")
+    streams = {
+        task: _balanced(task, grid, random.Random(f"vppo-visual-task/{seed}/{split}/{task}"), hint) for task in tasks
+    }
     columns: dict[str, list] = {"id": [], "problem": [], "answer": [], "images": [], "task": []}
+    if reasoning:
+        columns["response"] = []
     for i in range(n):
         task = tasks[i % len(tasks)]
         parameter, answer = next(streams[task])
+        hinted = None
+        if task == "colour" and hint is not None:
+            parameter, hinted = parameter
         question, scene = sample_item(task, parameter, answer, rng, grid=grid)
+        if hinted is not None:
+            question = f"{question} Hint: it is often {hinted}."
         image = render_scene(scene, grid=grid, image_size=image_size)
         columns["id"].append(f"{split}-{i:05d}")
         columns["problem"].append(question)
         columns["answer"].append(answer)
         columns["images"].append([{"bytes": _png(image), "path": None}])
         columns["task"].append(task)
+        if reasoning:
+            columns["response"].append(reasoning_response(parameter, answer, text_rng))
     return columns
 
 
@@ -162,6 +247,8 @@ def build_visual_task(
     image_size: int = 56,
     grid: int = 2,
     tasks: Sequence[str] = TASKS,
+    hint: int | None = None,
+    reasoning: bool = False,
 ):
     """Generate the task, write ``out_dir/data/{train,test}-00000-of-00001.parquet``, return the ``DatasetDict``.
 
@@ -170,6 +257,7 @@ def build_visual_task(
     ``datasets.load_dataset(str(out_dir))`` reads the same two splits back. Images are ``image_size`` px squares
     split into ``grid x grid`` cells (keep ``image_size / grid`` a multiple of the ViT merge size — 28 px for
     Qwen2.5-VL — so each cell is one visual token). Same arguments -> same data, byte for byte in every column.
+    ``hint`` and ``reasoning`` (module docstring) need ``tasks=("colour",)``.
     """
     import datasets
 
@@ -186,16 +274,23 @@ def build_visual_task(
     unknown = [t for t in tasks if t not in TASKS]
     if not tasks or unknown:
         raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {tasks!r}")
+    if (hint is not None or reasoning) and tasks != ("colour",):
+        raise ValueError(f"hint and reasoning are options of the colour family: pass tasks=('colour',), got {tasks!r}")
+    if hint is not None and (not isinstance(hint, int) or isinstance(hint, bool) or hint < 1):
+        raise ValueError(
+            f"hint must be an int >= 1 (the hinted colour's weight against 1 for each other), got {hint!r}"
+        )
 
-    features = datasets.Features(
-        {
-            "id": datasets.Value("string"),
-            "problem": datasets.Value("string"),
-            "answer": datasets.Value("string"),
-            "images": datasets.List(datasets.Image()),
-            "task": datasets.Value("string"),
-        }
-    )
+    schema = {
+        "id": datasets.Value("string"),
+        "problem": datasets.Value("string"),
+        "answer": datasets.Value("string"),
+        "images": datasets.List(datasets.Image()),
+        "task": datasets.Value("string"),
+    }
+    if reasoning:
+        schema["response"] = datasets.Value("string")
+    features = datasets.Features(schema)
     data_dir = Path(out_dir) / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     files = {}
@@ -204,7 +299,9 @@ def build_visual_task(
             stale.unlink()
         if n == 0:  # an empty parquet split cannot be loaded back; the split is left out instead
             continue
-        columns = _split_columns(split, n, seed=seed, tasks=tasks, grid=grid, image_size=image_size)
+        columns = _split_columns(
+            split, n, seed=seed, tasks=tasks, grid=grid, image_size=image_size, hint=hint, reasoning=reasoning
+        )
         path = data_dir / f"{split}-00000-of-00001.parquet"
         datasets.Dataset.from_dict(columns, features=features).to_parquet(str(path))
         files[split] = str(path)

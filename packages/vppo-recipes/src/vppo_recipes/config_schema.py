@@ -136,6 +136,14 @@ COMMON: dict[str, Any] = {
 }
 
 RL_ONLY: dict[str, Any] = {
+    "diagnostics": {
+        "dependency": _f(
+            bool,
+            default=False,
+            doc="true: every algorithm measures visual dependency (DAPO / GRPO with an extra no-grad pass over "
+            "blackened images, which leaves their loss unchanged) and logs dependency/* and diag/* metrics",
+        ),
+    },
     "validation": {
         "source": _f(str, nullable=True, default=None),
         "split": _f(str, default="test"),

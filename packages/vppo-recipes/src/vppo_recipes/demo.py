@@ -1,30 +1,32 @@
 """The CPU demo: a tiny Qwen2.5-VL learns a visual task with VPPO, DAPO and GRPO, in minutes, no GPU, no downloads.
 
     python -m vppo_recipes.demo --out out/demo            # `nox -s demo` runs exactly this
-    python -m vppo_recipes.demo --out /tmp/d --quick      # smoke version (1 seed, 2 RL steps; the test uses it)
+    python -m vppo_recipes.demo --out /tmp/d --quick      # smoke version (1 seed, 2 RL steps; the tests use it)
 
 What it does, in order (every stage is the real library code a user would run):
 
-1. `vppo_eval.build_visual_task`: coloured shapes on a 2 x 2 grid; questions only the image can answer.
+1. `vppo_eval.build_visual_task(hint=3, reasoning=True)`: "What colour is the shape in the top-left corner? Hint: it
+   is often blue." on a 112 px 2 x 2 grid. The hint is right half of the time (the text alone reaches at most 50 %),
+   so some correct answers are lucky guesses; the SFT target is a chain of thought in which most tokens are random
+   filler that does not depend on the image and one clause states the colour seen (see vppo_eval.synthetic).
 2. `vppo_rollout.build_tiny_checkpoint`: a randomly initialised, real Qwen2.5-VL (transformers classes, tiny sizes).
-3. SFT warm start with the shipped SFT recipe (`vppo-recipes run sft_distributed --nproc_per_node 2`,
-   i.e. `tune run`): teaches the `<think>...</think> \\boxed{answer}` format and part of the task.
-4. Held-out avg@k of the warm start (`vppo_eval.evaluate`, temperature 1.0, top-p 1.0).
-5. For each algorithm x seed: the shipped RL recipe under `tune run --nproc_per_node 2`, all from the same warm
-   start and in the same data order (`data.shuffle=false`: the task is generated in random order already), so the
-   seed changes only the sampling and the perturbation masks. The recipe validates held-out avg@k every
-   `eval_every` steps on the same held-out rows as stage 4.
-6. Outputs in `--out`: learning curves (`curves.png`), the token / trajectory visual dependency histograms and an
-   HTML page of responses shaded by dependency (`vppo_eval.report`, on the final VPPO model of the first seed),
-   `summary.md` + `summary.json` (before/after held-out accuracy per algorithm, mean ± std over seeds), and
-   `work/` with every run's config, metrics.jsonl and log.
+3. SFT warm start with the shipped SFT recipe (`vppo-recipes run sft_distributed --nproc_per_node 2`, i.e.
+   `tune run`) on the chain-of-thought targets: it teaches the `<think>...</think> \\boxed{answer}` format.
+4. Held-out avg@k of the warm start, item by item (`vppo_eval.evaluate`, temperature 1.0, top-p 1.0).
+5. For each seed x algorithm: the shipped RL recipe under `tune run --nproc_per_node 2`, all from the same warm start
+   and in the same data order (`data.shuffle=false`), so the seed changes only the sampling and the perturbation
+   masks. Every run measures visual dependency (`diagnostics.dependency=true`: DAPO and GRPO get an extra no-grad
+   pass that their loss never reads) and validates every `eval_every` steps on the same held-out items, writing
+   each item's accuracy (`logs/validation_items.jsonl`).
+6. `summary.json` / `summary.md`: final and area-under-curve held-out accuracy per algorithm (mean ± std over
+   seeds), the paired differences VPPO − DAPO and VPPO − GRPO with 95 % bootstrap intervals over seeds and items
+   (`vppo_eval.stats`), steps to beat the hint-only ceiling, accuracy split by whether the hint was right, the
+   per-step diagnostics (TGF's kept fraction, the share of the policy gradient on the most dependent tokens, the
+   spread of α, entropy) and a verdict that follows from the intervals. `curves.png`, `diagnostics.png`, the
+   dependency histograms and an HTML page of responses shaded by dependency. Same command, same machine kind ->
+   the same `summary.json`, bit for bit (wall times go to `timings.json`).
 
-Why these settings (probe runs while building the demo; single-process SFT, greedy accuracy on 96 held-out items):
-with the default 56 px canvas each grid cell is ONE visual token and the tiny decoder stayed at chance on every
-question family within 150-200 SFT steps (also with a 4x larger model, or with lr 1e-2). At 112 px (2 x 2 visual tokens
-per cell) the colour-in-a-corner question was learned, and clearly so only after lowering the decoder's rope_theta
-to 10 (see `set_rope_theta`): 0.69 after 400 steps, vs 0.41 after 300 steps with theta 1e6. The demo therefore uses the "colour"
-family only ("What colour is the shape in the top-left corner?", 4 answers: chance 25 %, text alone cannot beat it).
+Every setting tried while designing this demo, and what it gave, is in docs/demo/EXPERIMENTS.md.
 """
 
 from __future__ import annotations
@@ -53,37 +55,42 @@ ALGORITHMS = ("vppo", "dapo", "grpo")
 class DemoSettings:
     """Every knob of the demo; `full()` is what `nox -s demo` runs, `quick()` the smoke test.
 
-    tasks / image_size / n_train / n_test: the synthetic task (vppo_eval.synthetic.build_visual_task).
+    tasks / image_size / hint / reasoning / n_train / n_test: the synthetic task
+        (vppo_eval.synthetic.build_visual_task; hint=None and reasoning=False give the plain colour question).
     rope_theta: the tiny decoder's M-RoPE base (None: build_tiny_checkpoint's 1e6, the real models' value); see
         `set_rope_theta` for why the demo lowers it.
     sft_steps, sft_lr: SFT warm start (batch 16). rl_steps, eval_every: RL steps per run and validation interval.
     k: samples per held-out item (avg@k). n_eval: held-out items scored (the first n_eval test rows).
     rl_lr: RL learning rate (the tiny model needs far more than the 7B's 1e-6).
     group_size, batch_prompts, update_prompts: rollout G, prompts per RL step, prompts per optimizer step.
-    max_new_tokens: response budget (the SFT answer is ~20 tokens).
+    max_new_tokens: response budget (the chain-of-thought targets are 34-60 tokens).
     dependency_prompts: held-out prompts whose responses feed the dependency histograms / HTML page.
+    n_boot: bootstrap replicates of the paired intervals.
     """
 
     algorithms: tuple[str, ...] = ALGORITHMS
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     tasks: tuple[str, ...] = ("colour",)
     image_size: int = 112
+    hint: int | None = 3
+    reasoning: bool = True
     n_train: int = 2048
-    n_test: int = 64
+    n_test: int = 256
     model_seed: int = 0
     rope_theta: float | None = 10.0
     sft_steps: int = 400
     sft_lr: float = 3e-3
-    rl_steps: int = 15
+    rl_steps: int = 20
     eval_every: int = 5
     rl_lr: float = 1e-3
     k: int = 4
-    n_eval: int = 64
+    n_eval: int = 256
     group_size: int = 8
     batch_prompts: int = 8
     update_prompts: int = 4
-    max_new_tokens: int = 24
+    max_new_tokens: int = 64
     dependency_prompts: int = 16
+    n_boot: int = 10_000
 
     @classmethod
     def full(cls) -> DemoSettings:
@@ -98,7 +105,7 @@ class DemoSettings:
             n_test=8,
             sft_steps=3,
             rl_steps=2,
-            eval_every=2,
+            eval_every=1,
             k=2,
             n_eval=8,
             group_size=4,
@@ -106,14 +113,15 @@ class DemoSettings:
             update_prompts=2,
             max_new_tokens=16,
             dependency_prompts=2,
+            n_boot=200,
         )
 
     def check(self) -> None:
         unknown = [a for a in self.algorithms if a not in ("vppo", "dapo", "grpo", "pgpo")]
         if not self.algorithms or unknown:
             raise ValueError(f"algorithms: expected a non-empty subset of vppo,dapo,grpo,pgpo, got {self.algorithms}")
-        if not self.seeds:
-            raise ValueError("seeds: give at least one seed (e.g. --seeds 0,1,2)")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: give at least one seed, each once (e.g. --seeds 0,1,2), got {self.seeds}")
         if self.rl_steps < 1 or self.eval_every < 1 or self.rl_steps % self.eval_every:
             raise ValueError(
                 f"rl_steps ({self.rl_steps}) must be a positive multiple of eval_every ({self.eval_every}), so the "
@@ -121,6 +129,16 @@ class DemoSettings:
             )
         if self.n_eval > self.n_test:
             raise ValueError(f"n_eval ({self.n_eval}) must be <= n_test ({self.n_test})")
+
+    def chance(self) -> float | None:
+        """Accuracy of a uniform guess among the answers (colour: 4)."""
+        return 0.25 if tuple(self.tasks) == ("colour",) else None
+
+    def text_only_ceiling(self) -> float | None:
+        """The best accuracy from the question text alone: follow the hint (w / (w + 3)), or chance without one."""
+        if tuple(self.tasks) != ("colour",):
+            return None
+        return self.hint / (self.hint + 3) if self.hint else 0.25
 
 
 # ------------------------------------------------------------------------------------------------ subprocesses
@@ -158,7 +176,16 @@ def build_assets(work: Path, s: DemoSettings) -> tuple[Path, Path]:
     from vppo_rollout.tiny import build_tiny_checkpoint
 
     task = work / "visual_task"
-    build_visual_task(task, n_train=s.n_train, n_test=s.n_test, seed=0, image_size=s.image_size, tasks=s.tasks)
+    build_visual_task(
+        task,
+        n_train=s.n_train,
+        n_test=s.n_test,
+        seed=0,
+        image_size=s.image_size,
+        tasks=s.tasks,
+        hint=s.hint,
+        reasoning=s.reasoning,
+    )
     ckpt = Path(build_tiny_checkpoint(work / "tiny_ckpt", "qwen2_5_vl", seed=s.model_seed))
     if s.rope_theta is not None:
         set_rope_theta(ckpt, s.rope_theta)
@@ -197,6 +224,8 @@ def sft_warm_start(work: Path, task: Path, ckpt: Path, s: DemoSettings) -> Path:
             f"training.max_steps={s.sft_steps}",
             f"optimizer.lr={s.sft_lr}",
             "training.save_every_n_steps=0",
+            # the chain-of-thought targets of the task (or the config's one-line template without them)
+            *(["data.columns.response=response", "data.max_response_length=96"] if s.reasoning else []),
         ],
         cwd=work,
         log=work / "logs" / "sft.log",
@@ -225,8 +254,9 @@ def heldout_records(task: Path, n: int) -> list:
     return records
 
 
-def evaluate_checkpoint(ckpt: Path, records: list, s: DemoSettings, *, seed: int = 0) -> dict[str, float]:
-    """Held-out avg@k of a checkpoint (temperature 1.0, top-p 1.0: the recipe's validation settings)."""
+def evaluate_checkpoint(ckpt: Path, records: list, s: DemoSettings, *, seed: int = 0) -> dict[str, Any]:
+    """Held-out avg@k of a checkpoint (temperature 1.0, top-p 1.0: the recipe's validation settings), with each
+    item's accuracy under "items" (id -> mean over the k samples)."""
     import torch
 
     from vppo_eval.evaluate import evaluate
@@ -248,12 +278,17 @@ def evaluate_checkpoint(ckpt: Path, records: list, s: DemoSettings, *, seed: int
         progress=False,
     )
     b = res.benchmarks["validation"]
-    return {"avg_at_k": float(b.avg_at_k), "format_rate": float(b.format_rate), "items": int(b.n_items)}
+    items = {item_id: float(a) for (_, item_id), a in res.item_accuracy().items()}
+    return {
+        "avg_at_k": float(b.avg_at_k),
+        "format_rate": float(b.format_rate),
+        "n_items": int(b.n_items),
+        "items": dict(sorted(items.items(), key=lambda kv: int(kv[0]))),
+    }
 
 
-def rl_run(algo: str, seed: int, work: Path, task: Path, warm: Path, s: DemoSettings) -> list[dict[str, Any]]:
-    """One RL run of the shipped recipe from the warm start -> its metrics.jsonl rows (one per step)."""
-    from vppo_recipes.metric_logging import read_jsonl
+def rl_run(algo: str, seed: int, work: Path, task: Path, warm: Path, s: DemoSettings) -> RunResult:
+    """One RL run of the shipped recipe from the warm start -> its metrics rows and per-item validation scores."""
 
     out = work / "rl" / f"{algo}_seed{seed}"
     shutil.rmtree(out, ignore_errors=True)
@@ -274,12 +309,39 @@ def rl_run(algo: str, seed: int, work: Path, task: Path, warm: Path, s: DemoSett
         f"optimizer.lr={s.rl_lr}",
         f"training.max_steps={s.rl_steps}",
         "training.save_every_n_steps=0",  # the final step is always saved
+        "diagnostics.dependency=true",  # S for every algorithm (logged only; the baselines' loss never reads it)
     ]
     run_recipe("rl_distributed", f"tiny_{algo}", overrides, cwd=work, log=work / "logs" / f"rl_{algo}_seed{seed}.log")
-    return list(read_jsonl(out / "logs" / "metrics.jsonl"))
+    return read_run(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """One RL run's logs: metrics rows (one per step) and step -> item id -> held-out accuracy."""
+
+    rows: list[dict[str, Any]]
+    items: dict[int, dict[str, float]]
+
+
+def read_run(out: Path) -> RunResult:
+    """The metrics.jsonl rows and validation_items.jsonl scores of a finished run folder (last line per step)."""
+    from vppo_recipes.metric_logging import read_jsonl
+
+    items = {int(r["step"]): r["items"] for r in read_jsonl(out / "logs" / "validation_items.jsonl")}
+    return RunResult(list(read_jsonl(out / "logs" / "metrics.jsonl")), items)
 
 
 # ------------------------------------------------------------------------------------------------ aggregation
+
+# Per-step diagnostics averaged over seeds into summary.json and diagnostics.png (logged by the RL recipe).
+DIAGNOSTICS = {
+    "tgf/selected_fraction": "fraction of response tokens TGF keeps (VPPO)",
+    "diag/pg_share_on_dependent_tokens": "share of the uniform-credit policy gradient on the 40 % most dependent tokens",
+    "tas/alpha_std": "spread (std) of TAS's alpha over responses (VPPO)",
+    "actor/entropy": "mean sampled-token NLL of the policy (entropy estimate)",
+    "dependency/token_mean": "mean token visual dependency S",
+    "reward/accuracy": "train accuracy of the groups trained on",
+}
 
 
 def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
@@ -291,13 +353,13 @@ def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
     return m, sd
 
 
-def curves(runs: dict[str, dict[int, list[dict]]], key: str) -> dict[str, dict[int, list[float]]]:
+def curves(runs: dict[str, dict[int, RunResult]], key: str) -> dict[str, dict[int, list[float]]]:
     """algo -> step -> values over seeds of metric `key` (steps where it was logged)."""
     out: dict[str, dict[int, list[float]]] = {}
     for algo, by_seed in runs.items():
         steps: dict[int, list[float]] = {}
-        for rows in by_seed.values():
-            for r in rows:
+        for run in by_seed.values():
+            for r in run.rows:
                 v = r.get(key)
                 if isinstance(v, (int, float)) and not math.isnan(v):
                     steps.setdefault(int(r["step"]), []).append(float(v))
@@ -305,123 +367,294 @@ def curves(runs: dict[str, dict[int, list[dict]]], key: str) -> dict[str, dict[i
     return out
 
 
-def summarize(runs, before: dict[str, float], s: DemoSettings, wall: dict[str, float]) -> dict[str, Any]:
-    """summary.json content: warm start, per-algorithm final held-out avg@k over seeds, timings."""
+def _hint(question: str) -> str | None:
+    marker = "Hint: it is often "
+    return question.split(marker, 1)[1].rstrip(".").strip() if marker in question else None
+
+
+def item_grid(runs: dict[int, RunResult], ids: Sequence[str], step: int) -> list[list[float]]:
+    """[seeds, items] held-out accuracy of one algorithm's runs at `step` (seeds in the runs' order)."""
+    grid = []
+    for seed, run in runs.items():
+        scores = run.items.get(step)
+        if scores is None or any(i not in scores for i in ids):
+            raise ValueError(f"seed {seed}: no held-out score of every item at step {step}; was the run cut short?")
+        grid.append([scores[i] for i in ids])
+    return grid
+
+
+def auc_grid(runs: dict[int, RunResult], before_items: dict[str, float], ids: Sequence[str], s: DemoSettings):
+    """[seeds, items] area under each item's held-out curve (step 0 = the warm start), as a mean level."""
+    from vppo_eval.stats import area_under_curve
+
+    steps = [0, *range(s.eval_every, s.rl_steps + 1, s.eval_every)]
+    per_step = {t: item_grid(runs, ids, t) for t in steps[1:]}
+    grid = []
+    for row in range(len(runs)):
+        grid.append(
+            [
+                area_under_curve(steps, [before_items[i]] + [per_step[t][row][col] for t in steps[1:]])
+                for col, i in enumerate(ids)
+            ]
+        )
+    return grid
+
+
+def _paired(a, b, s: DemoSettings) -> dict[str, float]:
+    from vppo_eval.stats import paired_difference
+
+    d = paired_difference(a, b, n_boot=s.n_boot, seed=0)
+    return {"mean": d.mean, "low": d.low, "high": d.high, "confidence": d.confidence, "n_boot": d.n_boot}
+
+
+def summarize(
+    runs: dict[str, dict[int, RunResult]], before: dict[str, Any], records: list, s: DemoSettings
+) -> dict[str, Any]:
+    """summary.json content (deterministic: no wall times): per-algorithm results over seeds, the paired differences
+    with their bootstrap intervals, learning speed, the hint split and the per-step diagnostics."""
+    from vppo_eval.stats import steps_to_reach
+
+    ids = [r.id for r in records]
+    hinted = {r.id: _hint(r.question) == r.answer for r in records}
+    guessable = [i for i in ids if hinted[i]]
+    needs_image = [i for i in ids if not hinted[i]]
     key = f"validation/avg@{s.k}"
-    table = {}
+    ceiling = s.text_only_ceiling()
+    steps = [0, *range(s.eval_every, s.rl_steps + 1, s.eval_every)]
+
+    def subset_mean(grid, subset):
+        cols = [ids.index(i) for i in subset]
+        return sum(row[c] for row in grid for c in cols) / (len(grid) * len(cols)) if cols else math.nan
+
+    table, finals, aucs = {}, {}, {}
     for algo, by_seed in runs.items():
-        finals = {}
-        for seed, rows in by_seed.items():
-            vals = [r[key] for r in rows if key in r and r["step"] == s.rl_steps]
-            finals[seed] = float(vals[-1]) if vals else math.nan
-        m, sd = _mean_std(list(finals.values()))
-        rew = curves({algo: by_seed}, "reward/accuracy")[algo]
+        finals[algo] = item_grid(by_seed, ids, s.rl_steps)
+        aucs[algo] = auc_grid(by_seed, before["items"], ids, s)
+        per_seed_final = [sum(row) / len(row) for row in finals[algo]]
+        per_seed_auc = [sum(row) / len(row) for row in aucs[algo]]
+        per_seed_curve = [
+            [before["avg_at_k"]] + [float(next(r[key] for r in run.rows if r["step"] == t)) for t in steps[1:]]
+            for run in by_seed.values()
+        ]
+        reach = [steps_to_reach(steps, c, ceiling) for c in per_seed_curve] if ceiling else []
+        m, sd = _mean_std(per_seed_final)
+        am, asd = _mean_std(per_seed_auc)
         table[algo] = {
             "final_avg_at_k_mean": m,
             "final_avg_at_k_std": sd,
-            "final_avg_at_k_per_seed": {str(k): v for k, v in finals.items()},
+            "final_avg_at_k_per_seed": {str(seed): v for seed, v in zip(by_seed, per_seed_final)},
             "gain_over_warm_start": m - before["avg_at_k"],
-            "train_accuracy_first_step_mean": _mean_std(rew.get(min(rew), []))[0] if rew else math.nan,
-            "train_accuracy_last_step_mean": _mean_std(rew.get(max(rew), []))[0] if rew else math.nan,
-            "wall_s_total": wall.get(algo, math.nan),
+            "auc_mean": am,
+            "auc_std": asd,
+            "curve_mean": {str(t): _mean_std([c[j] for c in per_seed_curve])[0] for j, t in enumerate(steps)},
+            "steps_to_text_only_ceiling_per_seed": {str(seed): r for seed, r in zip(by_seed, reach)},
+            "final_accuracy_hint_right": subset_mean(finals[algo], guessable),
+            "final_accuracy_hint_wrong": subset_mean(finals[algo], needs_image),
+            "diagnostics": {
+                k: {str(t): _mean_std(v)[0] for t, v in c.items()}
+                for k in DIAGNOSTICS
+                if (c := curves({algo: by_seed}, k)[algo])
+            },
         }
+    before_grid = [[before["items"][i] for i in ids]]
+    comparisons = {}
+    if "vppo" in runs:
+        for other in runs:
+            if other == "vppo":
+                continue
+            comparisons[f"vppo-{other}"] = {
+                "final": _paired(finals["vppo"], finals[other], s),
+                "auc": _paired(aucs["vppo"], aucs[other], s),
+            }
     return {
         "settings": dataclasses.asdict(s),
-        "metric": f"held-out avg@{s.k} over {s.n_eval} items (temperature 1.0, top-p 1.0)",
-        "chance": 0.25 if tuple(s.tasks) in (("colour",), ("count",)) else None,
-        "warm_start": before,
+        "commit": _commit(),
+        "metric": f"held-out avg@{s.k} over {len(ids)} items (temperature 1.0, top-p 1.0)",
+        "chance": s.chance(),
+        "text_only_ceiling": ceiling,
+        "held_out": {"items": len(ids), "hint_right": len(guessable), "hint_wrong": len(needs_image)},
+        "warm_start": {
+            "avg_at_k": before["avg_at_k"],
+            "format_rate": before["format_rate"],
+            "accuracy_hint_right": subset_mean(before_grid, guessable),
+            "accuracy_hint_wrong": subset_mean(before_grid, needs_image),
+        },
         "algorithms": table,
-        "wall_s": wall,
+        "paired_differences": comparisons,
     }
 
 
+def _commit() -> str | None:
+    """The git commit the demo's code ran at (with "+dirty" if its tree had changes), or None outside a checkout."""
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    head = git("rev-parse", "HEAD")
+    if head is None:
+        return None
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return head + ("+dirty" if dirty else "")
+
+
+def _interval(d: dict[str, float]) -> str:
+    return f"{100 * d['mean']:+.1f} points [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+
+
 def verdict(summary: dict[str, Any]) -> str:
-    """One honest sentence: did VPPO beat the baselines beyond the seed spread, at this scale?"""
-    t = summary["algorithms"]
-    if "vppo" not in t or len(t) < 2:
+    """What the paired 95 % intervals support, whichever way it goes (one sentence per baseline)."""
+    comps = summary.get("paired_differences") or {}
+    if not comps:
         return "Only one algorithm was run; no comparison."
-    v = t["vppo"]
-    others = {a: r for a, r in t.items() if a != "vppo"}
-    best_name, best = max(others.items(), key=lambda kv: kv[1]["final_avg_at_k_mean"])
-    diff = v["final_avg_at_k_mean"] - best["final_avg_at_k_mean"]
-    spread = max(v["final_avg_at_k_std"], best["final_avg_at_k_std"])
-    n = len(v["final_avg_at_k_per_seed"])
-    head = (
-        f"VPPO ends at {100 * v['final_avg_at_k_mean']:.1f} % vs {100 * best['final_avg_at_k_mean']:.1f} % for the best "
-        f"baseline ({best_name.upper()}), a difference of {100 * diff:+.1f} points over {n} seed(s) "
-    )
-    if n < 2:
-        return head + "- one seed cannot separate algorithms; run with more seeds."
-    if abs(diff) <= spread:
-        return (
-            head
-            + f"- within the seed spread (std up to {100 * spread:.1f} points): no demonstrated difference at this scale."
-        )
-    if diff > 0:
-        return (
-            head
-            + f"- larger than the seed spread (std up to {100 * spread:.1f} points): VPPO was ahead here (few-seed comparison, not a significance test)."
-        )
+    n = len(next(iter(summary["algorithms"].values()))["final_avg_at_k_per_seed"])
+    parts = []
+    for name, c in comps.items():
+        other = name.split("-", 1)[1].upper()
+        f, a = c["final"], c["auc"]
+        if f["low"] > 0:
+            said = f"VPPO ends ahead of {other}"
+        elif f["high"] < 0:
+            said = f"VPPO ends behind {other}"
+        else:
+            said = f"no difference between VPPO and {other} at the last step is shown"
+        if a["low"] > 0:
+            speed = "and learns faster (area under the curve)"
+        elif a["high"] < 0:
+            speed = "and learns slower (area under the curve)"
+        else:
+            speed = "and no difference in learning speed is shown"
+        parts.append(f"{said} ({_interval(f)}) {speed} ({_interval(a)})")
     return (
-        head
-        + f"- larger than the seed spread (std up to {100 * spread:.1f} points), in the baselines' favour: VPPO did not beat them here (not a significance test)."
+        f"Paired over {n} seed(s) and {summary['held_out']['items']} held-out items, 95 % bootstrap intervals: "
+        + "; ".join(parts)
+        + "."
     )
 
 
-def _pct(x: float) -> str:
+def _pct(x: float | None) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{100 * x:.1f}"
 
 
-def _where(machine: dict | None) -> str:
-    if not machine:
-        return ""
-    return f" on {machine['cpu_count']} CPU cores (1-min load average at the end: {machine['load_avg_1m_at_end']})"
-
-
-def summary_markdown(summary: dict[str, Any]) -> str:
+def summary_markdown(summary: dict[str, Any], timings: dict[str, Any] | None = None) -> str:
     s = summary["settings"]
     w = summary["warm_start"]
+    ho = summary["held_out"]
+    task = f"`{'/'.join(s['tasks'])}` questions on a {s['image_size']} px 2 x 2 grid"
+    if s.get("hint"):
+        task += (
+            f", with a hint that is right {s['hint']} times in {s['hint'] + 3} (text-only ceiling "
+            f"{_pct(summary['text_only_ceiling'])} %)"
+        )
+    if s.get("reasoning"):
+        task += ", chain-of-thought SFT targets with random filler"
     lines = [
         "# vppo CPU demo: summary",
         "",
-        f"Task: synthetic `{'/'.join(s['tasks'])}` questions on a {s['image_size']} px 2 x 2 grid "
-        f"(chance {_pct(summary['chance']) if summary['chance'] else '?'} %); tiny random Qwen2.5-VL, SFT warm start "
+        f"Task: synthetic {task} (chance {_pct(summary['chance'])} %). Tiny random Qwen2.5-VL, SFT warm start "
         f"({s['sft_steps']} steps), then {s['rl_steps']} RL steps per run (G={s['group_size']}, "
-        f"{s['batch_prompts']} prompts/step) under `tune run --nproc_per_node 2`, seeds {list(s['seeds'])}.",
-        f"Metric: {summary['metric']}.",
+        f"{s['batch_prompts']} prompts/step, lr {s['rl_lr']:g}) under `tune run --nproc_per_node 2`, seeds "
+        f"{list(s['seeds'])}, same warm start and data order for every algorithm.",
+        f"Metric: {summary['metric']}; {ho['hint_right']} items where the hint is right, {ho['hint_wrong']} where it "
+        "is wrong.",
+        f"Code: commit `{summary.get('commit')}`.",
         "",
-        "| | held-out avg@k before RL (%) | after RL, mean ± std over seeds (%) | per seed (%) | gain (points) |",
-        "|---|---|---|---|---|",
+        "| | final avg@k (%), mean ± std over seeds | per seed (%) | gain (points) | area under curve (%) | hint right / wrong (%) | steps to beat the text-only ceiling, per seed |",
+        "|---|---|---|---|---|---|---|",
+        f"| warm start | {_pct(w['avg_at_k'])} | | | | {_pct(w['accuracy_hint_right'])} / "
+        f"{_pct(w['accuracy_hint_wrong'])} | |",
     ]
     for algo, r in summary["algorithms"].items():
         per = ", ".join(_pct(v) for v in r["final_avg_at_k_per_seed"].values())
+        reach = ", ".join("–" if v is None else str(int(v)) for v in r["steps_to_text_only_ceiling_per_seed"].values())
         lines.append(
-            f"| {algo.upper()} | {_pct(w['avg_at_k'])} | {_pct(r['final_avg_at_k_mean'])} ± "
-            f"{_pct(r['final_avg_at_k_std'])} | {per} | {100 * r['gain_over_warm_start']:+.1f} |"
+            f"| {algo.upper()} | {_pct(r['final_avg_at_k_mean'])} ± {_pct(r['final_avg_at_k_std'])} | {per} | "
+            f"{100 * r['gain_over_warm_start']:+.1f} | {_pct(r['auc_mean'])} ± {_pct(r['auc_std'])} | "
+            f"{_pct(r['final_accuracy_hint_right'])} / {_pct(r['final_accuracy_hint_wrong'])} | {reach or 'n/a'} |"
+        )
+    comps = summary.get("paired_differences") or {}
+    if comps:
+        lines += [
+            "",
+            "Paired differences (points; 95 % bootstrap interval over seeds and items):",
+            "",
+            "| | final avg@k | area under curve |",
+            "|---|---|---|",
+        ]
+        for name, c in comps.items():
+            lines.append(f"| {name.upper()} | {_interval(c['final'])} | {_interval(c['auc'])} |")
+    lines += ["", f"**Verdict.** {verdict(summary)}", ""]
+    diag_rows = []
+    for algo, r in summary["algorithms"].items():
+        d = r["diagnostics"]
+
+        def mean_over_steps(key, d=d):
+            vals = [v for v in d.get(key, {}).values() if v is not None and not math.isnan(v)]
+            return sum(vals) / len(vals) if vals else math.nan
+
+        diag_rows.append(
+            f"| {algo.upper()} | {_pct(mean_over_steps('tgf/selected_fraction'))} | "
+            f"{_pct(mean_over_steps('diag/pg_share_on_dependent_tokens'))} | "
+            f"{mean_over_steps('tas/alpha_std'):.3g} | {mean_over_steps('actor/entropy'):.3g} |"
         )
     lines += [
+        "Diagnostics, mean over steps and seeds (per step: `summary.json`, `diagnostics.png`):",
         "",
-        verdict(summary),
-        "",
-        f"Wall time{_where(summary.get('machine'))}, seconds: "
-        + ", ".join(f"{k} {v:.0f}" for k, v in summary["wall_s"].items()),
+        "| | TGF keeps (% of tokens) | policy gradient on the 40 % most dependent tokens (%) | std of α | entropy (mean NLL) |",
+        "|---|---|---|---|---|",
+        *diag_rows,
     ]
     dep = summary.get("dependency")
     if dep:
         lines += [
             "",
-            f"Visual dependency of the final model `{summary.get('dependency_model', '?')}` ({dep['n_responses']} responses, {dep['n_tokens']} tokens): "
-            f"the top 10 % of tokens hold {_pct(dep['top10_share'])} % of the total dependency; median token "
-            f"S = {dep['median']:.3g}, p90 = {dep['p90']:.3g}, max = {dep['max']:.3g}.",
+            f"Visual dependency of the final model `{summary.get('dependency_model', '?')}` ({dep['n_responses']} "
+            f"responses, {dep['n_tokens']} tokens): the top 10 % of tokens hold {_pct(dep['top10_share'])} % of the "
+            f"total dependency; median token S = {dep['median']:.3g}, p90 = {dep['p90']:.3g}, max = {dep['max']:.3g}.",
         ]
-    lines += ["", "Plots: `curves.png`, `dependency_hist.png`; responses shaded by dependency: `dependency.html`.", ""]
+    if timings:
+        lines += [
+            "",
+            f"Wall time on {timings.get('cpu_count')} CPU cores, seconds (from `timings.json`, not part of the "
+            "reproducible summary): " + ", ".join(f"{k} {v:.0f}" for k, v in timings["wall_s"].items()),
+        ]
+    lines += [
+        "",
+        "Plots: `curves.png`, `diagnostics.png`, `dependency_hist.png`; responses shaded by dependency: "
+        "`dependency.html`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ plots
 
 
-def plot_curves(runs, before: dict[str, float], s: DemoSettings, path: Path) -> Path:
+_COLOURS = {"vppo": "tab:red", "dapo": "tab:blue", "grpo": "tab:green", "pgpo": "tab:purple"}
+
+
+def _plot_metric(ax, runs, key: str, start: float | None = None) -> None:
+    """Mean over seeds of a logged metric per step, shaded min..max over seeds (step 0 = `start` if given)."""
+    for algo, by_step in curves(runs, key).items():
+        if not by_step:
+            continue
+        steps = sorted(by_step)
+        if start is not None:
+            steps = [0, *steps]
+            by_step = {0: [start], **by_step}
+        mean = [sum(by_step[t]) / len(by_step[t]) for t in steps]
+        lo = [min(by_step[t]) for t in steps]
+        hi = [max(by_step[t]) for t in steps]
+        c = _COLOURS.get(algo)
+        ax.plot(steps, mean, marker="o", ms=3, color=c, label=f"{algo.upper()} (mean of {len(runs[algo])} seeds)")
+        ax.fill_between(steps, lo, hi, color=c, alpha=0.15, lw=0)
+
+
+def plot_curves(runs, summary: dict[str, Any], s: DemoSettings, path: Path) -> Path:
     """Held-out avg@k and train accuracy vs RL step: mean over seeds, shaded min..max over seeds."""
     import matplotlib
 
@@ -429,40 +662,49 @@ def plot_curves(runs, before: dict[str, float], s: DemoSettings, path: Path) -> 
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    colours = {"vppo": "tab:red", "dapo": "tab:blue", "grpo": "tab:green", "pgpo": "tab:purple"}
     fig, (ax_val, ax_rew) = plt.subplots(1, 2, figsize=(11, 4))
-    panels = (
-        (ax_val, f"validation/avg@{s.k}", f"held-out avg@{s.k} ({s.n_eval} items)", True),
-        (
-            ax_rew,
-            "reward/accuracy",
-            "train accuracy of the groups trained on\n(VPPO/DAPO drop all-correct / all-wrong groups first)",
-            False,
-        ),
+    _plot_metric(ax_val, runs, f"validation/avg@{s.k}", start=summary["warm_start"]["avg_at_k"])
+    _plot_metric(ax_rew, runs, "reward/accuracy")
+    ax_val.set_title(f"held-out avg@{s.k} ({summary['held_out']['items']} items)", fontsize=10)
+    ax_rew.set_title(
+        "train accuracy of the groups trained on\n(online filter drops all-correct / all-wrong)", fontsize=10
     )
-    for ax, key, title, with_start in panels:
-        for algo, by_step in curves(runs, key).items():
-            steps = sorted(by_step)
-            if with_start:
-                steps = [0, *steps]
-                by_step = {0: [before["avg_at_k"]], **by_step}
-            mean = [sum(by_step[t]) / len(by_step[t]) for t in steps]
-            lo = [min(by_step[t]) for t in steps]
-            hi = [max(by_step[t]) for t in steps]
-            c = colours.get(algo)
-            ax.plot(steps, mean, marker="o", ms=3, color=c, label=f"{algo.upper()} (mean of {len(runs[algo])} seeds)")
-            ax.fill_between(steps, lo, hi, color=c, alpha=0.15, lw=0)
+    for ax in (ax_val, ax_rew):
         ax.set_xlabel("RL step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-    ax_val.axhline(before["avg_at_k"], color="k", ls=":", lw=1, label="SFT warm start")
+    ax_val.axhline(summary["warm_start"]["avg_at_k"], color="k", ls=":", lw=1, label="SFT warm start")
+    if summary.get("text_only_ceiling"):
+        ax_val.axhline(summary["text_only_ceiling"], color="grey", ls="--", lw=1, label="text-only ceiling (hint)")
     ax_val.set_ylabel("accuracy")
     ax_val.legend(fontsize=8)
     fig.suptitle("Tiny Qwen2.5-VL on the synthetic visual task (CPU); band = min..max over seeds", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+def plot_diagnostics(runs, path: Path) -> Path:
+    """One panel per DIAGNOSTICS metric except train accuracy (already in curves.png): mean and min..max over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    keys = [k for k in DIAGNOSTICS if k != "reward/accuracy"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.6))
+    for ax, key in zip(axes, keys):
+        _plot_metric(ax, runs, key)
+        ax.set_title(f"{key}\n{DIAGNOSTICS[key]}", fontsize=7)
+        ax.set_xlabel("RL step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
     return path
 
@@ -535,16 +777,17 @@ def run_demo(out: Path, s: DemoSettings) -> dict[str, Any]:
     warm = stage("sft", sft_warm_start, work, task, ckpt, s)
     records = heldout_records(task, s.n_eval)
     before = stage("eval warm start", evaluate_checkpoint, warm, records, s)
+    (work / "warm_start_eval.json").write_text(json.dumps(before, indent=1) + "\n")
     tqdm.write(
         f"warm start: held-out avg@{s.k} = {_pct(before['avg_at_k'])} % (format {_pct(before['format_rate'])} %)"
     )
 
-    runs: dict[str, dict[int, list[dict]]] = {a: {} for a in s.algorithms}
+    runs: dict[str, dict[int, RunResult]] = {a: {} for a in s.algorithms}
     for seed in s.seeds:  # seed-major: an interrupted demo still has every algorithm at the first seeds
         for algo in s.algorithms:
-            rows = stage(f"rl {algo} seed {seed}", rl_run, algo, seed, work, task, warm, s)
-            runs[algo][seed] = rows
-            final = [r.get(f"validation/avg@{s.k}") for r in rows if r["step"] == s.rl_steps]
+            run = stage(f"rl {algo} seed {seed}", rl_run, algo, seed, work, task, warm, s)
+            runs[algo][seed] = run
+            final = [r.get(f"validation/avg@{s.k}") for r in run.rows if r["step"] == s.rl_steps]
             tqdm.write(
                 f"{algo} seed {seed}: held-out avg@{s.k} after {s.rl_steps} steps = {_pct(final[-1]) if final else 'n/a'} %"
             )
@@ -554,52 +797,49 @@ def run_demo(out: Path, s: DemoSettings) -> dict[str, Any]:
     dep_algo = "vppo" if "vppo" in s.algorithms else s.algorithms[0]
     dep_model = work / "rl" / f"{dep_algo}_seed{s.seeds[0]}" / "checkpoints" / f"step_{s.rl_steps:06d}"
     dep = stage("dependency report", dependency_report, dep_model, records, s, out)
+    (work / "dependency_summary.json").write_text(json.dumps(dep, indent=1) + "\n")
     stages.close()
     wall["total"] = time.perf_counter() - t_all
-    machine = {"cpu_count": os.cpu_count(), "load_avg_1m_at_end": round(os.getloadavg()[0], 2)}
-    return write_outputs(out, runs, before, s, wall, dep, dep_model.relative_to(out), machine)
+    timings = {
+        "wall_s": wall,
+        "cpu_count": os.cpu_count(),
+        "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
+    }
+    return write_outputs(out, runs, before, records, s, dep, dep_model.relative_to(out), timings)
 
 
-def write_outputs(out: Path, runs, before, s: DemoSettings, wall, dep, dep_model: Path, machine=None) -> dict[str, Any]:
-    """curves.png, summary.json, summary.md from the collected results (the dependency files are already written)."""
-    plot_curves(runs, before, s, out / "curves.png")
-    summary = summarize(runs, before, s, wall)
+def write_outputs(
+    out: Path, runs, before, records, s: DemoSettings, dep, dep_model: Path, timings: dict[str, Any] | None
+) -> dict[str, Any]:
+    """curves.png, diagnostics.png, summary.json, summary.md and timings.json from the collected results (the
+    dependency files are already written)."""
+    summary = summarize(runs, before, records, s)
     summary["dependency"] = dep
     summary["dependency_model"] = str(dep_model)
-    summary["machine"] = machine
     summary["verdict"] = verdict(summary)
+    plot_curves(runs, summary, s, out / "curves.png")
+    plot_diagnostics(runs, out / "diagnostics.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    (out / "summary.md").write_text(summary_markdown(summary))
-    print(summary_markdown(summary))
-    print(f"Demo outputs in {out}: summary.md, summary.json, curves.png, dependency_hist.png, dependency.html")
+    if timings is not None:
+        (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    (out / "summary.md").write_text(summary_markdown(summary, timings))
+    print(summary_markdown(summary, timings))
+    print(f"Demo outputs in {out}: summary.md, summary.json, curves.png, diagnostics.png, dependency_hist.png, ...")
     return summary
 
 
 def replot(out: Path) -> dict[str, Any]:
-    """Rebuild curves.png and summary.{md,json} of a finished demo from its files (no training, no evaluation)."""
-    from vppo_recipes.metric_logging import read_jsonl
-
+    """Rebuild the plots and summaries of a finished demo from its files (no training, no evaluation)."""
     out = out.resolve()
     old = json.loads((out / "summary.json").read_text())
     fields = {f.name for f in dataclasses.fields(DemoSettings)}
     s = DemoSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in old["settings"].items() if k in fields})
-    runs = {
-        a: {
-            seed: list(read_jsonl(out / "work" / "rl" / f"{a}_seed{seed}" / "logs" / "metrics.jsonl"))
-            for seed in s.seeds
-        }
-        for a in s.algorithms
-    }
-    return write_outputs(
-        out,
-        runs,
-        old["warm_start"],
-        s,
-        old["wall_s"],
-        old["dependency"],
-        Path(old["dependency_model"]),
-        old.get("machine"),
-    )
+    runs = {a: {seed: read_run(out / "work" / "rl" / f"{a}_seed{seed}") for seed in s.seeds} for a in s.algorithms}
+    before = json.loads((out / "work" / "warm_start_eval.json").read_text())
+    records = heldout_records(out / "work" / "visual_task", s.n_eval)
+    timings_path = out / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else None
+    return write_outputs(out, runs, before, records, s, old["dependency"], Path(old["dependency_model"]), timings)
 
 
 def copy_outputs(out: Path, dest: Path) -> None:
@@ -607,6 +847,8 @@ def copy_outputs(out: Path, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for name in (
         "curves.png",
+        "diagnostics.png",
+        "timings.json",
         "dependency_hist.png",
         "dependency.html",
         "dependency.json",

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import os
 import resource
@@ -374,6 +375,8 @@ class RLRecipeDistributed:
         self.online_filter = bool(cfg.rollout.online_filter)
         self.max_filter_draws = int(cfg.rollout.max_filter_draws)
         self.uses_dependency = self.algorithm in ("vppo", "pgpo")
+        # diagnostics.dependency: the baselines measure S too (logged only; their loss never reads it)
+        self.measures_dependency = self.uses_dependency or bool(cfg.get("diagnostics", {}).get("dependency", False))
         self.tas = self.algorithm == "vppo" and bool(cfg.algorithm.tas)
         self.tgf = self.algorithm == "vppo" and bool(cfg.algorithm.tgf)
 
@@ -515,6 +518,7 @@ class RLRecipeDistributed:
         """avg@k (ALGORITHMS.md §8: temperature 1.0, top-p 1.0) of the current policy on the held-out rows."""
         v = self._cfg.validation
         total, n, fmt = 0.0, 0, 0.0
+        acc: dict[tuple[str, str], float] = {}
         if self.val_records:
             self.sampler.wake_up()
             res = evaluate(
@@ -536,11 +540,27 @@ class RLRecipeDistributed:
             b = res.benchmarks["validation"]
             fmt = 0.0 if math.isnan(b.format_rate) else b.format_rate * n
         total, n, fmt = _all_reduce_list([total, n, fmt])
+        self._write_validation_items({item_id: a for (_, item_id), a in acc.items()})
         return {
             f"validation/avg@{int(v.k)}": total / n if n else math.nan,
             "validation/format_rate": fmt / n if n else math.nan,
             "validation/items": n,
         }
+
+    def _write_validation_items(self, acc: dict[str, float]) -> None:
+        """Append {"step", "k", "items": {row id: accuracy over the k samples}} of all ranks to
+        `output_dir/logs/validation_items.jsonl` (rank 0 writes), for paired item-level comparisons between runs.
+        A resumed run may append a step again; readers keep the last line of each step."""
+        gathered: list[dict[str, float] | None] = [None] * self.world
+        dist.all_gather_object(gathered, acc)
+        if not self.is_rank_zero:
+            return
+        items = {key: value for part in gathered for key, value in (part or {}).items()}
+        items = dict(sorted(items.items(), key=lambda kv: int(kv[0])))
+        path = os.path.join(self.output_dir, "logs", "validation_items.jsonl")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a") as fh:
+            fh.write(json.dumps({"step": self.step, "k": int(self._cfg.validation.k), "items": items}) + "\n")
 
     # ---------------------------------------------------------------- the RL step, in data-flow order
 
@@ -800,8 +820,9 @@ class RLRecipeDistributed:
                 perturb_pixels(
                     inputs["pixel_values"][start : start + n_rows],
                     thw[img : img + n_images],
-                    mode=self._cfg.algorithm.perturbation,
-                    prob=self._cfg.algorithm.perturb_prob,
+                    # DAPO / GRPO under diagnostics.dependency have no perturbation keys: VPPO's defaults
+                    mode=self._cfg.algorithm.get("perturbation", "blacken"),
+                    prob=self._cfg.algorithm.get("perturb_prob", 0.5),
                     image_mean=ip.image_mean,
                     image_std=ip.image_std,
                     rescale_factor=ip.rescale_factor,
@@ -849,7 +870,7 @@ class RLRecipeDistributed:
                     t = time.perf_counter()
                     lp_old, hidden = self._logprobs(mb, mb.inputs, with_hidden=exact)
                     seconds["old_logprob"] += time.perf_counter() - t
-                    if not self.uses_dependency:
+                    if not self.measures_dependency:
                         mini_passes.append(NoGradPass(lp_old))
                         continue
                     t = time.perf_counter()
@@ -866,6 +887,27 @@ class RLRecipeDistributed:
                     seconds["alt_logprob"] += time.perf_counter() - t
                 passes.append(mini_passes)
         return passes, seconds
+
+    def _pg_share_on_dependent_tokens(
+        self, mbs: list[MicroBatch], passes: list[NoGradPass], shaped: list[Shaped]
+    ) -> float:
+        """Share of the uniform-credit policy gradient that lands on each response's most dependent tokens.
+
+        Per valid token, g_t = |A_i| · (1 − π_old(y_t)): the norm of d(A_i · log π(y_t)) / d(logits), up to a
+        factor in [1, √2], before any token weight. "Dependent" = the ceil(ρ·n_i) tokens of largest S per response
+        (`tgf_mask`, ρ = algorithm.tgf_fraction, 0.4 for the baselines). Returns Σ_dependent g / Σ g over all
+        ranks: for DAPO / GRPO the share their update really puts there (1 − it lands on visually independent
+        tokens); for VPPO the share TGF keeps (it zeroes the rest). A = the shaped advantages (α · A for VPPO).
+        """
+        fraction = float(self._cfg.algorithm.get("tgf_fraction", 0.4))
+        on_top, total = 0.0, 0.0
+        for mb, p, sh in zip(mbs, passes, shaped):
+            g = sh.advantages.abs().unsqueeze(1) * (1.0 - p.lp_old.float().exp()) * mb.mask
+            top = tgf_mask(p.S, mb.mask, fraction=fraction)
+            on_top += float((g * top).sum())
+            total += float(g.sum())
+        on_top, total = _all_reduce_list([on_top, total])
+        return on_top / total if total > 0 else math.nan
 
     def sampler_agreement(self, mini: list[MicroBatch], passes: list[NoGradPass]) -> list[float]:
         """|lp_sampler − lp_old| over one mini-batch's valid tokens: [sum, tokens, tokens above the threshold, max].
@@ -1074,16 +1116,18 @@ class RLRecipeDistributed:
             local_values = torch.cat(xs).float() if xs else torch.zeros(0, device=self.device)
             return _all_gather_var(local_values)
 
-        if self.uses_dependency:
+        if self.measures_dependency:
             S = gathered([p.S[mb.mask > 0] for mb, p in zip(mbs, mb_passes)])
             traj = gathered([p.traj_dep[mb.mask.sum(1) > 0] for mb, p in zip(mbs, mb_passes)])
             m["dependency/token_mean"] = float(S.mean()) if S.numel() else math.nan
             m["dependency/token_p50"], m["dependency/token_p90"] = masked_quantiles(S, (0.5, 0.9))
             m["dependency/traj_mean"] = float(traj.mean()) if traj.numel() else math.nan
+            m["diag/pg_share_on_dependent_tokens"] = self._pg_share_on_dependent_tokens(mbs, mb_passes, mb_shaped)
         if self.algorithm == "vppo":
             alpha = gathered([s.alpha[mb.mask.sum(1) > 0] for mb, s in zip(mbs, mb_shaped)])
             m["tas/alpha_min"] = float(alpha.min()) if alpha.numel() else math.nan
             m["tas/alpha_max"] = float(alpha.max()) if alpha.numel() else math.nan
+            m["tas/alpha_std"] = float(alpha.std()) if alpha.numel() > 1 else math.nan
             if self.tgf:
                 w = gathered([s.token_weights[mb.mask > 0] for mb, s in zip(mbs, mb_shaped)])
                 m["tgf/selected_fraction"] = float(w.mean()) if w.numel() else math.nan
