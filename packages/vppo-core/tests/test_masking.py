@@ -115,3 +115,48 @@ def test_fraction_outside_zero_one_is_rejected(fraction):
 def test_bad_input_names_the_argument(S, mask, match):
     with pytest.raises(ValueError, match=match):
         tgf_mask(S, mask)
+
+
+# ---------------------------------------------------------------- policy_gradient_share (a diagnostic)
+
+
+def _plain_share(adv, lp, S, mask, fraction):
+    """Plain loops: per row, rank the valid tokens by S (ties: earlier first), take ceil(fraction * n)."""
+    on_top = total = 0.0
+    for i in range(len(adv)):
+        valid = [j for j in range(len(mask[i])) if mask[i][j]]
+        k = math.ceil(round(fraction * len(valid), 9))
+        chosen = set(sorted(valid, key=lambda j: (-S[i][j], j))[:k])
+        for j in valid:
+            g = abs(adv[i]) * (1 - math.exp(lp[i][j]))
+            total += g
+            on_top += g if j in chosen else 0.0
+    return on_top, total
+
+
+def test_policy_gradient_share_hand_worked():
+    from vppo_core.masking import policy_gradient_share
+
+    # one response, 5 tokens, fraction 0.4 -> the 2 most dependent (positions 1 and 3)
+    adv = torch.tensor([-2.0])
+    lp = torch.log(torch.tensor([[0.5, 0.9, 1.0, 0.0 + 0.25, 0.5]]))
+    S = torch.tensor([[0.1, 0.9, 0.0, 0.5, 0.2]])
+    mask = torch.ones(1, 5)
+    on_top, total = policy_gradient_share(adv, lp, S, mask, fraction=0.4).tolist()
+    # g = 2 * (1 - p) = [1.0, 0.2, 0.0, 1.5, 1.0]
+    assert on_top == pytest.approx(0.2 + 1.5) and total == pytest.approx(3.7)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 9), st.sampled_from([0.2, 0.4, 1.0]), st.integers(0, 2**31))
+def test_policy_gradient_share_equals_plain_loops(B, L, fraction, seed):
+    from vppo_core.masking import policy_gradient_share
+
+    g = torch.Generator().manual_seed(seed)
+    adv = torch.randn(B, generator=g)
+    lp = -torch.rand(B, L, generator=g) * 3
+    S = torch.rand(B, L, generator=g)
+    mask = torch.rand(B, L, generator=g) > 0.3
+    got = policy_gradient_share(adv, lp, S, mask, fraction=fraction).tolist()
+    want = _plain_share(adv.tolist(), lp.tolist(), S.tolist(), mask.tolist(), fraction)
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-12)

@@ -171,3 +171,78 @@ def test_larger_grid_and_task_subset(tmp_path):
 def test_bad_arguments_raise_value_errors_naming_them(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         build_visual_task(tmp_path, **kwargs)
+
+
+# ---------------------------------------------------------------- the demo's task: a hint (linguistic prior) + CoT
+
+
+@pytest.fixture(scope="module")
+def hinted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hinted_task")
+    # 4 corners x 4 hinted colours x (3 + 3) answers = 96 items per pass; two passes
+    return build_visual_task(out, n_train=192, n_test=24, seed=0, tasks=("colour",), hint=3, reasoning=True)
+
+
+def _hint_of(question: str) -> str:
+    return question.split("Hint: it is often ", 1)[1].rstrip(".")
+
+
+def test_hinted_task_text_only_ceiling_is_the_hint_weight_and_no_text_rule_beats_it(hinted):
+    rows = _rows(hinted["train"])
+    by_question = defaultdict(Counter)
+    for row in rows:
+        by_question[row["problem"]][row["answer"]] += 1
+    # The best text-only predictor answers each question text with its most frequent answer: the hinted colour,
+    # right 3 times in 6.
+    best_text_only = sum(c.most_common(1)[0][1] for c in by_question.values()) / len(rows)
+    assert best_text_only == pytest.approx(0.5)
+    for question, counts in by_question.items():
+        assert counts.most_common(1)[0][0] == _hint_of(question)
+        assert sorted(counts.values()) == [2, 2, 2, 6], question  # 3 + 1 + 1 + 1 per pass, two passes
+    # following the hint is exactly the ceiling, and every colour is the answer equally often
+    assert sum(_hint_of(r["problem"]) == r["answer"] for r in rows) / len(rows) == 0.5
+    assert set(Counter(r["answer"] for r in rows).values()) == {48}
+    assert [_answer_from_pixels(r) for r in rows] == [r["answer"] for r in rows]
+
+
+def test_reasoning_targets_put_the_visual_clause_first_and_grade_as_correct(hinted):
+    import re
+
+    from vppo_eval.reward import compute_rewards
+
+    rows = _rows(hinted["train"])
+    responses = [r["response"] for r in rows]
+    scores = compute_rewards(responses, [r["answer"] for r in rows])
+    assert scores["accuracy"] == [1.0] * len(rows) and scores["format"] == [1.0] * len(rows)
+    pattern = re.compile(r"<think>The (top|bottom)-(left|right) shape is (\w+)\. (.+)</think> \\boxed\{(\w+)\}")
+    fillers = set()
+    for row, text in zip(rows, responses):
+        m = pattern.fullmatch(text)
+        assert m, text
+        assert f"{m.group(1)}-{m.group(2)}" in row["problem"] and m.group(3) == m.group(5) == row["answer"]
+        fillers.add(m.group(4))
+    assert len(fillers) > len(rows) // 2  # the filler varies from row to row (drawn, not a template)
+
+
+def test_plain_build_is_unchanged_by_the_new_options(tmp_path):
+    plain = build_visual_task(tmp_path / "a", n_train=12, n_test=0, seed=0, tasks=("colour",))
+    with_cot = build_visual_task(tmp_path / "b", n_train=12, n_test=0, seed=0, tasks=("colour",), reasoning=True)
+    assert "response" not in plain["train"].features
+    for column in ("id", "problem", "answer"):
+        assert plain["train"][column] == with_cot["train"][column]
+    assert [r["images"][0].tobytes() for r in _rows(plain["train"])] == [
+        r["images"][0].tobytes() for r in _rows(with_cot["train"])
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"hint": 3}, "colour family"),
+        ({"tasks": ("colour",), "hint": 0}, "hint must be an int >= 1"),
+        ({"reasoning": True, "tasks": ("count",)}, "colour family"),
+    ],
+)
+def test_hint_and_reasoning_arguments_are_checked(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build_visual_task(tmp_path, n_train=4, n_test=0, **kwargs)

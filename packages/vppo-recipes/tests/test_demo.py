@@ -58,6 +58,9 @@ def test_summary_final_auc_hint_split_and_paired_difference_by_hand():
     # VPPO reaches 0.5 (the ceiling) at step 2, DAPO only at step 4
     assert v["steps_to_text_only_ceiling_per_seed"] == {"0": 2.0, "1": 2.0, "2": 2.0}
     assert d["steps_to_text_only_ceiling_per_seed"] == {"0": 4.0, "1": 4.0, "2": 4.0}
+    # +5 points over the warm start (0.30): VPPO at step 2 (0.5), DAPO at step 4 (0.5; 0.25 at step 2)
+    assert v["steps_to_gain_level_per_seed"] == {"0": 2.0, "1": 2.0, "2": 2.0}
+    assert d["steps_to_gain_level_per_seed"] == {"0": 4.0, "1": 4.0, "2": 4.0}
     # every (seed, item) differs by exactly 0.25 at the end -> a zero-width interval at +0.25
     final = out["paired_differences"]["vppo-dapo"]["final"]
     assert final["mean"] == final["low"] == final["high"] == pytest.approx(0.25)
@@ -119,8 +122,10 @@ def test_quick_demo_runs_every_stage_and_reproduces_its_summary_bit_for_bit(tmp_
     assert 0.0 <= final <= 1.0 and not math.isnan(summary["warm_start"]["avg_at_k"])
     assert summary["dependency"]["n_tokens"] > 0
     assert "vppo-dapo" in summary["paired_differences"]
-    # DAPO measured dependency too (diagnostics.dependency=true) without it entering its loss
-    assert "diag/pg_share_on_dependent_tokens" in summary["algorithms"]["dapo"]["diagnostics"]
+    # every final model and the warm start get a response anatomy (the quick warm start rarely writes a clause, so
+    # only the counts are checked here; test_rl_runs checks the baselines' dependency diagnostics)
+    for anatomy in (summary["warm_start"]["anatomy"], summary["algorithms"]["dapo"]["anatomy_per_seed"]["0"]):
+        assert anatomy["responses"] > 0 and set(anatomy) >= {"answer_max_share", "boxed_equals_clause"}
     assert (tmp_path / "a" / "work" / "rl" / "vppo_seed0" / "checkpoints" / "step_000002").is_dir()
     assert main(["--out", str(tmp_path / "b"), *args]) == 0
     assert (tmp_path / "a" / "summary.json").read_bytes() == (tmp_path / "b" / "summary.json").read_bytes()

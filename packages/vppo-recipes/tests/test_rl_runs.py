@@ -96,6 +96,31 @@ def test_two_process_run_writes_metrics_and_its_first_loss_equals_a_single_proce
     _assert_same_weights(two / "checkpoints" / "step_000001", one / "checkpoints" / "step_000001", atol=1e-5)
 
 
+def test_dependency_diagnostics_leave_the_baselines_training_unchanged_and_items_are_written(assets):
+    """diagnostics.dependency=true on DAPO: the extra perturbed pass is logged only; every loss, grad norm and weight
+    is bit-identical to the run without it. Validation writes each held-out item's accuracy."""
+    plain = _two_proc.get("dapo")
+    if plain is None:  # this test alone
+        plain = assets["root"] / "dapo_2proc"
+        _run(assets, "dapo", plain, nproc=2, steps=2)
+    diag = assets["root"] / "dapo_2proc_diag"
+    _run(assets, "dapo", diag, nproc=2, steps=2, extra=["diagnostics.dependency=true"])
+    md, mp = _metrics(diag), _metrics(plain)
+    for a, b in zip(md, mp):
+        for key in ("loss", "grad_norm", "reward/mean", "actor/entropy", "actor/clipfrac_high"):
+            assert _same(a[key], b[key]), key
+        assert "diag/pg_share_on_dependent_tokens" not in b and "dependency/token_mean" not in b
+        assert 0.0 < a["diag/pg_share_on_dependent_tokens"] <= 1.0 and a["dependency/token_mean"] >= 0.0
+        assert "tgf/selected_fraction" not in a  # DAPO never filters tokens
+    _assert_same_weights(diag / "checkpoints" / "step_000002", plain / "checkpoints" / "step_000002", atol=0.0)
+    import json
+
+    for run, m in ((diag, md), (plain, mp)):
+        (line,) = [json.loads(x) for x in (run / "logs" / "validation_items.jsonl").read_text().splitlines()]
+        assert line["step"] == 2 and line["k"] == 2 and sorted(line["items"]) == ["0", "1", "2", "3"]
+        assert sum(line["items"].values()) / 4 == pytest.approx(m[1]["validation/avg@2"])
+
+
 def _load_state(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

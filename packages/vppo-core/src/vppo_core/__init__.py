@@ -14,7 +14,7 @@ from vppo_core.dependency import (
 )
 from vppo_core.logprobs import logprobs_from_hidden, token_logprobs
 from vppo_core.losses import AGGREGATIONS, KL_ESTIMATORS, LOSS_TYPES, kl_penalty, policy_loss, truncated_is_weights
-from vppo_core.masking import tgf_mask
+from vppo_core.masking import policy_gradient_share, tgf_mask
 from vppo_core.perturb import PERTURBATION_MODES, patch_positions, perturb_pixels
 from vppo_core.shaping import pgpo_token_weights, tas_bounds, tas_scale, tas_scale_reference
 
@@ -32,6 +32,7 @@ __all__ = [
     "patch_positions",
     "perturb_pixels",
     "pgpo_token_weights",
+    "policy_gradient_share",
     "policy_loss",
     "tas_bounds",
     "tas_scale",

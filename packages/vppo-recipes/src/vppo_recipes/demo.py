@@ -65,6 +65,7 @@ class DemoSettings:
     group_size, batch_prompts, update_prompts: rollout G, prompts per RL step, prompts per optimizer step.
     max_new_tokens: response budget (the chain-of-thought targets are 34-60 tokens).
     dependency_prompts: held-out prompts whose responses feed the dependency histograms / HTML page.
+    anatomy_prompts: held-out prompts (x 2 samples) of `response_anatomy`, run on the warm start and every final model.
     n_boot: bootstrap replicates of the paired intervals.
     """
 
@@ -90,6 +91,7 @@ class DemoSettings:
     update_prompts: int = 4
     max_new_tokens: int = 64
     dependency_prompts: int = 16
+    anatomy_prompts: int = 64
     n_boot: int = 10_000
 
     @classmethod
@@ -113,6 +115,7 @@ class DemoSettings:
             update_prompts=2,
             max_new_tokens=16,
             dependency_prompts=2,
+            anatomy_prompts=4,
             n_boot=200,
         )
 
@@ -312,15 +315,21 @@ def rl_run(algo: str, seed: int, work: Path, task: Path, warm: Path, s: DemoSett
         "diagnostics.dependency=true",  # S for every algorithm (logged only; the baselines' loss never reads it)
     ]
     run_recipe("rl_distributed", f"tiny_{algo}", overrides, cwd=work, log=work / "logs" / f"rl_{algo}_seed{seed}.log")
+    if s.tasks == ("colour",):
+        final = out / "checkpoints" / f"step_{s.rl_steps:06d}"
+        anatomy = response_anatomy(final, heldout_records(task, s.n_eval), s)
+        (out / "anatomy.json").write_text(json.dumps(anatomy, indent=1) + "\n")
     return read_run(out)
 
 
 @dataclasses.dataclass(frozen=True)
 class RunResult:
-    """One RL run's logs: metrics rows (one per step) and step -> item id -> held-out accuracy."""
+    """One RL run's logs: metrics rows (one per step), step -> item id -> held-out accuracy, and the final model's
+    `response_anatomy` (None until measured)."""
 
     rows: list[dict[str, Any]]
     items: dict[int, dict[str, float]]
+    anatomy: dict[str, float] | None = None
 
 
 def read_run(out: Path) -> RunResult:
@@ -328,10 +337,16 @@ def read_run(out: Path) -> RunResult:
     from vppo_recipes.metric_logging import read_jsonl
 
     items = {int(r["step"]): r["items"] for r in read_jsonl(out / "logs" / "validation_items.jsonl")}
-    return RunResult(list(read_jsonl(out / "logs" / "metrics.jsonl")), items)
+    anatomy_file = out / "anatomy.json"
+    anatomy = json.loads(anatomy_file.read_text()) if anatomy_file.is_file() else None
+    return RunResult(list(read_jsonl(out / "logs" / "metrics.jsonl")), items, anatomy)
 
 
 # ------------------------------------------------------------------------------------------------ aggregation
+
+# "Steps to reach a level": the first validated step at least this far above the warm start (and, separately, the
+# step that beats the text-only ceiling).
+GAIN_LEVEL = 0.05
 
 # Per-step diagnostics averaged over seeds into summary.json and diagnostics.png (logged by the RL recipe).
 DIAGNOSTICS = {
@@ -437,6 +452,8 @@ def summarize(
             for run in by_seed.values()
         ]
         reach = [steps_to_reach(steps, c, ceiling) for c in per_seed_curve] if ceiling else []
+        gain_level = before["avg_at_k"] + GAIN_LEVEL
+        reach_gain = [steps_to_reach(steps, c, gain_level) for c in per_seed_curve]
         m, sd = _mean_std(per_seed_final)
         am, asd = _mean_std(per_seed_auc)
         table[algo] = {
@@ -448,6 +465,8 @@ def summarize(
             "auc_std": asd,
             "curve_mean": {str(t): _mean_std([c[j] for c in per_seed_curve])[0] for j, t in enumerate(steps)},
             "steps_to_text_only_ceiling_per_seed": {str(seed): r for seed, r in zip(by_seed, reach)},
+            "steps_to_gain_level_per_seed": {str(seed): r for seed, r in zip(by_seed, reach_gain)},
+            "anatomy_per_seed": {str(seed): run.anatomy for seed, run in by_seed.items()},
             "final_accuracy_hint_right": subset_mean(finals[algo], guessable),
             "final_accuracy_hint_wrong": subset_mean(finals[algo], needs_image),
             "diagnostics": {
@@ -478,14 +497,21 @@ def summarize(
             "format_rate": before["format_rate"],
             "accuracy_hint_right": subset_mean(before_grid, guessable),
             "accuracy_hint_wrong": subset_mean(before_grid, needs_image),
+            "anatomy": before.get("anatomy"),
         },
         "algorithms": table,
         "paired_differences": comparisons,
     }
 
 
+# What the demo's result depends on: the packages and the session that installs them (not docs/, so committing the
+# regenerated docs/demo files does not change the commit a fresh clone records).
+CODE_PATHS = ("packages", "noxfile.py")
+
+
 def _commit() -> str | None:
-    """The git commit the demo's code ran at (with "+dirty" if its tree had changes), or None outside a checkout."""
+    """The last git commit that changed CODE_PATHS (with "+dirty" if they have uncommitted changes), or None
+    outside a git checkout."""
     here = Path(__file__).resolve().parent
 
     def git(*args: str) -> str | None:
@@ -495,10 +521,14 @@ def _commit() -> str | None:
             return None
         return done.stdout.strip() if done.returncode == 0 else None
 
-    head = git("rev-parse", "HEAD")
-    if head is None:
+    top = git("rev-parse", "--show-toplevel")
+    if top is None:
         return None
-    dirty = git("status", "--porcelain", "--untracked-files=no")
+    paths = [p for p in CODE_PATHS if (Path(top) / p).exists()]
+    head = git("-C", top, "log", "-1", "--format=%H", "--", *paths)
+    if not head:
+        return None
+    dirty = git("-C", top, "status", "--porcelain", "--untracked-files=no", "--", *paths)
     return head + ("+dirty" if dirty else "")
 
 
@@ -561,20 +591,22 @@ def summary_markdown(summary: dict[str, Any], timings: dict[str, Any] | None = N
         f"{list(s['seeds'])}, same warm start and data order for every algorithm.",
         f"Metric: {summary['metric']}; {ho['hint_right']} items where the hint is right, {ho['hint_wrong']} where it "
         "is wrong.",
-        f"Code: commit `{summary.get('commit')}`.",
+        f"Code: commit `{summary.get('commit')}` (the last commit that changed `packages/` or `noxfile.py`).",
         "",
-        "| | final avg@k (%), mean ± std over seeds | per seed (%) | gain (points) | area under curve (%) | hint right / wrong (%) | steps to beat the text-only ceiling, per seed |",
-        "|---|---|---|---|---|---|---|",
+        "| | final avg@k (%), mean ± std over seeds | per seed (%) | gain (points) | area under curve (%) | hint right / wrong (%) | steps to +5 points, per seed | steps to beat the text-only ceiling, per seed |",
+        "|---|---|---|---|---|---|---|---|",
         f"| warm start | {_pct(w['avg_at_k'])} | | | | {_pct(w['accuracy_hint_right'])} / "
-        f"{_pct(w['accuracy_hint_wrong'])} | |",
+        f"{_pct(w['accuracy_hint_wrong'])} | | |",
     ]
     for algo, r in summary["algorithms"].items():
         per = ", ".join(_pct(v) for v in r["final_avg_at_k_per_seed"].values())
         reach = ", ".join("–" if v is None else str(int(v)) for v in r["steps_to_text_only_ceiling_per_seed"].values())
+        gain = ", ".join("–" if v is None else str(int(v)) for v in r["steps_to_gain_level_per_seed"].values())
         lines.append(
             f"| {algo.upper()} | {_pct(r['final_avg_at_k_mean'])} ± {_pct(r['final_avg_at_k_std'])} | {per} | "
             f"{100 * r['gain_over_warm_start']:+.1f} | {_pct(r['auc_mean'])} ± {_pct(r['auc_std'])} | "
-            f"{_pct(r['final_accuracy_hint_right'])} / {_pct(r['final_accuracy_hint_wrong'])} | {reach or 'n/a'} |"
+            f"{_pct(r['final_accuracy_hint_right'])} / {_pct(r['final_accuracy_hint_wrong'])} | {gain} | "
+            f"{reach or 'n/a'} |"
         )
     comps = summary.get("paired_differences") or {}
     if comps:
@@ -608,6 +640,32 @@ def summary_markdown(summary: dict[str, Any], timings: dict[str, Any] | None = N
         "|---|---|---|---|---|",
         *diag_rows,
     ]
+    anatomy_rows = []
+    w_anat = w.get("anatomy")
+    if w_anat:
+        anatomy_rows.append(("warm start", "", w["avg_at_k"], w_anat))
+    for algo, r in summary["algorithms"].items():
+        for seed, anat in r.get("anatomy_per_seed", {}).items():
+            if anat:
+                anatomy_rows.append((algo.upper(), seed, r["final_avg_at_k_per_seed"][seed], anat))
+    if anatomy_rows:
+        lines += [
+            "",
+            "Anatomy of each final model's responses (`response_anatomy`: 64 held-out prompts x 2 samples): the share "
+            "of the most frequent answer colour (25 % = balanced, like the true answers), how often the boxed answer "
+            "repeats the colour the chain of thought stated, how often it is the hinted colour, the clause colour "
+            "token's share of the response's visual dependency, and how often TGF's top 40 % holds that token and "
+            "the boxed one:",
+            "",
+            "| run | seed | final avg@k (%) | top answer share (%) | boxed = clause (%) | follows hint (%) | clause token's share of S (%) | clause / boxed in TGF top 40 % (%) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, seed, acc, a in anatomy_rows:
+            lines.append(
+                f"| {name} | {seed} | {_pct(acc)} | {_pct(a['answer_max_share'])} | {_pct(a['boxed_equals_clause'])} | "
+                f"{_pct(a['follows_hint'])} | {_pct(a['clause_dependency_share'])} | "
+                f"{_pct(a['clause_in_tgf_top'])} / {_pct(a['boxed_in_tgf_top'])} |"
+            )
     dep = summary.get("dependency")
     if dep:
         lines += [
@@ -709,6 +767,87 @@ def plot_diagnostics(runs, path: Path) -> Path:
     return path
 
 
+def response_anatomy(ckpt: Path, records: list, s: DemoSettings) -> dict[str, float]:
+    """Where a model's answers and visual dependency sit, on `anatomy_prompts` held-out prompts x 2 samples.
+
+    - answer_max_share: share of the most frequent boxed colour (0.25 = balanced; the true answers are balanced);
+    - boxed_equals_clause: the boxed answer repeats the colour its own chain of thought stated;
+    - follows_hint: the boxed answer is the hinted colour (right half of the time);
+    - clause_dependency_share: the clause's colour token's share of the response's total dependency S (how much
+      the colour stated still comes from the image);
+    - clause_in_tgf_top / boxed_in_tgf_top: that token is among the ceil(0.4 n) most dependent (what TGF keeps).
+    Responses without the piece a statistic needs are left out of it. Deterministic (seeded sampling and masks).
+    """
+    import re
+
+    import numpy as np
+    import torch
+
+    from vppo_eval.report import dependency_analysis
+    from vppo_rollout.loading import load_policy, load_processor
+    from vppo_rollout.prompts import build_prompt
+    from vppo_rollout.sampling import SamplingConfig
+    from vppo_rollout.transformers_engine import TransformersSampler
+
+    torch.set_num_threads(2)
+    processor = load_processor(ckpt)
+    model = load_policy(ckpt)
+    recs = records[: s.anatomy_prompts]
+    prompts = [build_prompt(processor, r.question, r.images) for r in recs]
+    rollouts = TransformersSampler(model, processor).sample(
+        prompts, 2, SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=s.max_new_tokens, seed=0)
+    )
+    keep = [i for i, ids in enumerate(rollouts.token_ids) if ids]
+    analysis = dependency_analysis(
+        model,
+        processor,
+        [prompts[rollouts.group_index[i]] for i in keep],
+        [rollouts.token_ids[i] for i in keep],
+        estimator="sampled",
+        perturbation="blacken",
+        seed=0,
+    )
+    stats: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "boxed_equals_clause",
+            "follows_hint",
+            "clause_dependency_share",
+            "clause_in_tgf_top",
+            "boxed_in_tgf_top",
+        )
+    }
+    answers: list[str] = []
+    for i, S, toks in zip(keep, analysis.token_dependency, analysis.tokens):
+        rec = recs[rollouts.group_index[i]]
+        text = "".join(toks)
+        starts = np.cumsum([0] + [len(t) for t in toks])
+        top = set(np.argsort(-S, kind="stable")[: math.ceil(0.4 * len(S) - 1e-9)].tolist())
+        clause = re.search(r"shape is (\w+)", text)
+        boxed = re.findall(r"\\boxed\{(\w+)", text)
+        total = float(S.sum())
+
+        def token_at(pos: int, starts=starts) -> int:
+            return int(np.searchsorted(starts, pos, side="right") - 1)
+
+        if clause:
+            j = token_at(clause.start(1))
+            stats["clause_in_tgf_top"].append(float(j in top))
+            if total > 0:
+                stats["clause_dependency_share"].append(float(S[j]) / total)
+        if boxed:
+            answers.append(boxed[-1])
+            j = token_at(text.rindex("\\boxed{") + len("\\boxed{"))
+            stats["boxed_in_tgf_top"].append(float(j in top))
+            stats["follows_hint"].append(float(boxed[-1] == _hint(rec.question)))
+            if clause:
+                stats["boxed_equals_clause"].append(float(boxed[-1] == clause.group(1)))
+    out = {k: (sum(v) / len(v) if v else math.nan) for k, v in stats.items()}
+    out["answer_max_share"] = max(answers.count(a) for a in set(answers)) / len(answers) if answers else math.nan
+    out["responses"] = len(keep)
+    return out
+
+
 def dependency_report(ckpt: Path, records: list, s: DemoSettings, out: Path) -> dict[str, Any]:
     """Token / trajectory visual dependency of responses sampled from `ckpt` (the paper's Fig. 1, toy scale)."""
     import torch
@@ -777,6 +916,8 @@ def run_demo(out: Path, s: DemoSettings) -> dict[str, Any]:
     warm = stage("sft", sft_warm_start, work, task, ckpt, s)
     records = heldout_records(task, s.n_eval)
     before = stage("eval warm start", evaluate_checkpoint, warm, records, s)
+    if s.tasks == ("colour",):
+        before["anatomy"] = response_anatomy(warm, records, s)
     (work / "warm_start_eval.json").write_text(json.dumps(before, indent=1) + "\n")
     tqdm.write(
         f"warm start: held-out avg@{s.k} = {_pct(before['avg_at_k'])} % (format {_pct(before['format_rate'])} %)"

@@ -69,7 +69,7 @@ from vppo_core.attention import text_only_attention
 from vppo_core.dependency import exact_token_dependency_from_hidden, token_dependency, trajectory_dependency
 from vppo_core.logprobs import logprobs_from_hidden
 from vppo_core.losses import policy_loss, truncated_is_weights
-from vppo_core.masking import tgf_mask
+from vppo_core.masking import policy_gradient_share, tgf_mask
 from vppo_core.perturb import perturb_pixels
 from vppo_core.shaping import pgpo_token_weights, tas_scale, tas_scale_reference
 from vppo_eval.evaluate import evaluate
@@ -891,22 +891,15 @@ class RLRecipeDistributed:
     def _pg_share_on_dependent_tokens(
         self, mbs: list[MicroBatch], passes: list[NoGradPass], shaped: list[Shaped]
     ) -> float:
-        """Share of the uniform-credit policy gradient that lands on each response's most dependent tokens.
-
-        Per valid token, g_t = |A_i| · (1 − π_old(y_t)): the norm of d(A_i · log π(y_t)) / d(logits), up to a
-        factor in [1, √2], before any token weight. "Dependent" = the ceil(ρ·n_i) tokens of largest S per response
-        (`tgf_mask`, ρ = algorithm.tgf_fraction, 0.4 for the baselines). Returns Σ_dependent g / Σ g over all
-        ranks: for DAPO / GRPO the share their update really puts there (1 − it lands on visually independent
-        tokens); for VPPO the share TGF keeps (it zeroes the rest). A = the shaped advantages (α · A for VPPO).
-        """
+        """`policy_gradient_share` over all micro-batches and ranks: the share of the uniform-credit policy gradient
+        on each response's ceil(ρ·n) most dependent tokens (ρ = algorithm.tgf_fraction; 0.4 for the baselines),
+        with the shaped advantages (α · A for VPPO)."""
         fraction = float(self._cfg.algorithm.get("tgf_fraction", 0.4))
-        on_top, total = 0.0, 0.0
+        sums = [0.0, 0.0]
         for mb, p, sh in zip(mbs, passes, shaped):
-            g = sh.advantages.abs().unsqueeze(1) * (1.0 - p.lp_old.float().exp()) * mb.mask
-            top = tgf_mask(p.S, mb.mask, fraction=fraction)
-            on_top += float((g * top).sum())
-            total += float(g.sum())
-        on_top, total = _all_reduce_list([on_top, total])
+            on_top, total = policy_gradient_share(sh.advantages, p.lp_old, p.S, mb.mask, fraction=fraction).tolist()
+            sums = [sums[0] + on_top, sums[1] + total]
+        on_top, total = _all_reduce_list(sums)
         return on_top / total if total > 0 else math.nan
 
     def sampler_agreement(self, mini: list[MicroBatch], passes: list[NoGradPass]) -> list[float]:
