@@ -129,3 +129,24 @@ def test_quick_demo_runs_every_stage_and_reproduces_its_summary_bit_for_bit(tmp_
     assert (tmp_path / "a" / "work" / "rl" / "vppo_seed0" / "checkpoints" / "step_000002").is_dir()
     assert main(["--out", str(tmp_path / "b"), *args]) == 0
     assert (tmp_path / "a" / "summary.json").read_bytes() == (tmp_path / "b" / "summary.json").read_bytes()
+
+
+def test_committed_demo_summary_and_readme_table_are_what_the_code_writes():
+    """docs/demo/summary.md is summary_markdown(summary.json); the README quotes its tables verbatim; the run used
+    the shipped full settings and recorded a commit of this repository."""
+    import subprocess
+    from pathlib import Path
+
+    from vppo_recipes.demo import results_tables, summary_markdown
+
+    root = Path(__file__).resolve().parents[3]
+    docs = root / "docs" / "demo"
+    summary = json.loads((docs / "summary.json").read_text())
+    timings = json.loads((docs / "timings.json").read_text())
+    assert (docs / "summary.md").read_text() == summary_markdown(summary, timings)
+    assert "\n".join(results_tables(summary)) in (root / "README.md").read_text()
+    assert summary["settings"] == json.loads(json.dumps(dataclasses.asdict(DemoSettings.full())))
+    commit = summary["commit"]
+    assert commit and not commit.endswith("+dirty"), commit
+    if (root / ".git").exists():
+        subprocess.run(["git", "-C", str(root), "cat-file", "-e", f"{commit}^{{commit}}"], check=True)

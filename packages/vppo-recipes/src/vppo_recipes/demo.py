@@ -570,29 +570,11 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{100 * x:.1f}"
 
 
-def summary_markdown(summary: dict[str, Any], timings: dict[str, Any] | None = None) -> str:
-    s = summary["settings"]
+def results_tables(summary: dict[str, Any]) -> list[str]:
+    """The results table, the paired-difference table and the verdict, as markdown lines (summary.md has them, and
+    the README quotes them verbatim; a test checks that it does)."""
     w = summary["warm_start"]
-    ho = summary["held_out"]
-    task = f"`{'/'.join(s['tasks'])}` questions on a {s['image_size']} px 2 x 2 grid"
-    if s.get("hint"):
-        task += (
-            f", with a hint that is right {s['hint']} times in {s['hint'] + 3} (text-only ceiling "
-            f"{_pct(summary['text_only_ceiling'])} %)"
-        )
-    if s.get("reasoning"):
-        task += ", chain-of-thought SFT targets with random filler"
     lines = [
-        "# vppo CPU demo: summary",
-        "",
-        f"Task: synthetic {task} (chance {_pct(summary['chance'])} %). Tiny random Qwen2.5-VL, SFT warm start "
-        f"({s['sft_steps']} steps), then {s['rl_steps']} RL steps per run (G={s['group_size']}, "
-        f"{s['batch_prompts']} prompts/step, lr {s['rl_lr']:g}) under `tune run --nproc_per_node 2`, seeds "
-        f"{list(s['seeds'])}, same warm start and data order for every algorithm.",
-        f"Metric: {summary['metric']}; {ho['hint_right']} items where the hint is right, {ho['hint_wrong']} where it "
-        "is wrong.",
-        f"Code: commit `{summary.get('commit')}` (the last commit that changed `packages/` or `noxfile.py`).",
-        "",
         "| | final avg@k (%), mean ± std over seeds | per seed (%) | gain (points) | area under curve (%) | hint right / wrong (%) | steps to +5 points, per seed | steps to beat the text-only ceiling, per seed |",
         "|---|---|---|---|---|---|---|---|",
         f"| warm start | {_pct(w['avg_at_k'])} | | | | {_pct(w['accuracy_hint_right'])} / "
@@ -620,6 +602,35 @@ def summary_markdown(summary: dict[str, Any], timings: dict[str, Any] | None = N
         for name, c in comps.items():
             lines.append(f"| {name.upper()} | {_interval(c['final'])} | {_interval(c['auc'])} |")
     lines += ["", f"**Verdict.** {verdict(summary)}", ""]
+    return lines
+
+
+def summary_markdown(summary: dict[str, Any], timings: dict[str, Any] | None = None) -> str:
+    s = summary["settings"]
+    w = summary["warm_start"]
+    ho = summary["held_out"]
+    task = f"`{'/'.join(s['tasks'])}` questions on a {s['image_size']} px 2 x 2 grid"
+    if s.get("hint"):
+        task += (
+            f", with a hint that is right {s['hint']} times in {s['hint'] + 3} (text-only ceiling "
+            f"{_pct(summary['text_only_ceiling'])} %)"
+        )
+    if s.get("reasoning"):
+        task += ", chain-of-thought SFT targets with random filler"
+    lines = [
+        "# vppo CPU demo: summary",
+        "",
+        f"Task: synthetic {task} (chance {_pct(summary['chance'])} %). Tiny random Qwen2.5-VL, SFT warm start "
+        f"({s['sft_steps']} steps), then {s['rl_steps']} RL steps per run (G={s['group_size']}, "
+        f"{s['batch_prompts']} prompts/step, lr {s['rl_lr']:g}) under `tune run --nproc_per_node 2`, seeds "
+        f"{list(s['seeds'])}, same warm start and data order for every algorithm.",
+        f"Metric: {summary['metric']}; {ho['hint_right']} items where the hint is right, {ho['hint_wrong']} where it "
+        "is wrong.",
+        f"Code: commit `{summary.get('commit')}` (the last commit that changed `packages/` or `noxfile.py`).",
+        "",
+        *results_tables(summary),
+    ]
+
     diag_rows = []
     for algo, r in summary["algorithms"].items():
         d = r["diagnostics"]
