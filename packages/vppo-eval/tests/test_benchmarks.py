@@ -100,11 +100,31 @@ def test_mathverse_uses_question_for_eval_and_drops_free_form_expressions():
     assert records["1"].meta["problem_version"] == "Text Dominant"
 
 
-def test_mathvision_appends_options_and_strips_image_tags():
+def test_mathvision_strips_image_tags_and_does_not_list_picture_only_option_letters():
     first = load_benchmark("mathvision", fixture_path("mathvision"))[0]
     assert first.question.startswith("Which of the shapes")
-    assert "(E) E" in first.question and "<image1>" not in first.question
+    # the options are drawn in the picture: the row's options are the bare letters, "(E) E" would add nothing
+    assert "(E) E" not in first.question and "Options:" not in first.question and "<image1>" not in first.question
     assert first.choices == ["A", "B", "C", "D", "E"]
+
+
+def test_mathvision_lists_options_that_have_text():
+    from vppo_eval.benchmarks import BENCHMARKS
+
+    row = {"id": "7", "question": "<image1> Which is largest?", "options": ["2", "3", "5"], "answer": "C",
+           "image": None, "decoded_image": _png_bytes()}  # fmt: skip
+    rec = BENCHMARKS["mathvision"].normalize(row, 0, None)
+    assert rec.question == "Which is largest?\nOptions:\n(A) 2\n(B) 3\n(C) 5" and rec.choices == ["2", "3", "5"]
+
+
+def _png_bytes() -> dict:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="PNG")
+    return {"bytes": buf.getvalue(), "path": None}
 
 
 def test_dynamath_reads_ground_truth_and_filters_free_form():

@@ -24,7 +24,7 @@ def ckpt(tmp_path_factory):
 
 def test_cli_end_to_end_writes_results_report_plots_and_dependency_view(ckpt, tmp_path, capsys):
     out = tmp_path / "eval"
-    argv = ["--model", str(ckpt), "--benchmarks", "geo3k,mmk12", "--k", "2", "--out", str(out),
+    argv = ["--model", str(ckpt), "--benchmarks", "geo3k,mmk12", "--protocol", "raw", "--k", "2", "--out", str(out),
             "--data-dir", str(FIXTURES), "--limit", "2", "--max-new-tokens", "6", "--engine", "transformers",
             "--run-name", "tiny-ckpt", "--dependency", "2", "--no-progress"]  # fmt: skip
     assert cli.main(argv) == 0
@@ -36,8 +36,9 @@ def test_cli_end_to_end_writes_results_report_plots_and_dependency_view(ckpt, tm
     assert {n: b["n_items"] for n, b in results["benchmarks"].items()} == {"geo3k": 2, "mmk12": 2}
     geo = 100 * results["benchmarks"]["geo3k"]["avg_at_k"]
     md = (out / "report.md").read_text()
-    assert f"| **tiny-ckpt** | {geo:.1f} |" in md
-    assert "| Qwen2.5-VL-7B + VPPO | 46.5 | 82.8 |" in md
+    assert f"| **tiny-ckpt** | raw | {geo:.1f} |" in md
+    assert "| Qwen2.5-VL-7B + VPPO | vppo | 46.5 | 82.8 |" in md
+    assert results["config"]["protocol"] == "raw" and results["config"]["data"]["geo3k"]["data_form"] == "raw"
     assert "first 2 items" in md
     assert "tiny-ckpt" in capsys.readouterr().out
     dep = json.loads((out / "dependency.json").read_text())
@@ -60,7 +61,7 @@ def test_cli_unknown_benchmark_exits_before_loading_the_model(ckpt, tmp_path, mo
     monkeypatch.setattr(vppo_rollout.loading, "load_policy", boom)
     monkeypatch.setattr(vppo_rollout.loading, "load_processor", boom)
     with pytest.raises(SystemExit, match="unknown benchmark 'mathvista'"):
-        cli.main(["--model", str(ckpt), "--benchmarks", "geo3k,mathvista", "--out", str(tmp_path)])
+        cli.main(["--model", str(ckpt), "--benchmarks", "geo3k,mathvista", "--protocol", "raw", "--out", str(tmp_path)])
 
 
 @pytest.mark.parametrize(
@@ -119,7 +120,8 @@ def test_cli_vllm_engine_scores_every_fixture_like_the_transformers_engine(tmp_p
     runs = {}
     for engine in ("vllm", "transformers"):
         out = tmp_path / engine
-        argv = ["--model", str(ckpt), "--benchmarks", "all", "--k", "1", "--temperature", "0", "--out", str(out),
+        argv = ["--model", str(ckpt), "--benchmarks", "all", "--protocol", "raw", "--k", "1", "--temperature", "0",
+                "--out", str(out),
                 "--data-dir", str(FIXTURES), "--limit", "2", "--max-new-tokens", "12", "--engine", engine,
                 "--no-progress"]  # fmt: skip
         assert cli.main(argv) == 0
@@ -131,3 +133,38 @@ def test_cli_vllm_engine_scores_every_fixture_like_the_transformers_engine(tmp_p
     assert len(bench_v) == 8 and all(b["n_items"] > 0 for b in bench_v.values())
     assert {n: b["avg_at_k"] for n, b in bench_v.items()} == {n: b["avg_at_k"] for n, b in bench_t.items()}
     assert items_v == items_t and any(any(r) for r in items_v.values() if r)
+
+
+def test_cli_protocol_vppo_scores_every_benchmark_from_the_authors_sharegpt_files(ckpt, tmp_path):
+    """The issue-14 command: `vppo-eval --benchmarks all --data-dir <sharegpt fixtures> --protocol vppo`; the report
+    names the protocol, each benchmark's source, the items kept and their id hash."""
+    from vppo_eval.benchmarks import BENCHMARK_NAMES
+
+    out = tmp_path / "vppo"
+    argv = ["--model", str(ckpt), "--benchmarks", "all", "--data-dir", str(FIXTURES / "sharegpt"), "--protocol",
+            "vppo", "--k", "2", "--max-new-tokens", "6", "--engine", "transformers", "--out", str(out),
+            "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["benchmarks"]) == list(BENCHMARK_NAMES)
+    assert all(b["n_items"] > 0 and b["n_skipped"] == 0 for b in results["benchmarks"].values())
+    config = results["config"]
+    assert config["protocol"] == "vppo"
+    assert config["meta"]["protocol_deviations"] == {
+        "k": {"protocol": 8, "used": 2}, "max_new_tokens": {"protocol": 2048, "used": 6}
+    }  # fmt: skip
+    md = (out / "report.md").read_text()
+    assert "Protocol of this run: **vppo**" in md and "deviates from its protocol's decoding: k 2" in md
+    for name in BENCHMARK_NAMES:
+        data = config["data"][name]
+        assert data["data_form"] == "sharegpt" and data["items"] == results["benchmarks"][name]["n_items"]
+        assert f"| {data['source']} | sharegpt | {data['items']} | `{data['items_sha256'][:16]}` |" in md
+    run_row = next(line for line in md.splitlines() if line.startswith("| **"))
+    assert run_row.split(" | ")[1] == "vppo"
+
+
+def test_cli_protocol_vppo_without_the_authors_data_says_where_to_get_it(ckpt, tmp_path):
+    with pytest.raises(SystemExit, match=r"chamber111/VPPO-Eval.*pass --data-dir"):
+        cli.main(["--model", str(ckpt), "--benchmarks", "geo3k", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"geo3k\.parquet is there: the benchmark's own release, which protocol 'raw'"):
+        cli.main(["--model", str(ckpt), "--benchmarks", "geo3k", "--data-dir", str(FIXTURES), "--out", str(tmp_path)])

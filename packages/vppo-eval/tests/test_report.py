@@ -124,7 +124,12 @@ def test_comparison_table_puts_run_in_percent_and_paper_rows_on_same_subset(resu
     assert base["scores"] == {"geo3k": 37.1, "mmk12": 42.5}
     assert base["avg_these"] == pytest.approx((37.1 + 42.5) / 2)
     assert base["avg_published"] == 38.3
-    assert [r["model"] for r in table["rows"][:-1]] == list(PAPER_TABLE1)
+    assert [r["model"] for r in table["rows"] if r["source"] == "paper"] == list(PAPER_TABLE1)
+    assert all(r["protocol"] == "vppo" for r in table["rows"] if r["source"] == "paper")
+    # the known independent re-runs sit beside them, each with the protocol and source it states
+    repro = [r for r in table["rows"] if r["source"] == "reproduction"]
+    assert [r["scores"]["mmk12"] for r in repro] == [80.57, None] and repro[1]["avg_published"] == 54.08
+    assert "VPPO-RL/issues/13" in repro[0]["reference"]
 
 
 def test_comparison_table_leaves_non_paper_benchmark_empty():
@@ -135,15 +140,19 @@ def test_comparison_table_leaves_non_paper_benchmark_empty():
     assert base["avg_these"] is None  # a mean over a different subset would mislead
     assert "first 1 items" in table["note"]
     md = format_markdown(table)
-    assert "| Model | synthetic | Geo3k | Avg (these) | Avg (paper, 8) |" in md
-    assert "| Qwen2.5-VL-7B | – | 37.1 | – | 38.3 |" in md
+    assert "| Model | Protocol | synthetic | Geo3k | Avg (these) | Avg (published, 8) |" in md
+    assert "| Qwen2.5-VL-7B | vppo | – | 37.1 | – | 38.3 |" in md
 
 
 def test_write_report_files_exist_and_contain_the_numbers(results, tmp_path):
     paths = write_report(results, tmp_path / "rep", run_name="tiny run")
     md = paths["markdown"].read_text()
-    assert "| **tiny run** | 66.7 | 25.0 | 45.8 | – |" in md
-    assert "| Qwen2.5-VL-7B + VPPO | 46.5 | 82.8 | 64.7 | 57.5 |" in md
+    assert "| **tiny run** | unnamed | 66.7 | 25.0 | 45.8 | – |" in md
+    assert "| Qwen2.5-VL-7B + VPPO | vppo | 46.5 | 82.8 | 64.7 | 57.5 |" in md
+    assert (
+        "| Qwen2.5-VL-7B + VPPO, official script re-run | vppo (PAPO-Eval on the authors' released evaluation data) | – | 80.6 |"
+        in md
+    )
     assert "mmk12: 2 scored, 1 skipped, 0 dropped at load" in md
     data = json.loads(paths["json"].read_text())
     run = data["rows"][-1]

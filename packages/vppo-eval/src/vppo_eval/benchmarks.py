@@ -16,6 +16,15 @@ the paper to exact-match-checkable items, ALGORITHMS.md §8), ``not_exact_match`
 ``vppo_rollout.images.decode_image``, the decoder training uses.
 A missing *column* is an error, not a skip: the source is then not the benchmark's schema at all.
 
+Two data forms, each tied to an evaluation protocol (``PROTOCOLS``):
+
+- ``raw`` — the benchmark's own release (hub schema, or the GitHub release form of LogicVista and DynaMath: one JSON
+  object keyed by item id); vppo-eval's exact-match filter picks the items of MathVerse, MathVision and DynaMath.
+- ``vppo`` — the authors' evaluation data: LLaMA-Factory "sharegpt" files as PAPO-Eval declares them in its
+  ``data/dataset_info.json`` (``messages``: a user turn with one ``<image>`` placeholder per image, then an
+  assistant turn holding the answer; ``images``: image paths relative to the data folder), one file per benchmark
+  (``Benchmark.sharegpt_names``). The items are the authors' (already filtered); nothing is filtered here.
+
 Which schema facts were confirmed against dataset cards and which are assumed: packages/vppo-eval/README.md,
 section "Benchmark schemas".
 """
@@ -41,6 +50,7 @@ from vppo_rollout.images import SkipRow, decode_image
 __all__ = [
     "BENCHMARKS",
     "BENCHMARK_NAMES",
+    "PROTOCOLS",
     "Benchmark",
     "BenchmarkUnavailableError",
     "LoadReport",
@@ -49,6 +59,7 @@ __all__ = [
     "fixture_path",
     "get_benchmark",
     "is_exact_match_answer",
+    "items_sha256",
     "load_benchmark",
     "load_benchmark_report",
     "resolve_benchmark_names",
@@ -56,6 +67,13 @@ __all__ = [
 
 _FIXTURES = Path(__file__).parent / "fixtures"
 _OPTION_LETTERS = "ABCDEFGHIJ"
+
+# protocol -> what it means; the data form each reads is checked by `load_benchmark_report`.
+PROTOCOLS: dict[str, str] = {
+    "vppo": "the authors' item sets (sharegpt files of PAPO-Eval / VPPO-Eval), avg@8, temperature 1.0, top-p 1.0, "
+    "2048 new tokens",
+    "raw": "the benchmarks' own releases with vppo-eval's exact-match filter, same decoding",
+}
 
 
 class BenchmarkUnavailableError(RuntimeError):
@@ -71,7 +89,11 @@ class Benchmark:
     columns: required raw columns; each entry is a group of alternative names of which one must exist
         (``("decoded_image", "image")``).
     normalize: ``(row, index, base_dir) -> Record``; raises ``SkipRow(reason)`` for unusable rows.
-    exact_match_only: keep only items whose answer passes ``is_exact_match_answer`` (the paper's filter).
+    exact_match_only: keep only items whose answer passes ``is_exact_match_answer`` (the paper's filter; DynaMath's
+        own ``answer_type`` decides where a row has one).
+    sharegpt_names: file stems of this benchmark in the authors' sharegpt release (PAPO-Eval's dataset names first).
+    subset: raw form only: a row predicate selecting a subset (rows outside it are skipped as ``not_in_subset``).
+    in_table1: one of the eight columns of the paper's Table 1 (what ``"all"`` selects).
     """
 
     name: str
@@ -82,6 +104,9 @@ class Benchmark:
     columns: tuple[tuple[str, ...], ...]
     normalize: Callable[[Mapping[str, Any], int, Path | None], Record]
     exact_match_only: bool = False
+    sharegpt_names: tuple[str, ...] = ()
+    subset: Callable[[Mapping[str, Any]], bool] | None = None
+    in_table1: bool = True
 
     @property
     def fixture(self) -> Path:
@@ -98,10 +123,39 @@ class LoadReport:
     records: list[Record]
     n_rows: int
     skipped: dict[str, int] = field(default_factory=dict)
+    data_form: str = "raw"
 
     @property
     def n_skipped(self) -> int:
         return sum(self.skipped.values())
+
+    def items_sha256(self) -> str:
+        """`items_sha256` of the kept records: two runs scored the same items iff these agree."""
+        return items_sha256(self.records)
+
+    def summary(self) -> dict[str, Any]:
+        """What a result file records about the data: source, form, rows read, items kept, skips, id hash."""
+        return {
+            "source": self.source,
+            "data_form": self.data_form,
+            "rows": self.n_rows,
+            "items": len(self.records),
+            "skipped": dict(self.skipped),
+            "items_sha256": self.items_sha256(),
+        }
+
+
+def items_sha256(records: Iterable[Record]) -> str:
+    """sha256 over the items' ids, questions and answers (one "id\tquestion\tanswer" JSON line per item, sorted).
+
+    The ids alone would not tell two item sets apart when a file has none and rows are numbered (the authors'
+    sharegpt files): the question and answer make the hash name the items themselves.
+    """
+    import hashlib
+    import json
+
+    lines = sorted(json.dumps([str(r.id), r.question, str(r.answer)], ensure_ascii=False) for r in records)
+    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -109,8 +163,20 @@ class LoadReport:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _resolve(value: Any, base_dir: Path | None) -> Any:
+    """A relative image path as the releases lay them out: next to the data file, in its ``images/`` folder (the
+    LogicVista and DynaMath releases), or next to its parent folder (PAPO-Eval: ``data/papo/X.json`` names
+    ``images/...`` relative to ``data/``). Anything else is returned as is."""
+    if not isinstance(value, str) or base_dir is None or not value.strip() or Path(value).is_absolute():
+        return value
+    for candidate in (base_dir / value, base_dir / "images" / value, base_dir.parent / value):
+        if candidate.is_file():
+            return str(candidate)
+    return value
+
+
 def _images(values: Iterable[Any], base_dir: Path | None) -> list[Image.Image]:
-    images = [decode_image(v, base_dir=base_dir) for v in values if v is not None]
+    images = [decode_image(_resolve(v, base_dir), base_dir=base_dir) for v in values if v is not None]
     if not images:
         raise SkipRow("missing_image")
     return images
@@ -327,7 +393,9 @@ def _mathvision(row: Mapping[str, Any], index: int, base_dir: Path | None) -> Re
     # path string "images/1.jpg"), decoded_image (Image), answer (letter or value), solution, level, subject.
     options = [_text(o) for o in (row["options"] or [])]
     question = _question(_strip_image_tags(_text(row["question"])))
-    if options:
+    # Options drawn in the picture come as their bare letters ("A" ... "E"): listing "(A) A" adds nothing.
+    picture_only = options == list(_OPTION_LETTERS[: len(options)])
+    if options and not picture_only:
         question = _with_options(question, options)
     image = row["decoded_image"] if row.get("decoded_image") is not None else row.get("image")
     return Record(
@@ -343,25 +411,31 @@ def _mathvision(row: Mapping[str, Any], index: int, base_dir: Path | None) -> Re
 def _dynamath(row: Mapping[str, Any], index: int, base_dir: Path | None) -> Record:
     # DynaMath/DynaMath_Sample sample_variant<k>: id, question, image (path string), decoded_image (Image),
     # ground_truth, answer_type ("multiple choice" | "float" | "free form"), subject, knowledge_level.
+    # The GitHub release (dataset/dataset.json, keyed by id) names the answer `answer`, the image a path `image`.
     image = row["decoded_image"] if row.get("decoded_image") is not None else row.get("image")
     return Record(
         id=_row_id(row, index, "id"),
         question=_question(_strip_image_tags(_text(row["question"]))),
         images=_images([image], base_dir),
-        answer=_answer(row["ground_truth"]),
-        meta=_meta(row, {"id", "question", "image", "decoded_image", "ground_truth"}),
+        answer=_answer(_first(row, "ground_truth", "answer")),
+        meta=_meta(row, {"id", "question", "image", "decoded_image", "ground_truth", "answer"}),
     )
+
+
+# DynaMath's own answer types that exact match can check ("text" / "free form" answers are left out).
+_DYNAMATH_EXACT_TYPES = {"multiple choice", "float"}
 
 
 def _logicvista(row: Mapping[str, Any], index: int, base_dir: Path | None) -> Record:
     # lscpku/LogicVista test: id, question (options named in the text or drawn in the image), answer ("C", "A, C",
     # "3"), reasoning, image, skill, broad_capability, specific_capability, imagesource, sourcelink, ...
+    # The GitHub release (data/dataset.json, keyed by id) names the image file `imagename` (in data/images/).
     return Record(
         id=_row_id(row, index, "id", "imagename"),
         question=_question(_strip_image_tags(_text(row["question"]))),
-        images=_images(_image_cells(row, "image", "images"), base_dir),
+        images=_images(_image_cells(row, "image", "images", "imagename"), base_dir),
         answer=_answer(row["answer"]),
-        meta=_meta(row, {"id", "question", "image", "images", "answer", "reasoning"}),
+        meta=_meta(row, {"id", "question", "image", "images", "imagename", "answer", "reasoning"}),
     )
 
 
@@ -394,6 +468,48 @@ def _mmmu_pro(row: Mapping[str, Any], index: int, base_dir: Path | None) -> Reco
     )
 
 
+def _turns(messages: Any) -> tuple[str, str]:
+    """(user text, assistant text) of a sharegpt conversation: the first user turn and the first assistant turn
+    after it (PAPO-Eval's tags: role / content, user / assistant)."""
+    if not isinstance(messages, (list, tuple)):
+        raise SkipRow("bad_prompt", detail=f"messages is a {type(messages).__name__}, not a list of turns")
+    user = assistant = None
+    for turn in messages:
+        if not isinstance(turn, Mapping):
+            raise SkipRow("bad_prompt", detail="a turn of messages is not an object with role and content")
+        role = turn.get("role")
+        if role == "user" and user is None:
+            user = _text(turn.get("content"))
+        elif role == "assistant" and user is not None and assistant is None:
+            assistant = _text(turn.get("content"))
+    if user is None:
+        raise SkipRow("empty_question", detail="no user turn in messages")
+    return user, assistant or ""
+
+
+_PLACEHOLDER = re.compile(r"<image>")
+
+
+def _sharegpt(row: Mapping[str, Any], index: int, base_dir: Path | None) -> Record:
+    """One item of the authors' sharegpt files: the user turn is the question (its ``<image>`` placeholders, one
+    per image, are removed: the prompt builder places the images), the assistant turn the answer."""
+    user, assistant = _turns(row["messages"])
+    paths = list(row.get("images") or [])
+    placeholders = len(_PLACEHOLDER.findall(user))
+    if placeholders != len(paths):
+        raise SkipRow("bad_prompt", detail=f"{placeholders} <image> placeholder(s) for {len(paths)} image(s)")
+    return Record(
+        id=_row_id(row, index, "id"),
+        question=_question(_PLACEHOLDER.sub("", user).strip()),
+        images=_images(paths, base_dir),
+        answer=_answer(assistant),
+        meta={"images": [str(p) for p in paths]},
+    )
+
+
+_MATHVERSE_VISION_VERSIONS = {"Vision Intensive", "Vision Dominant", "Vision Only"}
+
+
 # Order = the paper's Table 1 columns.
 BENCHMARKS: dict[str, Benchmark] = {
     b.name: b
@@ -407,6 +523,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             columns=(("sample_index",), ("question",), ("image",), ("answer",)),
             normalize=_mathverse,
             exact_match_only=True,
+            sharegpt_names=("AI4Math_MathVerse",),
         ),
         Benchmark(
             name="dynamath",
@@ -414,9 +531,10 @@ BENCHMARKS: dict[str, Benchmark] = {
             hf_id="DynaMath/DynaMath_Sample",
             config=None,
             split="sample_variant1",
-            columns=(("id",), ("question",), ("ground_truth",), ("decoded_image", "image")),
+            columns=(("id",), ("question",), ("ground_truth", "answer"), ("decoded_image", "image")),
             normalize=_dynamath,
             exact_match_only=True,
+            sharegpt_names=("DynaMath_DynaMath_Sample", "DynaMath_DynaMath"),
         ),
         Benchmark(
             name="mmk12",
@@ -426,6 +544,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             split="test",
             columns=(("question",), ("answer",), ("image", "images")),
             normalize=_mmk12,
+            sharegpt_names=("FanqingM_MMK12",),
         ),
         Benchmark(
             name="geo3k",
@@ -435,6 +554,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             split="test",
             columns=(("images",), ("problem",), ("answer",)),
             normalize=_geo3k,
+            sharegpt_names=("hiyouga_geometry3k",),
         ),
         Benchmark(
             name="mathvision",
@@ -445,6 +565,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             columns=(("id",), ("question",), ("options",), ("answer",), ("decoded_image", "image")),
             normalize=_mathvision,
             exact_match_only=True,
+            sharegpt_names=("MathLLMs_MathVision",),
         ),
         Benchmark(
             name="wemath",
@@ -454,6 +575,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             split="testmini",
             columns=(("question",), ("option",), ("answer",), ("image_path", "image")),
             normalize=_wemath,
+            sharegpt_names=("We-Math_We-Math", "We_Math"),
         ),
         Benchmark(
             name="logicvista",
@@ -461,8 +583,9 @@ BENCHMARKS: dict[str, Benchmark] = {
             hf_id="lscpku/LogicVista",
             config=None,
             split="test",
-            columns=(("question",), ("answer",), ("image", "images")),
+            columns=(("question",), ("answer",), ("image", "images", "imagename")),
             normalize=_logicvista,
+            sharegpt_names=("lscpku_LogicVista",),
         ),
         Benchmark(
             name="mmmu_pro",
@@ -472,10 +595,28 @@ BENCHMARKS: dict[str, Benchmark] = {
             split="test",
             columns=(("id",), ("question",), ("options",), ("answer",), ("image_1",)),
             normalize=_mmmu_pro,
+            sharegpt_names=("MMMU_MMMU_Pro",),
+        ),
+        # Not a Table 1 column: MathVerse restricted to the problem versions whose information is (partly) only in
+        # the image, PAPO-Eval's "vision-dependent" file. Our raw-form reading of that subset: the problem
+        # versions "Vision Intensive", "Vision Dominant" and "Vision Only".
+        Benchmark(
+            name="mathverse_vision",
+            title="MathVerse-V",
+            hf_id="AI4Math/MathVerse",
+            config="testmini",
+            split="testmini",
+            columns=(("sample_index",), ("question",), ("image",), ("answer",), ("problem_version",)),
+            normalize=_mathverse,
+            exact_match_only=True,
+            sharegpt_names=("AI4Math_MathVerse_vision_dependent", "AI4Math_MathVerse-vision-dependent"),
+            subset=lambda row: row.get("problem_version") in _MATHVERSE_VISION_VERSIONS,
+            in_table1=False,
         ),
     ]
 }
-BENCHMARK_NAMES: tuple[str, ...] = tuple(BENCHMARKS)
+# The eight columns of the paper's Table 1, in its order: what "all" selects.
+BENCHMARK_NAMES: tuple[str, ...] = tuple(name for name, b in BENCHMARKS.items() if b.in_table1)
 
 _ALIASES = {"geometry3k": "geo3k", "mathv": "mathvision", "mmmupro": "mmmu_pro", "wemath": "wemath"}
 
@@ -492,9 +633,9 @@ def get_benchmark(name: str) -> Benchmark:
     keys |= {_key(alias): target for alias, target in _ALIASES.items()}
     found = keys.get(_key(name))
     if found is None:
-        close = difflib.get_close_matches(name.lower(), BENCHMARK_NAMES, n=1)
+        close = difflib.get_close_matches(name.lower(), list(BENCHMARKS), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown benchmark {name!r}; valid names: {', '.join(BENCHMARK_NAMES)}.{hint}")
+        raise ValueError(f"unknown benchmark {name!r}; valid names: {', '.join(BENCHMARKS)}.{hint}")
     return BENCHMARKS[found]
 
 
@@ -599,6 +740,14 @@ def _unique_ids(records: list[Record]) -> list[Record]:
     return out
 
 
+SHAREGPT_COLUMNS = ("messages", "images")
+
+
+def data_form(column_names: Sequence[str]) -> str:
+    """ "sharegpt" for the authors' conversation files (a ``messages`` column), else "raw"."""
+    return "sharegpt" if "messages" in column_names else "raw"
+
+
 def load_benchmark_report(
     name: str,
     source: str | Path | None = None,
@@ -606,22 +755,49 @@ def load_benchmark_report(
     *,
     split: str | None = None,
     config: str | None = None,
+    protocol: str | None = None,
 ) -> LoadReport:
     """Load benchmark ``name`` and normalise it into ``Record`` s, reporting skipped rows by reason.
 
     source: None (the hub id), a hub id, a local folder or a local data file (see the module docstring).
     limit: keep at most this many records (counted after skips and filtering; rows are read in order).
     split / config: override the registry's (ignored for a single local file, which holds one split).
-    Raises ValueError for an unknown benchmark, a bad argument or a missing column;
+    protocol: None reads either data form; "vppo" requires the authors' sharegpt files and "raw" a benchmark's own
+        release (``PROTOCOLS``), so a number is never labelled with a protocol its items do not follow.
+    Raises ValueError for an unknown benchmark, a bad argument, a missing column or data of the wrong form;
     ``BenchmarkUnavailableError`` when the data cannot be read (e.g. offline without a local copy).
     """
     spec = get_benchmark(name)
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
         raise ValueError(f"limit must be None or a non-negative int, got {limit!r}")
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, got {protocol!r}")
     split = split or spec.split
     config = spec.config if config is None else config
     dataset, base_dir, label = _open(spec, source, split, config)
-    _check_columns(spec, dataset.column_names, label)
+    form = data_form(dataset.column_names)
+    if protocol == "vppo" and form != "sharegpt":
+        raise ValueError(
+            f"{spec.title} source {label!r} is in the benchmark's own schema, but protocol 'vppo' scores the authors' "
+            f"item sets: pass their sharegpt file ({' or '.join(n + '.json' for n in spec.sharegpt_names)}; see the "
+            "vppo-eval README, 'Protocols'), or use protocol 'raw' for this data"
+        )
+    if protocol == "raw" and form != "raw":
+        raise ValueError(
+            f"{spec.title} source {label!r} is a sharegpt conversation file (the authors' item sets): evaluate it "
+            "with protocol 'vppo', or pass the benchmark's own release for protocol 'raw'"
+        )
+    if form == "sharegpt":
+        missing = [c for c in SHAREGPT_COLUMNS if c not in dataset.column_names]
+        if missing:
+            raise ValueError(
+                f"{spec.title} source {label!r} has a messages column but lacks {missing}; the sharegpt form this "
+                f"reader follows has columns {list(SHAREGPT_COLUMNS)} (PAPO-Eval's data/dataset_info.json)"
+            )
+        normalize, exact_filter, subset = _sharegpt, False, None  # the authors' items, as they are
+    else:
+        _check_columns(spec, dataset.column_names, label)
+        normalize, exact_filter, subset = spec.normalize, spec.exact_match_only, spec.subset
 
     records: list[Record] = []
     skipped: Counter[str] = Counter()
@@ -630,16 +806,28 @@ def load_benchmark_report(
         if limit is not None and len(records) >= limit:
             break
         n_rows += 1
+        if subset is not None and not subset(row):
+            skipped["not_in_subset"] += 1
+            continue
         try:
-            record = spec.normalize(row, index, base_dir)
+            record = normalize(row, index, base_dir)
         except SkipRow as skip:
             skipped[skip.reason] += 1
             continue
-        if spec.exact_match_only and not is_exact_match_answer(record.answer):
+        if exact_filter and not _exact_match_item(record, row):
             skipped["not_exact_match"] += 1
             continue
         records.append(record)
-    return LoadReport(spec.name, label, _unique_ids(records), n_rows, dict(skipped))
+    return LoadReport(spec.name, label, _unique_ids(records), n_rows, dict(skipped), data_form=form)
+
+
+def _exact_match_item(record: Record, row: Mapping[str, Any]) -> bool:
+    """The paper's exact-match filter: DynaMath's own ``answer_type`` where the row has one, else the answer's
+    form (``is_exact_match_answer``)."""
+    answer_type = row.get("answer_type")
+    if isinstance(answer_type, str) and answer_type.strip():
+        return answer_type.strip().lower() in _DYNAMATH_EXACT_TYPES
+    return is_exact_match_answer(record.answer)
 
 
 def load_benchmark(
@@ -649,6 +837,7 @@ def load_benchmark(
     *,
     split: str | None = None,
     config: str | None = None,
+    protocol: str | None = None,
 ) -> list[Record]:
     """``load_benchmark_report(...).records``: the usable items of benchmark ``name`` as ``Record`` s."""
-    return load_benchmark_report(name, source, limit, split=split, config=config).records
+    return load_benchmark_report(name, source, limit, split=split, config=config, protocol=protocol).records

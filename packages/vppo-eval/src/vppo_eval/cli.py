@@ -1,6 +1,12 @@
 """`vppo-eval`: avg@k of a checkpoint on the benchmarks, with the paper's Table 1 beside it.
 
-    vppo-eval --model PATH --benchmarks all --k 8 --out DIR [--data-dir DIR] [--limit N] [--engine auto]
+    vppo-eval --model PATH --benchmarks all --out DIR --data-dir DIR [--protocol vppo|raw] [--limit N] [--engine auto]
+
+--protocol vppo (the default) scores the authors' item sets, read from their sharegpt files in --data-dir, with the
+paper's decoding (avg@8, temperature 1.0, top-p 1.0, 2048 new tokens); --protocol raw scores the benchmarks' own
+releases with vppo-eval's exact-match filter. The result files and the report record the protocol, each
+benchmark's source, the items kept and a hash of the items (ids, questions, answers); decoding flags that differ from the protocol's are
+listed there as deviations.
 
 Writes into DIR: items.jsonl (one line per finished item; rerunning the same command resumes), eval_config.json,
 results.json, report.md, report.json, benchmarks.png, and with --dependency N also dependency_hist.png,
@@ -16,6 +22,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# The decoding of both protocols (the paper's, ALGORITHMS.md §8); a run that changes one records it as a deviation.
+PROTOCOL_DECODING = {"k": 8, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 2048}
+AUTHORS_DATA = (
+    "the authors' evaluation data: chamber111/VPPO-Eval (collection chamber111/vppo-data) for the filtered MathVerse, "
+    "MathVision and DynaMath subsets, and PAPO-Galaxy/PAPO_eval (PAPO-Eval's prepare_data.py) for Geo3k, We-Math, "
+    "LogicVista, MMMU-Pro and MathVerse"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,17 +38,24 @@ def build_parser() -> argparse.ArgumentParser:
         "top-p 1.0, 2048 new tokens) with the paper's Table 1 beside the result.",
     )
     p.add_argument("--model", required=True, help="local Hugging Face folder of the checkpoint")
-    p.add_argument("--benchmarks", default="all", help="'all' or a comma-separated list of registry names")
-    p.add_argument("--k", type=int, default=8, help="samples per item (avg@k); default 8")
+    p.add_argument("--benchmarks", default="all",
+                   help="'all' (the eight of Table 1) or a comma-separated list of registry names (also "
+                   "mathverse_vision: MathVerse's vision-dependent subset)")  # fmt: skip
+    p.add_argument("--protocol", choices=("vppo", "raw"), default="vppo",
+                   help="vppo: the authors' item sets (sharegpt files in --data-dir); raw: the benchmarks' own "
+                   "releases with vppo-eval's exact-match filter")  # fmt: skip
+    p.add_argument("--k", type=int, default=PROTOCOL_DECODING["k"], help="samples per item (avg@k); default 8")
     p.add_argument("--out", required=True, help="output folder (rerunning with the same folder resumes)")
-    p.add_argument("--data-dir", default=None, help="load benchmark NAME from DATA_DIR/NAME instead of the hub")
+    p.add_argument("--data-dir", default=None,
+                   help="local data: protocol vppo: the authors' sharegpt files (DATA_DIR[/papo]/<name>.json or as "
+                   "DATA_DIR/dataset_info.json declares); raw: DATA_DIR/NAME[.parquet|.json|...] (default: the hub)")  # fmt: skip
     p.add_argument("--limit", type=int, default=None, help="only the first N items of each benchmark")
     p.add_argument("--engine", choices=("auto", "vllm", "transformers"), default="auto",
                    help="auto: vLLM when it is importable and a CUDA GPU exists, else transformers; vllm: also "
                    "vLLM's CPU build (see noxfile.py tests_vllm)")  # fmt: skip
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=2048)
+    p.add_argument("--temperature", type=float, default=PROTOCOL_DECODING["temperature"])
+    p.add_argument("--top-p", type=float, default=PROTOCOL_DECODING["top_p"])
+    p.add_argument("--max-new-tokens", type=int, default=PROTOCOL_DECODING["max_new_tokens"])
     p.add_argument("--batch-size", type=int, default=16, help="items per sampler call (resume granularity)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
@@ -94,6 +114,18 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"vppo-eval: --model {args.model!r} is not a folder; pass a local Hugging Face checkpoint")
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise SystemExit(f"vppo-eval: --data-dir {args.data_dir!r} is not a folder")
+    if args.protocol == "vppo" and args.data_dir is None:
+        raise SystemExit(
+            f"vppo-eval: --protocol vppo reads {AUTHORS_DATA}, from a local folder: download them on a machine with "
+            "network (vppo-eval README, 'Protocols') and pass --data-dir; or use --protocol raw for the benchmarks' "
+            "own releases from the hub"
+        )
+
+
+def protocol_deviations(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Decoding settings that differ from the protocol's: {setting: {"protocol": value, "used": value}}."""
+    used = {"k": args.k, "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}
+    return {k: {"protocol": PROTOCOL_DECODING[k], "used": v} for k, v in used.items() if v != PROTOCOL_DECODING[k]}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -102,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    from vppo_eval.evaluate import evaluate, load_benchmarks
+    from vppo_eval.evaluate import evaluate, load_benchmark_reports
     from vppo_eval.report import write_report
     from vppo_rollout.loading import load_policy, load_processor
 
@@ -114,12 +146,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Data before the model: an unknown name or a missing file fails in seconds, not after a 60 GB load.
     try:
-        data, load_skipped = load_benchmarks(args.benchmarks, data_dir=args.data_dir, limit=args.limit)
+        reports = load_benchmark_reports(
+            args.benchmarks, data_dir=args.data_dir, limit=args.limit, protocol=args.protocol
+        )
     except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"vppo-eval: --benchmarks {args.benchmarks!r}: {err}") from err
-    for name, reasons in load_skipped.items():
-        if reasons:
-            print(f"{name}: {len(data[name])} items, dropped at load: {reasons}", file=sys.stderr)
+        raise SystemExit(f"vppo-eval: --benchmarks {args.benchmarks!r} (--protocol {args.protocol}): {err}") from err
+    data = {name: list(r.records) for name, r in reports.items()}
+    load_skipped = {name: dict(r.skipped) for name, r in reports.items()}
+    for name, r in reports.items():
+        print(f"{name}: {len(r.records)} items from {r.source} ({r.data_form} form)"
+              + (f", dropped at load: {r.skipped}" if r.skipped else ""), file=sys.stderr)  # fmt: skip
+    deviations = protocol_deviations(args)
     processor = load_processor(args.model, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     model = None
     if engine == "vllm":
@@ -146,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sampler,
         data,
         load_skipped=load_skipped,
+        protocol=args.protocol,
+        data_info={name: r.summary() for name, r in reports.items()},
         processor=processor,
         k=args.k,
         temperature=args.temperature,
@@ -162,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "dtype": str(dtype),
             "min_pixels": args.min_pixels,
             "max_pixels": args.max_pixels,
+            "protocol_deviations": deviations,
         },
     )
     paths = write_report(results, out, run_name=run_name)

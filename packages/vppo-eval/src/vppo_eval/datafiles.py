@@ -6,6 +6,8 @@ both read a file the same way and fail the same way:
 - a file: ``.parquet``, ``.jsonl`` / ``.json``, ``.csv``, ``.arrow``. An empty file, a line that is not JSON, bytes
   that are not UTF-8 or a damaged parquet file raise ``ValueError`` naming the file (and the line), not the bare
   ``StopIteration`` / "position 47" / ``ArrowInvalid`` that ``datasets`` gives;
+- a JSON file holding one object keyed by item id (``{"1": {...}, "2": {...}}``, how LogicVista's and DynaMath's
+  GitHub releases ship) is read as one row per key, the key in an ``id`` column (unless the item has its own);
 - a folder: a hub snapshot (it has a ``README.md`` dataset card, which may define configs and splits) is read by
   ``datasets``' own inference; any other folder is read as the data files it holds (split names taken from the file
   names as ``datasets`` does), ignoring other files. ``datasets`` alone would read a folder with one ``.jsonl`` and
@@ -68,6 +70,22 @@ def _looks_like_json_lines(path: Path) -> bool:
     return head == b"{"
 
 
+def _keyed_rows(path: Path) -> list[dict[str, Any]] | None:
+    """Rows of a ``.json`` file that is one object keyed by item id (every value an object), else None."""
+    if path.suffix.lower() != ".json":
+        return None
+    raw = path.read_bytes()
+    if not raw.lstrip()[:1] == b"{":
+        return None  # a list of rows: datasets' own reader
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None  # JSON Lines in a .json file, or broken: datasets' reader and _diagnose give the message
+    if not isinstance(value, dict) or not value or not all(isinstance(v, dict) for v in value.values()):
+        return None
+    return [{"id": str(key), **item} if "id" not in item else dict(item) for key, item in value.items()]
+
+
 def load_data_file(path: str | Path, split: str = "train", *, label: str = "data.source") -> Any:
     """One local data file as a `datasets.Dataset` (its rows become split `split`).
 
@@ -85,6 +103,18 @@ def load_data_file(path: str | Path, split: str = "train", *, label: str = "data
         )
     if path.stat().st_size == 0:
         raise ValueError(f"{label}={str(path)!r} is empty (0 bytes): there are no rows to read")
+    keyed = _keyed_rows(path) if builder == "json" else None
+    if keyed is not None:
+        try:
+            dataset = datasets.Dataset.from_list(keyed, split=datasets.Split(split))
+        except Exception as err:  # e.g. a field that is a number in one item and text in another
+            raise ValueError(
+                f"{label}={str(path)!r} is a JSON object keyed by item id whose items do not share one schema: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+        if len(dataset) == 0:
+            raise ValueError(f"{label}={str(path)!r} has no rows")
+        return dataset
     try:
         dataset = datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
     except Exception as err:  # datasets / pyarrow raise many types; the diagnosis names the file and line

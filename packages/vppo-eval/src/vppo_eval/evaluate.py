@@ -40,6 +40,7 @@ _FROZEN_SETTINGS = (
     "format_weight",
     "multiple_choice",
     "system_prompt",
+    "protocol",
 )
 
 
@@ -168,34 +169,119 @@ def read_items(path: str | os.PathLike) -> list[dict[str, Any]]:
 _DATA_SUFFIXES = ("", ".parquet", ".jsonl", ".json", ".csv", ".arrow")
 
 
-def benchmark_source(data_dir: str | os.PathLike, name: str) -> Path:
-    """Where benchmark `name` lives under data_dir: ``data_dir/name`` (a folder) or ``data_dir/name.<ext>`` (a file)."""
-    for suffix in _DATA_SUFFIXES:
-        path = Path(data_dir) / f"{name}{suffix}"
-        if path.exists():
-            return path
+def _dataset_info_file(data_dir: Path, names: Sequence[str]) -> Path | None:
+    """The file a LLaMA-Factory ``dataset_info.json`` in data_dir names for the first of ``names`` it declares, after
+    checking the declaration is the sharegpt form this reader follows; None when there is no such entry."""
+    info_path = data_dir / "dataset_info.json"
+    if not info_path.is_file():
+        return None
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{info_path} is not valid JSON: {err}") from err
+    for name in names:
+        entry = info.get(name) if isinstance(info, dict) else None
+        if not isinstance(entry, dict) or "file_name" not in entry:
+            continue
+        expected = {
+            "formatting": "sharegpt",
+            "columns": {"messages": "messages", "images": "images"},
+            "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"},
+        }
+        found = {key: entry.get(key) for key in expected}
+        found["columns"] = {k: (entry.get("columns") or {}).get(k) for k in expected["columns"]}
+        found["tags"] = {k: (entry.get("tags") or {}).get(k) for k in expected["tags"]}
+        if found != expected:
+            raise ValueError(
+                f"{info_path}: dataset {name!r} is declared as {found}, not the sharegpt form vppo-eval reads "
+                f"({expected}); convert the file or rename its fields"
+            )
+        return data_dir / entry["file_name"]
+    return None
+
+
+def benchmark_source(data_dir: str | os.PathLike, name: str, protocol: str | None = None) -> Path:
+    """Where benchmark `name` lives under data_dir.
+
+    protocol "raw" (or None): ``data_dir/name`` (a folder) or ``data_dir/name.<ext>`` (a file, e.g. the
+    benchmark's own release). protocol "vppo" (or None, when no raw copy is there): the authors' sharegpt file, the
+    one ``data_dir/dataset_info.json`` declares for it if present, else ``data_dir/[papo/]<stem>.json`` for the
+    stems ``name`` and ``Benchmark.sharegpt_names`` (PAPO-Eval's layout: ``data/papo/hiyouga_geometry3k.json``).
+    """
+    from vppo_eval.benchmarks import get_benchmark
+
+    spec = get_benchmark(name)
+    root = Path(data_dir)
+    tried: list[Path] = []
+    if protocol in (None, "raw"):
+        for suffix in _DATA_SUFFIXES:
+            path = root / f"{name}{suffix}"
+            tried.append(path)
+            if path.exists():
+                return path
+    if protocol in (None, "vppo"):
+        stems = (name, *spec.sharegpt_names)
+        declared = _dataset_info_file(root, stems)
+        if declared is not None:
+            if not declared.is_file():
+                raise FileNotFoundError(
+                    f"{root / 'dataset_info.json'} names {declared} for {name!r}; it does not exist"
+                )
+            return declared
+        for folder in (root, root / "papo"):
+            for stem in stems:
+                path = folder / f"{stem}.json"
+                tried.append(path)
+                if path.is_file():
+                    return path
+    what = {
+        "raw": "the benchmark's own release (raw schema)",
+        "vppo": "the authors' sharegpt file (see the vppo-eval README, 'Protocols', for where to get it)",
+        None: "its data",
+    }[protocol]
+    shown = ", ".join(str(p) for p in tried[:4]) + (f" (+{len(tried) - 4} more)" if len(tried) > 4 else "")
+    hint = ""
+    if protocol == "vppo":
+        raw = [root / f"{name}{suffix}" for suffix in _DATA_SUFFIXES if (root / f"{name}{suffix}").exists()]
+        if raw:
+            hint = f" ({raw[0]} is there: the benchmark's own release, which protocol 'raw' reads)"
     raise FileNotFoundError(
-        f"data_dir={str(data_dir)!r} has no benchmark {name!r}: place its data (in the benchmark's raw schema) at "
-        f"{Path(data_dir) / name}/ or {Path(data_dir) / name}.parquet, or drop data_dir to load it from the hub."
+        f"data_dir={str(data_dir)!r} has no benchmark {name!r} for protocol {protocol or 'any'}: place {what} at one "
+        f"of {shown}{hint}, or drop data_dir to load it from the hub."
     )
 
 
+def load_benchmark_reports(
+    benchmarks: str | Sequence[str],
+    *,
+    data_dir: str | os.PathLike | None = None,
+    limit: int | None = None,
+    protocol: str | None = None,
+) -> dict[str, Any]:
+    """Load registry benchmarks: ("all" | "a,b" | [names]) -> name -> LoadReport (records, skips, source, form).
+
+    Unknown names and missing files raise before anything is loaded; protocol: see `load_benchmark_report`.
+    """
+    from vppo_eval.benchmarks import load_benchmark_report, resolve_benchmark_names
+
+    names = resolve_benchmark_names(benchmarks)
+    sources = {name: benchmark_source(data_dir, name, protocol) if data_dir is not None else None for name in names}
+    return {name: load_benchmark_report(name, sources[name], limit, protocol=protocol) for name in names}
+
+
 def load_benchmarks(
-    benchmarks: str | Sequence[str], *, data_dir: str | os.PathLike | None = None, limit: int | None = None
+    benchmarks: str | Sequence[str],
+    *,
+    data_dir: str | os.PathLike | None = None,
+    limit: int | None = None,
+    protocol: str | None = None,
 ) -> tuple[dict[str, list[Any]], dict[str, dict[str, int]]]:
     """Load registry benchmarks: ("all" | "a,b" | [names]) -> (name -> records, name -> {skip reason: count}).
 
     Unknown names raise ValueError (with the closest valid name) before anything is loaded.
     """
-    from vppo_eval.benchmarks import load_benchmark_report, resolve_benchmark_names
-
-    names = resolve_benchmark_names(benchmarks)
-    sources = {name: benchmark_source(data_dir, name) if data_dir is not None else None for name in names}
-    data, skipped = {}, {}
-    for name in names:
-        loaded = load_benchmark_report(name, sources[name], limit)
-        data[name], skipped[name] = list(loaded.records), dict(loaded.skipped)
-    return data, skipped
+    reports = load_benchmark_reports(benchmarks, data_dir=data_dir, limit=limit, protocol=protocol)
+    return {n: list(r.records) for n, r in reports.items()}, {n: dict(r.skipped) for n, r in reports.items()}
 
 
 def records_from_rows(
@@ -317,6 +403,8 @@ def evaluate(
     progress: bool = True,
     meta: Mapping[str, Any] | None = None,
     load_skipped: Mapping[str, Mapping[str, int]] | None = None,
+    protocol: str | None = None,
+    data_info: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> EvalResults:
     """avg@k of `sampler` on `benchmarks` (ALGORITHMS.md §8; the paper: k=8, temperature 1.0, top-p 1.0, 2048 tokens).
 
@@ -333,6 +421,10 @@ def evaluate(
         training reward of the paper (mathruler's `grade_answer` on the last `\\boxed{}`).
     meta: extra facts stored in the config (e.g. the model path); not checked on resume.
     load_skipped: with a mapping of records, the loader's dropped-row counts to report (see `load_benchmarks`).
+    protocol: the evaluation protocol the numbers follow (`vppo_eval.benchmarks.PROTOCOLS`; None: unnamed); with
+        registry names it also decides which data form is read.
+    data_info: with a mapping of records, what `LoadReport.summary()` said of each benchmark's data; recorded in
+        the config (and so in results.json) with the protocol. Without it the source is "records passed in".
     Items whose prompt cannot be built (ValueError from build_prompt) or whose answer is empty are written as
     skipped with their reason and counted in BenchmarkResult.skipped, never scored as 0.
     """
@@ -359,11 +451,25 @@ def evaluate(
     if not 0.0 <= format_weight <= 1.0:
         raise ValueError(f"format_weight={format_weight!r} must be in [0, 1] (the paper uses 0.1)")
 
+    from vppo_eval.benchmarks import PROTOCOLS, items_sha256
+
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise ValueError(f"protocol={protocol!r} must be one of {sorted(PROTOCOLS)} or None")
     if isinstance(benchmarks, Mapping):
         data = {str(name): list(recs)[:limit] if limit is not None else list(recs) for name, recs in benchmarks.items()}
         load_skipped = {name: dict((load_skipped or {}).get(name, {})) for name in data}
+        data_info = {
+            name: dict((data_info or {}).get(name) or {"source": "records passed in", "data_form": None})
+            for name in data
+        }
     else:
-        data, load_skipped = load_benchmarks(benchmarks, data_dir=data_dir, limit=limit)
+        reports = load_benchmark_reports(benchmarks, data_dir=data_dir, limit=limit, protocol=protocol)
+        data = {n: list(r.records) for n, r in reports.items()}
+        load_skipped = {n: dict(r.skipped) for n, r in reports.items()}
+        data_info = {n: r.summary() for n, r in reports.items()}
+    for name, records in data.items():  # what was scored (after limit): the id hash two runs must share
+        data_info[name]["items"] = len(records)
+        data_info[name]["items_sha256"] = items_sha256(records)
     config = {
         "k": k,
         "temperature": temperature,
@@ -376,6 +482,8 @@ def evaluate(
         "batch_size": batch_size,
         "limit": limit,
         "benchmarks": list(data),
+        "protocol": protocol,
+        "data": data_info,
         **({"meta": dict(meta)} if meta else {}),
     }
     for name, records in data.items():

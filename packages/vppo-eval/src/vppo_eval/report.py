@@ -43,6 +43,29 @@ PAPER_TABLE1: dict[str, tuple[tuple[float, ...], float]] = {
     "Qwen2.5-VL-32B": ((68.5, 68.7, 68.8, 47.0, 39.3, 71.0, 52.8, 39.6), 57.0),
     "Qwen2.5-VL-32B + VPPO": ((75.1, 73.1, 86.3, 53.4, 44.6, 77.7, 59.2, 47.1), 64.6),
 }
+# The protocol the paper's rows follow (vppo_eval.benchmarks.PROTOCOLS): its authors' item sets and decoding.
+PAPER_PROTOCOL = "vppo"
+
+# Independent re-runs of the paper's VPPO model, each with the protocol and source it states. Only the numbers a
+# source gives are copied (None: not given); "avg" is the source's own average over the eight benchmarks.
+REPRODUCTIONS: tuple[dict[str, Any], ...] = (
+    {
+        "model": "Qwen2.5-VL-7B + VPPO, official script re-run",
+        "protocol": "vppo (PAPO-Eval on the authors' released evaluation data)",
+        "source": "https://github.com/huaixuheqing/VPPO-RL/issues/13 (2026-08-11; also below the paper on Geo3k and "
+        "MathVision, numbers not given)",
+        "scores": {"MMK12": 80.57},
+        "avg": None,
+    },
+    {
+        "model": "Qwen2.5-VL-7B + VPPO, re-run in the PGPO paper",
+        "protocol": "the PGPO paper's own evaluation",
+        "source": "PGPO paper (2026), its VPPO baseline row (average only copied here)",
+        "scores": {},
+        "avg": 54.08,
+    },
+)
+
 # Names that do not reduce to the paper's column name by dropping case and punctuation.
 _ALIASES = {"geometry3k": "geo3k", "mathv": "mathvision"}
 
@@ -96,15 +119,30 @@ def comparison_table(results: EvalResults, *, run_name: str = "this run") -> dic
             {
                 "model": model,
                 "source": "paper",
+                "protocol": PAPER_PROTOCOL,
                 "scores": row_scores,
                 "avg_these": subset_mean(row_scores),
                 "avg_published": avg,
+            }
+        )
+    for repro in REPRODUCTIONS:
+        row_scores = {name: (repro["scores"].get(col) if col else None) for name, col in columns.items()}
+        rows.append(
+            {
+                "model": repro["model"],
+                "source": "reproduction",
+                "protocol": repro["protocol"],
+                "reference": repro["source"],
+                "scores": row_scores,
+                "avg_these": subset_mean(row_scores),
+                "avg_published": repro["avg"],
             }
         )
     rows.append(
         {
             "model": run_name,
             "source": "run",
+            "protocol": results.config.get("protocol"),
             "scores": run_scores,
             "avg_these": _pct(results.average),
             "avg_published": None,
@@ -122,7 +160,18 @@ def comparison_table(results: EvalResults, *, run_name: str = "this run") -> dic
     )
     if limit is not None:
         note += f" This run used only the first {limit} items of each benchmark: not comparable to the paper."
-    return {"k": results.k, "columns": names, "rows": rows, "note": note}
+    deviations = (results.config.get("meta") or {}).get("protocol_deviations") or {}
+    if deviations:
+        changed = ", ".join(f"{k} {v['used']} (protocol: {v['protocol']})" for k, v in deviations.items())
+        note += f" This run deviates from its protocol's decoding: {changed}."
+    return {
+        "k": results.k,
+        "columns": names,
+        "rows": rows,
+        "note": note,
+        "protocol": results.config.get("protocol"),
+        "data": results.config.get("data") or {},
+    }
 
 
 def _fmt(x: float | None) -> str:
@@ -132,18 +181,42 @@ def _fmt(x: float | None) -> str:
 def format_markdown(table: Mapping[str, Any]) -> str:
     """A markdown table of `comparison_table`'s output (one row per model, benchmarks as columns)."""
     names = table["columns"]
-    header = ["Model", *(display_name(n) for n in names), "Avg (these)", "Avg (paper, 8)"]
+    header = ["Model", "Protocol", *(display_name(n) for n in names), "Avg (these)", "Avg (published, 8)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table["rows"]:
         model = f"**{row['model']}**" if row["source"] == "run" else row["model"]
-        cells = [model, *(_fmt(row["scores"][n]) for n in names), _fmt(row["avg_these"]), _fmt(row["avg_published"])]
+        protocol = row.get("protocol") or "unnamed"
+        cells = [model, protocol, *(_fmt(row["scores"][n]) for n in names), _fmt(row["avg_these"]),
+                 _fmt(row["avg_published"])]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     run = next(r for r in table["rows"] if r["source"] == "run")
     counts = ", ".join(
         f"{n}: {run['n_items'][n]} scored, {run['n_skipped'][n]} skipped, {run['n_load_skipped'][n]} dropped at load"
         for n in names
     )
-    return "\n".join([*lines, "", table["note"], "", f"Items: {counts}.", ""])
+    data = table.get("data") or {}
+    data_lines = []
+    if data:
+        data_lines = [
+            f"Protocol of this run: **{table.get('protocol') or 'unnamed'}**. Two numbers are comparable only when "
+            "their protocol, and for the same benchmark their item hash, agree.",
+            "",
+            "| Benchmark | Source | Form | Items | Items' sha256 (id, question, answer; first 16) |",
+            "|---|---|---|---|---|",
+        ]
+        for n in names:
+            d = data.get(n, {})
+            data_lines.append(
+                f"| {display_name(n)} | {d.get('source', '?')} | {d.get('data_form') or '?'} | {d.get('items', '?')} | "
+                f"`{str(d.get('items_sha256', '?'))[:16]}` |"
+            )
+        data_lines.append("")
+    repro = [r for r in table["rows"] if r["source"] == "reproduction"]
+    repro_lines = [f"- {r['model']}: {r['reference']}." for r in repro]
+    return "\n".join(
+        [*lines, "", table["note"], "", f"Items: {counts}.", "", *data_lines,
+         *(["Reproductions:", *repro_lines, ""] if repro_lines else [])]
+    )  # fmt: skip
 
 
 def plot_benchmark_bars(

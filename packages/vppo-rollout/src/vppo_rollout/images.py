@@ -49,6 +49,7 @@ SKIP_REASONS: dict[str, str] = {
     "response_too_long": "the SFT target is longer than data.max_response_length",
     "bad_options": "a multiple-choice benchmark item whose options cannot be read",
     "not_exact_match": "an item the paper's protocol leaves out (answer not checkable by exact match)",
+    "not_in_subset": "an item outside the selected subset (e.g. MathVerse's vision-dependent problem versions)",
 }
 
 
