@@ -778,6 +778,54 @@ def plot_diagnostics(runs, path: Path) -> Path:
     return path
 
 
+@dataclasses.dataclass(frozen=True)
+class SampledResponses:
+    """Responses sampled from a checkpoint and their visual dependency (`sample_and_measure`).
+
+    records: the prompts' records; rollouts: the sampler's output (2 per record); keep: indices of the non-empty
+    responses, in rollout order; analysis: their `vppo_eval.report.DependencyAnalysis` (same order as keep).
+    """
+
+    records: list
+    rollouts: Any
+    keep: list[int]
+    analysis: Any
+
+    def record_of(self, i: int):
+        return self.records[self.rollouts.group_index[i]]
+
+
+def sample_and_measure(ckpt: Path, records: list, s: DemoSettings, *, samples: int = 2) -> SampledResponses:
+    """Sample `samples` responses per record from `ckpt` (temperature 1.0, top-p 1.0, seed 0) and measure the
+    visual dependency of each non-empty one (sampled-token estimator, blackened image, seed 0): deterministic."""
+    import torch
+
+    from vppo_eval.report import dependency_analysis
+    from vppo_rollout.loading import load_policy, load_processor
+    from vppo_rollout.prompts import build_prompt
+    from vppo_rollout.sampling import SamplingConfig
+    from vppo_rollout.transformers_engine import TransformersSampler
+
+    torch.set_num_threads(2)
+    processor = load_processor(ckpt)
+    model = load_policy(ckpt)
+    prompts = [build_prompt(processor, r.question, r.images) for r in records]
+    rollouts = TransformersSampler(model, processor).sample(
+        prompts, samples, SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=s.max_new_tokens, seed=0)
+    )
+    keep = [i for i, ids in enumerate(rollouts.token_ids) if ids]
+    analysis = dependency_analysis(
+        model,
+        processor,
+        [prompts[rollouts.group_index[i]] for i in keep],
+        [rollouts.token_ids[i] for i in keep],
+        estimator="sampled",
+        perturbation="blacken",
+        seed=0,
+    )
+    return SampledResponses(list(records), rollouts, keep, analysis)
+
+
 def response_anatomy(ckpt: Path, records: list, s: DemoSettings) -> dict[str, float]:
     """Where a model's answers and visual dependency sit, on `anatomy_prompts` held-out prompts x 2 samples.
 
@@ -792,32 +840,8 @@ def response_anatomy(ckpt: Path, records: list, s: DemoSettings) -> dict[str, fl
     import re
 
     import numpy as np
-    import torch
 
-    from vppo_eval.report import dependency_analysis
-    from vppo_rollout.loading import load_policy, load_processor
-    from vppo_rollout.prompts import build_prompt
-    from vppo_rollout.sampling import SamplingConfig
-    from vppo_rollout.transformers_engine import TransformersSampler
-
-    torch.set_num_threads(2)
-    processor = load_processor(ckpt)
-    model = load_policy(ckpt)
-    recs = records[: s.anatomy_prompts]
-    prompts = [build_prompt(processor, r.question, r.images) for r in recs]
-    rollouts = TransformersSampler(model, processor).sample(
-        prompts, 2, SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=s.max_new_tokens, seed=0)
-    )
-    keep = [i for i, ids in enumerate(rollouts.token_ids) if ids]
-    analysis = dependency_analysis(
-        model,
-        processor,
-        [prompts[rollouts.group_index[i]] for i in keep],
-        [rollouts.token_ids[i] for i in keep],
-        estimator="sampled",
-        perturbation="blacken",
-        seed=0,
-    )
+    sampled = sample_and_measure(ckpt, records[: s.anatomy_prompts], s)
     stats: dict[str, list[float]] = {
         k: []
         for k in (
@@ -829,8 +853,8 @@ def response_anatomy(ckpt: Path, records: list, s: DemoSettings) -> dict[str, fl
         )
     }
     answers: list[str] = []
-    for i, S, toks in zip(keep, analysis.token_dependency, analysis.tokens):
-        rec = recs[rollouts.group_index[i]]
+    for i, S, toks in zip(sampled.keep, sampled.analysis.token_dependency, sampled.analysis.tokens):
+        rec = sampled.record_of(i)
         text = "".join(toks)
         starts = np.cumsum([0] + [len(t) for t in toks])
         top = set(np.argsort(-S, kind="stable")[: math.ceil(0.4 * len(S) - 1e-9)].tolist())
@@ -855,44 +879,21 @@ def response_anatomy(ckpt: Path, records: list, s: DemoSettings) -> dict[str, fl
                 stats["boxed_equals_clause"].append(float(boxed[-1] == clause.group(1)))
     out = {k: (sum(v) / len(v) if v else math.nan) for k, v in stats.items()}
     out["answer_max_share"] = max(answers.count(a) for a in set(answers)) / len(answers) if answers else math.nan
-    out["responses"] = len(keep)
+    out["responses"] = len(sampled.keep)
     return out
 
 
 def dependency_report(ckpt: Path, records: list, s: DemoSettings, out: Path) -> dict[str, Any]:
     """Token / trajectory visual dependency of responses sampled from `ckpt` (the paper's Fig. 1, toy scale)."""
-    import torch
-
-    from vppo_eval.report import dependency_analysis, write_dependency_report
+    from vppo_eval.report import write_dependency_report
     from vppo_eval.reward import compute_rewards
-    from vppo_rollout.loading import load_policy, load_processor
-    from vppo_rollout.prompts import build_prompt
-    from vppo_rollout.sampling import SamplingConfig
-    from vppo_rollout.transformers_engine import TransformersSampler
 
-    torch.set_num_threads(2)
-    processor = load_processor(ckpt)
-    model = load_policy(ckpt)
-    recs = records[: s.dependency_prompts]
-    prompts = [build_prompt(processor, r.question, r.images) for r in recs]
-    n = 2
-    rollouts = TransformersSampler(model, processor).sample(
-        prompts, n, SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=s.max_new_tokens, seed=0)
-    )
-    keep = [i for i, ids in enumerate(rollouts.token_ids) if ids]
-    answers = [recs[rollouts.group_index[i]].answer for i in keep]
+    sampled = sample_and_measure(ckpt, records[: s.dependency_prompts], s)
+    rollouts, keep, analysis = sampled.rollouts, sampled.keep, sampled.analysis
+    answers = [sampled.record_of(i).answer for i in keep]
     rewards = compute_rewards([rollouts.texts[i] for i in keep], answers)["accuracy"]
-    analysis = dependency_analysis(
-        model,
-        processor,
-        [prompts[rollouts.group_index[i]] for i in keep],
-        [rollouts.token_ids[i] for i in keep],
-        estimator="sampled",
-        perturbation="blacken",
-        seed=0,
-    )
     headers = [
-        f"Q: {recs[rollouts.group_index[i]].question}   answer: {a}   correct: {bool(r)}"
+        f"Q: {sampled.record_of(i).question}   answer: {a}   correct: {bool(r)}"
         for i, a, r in zip(keep, answers, rewards)
     ]
     write_dependency_report(analysis, out, headers=headers)
