@@ -504,9 +504,10 @@ def summarize(
     }
 
 
-# What the demo's result depends on: the packages and the session that installs them (not docs/, so committing the
-# regenerated docs/demo files does not change the commit a fresh clone records).
-CODE_PATHS = ("packages", "noxfile.py")
+# What the demo's result depends on: the packages' code and the session that installs them, as git pathspecs (not
+# docs/ or any markdown file, so committing the regenerated docs/demo files or editing a README does not change the
+# commit a fresh clone records).
+CODE_PATHS = ("packages", "noxfile.py", ":(exclude)*.md")
 
 
 def _commit() -> str | None:
@@ -524,7 +525,7 @@ def _commit() -> str | None:
     top = git("rev-parse", "--show-toplevel")
     if top is None:
         return None
-    paths = [p for p in CODE_PATHS if (Path(top) / p).exists()]
+    paths = [p for p in CODE_PATHS if p.startswith(":") or (Path(top) / p).exists()]
     head = git("-C", top, "log", "-1", "--format=%H", "--", *paths)
     if not head:
         return None
@@ -626,7 +627,7 @@ def summary_markdown(summary: dict[str, Any], timings: dict[str, Any] | None = N
         f"{list(s['seeds'])}, same warm start and data order for every algorithm.",
         f"Metric: {summary['metric']}; {ho['hint_right']} items where the hint is right, {ho['hint_wrong']} where it "
         "is wrong.",
-        f"Code: commit `{summary.get('commit')}` (the last commit that changed `packages/` or `noxfile.py`).",
+        f"Code: commit `{summary.get('commit')}` (the last commit that changed code in `packages/` or `noxfile.py`).",
         "",
         *results_tables(summary),
     ]
