@@ -52,6 +52,11 @@ VLLM_ENV = {
 }
 
 
+# The peers of packages/vppo-core/benchmarks/bench_race.py (issue 15), pinned to the versions raced there.
+# torchtune's CEWithChunkedOutputLoss comes with vppo-recipes.
+BENCH_PEERS = ("liger-kernel==0.8.5", "cut-cross-entropy==25.1.1", "trl==1.16.0")
+
+
 def _pip_extra_args() -> list[str]:
     # This machine keeps its CPU torch wheel in /opt/wheels; pip.conf names it, but say it explicitly so a
     # CI environment without that variable still finds it.
@@ -163,8 +168,13 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks of every package; each prints ratios against a baseline measured in the same run."""
+    """Benchmarks of every package; each prints ratios against a baseline measured in the same run.
+
+    `nox -s bench -- bench_race` runs one script (by name). The log-prob race's peers are installed here only:
+    none is a dependency of any vppo package.
+    """
     _install(session, *PACKAGES)
+    session.install(*_pip_extra_args(), TORCH, *BENCH_PEERS)
     scripts = sorted(ROOT.glob("packages/*/benchmarks/bench_*.py"))
     only = set(session.posargs)
     for script in scripts:

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from vppo_core.dependency import exact_token_dependency_from_hidden
 from vppo_core.logprobs import logprobs_from_hidden, token_logprobs
 
 
@@ -195,6 +196,93 @@ def test_logprobs_from_hidden_forward_and_backward_never_allocate_full_logits():
         lp_ref, _ = _ref_hidden(hidden.detach(), weight.detach().requires_grad_(), labels)
         lp_ref.sum().backward()
     assert rec_ref.largest >= full_logits
+
+
+class _MatmulOperands(TorchDispatchMode):
+    """Records every matrix-multiply op and its operands' (shape, stride)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if "mm" in name or "matmul" in name or "linear" in name:
+            self.calls.append((name, [a for a in args if isinstance(a, torch.Tensor) and a.ndim >= 2]))
+        return func(*args, **(kwargs or {}))
+
+
+def assert_plain_2d_matmuls(calls):
+    """Every matmul is a 2-D mm/addmm whose operands are contiguous or the transpose of a contiguous block.
+
+    Issue 15: ``F.linear`` on a 3-D slice became a bmm against an expanded, transposed weight, which in bf16 on CPU
+    ran about 20x slower than the plain 2-D product (35x over a whole no-grad pass). Timing-free: the op and the
+    operand layouts say which kernel runs.
+    """
+    assert calls, "no matmul recorded"
+    for name, operands in calls:
+        assert name in ("mm", "addmm", "addmm_"), (name, [(tuple(t.shape), t.stride()) for t in operands])
+        for t in operands:
+            assert t.ndim == 2 and (t.is_contiguous() or t.t().is_contiguous()), (name, tuple(t.shape), t.stride())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("sliced", [False, True])
+def test_logprobs_from_hidden_runs_only_plain_2d_matmuls_with_and_without_grad(dtype, sliced):
+    torch.manual_seed(0)
+    full = torch.randn(3, 9, 16).to(dtype)
+    hidden = full[:, 1:-1] if sliced else full[:, :7].contiguous()  # a model output's response slice, or not
+    weight = torch.randn(50, 16).to(dtype)
+    labels = torch.randint(0, 50, (3, 7))
+    with torch.no_grad(), _MatmulOperands() as rec:  # lp_old, the perturbed and the reference passes
+        logprobs_from_hidden(hidden, weight, labels, chunk_size=4, return_entropy=True)
+    assert_plain_2d_matmuls(rec.calls)
+    hidden, weight = hidden.detach().requires_grad_(), weight.requires_grad_()
+    with _MatmulOperands() as rec:
+        lp, ent = logprobs_from_hidden(hidden, weight, labels, chunk_size=4, return_entropy=True)
+        (lp.sum() + ent.sum()).backward()
+    assert_plain_2d_matmuls(rec.calls)
+    assert len(rec.calls) >= 4  # forward, and the backward's recompute, grad_W and grad_hidden products
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_exact_dependency_from_hidden_runs_only_plain_2d_matmuls(dtype):
+    # The other hidden-state kernel (the perturbed pass's exact S) had the same strided 3-D chunks.
+    torch.manual_seed(0)
+    full, full_alt = torch.randn(3, 9, 16).to(dtype), torch.randn(3, 9, 16).to(dtype)
+    weight = torch.randn(50, 16).to(dtype)
+    hidden, hidden_alt = full[:, 1:-1], full_alt[:, 1:-1]
+    with _MatmulOperands() as rec:
+        s = exact_token_dependency_from_hidden(hidden, hidden_alt, weight, torch.ones(3, 7), chunk_size=4)
+    assert_plain_2d_matmuls(rec.calls)
+    la = torch.log_softmax((hidden @ weight.T).double(), -1)
+    lb = torch.log_softmax((hidden_alt @ weight.T).double(), -1)
+    torch.testing.assert_close(s, (la.exp() * (la - lb)).sum(-1).float(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_keep_logits_gives_identical_values_and_gradients_with_one_lm_head_product_less(dtype):
+    torch.manual_seed(0)
+    hidden0, weight0 = torch.randn(2, 9, 16).to(dtype), torch.randn(50, 16).to(dtype)
+    labels = torch.randint(0, 50, (2, 9))
+    g_lp, g_ent = torch.randn(2, 9), torch.randn(2, 9)
+    results = {}
+    for keep in (False, True):
+        hidden, weight = hidden0.clone().requires_grad_(), weight0.clone().requires_grad_()
+        with _MatmulOperands() as rec:
+            lp, ent = logprobs_from_hidden(
+                hidden, weight, labels, temperature=0.7, chunk_size=3, return_entropy=True, keep_logits=keep
+            )
+            ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+        assert_plain_2d_matmuls(rec.calls)
+        results[keep] = (lp, ent, hidden.grad, weight.grad, len(rec.calls))
+    blocks = math.ceil(50 / (3 * 50 // 18))  # vocab_block: chunk_size·V entries over B·L = 18 rows
+    assert results[False][4] == 4 * blocks and results[True][4] == 3 * blocks
+    for a, b in zip(results[False][:4], results[True][:4]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)  # the kept logits are the recomputed ones, bit for bit
+    with torch.no_grad():  # without grad nothing is kept, and the values are the same
+        lp_ng = logprobs_from_hidden(hidden0, weight0, labels, temperature=0.7, chunk_size=3, keep_logits=True)
+    torch.testing.assert_close(lp_ng, results[True][0], atol=0, rtol=0)
 
 
 def test_logprobs_from_hidden_frozen_weight_gets_no_gradient_and_hidden_does():

@@ -182,6 +182,66 @@ def test_response_logprobs_equal_log_softmax_of_the_full_logits_at_positions_p_m
     assert hidden.shape == (3, L, model.config.text_config.hidden_size)
 
 
+@pytest.mark.parametrize("frozen", [False, True], ids=["policy", "frozen-reference"])
+@pytest.mark.parametrize("n_responses", [1, 2])
+def test_no_grad_passes_run_the_lm_head_as_plain_2d_matmuls_in_bf16(tiny, n_responses, frozen):
+    """Issue 15: lp_old, the perturbed pass and the reference pass (no grad, bf16) once ran the LM head as a bmm on
+    strided 3-D chunks against an expanded weight (35x slower on CPU). Every product that reads the LM-head weight
+    must be a 2-D mm on contiguous (or transposed contiguous) operands, in both recipe functions, for a policy and
+    for a frozen reference model (whose weight, needing no grad, sent the old 3-D chunks to bmm)."""
+    import copy
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from vppo_recipes.rl.rl_distributed import exact_dependency_in_root
+    from vppo_recipes.sharding import call_in_root_forward
+    from vppo_rollout.collate import collate_rollout, model_inputs
+    from vppo_rollout.prompts import build_prompt
+
+    model, processor, rows = tiny
+    model = copy.deepcopy(model).to(torch.bfloat16).requires_grad_(not frozen)
+    head = model.lm_head.weight.untyped_storage().data_ptr()
+
+    calls = []
+
+    class HeadProducts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            if any(t.untyped_storage().data_ptr() == head for t in tensors) and func.overloadpacket.__name__ not in (
+                "t", "transpose", "slice", "view", "alias", "detach", "_to_copy", "split", "_unsafe_view", "embedding",
+            ):  # fmt: skip
+                calls.append((func.overloadpacket.__name__, [(tuple(t.shape), t.stride()) for t in tensors]))
+            return func(*args, **(kwargs or {}))
+
+    tok = processor.tokenizer
+    prompt = build_prompt(processor, rows[0]["problem"], rows[0]["images"])
+    responses = [tok("<think>two red</think> \\boxed{2}")["input_ids"], tok("\\boxed{left}")["input_ids"]]
+    responses = responses[:n_responses]  # one response: the [1, L, H] slice that became a bmm
+    batch = collate_rollout(processor, [prompt] * n_responses, responses, config=model.config)
+    inputs = model_inputs(batch)
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    with torch.no_grad():
+        _, hidden = call_in_root_forward(
+            model, response_logprobs, inputs, batch["responses"], batch["prompt_length"], temperature=1.0,
+            chunk_size=3, with_hidden=True,
+        )  # fmt: skip
+        with HeadProducts():
+            call_in_root_forward(
+                model, response_logprobs, inputs, batch["responses"], batch["prompt_length"], temperature=1.0,
+                chunk_size=3,
+            )  # fmt: skip
+            call_in_root_forward(
+                model, exact_dependency_in_root, hidden, hidden * 0.5, batch["response_mask"], temperature=1.0,
+                chunk_size=3,
+            )  # fmt: skip
+    assert hidden.dtype == torch.bfloat16 and calls
+    for name, operands in calls:
+        assert name in ("mm", "addmm"), (name, operands)
+        for shape, stride in operands:
+            plain = len(shape) == 2 and stride in ((shape[1], 1), (1, shape[0]))  # contiguous, or its transpose
+            assert plain, (name, shape, stride)
+
+
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean"])
 def test_loss_metrics_over_micro_batches_and_ranks_equal_one_policy_loss_call_on_the_whole_batch(aggregation):
     """4 parts (2 micro-batches x 2 simulated ranks) with the global counts, accumulated, summed (the all-reduce)
