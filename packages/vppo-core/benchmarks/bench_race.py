@@ -1,7 +1,8 @@
 """Token log-probs from the last hidden states: vppo-core against the naive path and every peer (issue 15).
 
     python packages/vppo-core/benchmarks/bench_race.py            # N = 4,096 and 1,024, H = 3,584, V = 151,936
-    python packages/vppo-core/benchmarks/bench_race.py --quick    # small sizes, a minute: checks the harness
+    python packages/vppo-core/benchmarks/bench_race.py --quick    # small sizes, a few minutes: checks the harness
+    python packages/vppo-core/benchmarks/bench_race.py --ablations  # the ideas tried, measured (N = 1,024, bf16)
 
 The task: ``lp[n] = log softmax(hidden[n] @ weight.T)[labels[n]]`` for N positions, as an RL step needs it — once
 without gradient (``lp_old``, the perturbed and the reference passes) and once with the backward of ``Σ lp``
@@ -236,6 +237,84 @@ def _unavailable() -> dict[str, str]:
     return missing
 
 
+def _ablations(cfg: dict, n: int, dtype_name: str) -> None:
+    """The ideas measured for issue 15, in one process at one size (ratios within each group).
+
+    1. Layout of the LM-head product: all N positions at once (what ``logprobs_from_hidden`` runs per vocabulary
+       block) against 110-position chunks over the whole vocabulary (the old forward) as contiguous 2-D rows, and as
+       the strided 3-D slice the old code passed (the defect; timed on one chunk, scaled to N).
+    2. Block width of ``logprobs_from_hidden`` (forward + backward).
+    3. ``keep_logits`` against the recompute (forward + backward).
+    4. ``torch.compile`` of the per-block element-wise work (forward: max, exp, sum; backward: exp, scale, cast)
+       against eager, on the same blocks.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from vppo_core.logprobs import logprobs_from_hidden
+
+    dtype = getattr(torch, dtype_name)
+    batch, length = 1, n
+    hidden, weight, labels = _inputs(cfg, batch, length, dtype)
+    v = cfg["vocab"]
+
+    def best(fn, calls=2):
+        times = []
+        for _ in range(calls):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    h2 = hidden.reshape(n, -1)
+    chunk = min(n, 110)
+    with torch.no_grad():
+        full = best(lambda: F.linear(h2, weight))
+        rows2d = best(lambda: [F.linear(h2[i : i + chunk], weight) for i in range(0, n, chunk)])
+        rows3d = best(lambda: F.linear(hidden.view(1, n, -1)[:, :chunk], weight), calls=1) * n / chunk
+    print(f"  1. LM-head product over N={n:,} positions, {dtype_name} (ratio to all positions at once):")
+    print(f"       all positions, one product      {full:7.2f} s  1.00")
+    print(f"       {chunk}-position 2-D chunks        {rows2d:7.2f} s  {rows2d / full:4.2f}")
+    print(f"       {chunk}-position strided 3-D slices {rows3d:7.2f} s  {rows3d / full:4.2f}   (the defect)")
+
+    def fwd_bwd(**kw):
+        h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+
+        def run():
+            logprobs_from_hidden(h, w, labels, **kw).sum().backward()
+
+        return best(run, calls=1)
+
+    print(f"  2./3. logprobs_from_hidden forward + backward, N={n:,}, {dtype_name} (ratio to the default):")
+    default = fwd_bwd()
+    print(f"       default blocks                  {default:7.2f} s  1.00")
+    for width in (256, 1024, 4096, 16384):
+        chunk_size = max(1, width * n // v)  # vocab_block: chunk_size · V / N entries
+        t = fwd_bwd(chunk_size=chunk_size)
+        print(f"       blocks of ~{width:>6,} entries       {t:7.2f} s  {t / default:4.2f}")
+    t = fwd_bwd(keep_logits=True)
+    print(f"       keep_logits=True                {t:7.2f} s  {t / default:4.2f}")
+
+    def fwd_elementwise(z):
+        zf = z.float()
+        m = zf.amax(-1, keepdim=True)
+        return m.squeeze(1) + (zf - m).exp().sum(-1).log()
+
+    def bwd_elementwise(z, lse, g):
+        return ((z.float() - lse).exp() * (-g)).to(z.dtype)
+
+    width = 4096
+    blocks = [F.linear(h2, weight[v0 : v0 + width]) for v0 in range(0, 8 * width, width)]
+    lse, g = torch.full((n, 1), 12.0), torch.randn(n, 1)
+    print(f"  4. per-block element-wise work, eager vs torch.compile, scaled to the whole vocabulary (N={n:,}):")
+    for name, fn, args in (("forward", fwd_elementwise, ()), ("backward", bwd_elementwise, (lse, g))):
+        compiled = torch.compile(fn, dynamic=False)
+        compiled(blocks[0], *args)  # compile outside the timing
+        eager_t = best(lambda fn=fn, args=args: [fn(z, *args) for z in blocks]) * v / (8 * width)
+        comp_t = best(lambda c=compiled, args=args: [c(z, *args) for z in blocks]) * v / (8 * width)
+        print(f"       {name:<8} eager {eager_t:6.3f} s   compiled {comp_t:6.3f} s   saves {eager_t - comp_t:6.3f} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (H = 256, V = 16,384), about a minute")
@@ -244,6 +323,7 @@ def main() -> None:
     ap.add_argument("--modes", nargs="*", default=["fwd", "fwdbwd"])
     ap.add_argument("--sizes", nargs="*", default=None, help="BxL, e.g. 4x1024 (default: the full or quick set)")
     ap.add_argument("--json", help="also write every measurement to this file")
+    ap.add_argument("--ablations", action="store_true", help="measure the ideas tried (N = 1,024 bf16) and exit")
     ap.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -255,6 +335,12 @@ def main() -> None:
     import torch
 
     cfg = dict(QUICK if args.quick else FULL)
+    if args.ablations:
+        print(f"log-prob ablations: H={cfg['hidden']:,}  V={cfg['vocab']:,}  torch {torch.__version__}")
+        n = cfg["sizes"][-1][0] * cfg["sizes"][-1][1]
+        for dtype in args.dtypes if args.dtypes != ["bfloat16", "float32"] else ["bfloat16"]:
+            _ablations(cfg, n, dtype)
+        return
     sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes] if args.sizes else cfg["sizes"]
     missing = _unavailable()
     impls = ["naive"] + [i for i in args.impls if i != "naive" and i not in missing]

@@ -216,7 +216,7 @@ def assert_plain_2d_matmuls(calls):
     """Every matmul is a 2-D mm/addmm whose operands are contiguous or the transpose of a contiguous block.
 
     Issue 15: ``F.linear`` on a 3-D slice became a bmm against an expanded, transposed weight, which in bf16 on CPU
-    ran about 20x slower than the plain 2-D product (35x over a whole no-grad pass). Timing-free: the op and the
+    ran 10-20x slower than the plain 2-D product (the issue measured 35x over a whole no-grad pass). Timing-free: the op and the
     operand layouts say which kernel runs.
     """
     assert calls, "no matmul recorded"

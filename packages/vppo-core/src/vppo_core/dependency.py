@@ -201,7 +201,7 @@ def exact_token_dependency_from_hidden(
     temperature = check_temperature(temperature)
     dtype = compute_dtype(hidden.dtype)
     # Contiguous [B·L, H] rows: each chunk is then a contiguous 2-D operand of the matmul. A strided 3-D slice
-    # runs about 20x slower in bf16 on CPU (issue 15); the copy, if any, is [B·L, H], small next to a chunk.
+    # runs 10-20x slower in bf16 on CPU (issue 15; bench_race.py --ablations); the copy, if any, is [B·L, H], small next to a chunk.
     batch, length, hid = hidden.shape
     ha, hb = (t.reshape(batch * length, hid).contiguous() for t in (hidden, hidden_alt))
     return _exact_kl(

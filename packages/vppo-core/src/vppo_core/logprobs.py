@@ -149,7 +149,8 @@ def _rows_2d(hidden: torch.Tensor) -> torch.Tensor:
 
     Every matmul of the hidden-state path takes this 2-D contiguous operand. A strided 3-D slice fed to
     ``F.linear`` on CPU in bf16 (e.g. ``hidden.view(1, B·L, H)[:, rows]`` with a weight that needs no grad) runs
-    about 20x slower than the same rows as a contiguous 2-D tensor (measured; the defect of issue 15).
+    10-20x slower than the same rows as a contiguous 2-D tensor (the defect of issue 15; measured by
+    ``bench_race.py --ablations``).
     """
     return hidden.reshape(-1, hidden.shape[-1]).contiguous()
 
@@ -160,7 +161,7 @@ class _HiddenLogprobs(torch.autograd.Function):
     Forward: per block ``[B·L, block]`` of logits, the block's log-sum-exp (max-shifted) and the label logits that
     fall in it; the log-sum-exps of the blocks are combined at the end. Each matmul is ``[B·L, H] × [H, block]``:
     all positions as the long dimension keeps it as fast as the full LM head (a 110-position chunk over the whole
-    vocabulary is 1.5x slower in float32, measured), and the block of logits is small.
+    vocabulary is 1.6x slower in float32, measured), and the block of logits is small.
 
     Backward: per position only the log-sum-exp (and the entropy) saved by the forward are needed. Each vocabulary
     block's logits are recomputed, and the block gives its rows of the weight gradient in one matmul over all

@@ -30,8 +30,9 @@ padded shard, so it is the worst case):
     transient   largest short-lived working set: the root unit gathered in model.dtype (lm_head, final norm, vision
                 patch embed + mergers; FSDP2 keeps the root gathered through forward and backward), two gathered
                 block units (the one computing + the prefetched next one), one block's unsharded fp32 gradient
-                before its reduce-scatter, and the log-prob chunk: logits [chunk, V] fp32, its log-softmax and its
-                gradient (3 x chunk x V x 4 B).
+                before its reduce-scatter, and the log-prob block: loss.chunk_size x V logits (a [B*L, block]
+                slice of the vocabulary, vppo_core.logprobs_from_hidden), counted as three fp32 blocks (two float
+                buffers and the model-dtype matmul output or gradient block: 3 x chunk x V x 4 B, an upper bound).
     sampler     rollout.engine=vllm (colocated, sleep mode): while sampling, vLLM holds gpu_memory_utilization x
                 GPU memory beside the trainer's params + optimizer states; while training it is asleep and keeps a
                 residue (an ASSUMPTION, default 2 GiB, set with --vllm-sleep-gib: CUDA graphs and context; not
