@@ -35,6 +35,10 @@ CONTRACT_NAMES = {
 # Functions of this half of the package, whose docstrings must name their ALGORITHMS.md section.
 SECTIONED = ["group_advantages", "keep_groups", "tas_scale", "tas_scale_reference", "tgf_mask", "pgpo_token_weights"]
 SECTIONED += ["policy_loss"]
+# The methods that followed VPPO (issue 16): each names its §9 subsection.
+SECTIONED += ["top_fraction_mask", "tor_token_weights", "cgpo_response_factors", "pepo_visual_prior"]
+SECTIONED += ["pepo_token_weights", "vepo_token_scores", "view_divergences_from_hidden", "top_p_entropy_from_hidden"]
+SECTIONED += ["abs_log_ratio", "minmax_by_response"]
 
 SCRIPT = Path(__file__).with_name("check_runtime_deps.py")
 

@@ -2,21 +2,30 @@
 
 Images are built at sizes that are multiples of patch·merge (28 for Qwen2.5-VL, 32 for Qwen3-VL) inside
 [min_pixels, max_pixels], so the processor does not resize them and pixel-space edits map onto patches exactly.
+`blacken_image_blocks` (the official pre-processor blackening) is checked on hand-worked tiny images with torch
+alone; its comparison with the processor on unaligned sizes is in vppo-rollout/tests/test_perturbation.py.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from vppo_core.perturb import patch_positions, perturb_pixels
+from vppo_core.perturb import blacken_image_blocks, patch_positions, perturb_pixels
 
-# These tests compare with the real image processor; `nox -s tests_core` (torch only) skips them.
-np = pytest.importorskip("numpy")
-transformers = pytest.importorskip("transformers")
-Image = pytest.importorskip("PIL.Image")
+# The tests marked `needs_processor` compare with the real image processor; `nox -s tests_core` (torch only)
+# skips them and runs the torch-only ones.
+_HAVE_PROCESSOR = all(importlib.util.find_spec(m) is not None for m in ("numpy", "transformers", "PIL"))
+needs_processor = pytest.mark.skipif(not _HAVE_PROCESSOR, reason="needs numpy, transformers and pillow")
+if _HAVE_PROCESSOR:
+    import numpy as np
+    import transformers
+    from PIL import Image
 
 # (patch size, image_mean, image_std): Qwen2.5-VL uses CLIP statistics and 14 px patches, Qwen3-VL 0.5/0.5 and 16.
 QWEN25 = (14, None, None)
@@ -49,6 +58,7 @@ def _kw(proc):
     return {"image_mean": proc.image_mean, "image_std": proc.image_std, "rescale_factor": proc.rescale_factor}
 
 
+@needs_processor
 @pytest.mark.parametrize(("patch", "mean", "std"), [QWEN25, QWEN3], ids=["qwen2.5-vl-14px", "qwen3-vl-16px"])
 def test_blacken_equals_processing_the_blackened_pil_image(patch, mean, std):
     proc = _processor(patch, mean, std)
@@ -70,6 +80,7 @@ def test_blacken_equals_processing_the_blackened_pil_image(patch, mean, std):
     assert torch.equal(out[~mask], pv[~mask])
 
 
+@needs_processor
 def test_given_patch_mask_is_applied_exactly_and_input_is_not_modified():
     proc = _processor(*QWEN25)
     pv, grid = _process(proc, _images(14))
@@ -82,6 +93,7 @@ def test_given_patch_mask_is_applied_exactly_and_input_is_not_modified():
     assert changed[[0, 5, 17]].all() and int(changed.sum()) == 3
 
 
+@needs_processor
 def test_grey_equals_processing_a_grey_image():
     proc = _processor(*QWEN3)
     images = _images(16)
@@ -101,6 +113,7 @@ def _np_gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
     return sum(k[i] * pad[i : i + img.shape[0]] for i in range(2 * r + 1))
 
 
+@needs_processor
 def test_blur_equals_processing_the_reference_blurred_image():
     proc = _processor(*QWEN25)
     images = _images(14, seed=3)
@@ -124,12 +137,14 @@ def test_blur_equals_processing_the_reference_blurred_image():
     assert diff < 2.0
 
 
+@needs_processor
 def test_blur_of_constant_image_is_unchanged():
     proc = _processor(*QWEN3)
     pv, grid = _process(proc, [Image.new("RGB", (64, 96), (10, 200, 90))])
     torch.testing.assert_close(perturb_pixels(pv, grid, mode="blur", **_kw(proc)), pv, atol=1e-6, rtol=0)
 
 
+@needs_processor
 def test_noise_has_requested_std_is_clipped_and_shared_by_both_temporal_copies():
     proc = _processor(*QWEN25)
     pv, grid = _process(proc, [Image.new("RGB", (28 * 8, 28 * 8), (128, 128, 128))])
@@ -147,6 +162,7 @@ def test_noise_has_requested_std_is_clipped_and_shared_by_both_temporal_copies()
     assert (level.abs() < 1e-6).float().mean() > 0.1  # a real share of pixels hit the clip
 
 
+@needs_processor
 def test_same_generator_seed_reproduces_and_different_calls_draw_fresh_masks():
     proc = _processor(*QWEN25)
     pv, grid = _process(proc, _images(14))
@@ -173,6 +189,7 @@ def test_blacken_probability_is_respected_per_patch():
         assert int(m.sum()) == expected
 
 
+@needs_processor
 def test_bf16_pixel_values_keep_dtype():
     proc = _processor(*QWEN25)
     pv, grid = _process(proc, _images(14))
@@ -216,3 +233,163 @@ def test_bad_input_raises_value_error_naming_argument(kwargs, match):
     pv, grid = args.pop("pixel_values"), args.pop("image_grid_thw")
     with pytest.raises(ValueError, match=match):
         perturb_pixels(pv, grid, **args)
+
+
+def test_official_mode_is_refused_and_names_the_functions_that_serve_it():
+    with pytest.raises(ValueError, match=r"official_perturbed_pixel_values.*blacken_image_blocks"):
+        perturb_pixels(
+            torch.zeros(8, 1176),
+            torch.tensor([[1, 2, 4]]),
+            mode="official",
+            image_mean=[0.5] * 3,
+            image_std=[0.5] * 3,
+        )
+
+
+# --- blacken_image_blocks: the official order's blackening of the PIL image (torch only) ---------------------------
+
+
+def _image(h: int, w: int, c: int | None = 3, seed: int = 0) -> torch.Tensor:
+    """A uint8 image with no zero pixel, so every 0 in an output was written by the blackening."""
+    shape = (h, w) if c is None else (h, w, c)
+    return torch.randint(1, 256, shape, generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def _loop_reference(image: torch.Tensor, block: int, draws: list[float], prob: float) -> torch.Tensor:
+    """The official double loop, written out: rows of blocks top to bottom, blocks left to right, one draw each,
+    the last row/column of blocks clipped at the image edge."""
+    out = image.clone()
+    h, w = image.shape[:2]
+    k = 0
+    for y in range(0, h, block):
+        for x in range(0, w, block):
+            if draws[k] < prob:
+                out[y : min(y + block, h), x : min(x + block, w)] = 0
+            k += 1
+    assert k == len(draws)
+    return out
+
+
+def test_blacken_blocks_hand_worked_3x5_with_partial_edge_blocks():
+    img = _image(3, 5)
+    # b = 2: blocks are rows {0,1} | {2} (partial) and columns {0,1} | {2,3} | {4} (partial) -> a 2×3 block grid.
+    mask = torch.tensor([[True, False, False], [False, False, True]])
+    out, returned = blacken_image_blocks(img, block_size=2, block_mask=mask, return_mask=True)
+    expected = img.clone()
+    expected[0:2, 0:2] = 0  # block (0, 0): full 2×2
+    expected[2:3, 4:5] = 0  # block (1, 2): the 1×1 bottom-right corner
+    assert torch.equal(out, expected) and torch.equal(returned, mask)
+    assert int((out == 0).all(-1).sum()) == 4 + 1
+    # Partial blocks: the bottom row of blocks is 1 px high, the right column 1 px wide.
+    bottom = blacken_image_blocks(img, block_size=2, block_mask=torch.tensor([[False] * 3, [True] * 3]))
+    assert bottom[2].eq(0).all() and torch.equal(bottom[:2], img[:2])
+    right = blacken_image_blocks(img, block_size=2, block_mask=torch.tensor([[False, False, True]] * 2))
+    assert right[:, 4].eq(0).all() and torch.equal(right[:, :4], img[:, :4])
+
+
+def test_blacken_blocks_single_block_larger_than_the_image():
+    img = _image(5, 3)
+    out, mask = blacken_image_blocks(img, block_size=14, prob=1.0, return_mask=True)
+    assert mask.shape == (1, 1) and out.eq(0).all()
+
+
+def test_blacken_blocks_draws_one_uniform_per_block_read_row_major():
+    img = _image(29, 30)  # 14-px blocks: ceil(29/14) = 3 rows (the last 1 px high), ceil(30/14) = 3 columns (2 px)
+    g = torch.Generator().manual_seed(123)
+    out, mask = blacken_image_blocks(img, prob=0.5, generator=g, return_mask=True)
+    draws = torch.rand(9, generator=torch.Generator().manual_seed(123))
+    assert torch.equal(mask, (draws < 0.5).view(3, 3))
+    assert torch.equal(out, _loop_reference(img, 14, draws.tolist(), 0.5))
+    # The generator advanced by exactly the 9 draws.
+    ref = torch.Generator().manual_seed(123)
+    torch.rand(9, generator=ref)
+    assert torch.equal(g.get_state(), ref.get_state())
+
+
+def test_blacken_blocks_prob_0_and_1_and_input_untouched():
+    img = _image(20, 31)
+    before = img.clone()
+    none = blacken_image_blocks(img, prob=0.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(none, img) and none.data_ptr() != img.data_ptr()
+    every = blacken_image_blocks(img, prob=1.0, generator=torch.Generator().manual_seed(0))
+    assert every.eq(0).all() and every.dtype == torch.uint8 and every.shape == img.shape
+    assert torch.equal(img, before)
+
+
+def test_blacken_blocks_seeded_generator_is_deterministic_and_fresh_per_call():
+    img = _image(60, 90)
+    a = blacken_image_blocks(img, generator=torch.Generator().manual_seed(7))
+    b = blacken_image_blocks(img, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    g = torch.Generator().manual_seed(7)
+    _, m1 = blacken_image_blocks(img, generator=g, return_mask=True)
+    _, m2 = blacken_image_blocks(img, generator=g, return_mask=True)
+    assert not torch.equal(m1, m2)
+
+
+def test_blacken_blocks_given_mask_does_not_consume_the_generator_and_greyscale_works():
+    g = torch.Generator().manual_seed(1)
+    state = g.get_state()
+    grey = _image(4, 4, c=None)
+    out = blacken_image_blocks(
+        grey, block_size=3, generator=g, block_mask=torch.tensor([[False, True], [False, False]])
+    )
+    assert torch.equal(g.get_state(), state)
+    expected = grey.clone()
+    expected[0:3, 3:4] = 0
+    assert torch.equal(out, expected)
+
+
+def test_blacken_blocks_probability_is_respected_per_block():
+    _, mask = blacken_image_blocks(
+        _image(700, 700), prob=0.3, generator=torch.Generator().manual_seed(0), return_mask=True
+    )
+    assert mask.shape == (50, 50)
+    assert mask.float().mean().item() == pytest.approx(0.3, abs=0.03)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    h=st.integers(1, 40),
+    w=st.integers(1, 40),
+    c=st.sampled_from([None, 1, 3, 4]),
+    block=st.integers(1, 16),
+    prob=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_blacken_blocks_property_equals_the_loop_with_the_same_draws(h, w, c, block, prob, seed):
+    img = _image(h, w, c, seed=seed % 1000)
+    out, mask = blacken_image_blocks(
+        img, block_size=block, prob=prob, generator=torch.Generator().manual_seed(seed), return_mask=True
+    )
+    nby, nbx = -(-h // block), -(-w // block)
+    draws = torch.rand(nby * nbx, generator=torch.Generator().manual_seed(seed))
+    assert mask.shape == (nby, nbx) and torch.equal(mask.flatten(), draws < prob)
+    assert torch.equal(out, _loop_reference(img, block, draws.tolist(), prob))
+
+
+@pytest.mark.parametrize(
+    ("image", "kwargs", "match"),
+    [
+        (torch.zeros(4, 4, 3), {}, "image must be uint8"),
+        (torch.zeros(4, 4, 3, dtype=torch.int64), {}, "image must be uint8"),
+        (torch.zeros(1, 4, 4, 3, dtype=torch.uint8), {}, r"image must be a uint8 tensor \[H, W, C\]"),
+        (torch.zeros(4, dtype=torch.uint8), {}, r"image must be a uint8 tensor \[H, W, C\]"),
+        ([[0, 0], [0, 0]], {}, r"image must be a uint8 tensor \[H, W, C\]"),
+        (torch.zeros(0, 4, 3, dtype=torch.uint8), {}, "at least one pixel"),
+        (torch.zeros(4, 4, 3, dtype=torch.uint8), {"block_size": 0}, "block_size must be a positive int"),
+        (torch.zeros(4, 4, 3, dtype=torch.uint8), {"block_size": 14.0}, "block_size must be a positive int"),
+        (torch.zeros(4, 4, 3, dtype=torch.uint8), {"block_size": True}, "block_size must be a positive int"),
+        (torch.zeros(4, 4, 3, dtype=torch.uint8), {"prob": 1.5}, "prob must be"),
+        (torch.zeros(4, 4, 3, dtype=torch.uint8), {"prob": -0.1}, "prob must be"),
+        (torch.zeros(4, 4, 3, dtype=torch.uint8), {"block_mask": torch.ones(1, 1)}, "block_mask must be a bool"),
+        (
+            torch.zeros(15, 4, 3, dtype=torch.uint8),
+            {"block_mask": torch.ones(1, 1, dtype=torch.bool)},
+            r"block_mask has shape \(1, 1\), expected \(2, 1\)",
+        ),
+    ],
+)
+def test_blacken_blocks_bad_input_raises_value_error_naming_argument(image, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        blacken_image_blocks(image, **kwargs)

@@ -65,7 +65,9 @@ def test_tiny_configs_carry_each_algorithms_published_settings():
         ("tiny_dapo", "algorithm.tgf_fraction", "0.2", "vppo"),  # used to run, recorded as if used
         ("tiny_grpo", "algorithm.dependency", "exact", "vppo/pgpo"),
         ("tiny_vppo", "algorithm.pgpo_tau", "0.3", "pgpo"),
-        ("tiny_pgpo", "algorithm.perturbation", "noise", "vppo"),
+        ("tiny_pgpo", "algorithm.perturbation", "noise", "vppo/papo/dvrp"),
+        ("tiny_vppo", "algorithm.visual_kl_coef", "0.1", "papo/cfpo/dvrp"),
+        ("tiny_tor", "algorithm.vepo_fraction", "0.1", "vepo"),
     ],
 )
 def test_a_setting_the_chosen_algorithm_does_not_use_is_an_error_naming_both(config, key, value, owner):
@@ -105,13 +107,14 @@ def test_settings_that_cannot_work_are_refused_before_anything_loads(overrides, 
 
 def test_loss_and_perturbation_choices_are_vppo_cores_own():
     from vppo_core.losses import AGGREGATIONS, LOSS_TYPES
-    from vppo_core.perturb import PERTURBATION_MODES
+    from vppo_core.perturb import IMAGE_PERTURBATIONS, PERTURBATION_MODES
     from vppo_recipes.config_schema import schema_for
 
     schema = schema_for("rl")
     assert schema["loss"]["loss_type"].choices == LOSS_TYPES
     assert schema["loss"]["aggregation"].choices == AGGREGATIONS
-    assert schema["algorithm"]["perturbation"].choices == PERTURBATION_MODES
+    assert schema["algorithm"]["perturbation"].choices == IMAGE_PERTURBATIONS
+    assert set(IMAGE_PERTURBATIONS) <= set(PERTURBATION_MODES)
 
 
 def test_update_batch_must_split_over_ranks_and_divide_the_rollout_batch():
@@ -401,7 +404,7 @@ def test_with_batch_shape_dependent_kernels_a_stacked_old_pass_fails_and_the_rec
     def stacked_clean_half(recipe):  # optimizer.lr=0: the weights are still those of the no-grad passes
         mb = captured["minis"][0][0]
         both = {
-            k: torch.cat([v, recipe._altered_inputs(mb)[k]], dim=1 if k == "position_ids" else 0)
+            k: torch.cat([v, recipe._altered_view(mb, recipe.views[0])[0][k]], dim=1 if k == "position_ids" else 0)
             for k, v in mb.inputs.items()
         }
         with torch.no_grad():

@@ -96,6 +96,46 @@ def test_two_process_run_writes_metrics_and_its_first_loss_equals_a_single_proce
     _assert_same_weights(two / "checkpoints" / "step_000001", one / "checkpoints" / "step_000001", atol=1e-5)
 
 
+# The methods that followed VPPO (ALGORITHMS.md §9): what each one must log, and a range its step-1 value must be in.
+METHOD_CHECKS = {
+    "papo": {"actor/aux/visual_kl": (0.0, 10.0), "dependency/token_mean": (0.0, 10.0)},
+    "cfpo": {"actor/aux/visual_kl": (0.0, 10.0)},
+    "dvrp": {"actor/aux/visual_kl": (0.0, 10.0), "actor/aux/robustness_kl": (0.0, 10.0), "dvrp/noise_level": (0.0, 1.0)},
+    # ToR: ~30 % of the batch's tokens by entropy (weight 1) and ~30 % by perception (0.5), possibly overlapping
+    "tor": {"tor/weight_max": (0.5, 1.0), "tor/weight_min": (0.0, 0.0), "tor/nonzero_fraction": (0.3, 0.65)},
+    "cgpo": {"cgpo/alpha_min": (0.9, 1.1), "cgpo/alpha_max": (0.9, 1.1), "cgpo/nonzero_fraction": (0.3, 0.65)},
+    # PEPO's schedule starts at λ = 0: every weight is exactly 1 at step 1
+    "pepo": {"pepo/weight_min": (1.0, 1.0), "pepo/weight_max": (1.0, 1.0)},
+    # VEPO: the top 20 % of each response, each weighted N_valid / N_selected, so the weights average to 1
+    "vepo": {"vepo/weight_mean": (1.0 - 1e-6, 1.0 + 1e-6), "vepo/nonzero_fraction": (0.2, 0.5),
+             "actor/aux/entropy_bonus": (0.0, 20.0)},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("algo", sorted(METHOD_CHECKS))
+def test_every_method_after_vppo_trains_two_steps_on_two_ranks_like_one(assets, algo):
+    """Issue 16's "done when": each §9 method trains two steps under `tune run --nproc_per_node 2` with its tiny
+    config, logs its own metrics, and its first step equals a single-process run's (the batch-level sets of ToR /
+    CGPO and VEPO's selected-token count are gathered over ranks, so the ranks must not change them)."""
+    two, one = assets["root"] / f"{algo}_2proc", assets["root"] / f"{algo}_1proc"
+    # DVRP's noise and PEPO's weights follow a schedule over training.max_steps: the same number of steps on both
+    one_steps = 2 if algo in ("dvrp", "pepo") else 1
+    _run(assets, algo, two, nproc=2, steps=2)
+    _run(assets, algo, one, nproc=1, steps=one_steps)
+    m2, m1 = _metrics(two), _metrics(one)
+    assert [m["step"] for m in m2] == [1, 2] and len(m1) == one_steps
+    a, b = m2[0], m1[0]
+    assert a["filter/groups_kept"] == b["filter/groups_kept"] == 4, "rollout batch not full: compare would be moot"
+    assert math.isfinite(a["loss"]) and a["grad_norm"] > 0
+    assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL, abs=LOSS_ATOL)
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=GRAD_RTOL)
+    assert a["actor/loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)  # the auxiliary terms are in the loss
+    for key, (low, high) in METHOD_CHECKS[algo].items():
+        assert low <= a[key] <= high, (key, a[key])
+        assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    assert (two / "checkpoints" / "step_000002" / "model.safetensors").is_file()
+
+
 def test_dependency_diagnostics_leave_the_baselines_training_unchanged_and_items_are_written(assets):
     """diagnostics.dependency=true on DAPO: the extra perturbed pass is logged only; every loss, grad norm and weight
     is bit-identical to the run without it. Validation writes each held-out item's accuracy."""

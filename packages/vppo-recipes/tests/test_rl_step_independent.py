@@ -109,7 +109,7 @@ def capture_step(recipe, monkeypatch) -> dict:
             [
                 {
                     "inputs": dict(mb.inputs),
-                    "altered": recipe._altered_inputs(mb) if recipe.uses_dependency else None,
+                    "altered": recipe._altered_view(mb, recipe.views[0])[0] if recipe.uses_dependency else None,
                     "responses": mb.responses,
                     "mask": mb.mask,
                     "prompt_length": mb.prompt_length,

@@ -26,13 +26,18 @@ from vppo_core.chunking import (
     log_softmax_into,
     tempered,
 )
+from vppo_core.shaping import minmax_by_response
 from vppo_core.validation import check_finite_where, check_mask
 
 __all__ = [
+    "abs_log_ratio",
     "exact_token_dependency",
     "exact_token_dependency_from_hidden",
     "token_dependency",
+    "top_p_entropy_from_hidden",
     "trajectory_dependency",
+    "vepo_token_scores",
+    "view_divergences_from_hidden",
 ]
 
 # Clamps of the sampled-token estimator (ALGORITHMS.md §1, as in the VPPO reference code).
@@ -216,3 +221,192 @@ def exact_token_dependency_from_hidden(
         dtype,
         "hidden/hidden_alt",
     )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The scores of the methods that followed VPPO (ALGORITHMS.md §9): ToR, VEPO
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def abs_log_ratio(lp: torch.Tensor, lp_alt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """ToR's perception score (§9.3): ``|lp − lp_alt|`` per valid token (float32 or wider), 0 on padding.
+
+    Args:
+        lp: [B, L] float, log-prob of each sampled token with the image; lp_alt: [B, L] without it.
+        mask: [B, L] bool or 0/1.
+    """
+    for name, t in (("lp", lp), ("lp_alt", lp_alt)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 2 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor [B, L], got {getattr(t, 'shape', type(t))}")
+    if lp_alt.shape != lp.shape:
+        raise ValueError(f"lp_alt has shape {tuple(lp_alt.shape)}, expected lp's shape {tuple(lp.shape)}")
+    valid = check_mask(mask, tuple(lp.shape))
+    check_finite_where(lp, valid, "lp")
+    check_finite_where(lp_alt, valid, "lp_alt")
+    dtype = compute_dtype(torch.promote_types(lp.dtype, lp_alt.dtype))
+    s = (lp.to(dtype) - lp_alt.to(dtype)).abs()
+    return torch.where(valid, s, torch.zeros((), dtype=dtype, device=s.device))
+
+
+def _check_hidden_and_weight(hidden: torch.Tensor, weight: torch.Tensor, *others: tuple[str, torch.Tensor]) -> None:
+    for name, t in (("hidden", hidden), *others):
+        if not isinstance(t, torch.Tensor) or t.ndim != 3 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor [B, L, H], got {getattr(t, 'shape', type(t))}")
+        if t.shape != hidden.shape or t.dtype != hidden.dtype:
+            raise ValueError(
+                f"{name} is {t.dtype} {tuple(t.shape)}, expected hidden's {hidden.dtype} {tuple(hidden.shape)}"
+            )
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(
+            f"weight must be the LM-head weight [V, H] with H = {hidden.shape[2]}, "
+            f"got {getattr(weight, 'shape', type(weight))}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share one dtype")
+
+
+def _row_log_softmax(hidden_rows: torch.Tensor, weight: torch.Tensor, temperature: float, dtype) -> torch.Tensor:
+    """log softmax(F.linear(rows, W) / T) in float ``dtype``: the LM head in the model's dtype, as `model.lm_head`."""
+    return torch.log_softmax(F.linear(hidden_rows, weight).to(dtype) / temperature, dim=-1)
+
+
+@torch.no_grad()
+def view_divergences_from_hidden(
+    hidden: torch.Tensor,
+    hidden_alt: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Full-vocabulary Jensen–Shannon divergence and both entropies of two views, per response token (§9.6, VEPO).
+
+    With ``p = softmax(W h / T)``, ``q = softmax(W h_alt / T)`` and ``m = (p + q) / 2``:
+    ``jsd = ½ Σ_v p (log p − log m) + ½ Σ_v q (log q − log m)`` (``log m`` as a log-sum-exp, no epsilon),
+    ``entropy = −Σ_v p log p``, ``entropy_alt = −Σ_v q log q``; float32, chunks of contiguous rows.
+
+    Args:
+        hidden, hidden_alt: [B, L, H] float, the two views' last hidden states at the same positions.
+        weight: [V, H] LM-head weight (same dtype).  mask: [B, L] bool or 0/1.
+        temperature: > 0.  chunk_size: positions per chunk (None: ~64 MiB of float32 per block).
+
+    Returns:
+        ``{"jsd", "entropy", "entropy_alt"}``, each [B, L] float32 (float64 for float64 inputs), 0 on padding, no
+        gradient. ``0 ≤ jsd ≤ log 2`` (up to float32 rounding, ~1e-7, for disjoint views).
+    """
+    _check_hidden_and_weight(hidden, weight, ("hidden_alt", hidden_alt))
+    temperature = check_temperature(temperature)
+    batch, length, hid = hidden.shape
+    valid = check_mask(mask, (batch, length))
+    dtype = compute_dtype(hidden.dtype)
+    ha, hb = (t.reshape(batch * length, hid).contiguous() for t in (hidden, hidden_alt))
+    out = {k: torch.zeros(batch * length, dtype=dtype, device=hidden.device) for k in ("jsd", "entropy", "entropy_alt")}
+    width = chunk_width(chunk_size, 1, weight.shape[0])
+    log_half = torch.log(torch.tensor(0.5, dtype=dtype))
+    for start in range(0, batch * length, width):
+        sl = slice(start, start + width)
+        la = _row_log_softmax(ha[sl], weight, temperature, dtype)
+        lb = _row_log_softmax(hb[sl], weight, temperature, dtype)
+        lm = torch.logaddexp(la, lb) + log_half
+        pa, pb = la.exp(), lb.exp()
+        out["jsd"][sl] = 0.5 * (pa * (la - lm)).sum(-1) + 0.5 * (pb * (lb - lm)).sum(-1)
+        out["entropy"][sl] = -(pa * la).sum(-1)
+        out["entropy_alt"][sl] = -(pb * lb).sum(-1)
+    result = {}
+    for key, value in out.items():
+        value = value.view(batch, length)
+        check_finite_where(value, valid, f"the {key} from hidden/hidden_alt (they contain NaN/inf)")
+        result[key] = torch.where(valid, value.clamp_min(0.0), torch.zeros((), dtype=dtype, device=value.device))
+    return result
+
+
+@torch.no_grad()
+def top_p_entropy_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    top_p: float = 0.95,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Entropy of the top-p (nucleus) renormalised next-token distribution, per response token (§9.3, ToR).
+
+    ``p = softmax(W h / T)`` sorted in descending order; a token is kept iff the mass before it is below ``top_p``
+    (vLLM's rule: the most likely token is always kept); ``k = p·keep / Σ p·keep``; ``H = −Σ k log k``.
+    ``top_p = 1`` is the full entropy.
+
+    Args:
+        hidden: [B, L, H] float.  weight: [V, H] LM-head weight (same dtype).  mask: [B, L] bool or 0/1.
+        top_p: in (0, 1].  temperature: > 0.  chunk_size: positions per chunk (None: ~64 MiB of float32).
+
+    Returns:
+        [B, L] float32 (float64 for float64 inputs), ≥ 0, 0 on padding, no gradient.
+    """
+    _check_hidden_and_weight(hidden, weight)
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    temperature = check_temperature(temperature)
+    batch, length, hid = hidden.shape
+    valid = check_mask(mask, (batch, length))
+    dtype = compute_dtype(hidden.dtype)
+    rows = hidden.reshape(batch * length, hid).contiguous()
+    out = torch.zeros(batch * length, dtype=dtype, device=hidden.device)
+    width = chunk_width(chunk_size, 1, weight.shape[0])
+    for start in range(0, batch * length, width):
+        sl = slice(start, start + width)
+        # Max-shifted logits: H = lse − Σ p·z is accurate to ~1e-7 in float32 at V = 152k, where −Σ p·log p
+        # off a float32 log-softmax is off by ~4e-5.
+        z = F.linear(rows[sl], weight).to(dtype) / temperature
+        z = z - z.amax(dim=-1, keepdim=True)
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+        p = (z - lse).exp()
+        if top_p >= 1.0:  # the full entropy (a float32 cumsum can pass 1 early and would drop the tail)
+            out[sl] = (lse - (p * z).sum(-1, keepdim=True))[:, 0]
+            continue
+        p_sorted, order = p.sort(dim=-1, descending=True)
+        keep = p_sorted.cumsum(-1) - p_sorted < top_p
+        z_sorted = z.gather(-1, order)
+        kept = torch.where(keep, p_sorted, torch.zeros_like(p_sorted))
+        mass = kept.sum(-1, keepdim=True)
+        # k = p / mass on the nucleus: H = log(mass) + lse − Σ k·z
+        k = kept / mass
+        out[sl] = (
+            torch.log(mass) + lse - (k * torch.where(keep, z_sorted, torch.zeros_like(z_sorted))).sum(-1, keepdim=True)
+        )[:, 0]
+    out = out.view(batch, length)
+    check_finite_where(out, valid, "the top-p entropy from hidden (it contains NaN/inf)")
+    return torch.where(valid, out.clamp_min(0.0), torch.zeros((), dtype=dtype, device=out.device))
+
+
+@torch.no_grad()
+def vepo_token_scores(
+    jsd: torch.Tensor, entropy: torch.Tensor, entropy_alt: torch.Tensor, mask: torch.Tensor, *, jsd_weight: float = 0.7
+) -> torch.Tensor:
+    """VEPO's vision-anchored token score (§9.6): ``s = [1 − (1 − ĵ)^α (1 − ĝ)^(1−α)] · Ĥ``.
+
+    ``ĵ, ĝ, Ĥ`` are the per-response min-max normalised JSD, entropy gap ``|H_alt − H|`` and entropy of the
+    original view (`shaping.minmax_by_response`: 0 for a row whose values are all equal).
+
+    Args:
+        jsd, entropy, entropy_alt: [B, L] float (`view_divergences_from_hidden`).  mask: [B, L] bool or 0/1.
+        jsd_weight: α in [0, 1] (script: 0.7).
+
+    Returns:
+        [B, L] float32 in [0, 1], 0 on padding, no gradient. Select with `top_fraction_mask(s, mask, fraction=0.2)`.
+    """
+    for name, t in (("jsd", jsd), ("entropy", entropy), ("entropy_alt", entropy_alt)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 2 or not t.is_floating_point() or t.shape != jsd.shape:
+            raise ValueError(f"{name} must be a floating tensor [B, L] of jsd's shape, got {getattr(t, 'shape', t)}")
+    if isinstance(jsd_weight, bool) or not isinstance(jsd_weight, (int, float)) or not 0.0 <= jsd_weight <= 1.0:
+        raise ValueError(f"jsd_weight must be in [0, 1], got {jsd_weight!r}")
+    valid = check_mask(mask, tuple(jsd.shape))
+    for name, t in (("jsd", jsd), ("entropy", entropy), ("entropy_alt", entropy_alt)):
+        check_finite_where(t, valid, name)
+    j = minmax_by_response(jsd, valid)
+    gap = minmax_by_response((entropy_alt.float() - entropy.float()).abs(), valid)
+    h = minmax_by_response(entropy, valid)
+    score = (1.0 - (1.0 - j) ** jsd_weight * (1.0 - gap) ** (1.0 - jsd_weight)) * h
+    return torch.where(valid, score, torch.zeros_like(score))

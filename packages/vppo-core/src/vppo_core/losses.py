@@ -152,6 +152,7 @@ def policy_loss(
     ref_logprobs: Tensor | None = None,
     kl_coef: float = 0.0,
     kl_estimator: Literal["k1", "k2", "k3"] = "k3",
+    aux_terms: dict[str, tuple[float, Tensor]] | None = None,
     validate: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The clipped policy-gradient loss of §6, plus optional entropy and reference-KL terms.
@@ -161,7 +162,8 @@ def policy_loss(
     ``ℓ = max(−A·r, −A·r̃)``; where ``A < 0``: ``ℓ = min(ℓ, −A·dual_clip)``; then ``ℓ · w`` with
     ``w = token_weights``. ``loss = agg(ℓ·w) + entropy_coef · agg(h) + kl_coef · agg(kl)`` where ``h = −lp_new``
     (the sampled-token NLL, the reference form) or ``entropy`` when given, and ``kl = kl_penalty(lp_new,
-    ref_logprobs, kl_estimator)``. Token weights touch the policy term only.
+    ref_logprobs, kl_estimator)``; plus ``Σ_name coef · agg(term)`` over ``aux_terms``. Token weights touch the
+    policy term only.
 
     ``loss_type="gspo"``: the ratio of every token of response i is GSPO's sequence ratio
     ``s_i = exp(mean_t Δ_{i,t})`` (valid tokens), with gradient ``s_i · ∇lp_new_t`` per token
@@ -193,6 +195,11 @@ def policy_loss(
         loss_type: ``"dapo"`` (token ratio) or ``"gspo"`` (sequence ratio).
         ref_logprobs: optional ``[B, L]`` log-probs under a reference policy; required when ``kl_coef != 0``.
         kl_coef, kl_estimator: weight and estimator of the reference KL term.
+        aux_terms: optional ``{name: (coef, term)}``, each ``term`` a ``[B, L]`` per-token tensor (it may carry a
+            gradient), added as ``coef · agg(term)`` with this loss's aggregation and counts: the perception KL
+            terms of PAPO / CFPO / DVRP (ALGORITHMS.md §9.1), e.g.
+            ``{"visual_kl": (-γ, kl_penalty(lp_new, lp_masked, "k3"))}``. Each is logged as ``aux/<name>``
+            (mean over valid tokens).
         validate: check the values of the inputs (0/1 mask, finite log-probs, advantages and weights, weights ≥ 0,
             counts ≥ this call's own). Shapes, dtypes and options are always checked. ``False`` skips only the
             checks that read data (each one a device-to-host sync on a GPU), for a caller that checked its inputs
@@ -277,6 +284,19 @@ def policy_loss(
     elif kl_coef != 0.0:
         raise ValueError("kl_coef != 0 needs ref_logprobs (log-probs of the responses under the reference policy)")
 
+    aux = {}
+    for name, item in (aux_terms or {}).items():
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], Tensor)):
+            raise ValueError(f"aux_terms[{name!r}] must be a pair (coef, [B, L] tensor), got {type(item).__name__}")
+        coef, term = item
+        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef):
+            raise ValueError(f"aux_terms[{name!r}]: coef must be a finite float, got {coef!r}")
+        if term.shape != lp_new.shape or not term.is_floating_point():
+            raise ValueError(f"aux_terms[{name!r}] has shape {tuple(term.shape)}, expected [B, L]=({B}, {L}) float")
+        if validate:
+            check_finite_where(term.detach(), valid, f"aux_terms[{name!r}]")
+        aux[name] = (float(coef), term.to(dtype))
+
     if aggregation == "token-mean" and num_sequences is not None:
         raise ValueError("num_sequences is for the seq-mean-* aggregations; token-mean divides by num_tokens")
     if aggregation != "token-mean" and num_tokens is not None:
@@ -317,6 +337,11 @@ def policy_loss(
         if kl_coef != 0.0:
             loss = loss + kl_coef * _aggregate(kl, valid, aggregation, n_tok, n_seq)
 
+    aux = {name: (coef, _zero_pad(term, valid)) for name, (coef, term) in aux.items()}
+    for coef, term in aux.values():
+        if coef != 0.0:
+            loss = loss + coef * _aggregate(term, valid, aggregation, n_tok, n_seq)
+
     with torch.no_grad():
         active = valid & (weights != 0)
         lr = log_ratio.detach()
@@ -341,4 +366,6 @@ def policy_loss(
             metrics["entropy_analytic"] = _masked_mean(entropy.detach(), valid)
         if kl is not None:
             metrics["kl_ref"] = _masked_mean(kl.detach(), valid)
+        for name, (_, term) in aux.items():
+            metrics[f"aux/{name}"] = _masked_mean(term.detach(), valid)
     return loss, metrics

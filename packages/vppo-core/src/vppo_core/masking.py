@@ -1,4 +1,5 @@
-"""VPPO Token-level Gradient Filtering (TGF) — ALGORITHMS.md §4."""
+"""Token selection: VPPO's Token-level Gradient Filtering (TGF, ALGORITHMS.md §4) and the top-fraction sets of
+ToR, CGPO and VEPO (§9)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,65 @@ from torch import Tensor
 
 from vppo_core.validation import check_finite_where, check_mask, check_token_tensor
 
-__all__ = ["policy_gradient_share", "tgf_mask"]
+__all__ = ["SELECTION_SCOPES", "policy_gradient_share", "tgf_mask", "top_fraction_mask"]
 
 # ρ·n is computed in float64 and shrunk by this relative amount before the ceiling: ρ = 0.4 is stored as
 # 0.40000000000000002, so 0.4 * 5 == 2.0000000000000004 and a bare ceil would give 3 instead of 2. The float
 # error of ρ·n is ≤ 2.3e-16 relative; a genuine fractional part of ρ·n is ≥ 1/10^d for a ρ with d decimals,
 # far above 1e-12·ρ·n for any response length, so no real ceiling is ever lost.
 _CEIL_REL_TOL = 1e-12
+
+
+SELECTION_SCOPES = ("response", "batch")
+
+
+def _check_fraction(fraction: float) -> None:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not math.isfinite(fraction):
+        raise ValueError(f"fraction must be a float in (0, 1], got {fraction!r}")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1] (the share of tokens kept), got {fraction!r}")
+
+
+def _ceil_fraction(n: Tensor, fraction: float) -> Tensor:
+    return torch.ceil(n.to(torch.float64) * fraction * (1.0 - _CEIL_REL_TOL)).to(torch.long)
+
+
+def top_fraction_mask(scores: Tensor, mask: Tensor, *, fraction: float, scope: str = "response") -> Tensor:
+    """Mark the valid tokens with the largest ``scores``: the top ``ceil(fraction · n)`` of each response, or of the
+    whole batch (ALGORITHMS.md §4 and §9).
+
+    ``scope="response"`` is VPPO's TGF (ρ = 0.4), VEPO's selection (0.2); ``scope="batch"`` is ToR's and CGPO's
+    entropy and perception sets (0.3 of all response tokens of the rollout batch: pass the batch gathered from
+    every rank, then take your rows).
+
+    Args:
+        scores: ``[B, L]`` float — any real values on valid positions; padding ignored (may hold NaN).
+        mask: ``[B, L]`` bool or 0/1 — 1 on real response tokens.
+        fraction: in (0, 1].
+        scope: ``"response"`` (k_i = ceil(fraction · n_i) per row) | ``"batch"`` (k = ceil(fraction · Σ n_i)).
+
+    Returns:
+        ``[B, L]`` bool. Exactly k selected (per row or in all), never a padding position; ties broken by position
+        (row-major: earlier row, then earlier token first), so the result is deterministic. ``ceil`` has no float
+        overshoot (a product within 1e-12 relative of an integer is that integer: ``ceil(0.4 · 5) = 2``).
+    """
+    check_token_tensor(scores, "scores")
+    valid = check_mask(mask, scores.shape)
+    _check_fraction(fraction)
+    if scope not in SELECTION_SCOPES:
+        raise ValueError(f"scope must be one of {SELECTION_SCOPES}, got {scope!r}")
+    check_finite_where(scores, valid, "scores")
+    # Padding sorts last; a stable descending sort keeps equal scores in position order.
+    keyed = torch.where(valid, scores.to(torch.float64), torch.full_like(scores, -math.inf, dtype=torch.float64))
+    if scope == "batch":
+        keyed, counts = keyed.reshape(1, -1), valid.sum().reshape(1)
+    else:
+        counts = valid.sum(dim=1)
+    k = _ceil_fraction(counts, fraction)  # [rows]
+    order = torch.sort(keyed, dim=1, descending=True, stable=True).indices
+    positions = torch.arange(keyed.shape[1], device=scores.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, positions)  # rank[r, j] = place of entry j in row r
+    return (rank < k[:, None]).reshape(scores.shape) & valid
 
 
 def tgf_mask(S: Tensor, mask: Tensor, *, fraction: float = 0.4) -> Tensor:
@@ -27,30 +80,15 @@ def tgf_mask(S: Tensor, mask: Tensor, *, fraction: float = 0.4) -> Tensor:
         fraction: ρ in (0, 1]; the paper's value is 0.4.
 
     Returns:
-        ``[B, L]`` bool, True on selected tokens. Exactly ``ceil(ρ·n_i)`` per row, without float overshoot (a
-        product within 1e-12 relative of an integer is that integer: ``ceil(0.4 · 5) = 2``, ``ceil(0.28 · 25) = 7``
-        although ``0.28 * 25 == 7.000000000000001``), never a padding position, ties broken by position (earlier
-        token first), so the result is deterministic. An empty row (``n_i = 0``) selects nothing.
+        ``[B, L]`` bool, True on selected tokens: `top_fraction_mask` with ``scope="response"`` (exactly
+        ``ceil(ρ·n_i)`` per row, ties broken by position, an empty row selects nothing).
 
     The mask multiplies the per-token policy-gradient term only; the loss keeps dividing by all valid tokens
     (`policy_loss` with ``token_weights=tgf_mask(...)``).
     """
     check_token_tensor(S, "S")
-    valid = check_mask(mask, S.shape)
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not math.isfinite(fraction):
-        raise ValueError(f"fraction must be a float in (0, 1], got {fraction!r}")
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction must be in (0, 1] (the share of each response's tokens kept), got {fraction!r}")
-    check_finite_where(S, valid, "S")
-
-    n = valid.sum(dim=1, dtype=torch.float64)
-    k = torch.ceil(n * fraction * (1.0 - _CEIL_REL_TOL)).to(torch.long)  # [B]
-    # Padding sorts last; a stable descending sort keeps equal scores in position order.
-    keyed = torch.where(valid, S.to(torch.float64), torch.full_like(S, -math.inf, dtype=torch.float64))
-    order = torch.sort(keyed, dim=1, descending=True, stable=True).indices  # [B, L]
-    positions = torch.arange(S.shape[1], device=S.device).expand_as(order)
-    rank = torch.empty_like(order).scatter_(1, order, positions)  # rank[b, j] = place of token j in row b
-    return (rank < k[:, None]) & valid
+    check_finite_where(S, check_mask(mask, S.shape), "S")  # name the caller's argument in the message
+    return top_fraction_mask(S, mask, fraction=fraction, scope="response")
 
 
 def policy_gradient_share(

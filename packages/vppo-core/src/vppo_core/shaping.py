@@ -1,15 +1,29 @@
-"""Advantage shaping from visual dependency: VPPO's TAS (ALGORITHMS.md §3) and PGPO's token weights (§5)."""
+"""Advantage shaping from visual dependency: VPPO's TAS (ALGORITHMS.md §3), PGPO's token weights (§5), and the
+token credit of the methods that followed: ToR, CGPO, PEPO (§9)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from vppo_core.validation import check_finite_where, check_mask, check_token_tensor
 
-__all__ = ["PGPO_THRESHOLD_MODES", "pgpo_token_weights", "tas_bounds", "tas_scale", "tas_scale_reference"]
+__all__ = [
+    "PGPO_THRESHOLD_MODES",
+    "cgpo_response_factors",
+    "minmax_by_response",
+    "pepo_token_weights",
+    "pepo_visual_prior",
+    "pgpo_token_weights",
+    "tas_bounds",
+    "tas_scale",
+    "tas_scale_reference",
+    "tor_token_weights",
+]
 
 # §3 fallback: a statistics set whose dependencies span no more than this gets α ≡ 1.
 _TAS_MIN_SPREAD = 1e-6
@@ -240,3 +254,191 @@ def pgpo_token_weights(
     # Σω > 0 whenever spread > eps: the top token has I = spread / (spread + eps) > 0, so ω ≥ 1 or I / (τ_i + ε) > 0.
     weights = omega * (n / torch.where(degenerate, torch.ones_like(total), total))
     return torch.where(degenerate, valid.to(S.dtype), weights)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The methods that followed VPPO (ALGORITHMS.md §9): ToR, CGPO, PEPO token credit
+# --------------------------------------------------------------------------------------------------------------------
+
+# Per-response min-max: a spread at or below this is "all tokens equal" (the fork's clamp, eps 1e-8).
+_MINMAX_EPS = 1e-8
+# CGPO divides by MAD + 1e-8 (perception_reasoning_loss.py, _compute_cgpo_response_scaling).
+_CGPO_MAD_EPS = 1e-8
+
+
+def _check_real(name: str, value: float, ok: bool, need: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok:
+        raise ValueError(f"{name} must be {need}, got {value!r}")
+
+
+def minmax_by_response(x: Tensor, mask: Tensor) -> Tensor:
+    """Per-response min-max ``(x − min_i) / max(max_i − min_i, 1e-8)`` over each row's valid tokens (§9: PEPO, VEPO).
+
+    Args:
+        x: ``[B, L]`` float (finite on valid positions; padding may hold anything).
+        mask: ``[B, L]`` bool or 0/1.
+
+    Returns:
+        ``[B, L]`` float32 (float64 for float64 input) in [0, 1], detached; 0 on padding, and 0 on every token of a
+        row whose values are all equal. A spread below 1e-8 is divided by 1e-8 (``[0, 5e-9]`` gives ``[0, 0.5]``), as
+        in the fork's ``minmax_normalize_by_response``.
+    """
+    check_token_tensor(x, "x")
+    valid = check_mask(mask, x.shape)
+    check_finite_where(x, valid, "x")
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x = torch.where(valid, x.detach().to(dtype), torch.zeros((), dtype=dtype, device=x.device))
+    inf = torch.full_like(x, math.inf)
+    lo = torch.where(valid, x, inf).amin(dim=1, keepdim=True)
+    hi = torch.where(valid, x, -inf).amax(dim=1, keepdim=True)
+    scaled = ((x - lo) / (hi - lo).clamp(min=_MINMAX_EPS)).clamp(0.0, 1.0)
+    return torch.where(valid, scaled, torch.zeros_like(scaled))
+
+
+def tor_token_weights(
+    reasoning_set: Tensor, perception_set: Tensor, mask: Tensor, *, reasoning_weight: float = 1.0,
+    perception_weight: float = 0.5,
+) -> Tensor:  # fmt: skip
+    """ToR's token weights (§9.3): ``w = γ_r·1[t ∈ T_r] + γ_p·1[t ∈ T_p ∖ T_r]``, 0 for every other token.
+
+    ``T_r`` is the high-entropy set, ``T_p`` the high-perception set (`top_fraction_mask` with ``scope="batch"``,
+    0.3 each). The weights multiply the clipped per-token policy-gradient terms (`policy_loss` ``token_weights``);
+    the loss still divides by every valid token.
+
+    Args:
+        reasoning_set, perception_set: ``[B, L]`` bool or 0/1.  mask: ``[B, L]`` bool or 0/1.
+        reasoning_weight: γ_r ≥ 0 (paper: 1.0).  perception_weight: γ_p ≥ 0 (paper: 0.5).
+
+    Returns:
+        ``[B, L]`` float32, 0 on padding.
+    """
+    if not isinstance(mask, Tensor) or mask.dim() != 2:
+        raise ValueError(f"mask must be a [B, L] tensor, got {getattr(mask, 'shape', type(mask).__name__)}")
+    valid = check_mask(mask, tuple(mask.shape))
+    t_r = check_mask(reasoning_set, valid.shape, "reasoning_set")
+    t_p = check_mask(perception_set, valid.shape, "perception_set")
+    _check_real("reasoning_weight", reasoning_weight, reasoning_weight >= 0, "a finite float ≥ 0")
+    _check_real("perception_weight", perception_weight, perception_weight >= 0, "a finite float ≥ 0")
+    w = reasoning_weight * t_r.float() + perception_weight * (t_p & ~t_r).float()
+    return torch.where(valid, w, torch.zeros_like(w))
+
+
+def _lower_median(x: Tensor) -> Tensor:
+    """``torch.median`` semantics: the lower of the two middle values for an even count."""
+    return x.sort().values[(x.numel() - 1) // 2]
+
+
+def cgpo_response_factors(traj_score: Tensor, valid: Tensor | None = None, *, coef: float = 0.1) -> Tensor:
+    """CGPO's response factor (§9.5): ``α_i = 1 + λ·tanh((s_i − median) / (MAD + 1e-8))``.
+
+    ``median`` and ``MAD = median(|s − median|)`` are over the valid responses of the whole statistics set (the
+    rollout batch: gather it from every rank), both the lower median for an even count (``torch.median``).
+
+    Args:
+        traj_score: ``[B]`` float — each response's mean counterfactual sensitivity s_i.
+        valid: optional ``[B]`` bool/0-1 — responses with at least one token; the others get α = 1.
+        coef: λ ≥ 0 (paper / fork default: 0.1).
+
+    Returns:
+        ``[B]`` α in [1 − λ, 1 + λ] (detached, dtype of ``traj_score``). With fewer than 2 valid responses α ≡ 1 (the
+        fork raises there instead: it has no statistics).
+    """
+    if not isinstance(traj_score, Tensor) or traj_score.dim() != 1 or not traj_score.is_floating_point():
+        shape = tuple(traj_score.shape) if isinstance(traj_score, Tensor) else type(traj_score).__name__
+        raise ValueError(f"traj_score must be a float tensor of shape [B] (one s_i per response), got {shape}")
+    valid = (
+        torch.ones_like(traj_score, dtype=torch.bool) if valid is None else check_mask(valid, traj_score.shape, "valid")
+    )
+    check_finite_where(traj_score, valid, "traj_score")
+    _check_real("coef", coef, coef >= 0, "a finite float ≥ 0")
+    s = traj_score.detach()
+    ones = torch.ones_like(s)
+    if int(valid.sum()) < 2:
+        return ones
+    median = _lower_median(s[valid])
+    mad = _lower_median((s[valid] - median).abs())
+    alpha = 1.0 + coef * torch.tanh((s - median) / (mad + _CGPO_MAD_EPS))
+    return torch.where(valid, alpha, ones)
+
+
+def pepo_visual_prior(hidden_states: Sequence[Tensor], visual_mask: Tensor) -> Tensor:
+    """PEPO's perception prior (§9.4): ``v_t = mean_ℓ mean_j cos(h_t^ℓ, h_j^ℓ)`` over the row's visual tokens j.
+
+    The mean of cosines to the visual tokens equals the dot product of ``h_t^ℓ / ‖h_t^ℓ‖`` with the mean of the
+    visual tokens' unit vectors, which is how it is computed here (float32, no ``[T, n_visual]`` matrix).
+
+    Args:
+        hidden_states: the layers' hidden states, each ``[B, T, H]`` (what ``output_hidden_states=True`` returns:
+            the embedding output and every decoder layer's).
+        visual_mask: ``[B, T]`` bool — True on the image/video placeholder tokens of each row.
+
+    Returns:
+        ``[B, T]`` float32 prior of every position (take the response positions), detached.
+
+    Raises:
+        ValueError: no layers, shape mismatches, a row without visual tokens (named), or NaN/inf hidden states.
+    """
+    if not isinstance(hidden_states, (list, tuple)) or not hidden_states:
+        raise ValueError("hidden_states must be a non-empty sequence of [B, T, H] tensors (one per layer)")
+    shape = tuple(hidden_states[0].shape)
+    if len(shape) != 3:
+        raise ValueError(f"hidden_states[0] must be [B, T, H], got shape {shape}")
+    visual = check_mask(visual_mask, shape[:2], "visual_mask")
+    empty = (~visual.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"rows {empty} have no visual token: PEPO's prior needs the image placeholder tokens")
+    prior = torch.zeros(shape[:2], dtype=torch.float32, device=hidden_states[0].device)
+    weights = visual.float() / visual.sum(dim=1, keepdim=True)  # [B, T], rows sum to 1
+    for i, h in enumerate(hidden_states):
+        if tuple(h.shape) != shape:
+            raise ValueError(f"hidden_states[{i}] has shape {tuple(h.shape)}, expected {shape}")
+        unit = F.normalize(h.detach().float(), dim=-1)
+        anchor = torch.einsum("bt,bth->bh", weights, unit)  # mean unit vector of the visual tokens
+        prior += torch.einsum("bth,bh->bt", unit, anchor)
+    prior /= len(hidden_states)
+    if not bool(torch.isfinite(prior).all()):
+        raise ValueError("hidden_states contain NaN or inf: PEPO's prior is not finite")
+    return prior
+
+
+def pepo_token_weights(
+    prior: Tensor, entropy: Tensor, mask: Tensor, *, gate_alpha: float = 0.05, temperature: float = 1.8,
+    progress: float = 1.0,
+) -> Tensor:  # fmt: skip
+    """PEPO's token weights (§9.4); token advantage ``A_i · w_t``.
+
+    ``m_t = minmax(v)_t + minmax(H)_t`` (per response), ``g_t = 1 + α·tanh(m_t − mean_i m)``,
+    ``w_t = n_i · softmax_{valid t}(v_t · g_t / T)`` (the softmax of the *raw* prior times the gate), then the
+    linear schedule ``w' = 1 + λ(w − 1)`` with λ = ``progress``.
+
+    Args:
+        prior: ``[B, L]`` float — `pepo_visual_prior` at the response positions.
+        entropy: ``[B, L]`` float — the policy's entropy at each response position (temperature-scaled).
+        mask: ``[B, L]`` bool or 0/1.
+        gate_alpha: α ≥ 0 (0.05).  temperature: T > 0 (1.8).
+        progress: λ in [0, 1]: ``clamp((step − 1) / (total_steps − 1), 0, 1)`` (1 for a 1-step run).
+
+    Returns:
+        ``[B, L]`` float32, detached, ≥ 0 on valid tokens (> 0 unless the softmax underflows at a tiny T), 0 on
+        padding; each row's valid weights sum to n_i (mean 1), for every λ. An empty row is all zeros (the fork
+        raises).
+    """
+    check_token_tensor(prior, "prior")
+    check_token_tensor(entropy, "entropy")
+    if entropy.shape != prior.shape:
+        raise ValueError(f"entropy has shape {tuple(entropy.shape)}, expected prior's {tuple(prior.shape)}")
+    valid = check_mask(mask, prior.shape)
+    _check_real("gate_alpha", gate_alpha, gate_alpha >= 0, "a finite float ≥ 0")
+    _check_real("temperature", temperature, temperature > 0, "a finite float > 0")
+    _check_real("progress", progress, 0.0 <= progress <= 1.0, "in [0, 1]")
+    check_finite_where(prior, valid, "prior")
+    check_finite_where(entropy, valid, "entropy")
+    v = torch.where(valid, prior.detach().float(), torch.zeros((), device=prior.device))
+    mixed = minmax_by_response(prior.float(), valid) + minmax_by_response(entropy.float(), valid)
+    n = valid.sum(dim=1, keepdim=True).float()
+    centred = mixed - mixed.sum(dim=1, keepdim=True) / n.clamp(min=1)
+    gate = 1.0 + gate_alpha * torch.tanh(centred)
+    logits = torch.where(valid, v * gate / temperature, torch.full_like(v, -math.inf))
+    weights = torch.softmax(logits, dim=1).nan_to_num(0.0) * n  # empty rows: softmax of all -inf is NaN -> 0
+    scheduled = 1.0 + progress * (weights - 1.0)
+    return torch.where(valid, scheduled, torch.zeros_like(scheduled))

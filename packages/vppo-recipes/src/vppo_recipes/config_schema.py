@@ -29,7 +29,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from vppo_core.losses import AGGREGATIONS, LOSS_TYPES
-from vppo_core.perturb import PERTURBATION_MODES
+from vppo_core.perturb import IMAGE_PERTURBATIONS
 from vppo_core.shaping import PGPO_THRESHOLD_MODES
 
 __all__ = ["ConfigError", "Field", "check_world_size", "schema_for", "validate_config"]
@@ -78,7 +78,10 @@ _POS_INT = {"low": 1}
 _NONNEG_INT = {"low": 0}
 _ARCHS = ("qwen2_5_vl", "qwen3_vl")
 
-_VPPO, _PGPO = ("vppo",), ("pgpo",)  # for Field.algorithms
+# for Field.algorithms
+_VPPO, _PGPO, _PAPO, _CFPO, _DVRP = ("vppo",), ("pgpo",), ("papo",), ("cfpo",), ("dvrp",)
+_TOR, _CGPO, _PEPO, _VEPO = ("tor",), ("cgpo",), ("pepo",), ("vepo",)
+RL_ALGORITHMS = ("vppo", "pgpo", "dapo", "grpo", "papo", "cfpo", "dvrp", "tor", "cgpo", "pepo", "vepo")
 
 COMMON: dict[str, Any] = {
     "output_dir": _f(str, doc="run folder: checkpoints, logs"),
@@ -183,9 +186,11 @@ RL_ONLY: dict[str, Any] = {
         "micro_batch_size": _f(int, **_POS_INT),
     },
     "algorithm": {
-        "name": _f(str, choices=("vppo", "pgpo", "dapo", "grpo")),
-        "perturbation": _f(str, default="blacken", choices=PERTURBATION_MODES, algorithms=_VPPO),
-        "perturb_prob": _f(float, default=0.5, low=0.0, high=1.0, algorithms=_VPPO),
+        "name": _f(str, choices=RL_ALGORITHMS),
+        "perturbation": _f(str, default="blacken", choices=IMAGE_PERTURBATIONS, algorithms=_VPPO + _PAPO + _DVRP),
+        "perturb_prob": _f(
+            float, default=0.5, low=0.0, high=1.0, algorithms=_VPPO + _PAPO + _DVRP, doc="VPPO 0.5; PAPO, DVRP 0.6"
+        ),
         "tas": _f(bool, default=True, algorithms=_VPPO),
         "beta_min": _f(float, default=0.9, low=0.0, high=1.0, algorithms=_VPPO),
         "tas_statistics": _f(str, default="global", choices=("global", "reference"), algorithms=_VPPO),
@@ -207,6 +212,45 @@ RL_ONLY: dict[str, Any] = {
             bool, default=True, algorithms=_PGPO, doc="true: the paper; false: development code"
         ),
         "dependency": _f(str, default="sampled", choices=("sampled", "exact"), algorithms=_VPPO + _PGPO),
+        # ALGORITHMS.md §9: the methods that followed VPPO, with the defaults of their papers / scripts
+        "visual_kl_coef": _f(
+            float,
+            default=0.02,
+            low=0.0,
+            algorithms=_PAPO + _CFPO + _DVRP,
+            doc="γ: loss − γ·k3(altered view ‖ policy); PAPO-G / CFPO-G 0.02, PAPO-D / CFPO-D 0.01, DVRP λ_nec 0.01",
+        ),
+        "robustness_kl_coef": _f(
+            float, default=0.01, low=0.0, algorithms=_DVRP, doc="λ_rob: + λ_rob·k3(noised ‖ policy)"
+        ),
+        "noise_t_init": _f(float, default=500.0, low=0.0, algorithms=_DVRP, doc="diffusion step at the start"),
+        "noise_gamma": _f(float, default=10.0, low=0.0, algorithms=_DVRP, doc="sigmoid annealing sharpness"),
+        "noise_t_max": _f(float, default=1000.0, low=0.0, high=1000.0, algorithms=_DVRP, doc="in (0, 1000]"),
+        "cfpo_std_multiplier": _f(float, default=2.0, low=0.0, algorithms=_CFPO, doc="λ: salient if P > μ + λσ"),
+        "tor_entropy_fraction": _f(float, default=0.3, low=0.0, high=1.0, algorithms=_TOR, doc="in (0, 1]"),
+        "tor_perception_fraction": _f(float, default=0.3, low=0.0, high=1.0, algorithms=_TOR, doc="in (0, 1]"),
+        "tor_reasoning_weight": _f(float, default=1.0, low=0.0, algorithms=_TOR),
+        "tor_perception_weight": _f(float, default=0.5, low=0.0, algorithms=_TOR),
+        "tor_entropy_top_p": _f(float, default=0.95, low=0.0, high=1.0, algorithms=_TOR, doc="in (0, 1]"),
+        "cgpo_coef": _f(float, default=0.1, low=0.0, algorithms=_CGPO, doc="λ of α = 1 + λ·tanh(...)"),
+        "cgpo_entropy_fraction": _f(float, default=0.3, low=0.0, high=1.0, algorithms=_CGPO, doc="in (0, 1]"),
+        "cgpo_perception_fraction": _f(float, default=0.3, low=0.0, high=1.0, algorithms=_CGPO, doc="in (0, 1]"),
+        "cgpo_region_tokens": _f(
+            bool, default=False, algorithms=_CGPO, doc="add the <region> spans' tokens to the perception set"
+        ),
+        "pepo_gate_alpha": _f(float, default=0.05, low=0.0, algorithms=_PEPO),
+        "pepo_temperature": _f(float, default=1.8, low=0.0, algorithms=_PEPO, doc="> 0"),
+        "pepo_schedule": _f(
+            str, default="linear", choices=("linear", "none"), algorithms=_PEPO, doc="linear: w' = 1 + λ(w − 1)"
+        ),
+        "vepo_noise_std": _f(
+            float, default=6.928, low=0.0, algorithms=_VEPO, doc="Gaussian noise on the normalised pixel values"
+        ),
+        "vepo_jsd_weight": _f(float, default=0.7, low=0.0, high=1.0, algorithms=_VEPO),
+        "vepo_fraction": _f(float, default=0.2, low=0.0, high=1.0, algorithms=_VEPO, doc="in (0, 1]"),
+        "vepo_entropy_bonus": _f(
+            float, default=0.001, low=0.0, algorithms=_VEPO, doc="loss − c·mean analytic entropy (with gradient)"
+        ),
     },
     "loss": {
         "loss_type": _f(str, default="dapo", choices=LOSS_TYPES),
@@ -487,6 +531,14 @@ def _rl_rules(user: Mapping[str, Any], cfg: Mapping[str, Any], schema: Mapping[s
         errors.append(f"algorithm.tgf_fraction must be in (0, 1], got {a['tgf_fraction']}")
     if name == "pgpo" and not 0.0 < a["pgpo_tau"] < 1.0:
         errors.append(f"algorithm.pgpo_tau must be in (0, 1), got {a['pgpo_tau']}")
+    for key in (
+        "tor_entropy_fraction", "tor_perception_fraction", "tor_entropy_top_p", "cgpo_entropy_fraction",
+        "cgpo_perception_fraction", "vepo_fraction",
+    ):  # fmt: skip
+        if key in a and name in schema["algorithm"][key].algorithms and a[key] <= 0:
+            errors.append(f"algorithm.{key} must be in (0, 1], got {a[key]}")
+    if name == "pepo" and a["pepo_temperature"] <= 0:
+        errors.append(f"algorithm.pepo_temperature must be > 0, got {a['pepo_temperature']}")
     if rollout["temperature"] <= 0:
         errors.append(
             f"rollout.temperature={rollout['temperature']}: RL samples its groups, so it must be > 0 (1.0 in every "

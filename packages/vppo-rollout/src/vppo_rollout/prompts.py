@@ -165,3 +165,24 @@ def image_token_count(processor, image: Image.Image) -> int:
     factor, lo, hi = pixel_bounds(processor)
     h, w = smart_resize(image.height, image.width, factor=factor, min_pixels=lo, max_pixels=hi)
     return (h // factor) * (w // factor)
+
+
+# What a Qwen-VL chat template writes for one image part (Qwen2.5-VL and Qwen3-VL alike).
+IMAGE_PART = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def prompt_without_images(prompt: Prompt, processor) -> Prompt:
+    """The same chat with its image parts removed: ToR's "no image" view (ALGORITHMS.md §9.3).
+
+    Every ``<|vision_start|><|image_pad|><|vision_end|>`` is cut from `prompt.text`, which is what the chat template
+    renders for the same messages without their image entries; the system prompt, question and instruction are
+    unchanged. Raises ValueError if the text does not hold one such part per image.
+    """
+    if prompt.text.count(IMAGE_PART) != len(prompt.images):
+        raise ValueError(
+            f"prompt: the text holds {prompt.text.count(IMAGE_PART)} image parts {IMAGE_PART!r} for "
+            f"{len(prompt.images)} images; the no-image view needs the Qwen-VL chat template's image parts"
+        )
+    text = prompt.text.replace(IMAGE_PART, "")
+    ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return Prompt(text=text, images=[], question=prompt.question, prompt_token_ids=ids, num_tokens=len(ids))

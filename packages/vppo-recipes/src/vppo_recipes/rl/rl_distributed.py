@@ -45,6 +45,7 @@ Design choices a reader coming from verl / EasyR1 / TRL should know:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -66,12 +67,28 @@ from tqdm import tqdm
 
 from vppo_core.advantages import group_advantages, keep_groups
 from vppo_core.attention import text_only_attention
-from vppo_core.dependency import exact_token_dependency_from_hidden, token_dependency, trajectory_dependency
+from vppo_core.dependency import (
+    abs_log_ratio,
+    exact_token_dependency_from_hidden,
+    token_dependency,
+    top_p_entropy_from_hidden,
+    trajectory_dependency,
+    vepo_token_scores,
+    view_divergences_from_hidden,
+)
 from vppo_core.logprobs import logprobs_from_hidden
-from vppo_core.losses import policy_loss, truncated_is_weights
-from vppo_core.masking import policy_gradient_share, tgf_mask
-from vppo_core.perturb import perturb_pixels
-from vppo_core.shaping import pgpo_token_weights, tas_scale, tas_scale_reference
+from vppo_core.losses import kl_penalty, policy_loss, truncated_is_weights
+from vppo_core.masking import policy_gradient_share, tgf_mask, top_fraction_mask
+from vppo_core.perturb import diffusion_noise_level, perturb_pixels
+from vppo_core.shaping import (
+    cgpo_response_factors,
+    pepo_token_weights,
+    pepo_visual_prior,
+    pgpo_token_weights,
+    tas_scale,
+    tas_scale_reference,
+    tor_token_weights,
+)
 from vppo_eval.evaluate import evaluate
 from vppo_eval.records import Record
 from vppo_eval.reward import compute_rewards
@@ -83,7 +100,8 @@ from vppo_recipes.checkpointing import (
     load_training_state,
     save_checkpoint,
 )
-from vppo_recipes.config_schema import check_world_size, validate_config
+from vppo_recipes.config_schema import RL_ALGORITHMS, check_world_size, validate_config
+from vppo_recipes.counterfactual import cross_modal_value_mean
 from vppo_recipes.data import Example, ExampleStream, SkipRow, VisualQADataset, rank_slice
 from vppo_recipes.distributed import init_distributed, load_training_policy, shard_and_place
 from vppo_recipes.lr_schedule import constant_with_warmup
@@ -91,10 +109,32 @@ from vppo_recipes.metric_logging import build_metric_logger
 from vppo_recipes.sharding import call_in_root_forward
 from vppo_rollout.collate import collate_rollout, model_inputs
 from vppo_rollout.loading import load_processor
-from vppo_rollout.prompts import Prompt, PromptTooLongError, build_prompt
+from vppo_rollout.prompts import Prompt, PromptTooLongError, build_prompt, prompt_without_images
+from vppo_rollout.regions import filled_region_images, region_token_mask
 from vppo_rollout.sampling import SamplingConfig
 
-ALGORITHMS = ("vppo", "pgpo", "dapo", "grpo")
+ALGORITHMS = RL_ALGORITHMS
+# The no-grad views of the prompt each algorithm scores the responses under, besides the clean one (ALGORITHMS.md §1,
+# §5, §9). Each is one extra forward of the rollout policy before any update, without gradient.
+ALTERED_VIEWS = {
+    "vppo": ("perturbed",),  # random ViT patches blackened, a fresh mask per response
+    "pgpo": ("text_only",),  # no token attends to a visual token; positions unchanged
+    "papo": ("perturbed",),  # random patches blackened, one mask per prompt
+    "cfpo": ("counterfactual",),  # salient image values replaced by their mean in every decoder layer
+    "dvrp": ("perturbed", "noised"),  # masked view, and a diffusion-noised view annealed over training
+    "tor": ("no_image",),  # the prompt without its image(s)
+    "cgpo": ("regions_filled",),  # the response's own evidence boxes filled with their mean colour
+    "vepo": ("noised",),  # Gaussian noise on the normalised pixel values, one draw per prompt
+    "pepo": (),  # no extra pass: the clean pass's hidden states and entropy
+    "dapo": (),
+    "grpo": (),
+}
+# The KL terms each algorithm adds to its loss: name -> (coefficient key, sign, view) (ALGORITHMS.md §9.1)
+AUX_KL_TERMS = {
+    "papo": {"visual_kl": ("visual_kl_coef", -1.0, 0)},
+    "cfpo": {"visual_kl": ("visual_kl_coef", -1.0, 0)},
+    "dvrp": {"visual_kl": ("visual_kl_coef", -1.0, 0), "robustness_kl": ("robustness_kl_coef", 1.0, 1)},
+}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PHASES = ("sample", "reward", "old_logprob", "alt_logprob", "shaping", "update", "weight_sync")
 # |lp_sampler - lp_old| above this counts as a disagreeing token (rollout/logprob_frac_above_1e-3)
@@ -228,13 +268,50 @@ def response_logprobs(
     responses: [B, L] long. prompt_length: P — response token j is predicted at position P-1+j.
     Returns (lp [B, L] float32, hidden [B, L, H] or None).
     """
-    out = model.model(**inputs, use_cache=False)
-    L = responses.shape[1]
-    hidden = out.last_hidden_state[:, prompt_length - 1 : prompt_length - 1 + L]
-    lp = logprobs_from_hidden(
-        hidden, model.lm_head.weight, responses, temperature=temperature, chunk_size=chunk_size, validate=validate
+    result = response_pass(
+        model, inputs, responses, prompt_length, temperature=temperature, chunk_size=chunk_size, validate=validate
     )
-    return lp, (hidden if with_hidden else None)
+    return result["lp"], (result["hidden"] if with_hidden else None)
+
+
+def response_pass(
+    model: torch.nn.Module,
+    inputs: dict[str, torch.Tensor],
+    responses: torch.Tensor,
+    prompt_length: int,
+    *,
+    temperature: float,
+    chunk_size: int,
+    entropy: bool = False,
+    visual_token_id: int | None = None,
+    validate: bool = True,
+) -> dict[str, torch.Tensor]:
+    """`response_logprobs` with what the methods of ALGORITHMS.md §9 also read from the same forward.
+
+    Also run through `call_in_root_forward`. Returns {"lp" [B, L], "hidden" [B, L, H] (the last hidden state at the
+    positions that predict the response tokens)}, plus "entropy" [B, L] (the analytic entropy of softmax(logits /
+    T), differentiable when the forward is) when `entropy`, and "prior" [B, L] (PEPO's perception prior over every
+    layer's hidden state, `vppo_core.pepo_visual_prior`) when `visual_token_id` is given. The prior is read at the
+    response tokens' own positions P+j (the fork's `hidden_states[:, -response_length:]`), one to the right of the
+    positions that predict them.
+    """
+    out = model.model(**inputs, use_cache=False, output_hidden_states=visual_token_id is not None)
+    L = responses.shape[1]
+    span = slice(prompt_length - 1, prompt_length - 1 + L)
+    hidden = out.last_hidden_state[:, span]
+    lp = logprobs_from_hidden(
+        hidden, model.lm_head.weight, responses, temperature=temperature, chunk_size=chunk_size, validate=validate,
+        return_entropy=entropy,
+    )  # fmt: skip
+    result = {"hidden": hidden}
+    if entropy:
+        result["lp"], result["entropy"] = lp
+    else:
+        result["lp"] = lp
+    if visual_token_id is not None:
+        prior = pepo_visual_prior(list(out.hidden_states), inputs["input_ids"] == visual_token_id)
+        result["prior"] = prior[:, prompt_length : prompt_length + L]
+    return result
 
 
 def exact_dependency_in_root(
@@ -252,6 +329,28 @@ def exact_dependency_in_root(
     """
     return exact_token_dependency_from_hidden(
         hidden, hidden_alt, model.lm_head.weight, mask, temperature=temperature, chunk_size=chunk_size
+    )
+
+
+def view_divergences_in_root(
+    model: torch.nn.Module, hidden: torch.Tensor, hidden_alt: torch.Tensor, mask: torch.Tensor, *, temperature: float,
+    chunk_size: int,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """VEPO's full-vocabulary JSD and both views' entropies (`vppo_core.view_divergences_from_hidden`), in the root
+    forward (it reads the LM-head weight)."""
+    return view_divergences_from_hidden(
+        hidden, hidden_alt, model.lm_head.weight, mask, temperature=temperature, chunk_size=chunk_size
+    )
+
+
+def top_p_entropy_in_root(
+    model: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor, *, top_p: float, temperature: float,
+    chunk_size: int,
+) -> torch.Tensor:  # fmt: skip
+    """ToR's entropy of the top-p renormalised distribution (`vppo_core.top_p_entropy_from_hidden`), in the root
+    forward."""
+    return top_p_entropy_from_hidden(
+        hidden, model.lm_head.weight, mask, top_p=top_p, temperature=temperature, chunk_size=chunk_size
     )
 
 
@@ -313,19 +412,25 @@ class MicroBatch:
     mask: torch.Tensor  # [b, L] float
     prompt_length: int
     advantages: torch.Tensor  # [b] float32, the groups' advantages (before TAS)
-    perturb_seeds: list[int]  # one per response: seeds its perturbation (VPPO)
+    perturb_seeds: list[int]  # one per response: seeds its perturbation (per response for VPPO, per prompt else)
     images_per_row: list[int]
     lp_sampler: torch.Tensor  # [b, L] the rollout engine's log-probs of the responses (0 on padding)
+    prompts: list[Prompt] = field(default_factory=list, compare=False, repr=False)  # per row (ToR, CGPO views)
+    texts: list[str] = field(default_factory=list, compare=False, repr=False)  # per row: the decoded response
 
 
 @dataclass(frozen=True)
 class NoGradPass:
-    """The no-grad passes over one micro-batch before any update: lp_old; VPPO / PGPO also the altered pass and S."""
+    """The no-grad passes over one micro-batch before any update: lp_old; with an altered view (ALTERED_VIEWS) also
+    its log-probs and S; and the scores each method of ALGORITHMS.md §9 reads."""
 
     lp_old: torch.Tensor  # [b, L]
-    lp_alt: torch.Tensor | None = None  # [b, L] under the perturbed image (VPPO) / text-only attention (PGPO)
-    S: torch.Tensor | None = None  # [b, L] token visual dependency
+    lp_alt: torch.Tensor | None = None  # [b, L] under the algorithm's first altered view (ALTERED_VIEWS)
+    S: torch.Tensor | None = None  # [b, L] token visual dependency: k3(lp_alt ‖ lp_old) (or the exact KL)
     traj_dep: torch.Tensor | None = None  # [b] mean S over each response's tokens
+    lp_alt2: torch.Tensor | None = None  # [b, L] under the second altered view (DVRP: the noised image)
+    score: torch.Tensor | None = None  # [b, L] ToR |lp_old − lp_alt|, VEPO s_t, PEPO prior v_t
+    entropy: torch.Tensor | None = None  # [b, L] ToR top-p entropy, PEPO / CGPO entropy of the clean pass
 
 
 @dataclass(frozen=True)
@@ -333,9 +438,10 @@ class Shaped:
     """What the loss of one micro-batch uses beyond lp_old: the shaped advantages and the token weights."""
 
     advantages: torch.Tensor  # [b] group advantage × TAS α
-    alpha: torch.Tensor  # [b] TAS α (ones without TAS)
-    token_weights: torch.Tensor | None  # [b, L] TGF mask (float) or PGPO ω̃, times is_weights; None = all ones
+    alpha: torch.Tensor  # [b] TAS α (ones without TAS); CGPO's response factor α_i
+    token_weights: torch.Tensor | None  # [b, L] TGF mask / PGPO ω̃ / §9 weights, times is_weights; None = all ones
     is_weights: torch.Tensor | None  # [b, L] truncated importance weights (loss.rollout_is_cap), or None
+    method_weights: torch.Tensor | None = None  # [b, L] the §9 method's own token weights (logged), or None
 
 
 @dataclass(frozen=True)
@@ -374,9 +480,15 @@ class RLRecipeDistributed:
         self.grad_clip = cfg.training.grad_clip
         self.online_filter = bool(cfg.rollout.online_filter)
         self.max_filter_draws = int(cfg.rollout.max_filter_draws)
-        self.uses_dependency = self.algorithm in ("vppo", "pgpo")
-        # diagnostics.dependency: the baselines measure S too (logged only; their loss never reads it)
-        self.measures_dependency = self.uses_dependency or bool(cfg.get("diagnostics", {}).get("dependency", False))
+        self.views = ALTERED_VIEWS[self.algorithm]
+        self.uses_dependency = bool(self.views)  # the loss reads the altered view(s)
+        # diagnostics.dependency: an algorithm without an altered view (DAPO, GRPO, PEPO) measures S too, under
+        # VPPO's perturbation (logged only; its loss never reads it)
+        if not self.views and bool(cfg.get("diagnostics", {}).get("dependency", False)):
+            self.views = ("perturbed",)
+        self.measures_dependency = bool(self.views)
+        # VPPO draws a fresh perturbation per response; PAPO, DVRP and VEPO one per prompt (the fork's seeding)
+        self.perturb_per_response = self.algorithm in ("vppo", "dapo", "grpo", "pepo")
         self.tas = self.algorithm == "vppo" and bool(cfg.algorithm.tas)
         self.tgf = self.algorithm == "vppo" and bool(cfg.algorithm.tgf)
 
@@ -596,7 +708,7 @@ class RLRecipeDistributed:
 
         # 6. TAS α and TGF mask (VPPO) | PGPO token weights (| truncated importance weights)
         t = time.perf_counter()
-        shaped = [self.shape(mini, mini_passes) for mini, mini_passes in zip(minis, passes)]
+        shaped = self.shape(minis, passes)
         shaping_s = time.perf_counter() - t
 
         # 7. per mini-batch: micro-batch forward/backward with the global token count, clip, step (or skip)
@@ -784,23 +896,29 @@ class RLRecipeDistributed:
                         advantages=torch.tensor([g.advantages[j] for g, j in part], dtype=torch.float32).to(
                             self.device
                         ),
-                        perturb_seeds=[mix_seed(self.seed, g.uid, j, 0x9E7) for g, j in part],
+                        perturb_seeds=[
+                            mix_seed(self.seed, g.uid, j if self.perturb_per_response else 0, 0x9E7) for g, j in part
+                        ],
                         images_per_row=[len(p.images) for p in prompts],
                         lp_sampler=lp_sampler.to(self.device),
+                        prompts=prompts,
+                        texts=[g.texts[j] for g, j in part],
                     )
                 )
             minis.append(micro)
         return minis, {"skipped/empty_responses": float(empty)}
 
-    def _altered_inputs(self, mb: MicroBatch) -> dict[str, torch.Tensor]:
-        """The inputs of the second no-grad pass (ALGORITHMS.md §1, what image' is): a new dict, mb is unchanged.
+    def _altered_view(self, mb: MicroBatch, view: str) -> tuple[dict[str, torch.Tensor], int, Any]:
+        """The inputs of one altered no-grad pass (ALGORITHMS.md §1 "what image' is", §5, §9; ALTERED_VIEWS).
 
-        VPPO: each response's image(s) perturbed with its own seeded draw (a fresh mask per response, reproducible
-        from the response's identity alone); PGPO: the same tokens and M-RoPE position ids with a 4-D attention
-        mask that hides every visual token from every other token.
+        Returns (inputs, prompt length, context): a new inputs dict (mb is unchanged), the prompt length of those
+        inputs (only the no-image view changes it) and the context the forward runs in (CFPO's attention
+        intervention; a null context otherwise). Every random draw is seeded by the response's (VPPO) or prompt's
+        identity alone, so a view does not depend on the batching.
         """
         inputs = dict(mb.inputs)
-        if self.algorithm == "pgpo":
+        a = self._cfg.algorithm
+        if view == "text_only":  # PGPO: no token attends to a visual token; tokens and M-RoPE positions unchanged
             eager = getattr(self.model.config, "_attn_implementation", "sdpa") == "eager"
             inputs["attention_mask"] = text_only_attention(
                 inputs["input_ids"],
@@ -808,21 +926,52 @@ class RLRecipeDistributed:
                 inputs["attention_mask"],
                 dtype=self.dtype if eager else torch.bool,  # additive mask for eager, boolean for SDPA
             )
-            return inputs
+            return inputs, mb.prompt_length, contextlib.nullcontext()
+        if view == "counterfactual":  # CFPO: salient image values replaced by their mean, in every decoder layer
+            context = cross_modal_value_mean(
+                self.model, inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                std_multiplier=a.cfpo_std_multiplier,
+            )  # fmt: skip
+            return inputs, mb.prompt_length, context
+        if view in ("no_image", "regions_filled"):
+            if view == "no_image":  # ToR: the chat without its image parts
+                prompts = [prompt_without_images(p, self.processor) for p in mb.prompts]
+            else:  # CGPO: each response's own evidence boxes filled with their mean colour (none: the original)
+                prompts = [
+                    dataclasses.replace(p, images=filled_region_images(p.images, text))
+                    for p, text in zip(mb.prompts, mb.texts)
+                ]
+            ids = [row[: int(n)].tolist() for row, n in zip(mb.responses, mb.mask.sum(1))]
+            batch = collate_rollout(self.processor, prompts, ids, config=self.model_config)
+            return (
+                {k: v.to(self.device) for k, v in model_inputs(batch).items()},
+                int(batch["prompt_length"]),
+                contextlib.nullcontext(),
+            )
+        # pixel views: "perturbed" (algorithm.perturbation, VPPO's defaults for the diagnostics) or "noised"
+        if view == "perturbed":
+            options = {"mode": a.get("perturbation", "blacken"), "prob": a.get("perturb_prob", 0.5)}
+        elif self.algorithm == "dvrp":  # VP-diffusion noise, annealed from strong to weak over the run
+            level = diffusion_noise_level(
+                self.step + 1, self.max_steps, t_init=a.noise_t_init, gamma=a.noise_gamma, t_max=a.noise_t_max
+            )
+            options = {"mode": "vp_diffusion", "noise_level": level}
+        else:  # VEPO: Gaussian noise on the normalised values
+            options = {"mode": "gaussian", "noise_std": a.vepo_noise_std}
+        view_seed = 0 if view == self.views[0] else 1  # DVRP's second view draws apart from its first
         ip = self.processor.image_processor
         thw = inputs["image_grid_thw"]
         patches = thw.prod(-1).tolist()  # pixel_values rows per image, images in row order
         pieces, img, start = [], 0, 0
         for b, n_images in enumerate(mb.images_per_row):
             n_rows = sum(patches[img : img + n_images])
-            g = torch.Generator(device=inputs["pixel_values"].device).manual_seed(mb.perturb_seeds[b])
+            seed = mb.perturb_seeds[b] if view_seed == 0 else mix_seed(mb.perturb_seeds[b], view_seed)
+            g = torch.Generator(device=inputs["pixel_values"].device).manual_seed(seed)
             pieces.append(
                 perturb_pixels(
                     inputs["pixel_values"][start : start + n_rows],
                     thw[img : img + n_images],
-                    # DAPO / GRPO under diagnostics.dependency have no perturbation keys: VPPO's defaults
-                    mode=self._cfg.algorithm.get("perturbation", "blacken"),
-                    prob=self._cfg.algorithm.get("perturb_prob", 0.5),
+                    **options,
                     image_mean=ip.image_mean,
                     image_std=ip.image_std,
                     rescale_factor=ip.rescale_factor,
@@ -834,56 +983,90 @@ class RLRecipeDistributed:
             )
             img, start = img + n_images, start + n_rows
         inputs["pixel_values"] = torch.cat(pieces)
-        return inputs
+        return inputs, mb.prompt_length, contextlib.nullcontext()
 
-    def _logprobs(self, mb: MicroBatch, inputs: dict[str, torch.Tensor], *, with_hidden=False, validate=True):
-        """lp [b, L] (and hidden [b, L, H]) of mb's responses under `inputs`; see `response_logprobs`."""
+    def _pass(self, mb: MicroBatch, inputs, prompt_length: int, *, validate=True, **wanted) -> dict[str, torch.Tensor]:
+        """`response_pass` over mb's responses under `inputs` (lp, hidden, and what `wanted` asks for)."""
         return call_in_root_forward(
             self.model,
-            response_logprobs,
+            response_pass,
             inputs,
             mb.responses,
-            mb.prompt_length,
+            prompt_length,
             temperature=self.temperature,
             chunk_size=self.chunk_size,
-            with_hidden=with_hidden,
             validate=validate,
+            **wanted,
         )
 
     # ---------------------------------------------------------------- 4-5. no-grad passes
 
     def no_grad_passes(self, minis: list[list[MicroBatch]]) -> tuple[list[list[NoGradPass]], dict[str, float]]:
-        """lp_old of every micro-batch (and for VPPO / PGPO lp_alt, S and S̄), before any update.
+        """lp_old of every micro-batch and, with altered views (ALTERED_VIEWS), their log-probs, S and S̄, and the
+        scores of the §9 methods; all before any update.
 
         lp_old comes from the clean rows alone, in the micro-batch shape of the update: a pass over another batch
         shape (e.g. clean and perturbed rows stacked) changes the matmul shapes, and on GPUs in bf16 the result, so
         the first mini-batch's ratios would not be exactly 1 (verl: the log-prob micro-batch must equal the
-        update's). Returns (passes [mini][micro], {"old_logprob": s, "alt_logprob": s}).
+        update's). Every altered view is its own pass over the same rows. Returns (passes [mini][micro],
+        {"old_logprob": s, "alt_logprob": s}).
         """
-        exact = self._cfg.algorithm.get("dependency") == "exact"  # vppo / pgpo only
+        a = self._cfg.algorithm
+        exact = a.get("dependency") == "exact"  # vppo / pgpo only
         seconds = {"old_logprob": 0.0, "alt_logprob": 0.0}
+        T, chunk = self.temperature, self.chunk_size
         passes = []
         with torch.no_grad():
             for mini in minis:
                 mini_passes = []
                 for mb in mini:
                     t = time.perf_counter()
-                    lp_old, hidden = self._logprobs(mb, mb.inputs, with_hidden=exact)
+                    clean = self._pass(
+                        mb, mb.inputs, mb.prompt_length, entropy=self.algorithm in ("pepo", "cgpo"),
+                        visual_token_id=self.image_token_id if self.algorithm == "pepo" else None,
+                    )  # fmt: skip
+                    lp_old, extra = clean["lp"], {}
+                    if self.algorithm == "pepo":
+                        extra = {"score": clean["prior"], "entropy": clean["entropy"]}
+                    elif self.algorithm == "cgpo":
+                        extra = {"entropy": clean["entropy"]}
+                    elif self.algorithm == "tor":  # the entropy of the top-p renormalised distribution
+                        extra = {"entropy": call_in_root_forward(
+                            self.model, top_p_entropy_in_root, clean["hidden"], mb.mask, top_p=a.tor_entropy_top_p,
+                            temperature=T, chunk_size=chunk,
+                        )}  # fmt: skip
                     seconds["old_logprob"] += time.perf_counter() - t
                     if not self.measures_dependency:
-                        mini_passes.append(NoGradPass(lp_old))
+                        mini_passes.append(NoGradPass(lp_old, **extra))
                         continue
                     t = time.perf_counter()
-                    lp_alt, hidden_alt = self._logprobs(mb, self._altered_inputs(mb), with_hidden=exact)
+                    altered = []
+                    for view in self.views:
+                        inputs, prompt_length, context = self._altered_view(mb, view)
+                        with context:
+                            altered.append(self._pass(mb, inputs, prompt_length))
+                    lp_alt = altered[0]["lp"]
                     # 5. token visual dependency (sampled-token k3 estimator, or the exact full-vocabulary KL)
                     if exact:
                         S = call_in_root_forward(
-                            self.model, exact_dependency_in_root, hidden, hidden_alt, mb.mask,
-                            temperature=self.temperature, chunk_size=self.chunk_size,
+                            self.model, exact_dependency_in_root, clean["hidden"], altered[0]["hidden"], mb.mask,
+                            temperature=T, chunk_size=chunk,
                         )  # fmt: skip
                     else:
                         S = token_dependency(lp_old, lp_alt, mb.mask)
-                    mini_passes.append(NoGradPass(lp_old, lp_alt, S, trajectory_dependency(S, mb.mask)))
+                    if self.algorithm == "tor":
+                        extra["score"] = abs_log_ratio(lp_old, lp_alt, mb.mask)
+                    elif self.algorithm == "vepo":
+                        d = call_in_root_forward(
+                            self.model, view_divergences_in_root, clean["hidden"], altered[0]["hidden"], mb.mask,
+                            temperature=T, chunk_size=chunk,
+                        )  # fmt: skip
+                        extra["score"] = vepo_token_scores(
+                            d["jsd"], d["entropy"], d["entropy_alt"], mb.mask, jsd_weight=a.vepo_jsd_weight
+                        )
+                    if len(altered) > 1:
+                        extra["lp_alt2"] = altered[1]["lp"]
+                    mini_passes.append(NoGradPass(lp_old, lp_alt, S, trajectory_dependency(S, mb.mask), **extra))
                     seconds["alt_logprob"] += time.perf_counter() - t
                 passes.append(mini_passes)
         return passes, seconds
@@ -921,11 +1104,135 @@ class RLRecipeDistributed:
 
     # ---------------------------------------------------------------- 6. shaping
 
-    def shape(self, mini: list[MicroBatch], passes: list[NoGradPass]) -> list[Shaped]:
-        """One mini-batch: VPPO's α (TAS, §3) and TGF mask (§4), or PGPO's ω̃ (§5), and the truncated importance
-        weights (loss.rollout_is_cap). Returns one Shaped per micro-batch."""
+    def _batch_top_fraction(
+        self, minis: list[list[MicroBatch]], values: list[list[torch.Tensor]], fraction: float
+    ) -> list[torch.Tensor]:
+        """`top_fraction_mask(scope="batch")` over every response token of the step's rollout batch, all ranks
+        (ToR's and CGPO's sets), in data order whatever the ranks: global mini-batch j is rank 0's share of it,
+        then rank 1's, ..., so ties are broken as in a single-process run. Returns one [b, L] bool per micro-batch
+        of this rank, in order."""
+        parts, mine = [], []  # per mini-batch: the gathered values, and where this rank's share starts in them
+        offset = 0
+        for mini, mini_values in zip(minis, values):
+            local = torch.cat([v[mb.mask > 0].float() for mb, v in zip(mini, mini_values)])
+            counts = [torch.zeros(1, dtype=torch.long, device=self.device) for _ in range(self.world)]
+            dist.all_gather(counts, torch.tensor([local.numel()], device=self.device))
+            parts.append(_all_gather_var(local))
+            mine.append((offset + sum(int(c) for c in counts[: self.rank]), local.numel()))
+            offset += parts[-1].numel()
+        everything = torch.cat(parts)[None]
+        top = top_fraction_mask(everything, torch.ones_like(everything), fraction=fraction, scope="batch")[0]
+        out = []
+        for mini, (start, n) in zip(minis, mine):
+            share = top[start : start + n]
+            for mb in mini:
+                valid = mb.mask > 0
+                mask = torch.zeros_like(valid)
+                mask[valid] = share[: int(valid.sum())]
+                share = share[int(valid.sum()) :]
+                out.append(mask)
+        return out
+
+    def _step_token_weights(self, minis: list[list[MicroBatch]], passes: list[list[NoGradPass]]):
+        """The token weights and response factors of the §9 methods whose statistics span the whole rollout batch
+        or need global counts (ToR, CGPO, VEPO), and PEPO's; per micro-batch, [mini][micro]. None for the others.
+
+        Returns (weights [mini][micro] of [b, L] float or None, alphas [mini][micro] of [b] or None).
+        """
         a = self._cfg.algorithm
-        alphas = [torch.ones_like(mb.advantages) for mb in mini]
+        mbs = [mb for mini in minis for mb in mini]
+        ps = [p for mini in passes for p in mini]
+        weights: list[torch.Tensor] | None = None
+        alphas: list[torch.Tensor] | None = None
+        if self.algorithm == "tor":
+            entropy = [[p.entropy for p in mini] for mini in passes]
+            reasoning = self._batch_top_fraction(minis, entropy, a.tor_entropy_fraction)
+            perception = self._batch_top_fraction(
+                minis, [[p.score for p in mini] for mini in passes], a.tor_perception_fraction
+            )
+            weights = [
+                tor_token_weights(
+                    r, q, mb.mask, reasoning_weight=a.tor_reasoning_weight, perception_weight=a.tor_perception_weight
+                )
+                for mb, r, q in zip(mbs, reasoning, perception)
+            ]
+        elif self.algorithm == "cgpo":
+            entropic = self._batch_top_fraction(
+                minis, [[p.entropy for p in mini] for mini in passes], a.cgpo_entropy_fraction
+            )
+            perception = self._batch_top_fraction(
+                minis, [[p.S for p in mini] for mini in passes], a.cgpo_perception_fraction
+            )
+            if a.cgpo_region_tokens:  # the tokens of the response's <region> spans join the perception set
+                regions = [region_token_mask(mb.responses, mb.mask, self.processor.tokenizer) for mb in mbs]
+                perception = [q | r for q, r in zip(perception, regions)]
+            traj = torch.cat([p.traj_dep for p in ps])
+            valid = torch.cat([mb.mask.sum(1) > 0 for mb in mbs])
+            all_traj, all_valid = _all_gather_var(traj), _all_gather_var(valid.to(traj.dtype)).bool()
+            counts = [torch.zeros(1, dtype=torch.long, device=self.device) for _ in range(self.world)]
+            dist.all_gather(counts, torch.tensor([traj.numel()], device=self.device))
+            offset = sum(int(c) for c in counts[: self.rank])
+            alpha = cgpo_response_factors(all_traj, all_valid, coef=a.cgpo_coef)[offset : offset + traj.numel()]
+            alphas = list(alpha.split([p.traj_dep.numel() for p in ps]))
+            # A'_t = A_i·α_i on perception tokens (A_i elsewhere), then the PG terms of entropy ∪ perception tokens
+            # only: ℓ is positively homogeneous in A, so both are one token weight.
+            weights = [
+                torch.where(q, al[:, None], torch.ones_like(mb.mask)) * (e | q).to(mb.mask.dtype) * mb.mask
+                for mb, al, e, q in zip(mbs, alphas, entropic, perception)
+            ]
+        elif self.algorithm == "vepo":
+            selected = [top_fraction_mask(p.score, mb.mask, fraction=a.vepo_fraction) for mb, p in zip(mbs, ps)]
+            weights, i = [], 0
+            for mini in minis:  # the policy term is a mean over the selected tokens of the (global) mini-batch
+                part = selected[i : i + len(mini)]
+                n = torch.stack([torch.stack([mb.mask.sum(), s.sum()]) for mb, s in zip(mini, part)]).double().sum(0)
+                dist.all_reduce(n)
+                scale = float(n[0] / n[1]) if n[1] > 0 else 0.0
+                weights += [s.to(mb.mask.dtype) * scale for mb, s in zip(mini, part)]
+                i += len(mini)
+        elif self.algorithm == "pepo":
+            total = self.max_steps
+            progress = 1.0 if a.pepo_schedule == "none" else (1.0 if total <= 1 else min(1.0, self.step / (total - 1)))
+            weights = [
+                pepo_token_weights(
+                    p.score, p.entropy, mb.mask, gate_alpha=a.pepo_gate_alpha, temperature=a.pepo_temperature,
+                    progress=progress,
+                )
+                for mb, p in zip(mbs, ps)
+            ]  # fmt: skip
+        if weights is None:
+            return None, None
+        split_w, split_a, i = [], [], 0
+        for mini in minis:
+            split_w.append(weights[i : i + len(mini)])
+            split_a.append(alphas[i : i + len(mini)] if alphas is not None else None)
+            i += len(mini)
+        return split_w, split_a
+
+    def shape(self, minis: list[list[MicroBatch]], passes: list[list[NoGradPass]]) -> list[list[Shaped]]:
+        """Per mini-batch: VPPO's α (TAS, §3) and TGF mask (§4), PGPO's ω̃ (§5), or the token weights of the §9
+        methods (`_step_token_weights`), and the truncated importance weights (loss.rollout_is_cap). Returns one
+        Shaped per micro-batch, [mini][micro]."""
+        method_weights, method_alphas = self._step_token_weights(minis, passes)
+        return [
+            self._shape_mini_batch(
+                mini,
+                mini_passes,
+                method_weights[i] if method_weights is not None else None,
+                method_alphas[i] if method_alphas is not None and method_alphas[i] is not None else None,
+            )
+            for i, (mini, mini_passes) in enumerate(zip(minis, passes))
+        ]
+
+    def _shape_mini_batch(
+        self,
+        mini: list[MicroBatch],
+        passes: list[NoGradPass],
+        method_weights: list[torch.Tensor] | None,
+        method_alphas: list[torch.Tensor] | None,
+    ) -> list[Shaped]:
+        a = self._cfg.algorithm
+        alphas = method_alphas or [torch.ones_like(mb.advantages) for mb in mini]
         if self.tas:
             traj = torch.cat([p.traj_dep for p in passes])
             valid = torch.cat([mb.mask.sum(1) > 0 for mb in mini])
@@ -939,8 +1246,9 @@ class RLRecipeDistributed:
             alphas = list(alpha.split([p.traj_dep.numel() for p in passes]))
         cap = self._cfg.loss.rollout_is_cap
         shaped = []
-        for mb, p, alpha in zip(mini, passes, alphas):
+        for i, (mb, p, alpha) in enumerate(zip(mini, passes, alphas)):
             token_weights = None
+            own = method_weights[i].to(p.lp_old.dtype) if method_weights is not None else None
             if self.tgf:
                 token_weights = tgf_mask(p.S, mb.mask, fraction=a.tgf_fraction).to(p.lp_old.dtype)
             elif self.algorithm == "pgpo":
@@ -953,12 +1261,16 @@ class RLRecipeDistributed:
                     weight_floor=a.pgpo_weight_floor,
                     mass_normalization=a.pgpo_mass_normalization,
                 )
+            elif own is not None:
+                token_weights = own
             is_weights = None
             if cap is not None:  # truncated IS: reweight each token's policy term by min(π_old / π_rollout, cap)
                 is_weights = truncated_is_weights(p.lp_old, mb.lp_sampler, mb.mask, cap=float(cap))
                 w = is_weights.to(p.lp_old.dtype)
                 token_weights = w if token_weights is None else token_weights * w
-            shaped.append(Shaped(mb.advantages * alpha, alpha, token_weights, is_weights))
+            # CGPO's α multiplies the advantage of perception tokens only (inside its token weights), not A_i
+            advantages = mb.advantages if self.algorithm == "cgpo" else mb.advantages * alpha
+            shaped.append(Shaped(advantages, alpha, token_weights, is_weights, own))
         return shaped
 
     # ---------------------------------------------------------------- 7. update
@@ -1003,8 +1315,19 @@ class RLRecipeDistributed:
         token_mean = L.aggregation == "token-mean"
         norm = {"num_tokens": counts[0]} if token_mean else {"num_sequences": counts[1]}
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        a = self._cfg.algorithm
+        vepo = self.algorithm == "vepo"
         for mb, p, s in zip(mini, passes, shaped):
-            lp_new, _ = self._logprobs(mb, mb.inputs, validate=False)
+            new = self._pass(mb, mb.inputs, mb.prompt_length, validate=False, entropy=vepo)
+            lp_new = new["lp"]
+            # ALGORITHMS.md §9.1: PAPO / CFPO / DVRP add k3(altered view ‖ π_θ) terms, the altered views scored
+            # once before the update (no gradient through them); VEPO an entropy bonus with gradient.
+            aux_terms = {
+                name: (sign * float(a[key]), kl_penalty(lp_new, (p.lp_alt, p.lp_alt2)[view], "k3"))
+                for name, (key, sign, view) in AUX_KL_TERMS.get(self.algorithm, {}).items()
+            }
+            if vepo:
+                aux_terms["entropy_bonus"] = (-float(a.vepo_entropy_bonus), new["entropy"])
             loss, metrics = policy_loss(
                 lp_new,
                 p.lp_old,
@@ -1017,6 +1340,7 @@ class RLRecipeDistributed:
                 dual_clip=L.dual_clip,
                 entropy_coef=L.entropy_coef,
                 aggregation=L.aggregation,
+                aux_terms=aux_terms,
                 validate=False,
                 **norm,
             )
@@ -1130,6 +1454,22 @@ class RLRecipeDistributed:
             m["pgpo/weight_min"] = float(w.min()) if w.numel() else math.nan
             m["pgpo/weight_max"] = float(w.max()) if w.numel() else math.nan
             m["pgpo/weight_std"] = float(w.std()) if w.numel() > 1 else math.nan
+        if self.algorithm in ("tor", "cgpo", "vepo", "pepo"):  # the §9 method's own token weights
+            w = gathered([s.method_weights[mb.mask > 0] for mb, s in zip(mbs, mb_shaped)])
+            name = self.algorithm
+            m[f"{name}/weight_mean"] = float(w.mean()) if w.numel() else math.nan
+            m[f"{name}/weight_min"] = float(w.min()) if w.numel() else math.nan
+            m[f"{name}/weight_max"] = float(w.max()) if w.numel() else math.nan
+            m[f"{name}/nonzero_fraction"] = float((w != 0).double().mean()) if w.numel() else math.nan
+        if self.algorithm == "cgpo":
+            alpha = gathered([s.alpha[mb.mask.sum(1) > 0] for mb, s in zip(mbs, mb_shaped)])
+            m["cgpo/alpha_min"] = float(alpha.min()) if alpha.numel() else math.nan
+            m["cgpo/alpha_max"] = float(alpha.max()) if alpha.numel() else math.nan
+        if self.algorithm == "dvrp":
+            a = self._cfg.algorithm
+            m["dvrp/noise_level"] = diffusion_noise_level(
+                self.step + 1, self.max_steps, t_init=a.noise_t_init, gamma=a.noise_gamma, t_max=a.noise_t_max
+            )
 
         # trainer-sampler agreement (first mini-batch, all ranks) and the truncated importance weights
         total, tokens, above = _all_reduce_list(agreement[:3])
