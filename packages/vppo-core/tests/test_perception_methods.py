@@ -25,12 +25,13 @@ pepo_visual_prior: the prior of every position [B, T] (the caller slices the res
   returns [B, R] and zeroes invalid response positions. Mean of cosines computed as a dot product with the mean
   unit vector (same value up to float32 rounding, ≤ 1e-6 here).
 pepo_token_weights: an empty response row gives zeros; the fork raises.
-view_divergences_from_hidden: exact log m (logaddexp), no eps, no "safe log" clamp. The fork's JSD takes
+view_divergences_from_hidden: no eps, no "safe log" clamp (log m a log-sum-exp; below JSD 1e-4 the JSD and the
+  entropy gap through the log-ratio log q − log p, which keeps views that barely differ apart). The fork's JSD takes
   log(m + 1e-8), which lowers it by Σ_v m_v·log(1 + 1e-8/m_v) ≤ V·1e-8 (≈ 1.5e-3 for Qwen's V = 151936 and a flat
   distribution) and then clamps at 0: a near-identical pair of views (JSD below that bias) gets 0 in the fork.
   The fork's entropies use log p clamped at log(1e-8) (a change below 1e-9 here).
-top_p_entropy_from_hidden: the fork's nucleus rule; float32 top-p via exp(log_softmax) instead of softmax (≤ 1e-6
-  here); top_p = 1 also goes through the nucleus path in vppo (the fork special-cases it as the full entropy).
+top_p_entropy_from_hidden: the fork's nucleus rule, on max-shifted logits (H = log mass + lse − Σ k·z; ≤ 1e-6 from
+  the fork's here); top_p = 1 is the full entropy, as the fork special-cases it.
 abs_log_ratio: 0 on padding (the fork does not mask).
 pgpo_token_weights (fork ``_compute_pgpo_token_scaling``); they agree to 1e-6 for every switch combination when
   vppo gets eps = 1e-12 and rows whose log1p spread is in (0, 1e-4) are left out. Differences:
@@ -697,9 +698,11 @@ def test_vepo_token_scores_hand_worked():
         return 1.0 - (1.0 - j) ** 0.7 * (1.0 - gap) ** 0.3
 
     expected = [[0.0, fused(0.25, 0.5) / 3, fused(0.5, 0.25) * 2 / 3, 1.0, 0.0]]
-    _close(vepo_token_scores(jsd, entropy, entropy_alt, mask, jsd_weight=0.7), expected)
+    _close(vepo_token_scores(jsd, entropy, entropy_alt - entropy, mask, jsd_weight=0.7), expected)
     # α = 1: only the JSD, gated by the entropy: [0, .25/3, .5·2/3, 1]
-    _close(vepo_token_scores(jsd, entropy, entropy_alt, mask, jsd_weight=1.0), [[0.0, 0.25 / 3, 1 / 3, 1.0, 0.0]])
+    _close(
+        vepo_token_scores(jsd, entropy, entropy_alt - entropy, mask, jsd_weight=1.0), [[0.0, 0.25 / 3, 1 / 3, 1.0, 0.0]]
+    )
 
 
 @HYP
@@ -713,7 +716,7 @@ def test_vepo_token_scores_are_in_unit_interval(B, L, alpha, seed):
     g = torch.Generator().manual_seed(seed)
     jsd, entropy, entropy_alt = (torch.rand(B, L, generator=g) * LN2 for _ in range(3))
     mask = _rand_mask(g, B, L)
-    s = vepo_token_scores(jsd, entropy, entropy_alt, mask, jsd_weight=alpha)
+    s = vepo_token_scores(jsd, entropy, entropy_alt - entropy, mask, jsd_weight=alpha)
     assert s.dtype == torch.float32
     assert bool(((s >= 0) & (s <= 1)).all()) and not bool(s[~mask].any())
 
@@ -726,7 +729,7 @@ def test_vepo_token_scores_side_by_side_with_fork():
         entropy, entropy_alt = torch.rand(B, L, generator=g) * 5, torch.rand(B, L, generator=g) * 5
         mask = _rand_mask(g, B, L)
         alpha = (0.0, 0.5, 0.7, 1.0, _uniform(g, 0.0, 1.0))[_randint(g, 0, 4)]
-        ours = vepo_token_scores(jsd, entropy, entropy_alt, mask, jsd_weight=alpha)
+        ours = vepo_token_scores(jsd, entropy, entropy_alt - entropy, mask, jsd_weight=alpha)
         comps = {"jsd": jsd, "abs_entropy_gap": (entropy_alt - entropy).abs(), "entropy": entropy}
         fork = fork_combine_full_vocab_scores(comps, mask, "vepo", alpha, "normal_entropy")
         torch.testing.assert_close(ours, fork, rtol=0, atol=1e-6)
@@ -749,7 +752,7 @@ def test_vepo_bad_inputs_name_the_argument():
     s = torch.rand(1, 2)
     with pytest.raises(ValueError, match="jsd_weight"):
         vepo_token_scores(s, s, s, ones, jsd_weight=1.5)
-    with pytest.raises(ValueError, match="entropy_alt"):
+    with pytest.raises(ValueError, match="entropy_gap"):
         vepo_token_scores(s, s, torch.rand(1, 3), ones)
     with pytest.raises(ValueError, match="mask"):
         vepo_token_scores(s, s, s, torch.ones(1, 3))
@@ -771,8 +774,7 @@ def test_top_p_entropy_hand_worked():
 
 def test_top_p_entropy_side_by_side_with_fork_and_full_entropy_at_one():
     # Measured: |ours − fork| ≤ 1e-6 (float32 exp(log_softmax) vs softmax; no token on the top-p border flipped
-    # here). top_p = 1 vs logprobs_from_hidden's entropy, V ≤ 128: ≤ 5e-6 (a float32 cumsum can pass 1 before the
-    # last tokens and drop them; their mass is ≤ 1e-7 here). Tolerances 1e-5.
+    # here). top_p = 1 (the full entropy) vs logprobs_from_hidden's entropy, V ≤ 128: ≤ 5e-6. Tolerances 1e-5.
     g = torch.Generator().manual_seed(19)
     for i in range(N_CASES):
         B, L, H, V = _randint(g, 1, 3), _randint(g, 1, 6), 8, _randint(g, 2, 128)
@@ -1160,3 +1162,21 @@ def test_top_p_one_is_the_full_entropy_at_qwen_vocabulary_size():
     got = top_p_entropy_from_hidden(h, W, torch.ones(1, 1), top_p=1.0)
     _, full = logprobs_from_hidden(h, W, torch.zeros(1, 1, dtype=torch.long), return_entropy=True)
     assert abs(float(got) - float(exact)) < 2e-5 and abs(float(got) - float(full)) < 2e-5
+
+
+def test_jsd_of_views_that_barely_differ_keeps_its_relative_precision():
+    """Regression (issue 16's whole-step test on the tiny model): under VEPO's noise a small model's two views differ
+    by JSD ~1e-11, and the difference of two float32 log-softmaxes buried that in ~1e-8 of noise, so VEPO's
+    per-response ranking was random. The log-ratio form keeps ~1e-3 relative precision there."""
+    g = torch.Generator().manual_seed(3)
+    V, H = 1_000, 16
+    W = torch.randn(V, H, generator=g) * 0.5
+    h = torch.randn(2, 6, H, generator=g)
+    h_alt = h + 1e-5 * torch.randn(2, 6, H, generator=g)
+    got = view_divergences_from_hidden(h, h_alt, W, torch.ones(2, 6))["jsd"].double()
+    za, zb = (h @ W.T).double(), (h_alt @ W.T).double()  # the same float32 logits, in float64 from here
+    p, q = za.softmax(-1), zb.softmax(-1)
+    m = (p + q) / 2
+    want = 0.5 * (p * (p / m).log()).sum(-1) + 0.5 * (q * (q / m).log()).sum(-1)
+    assert float(want.max()) < 1e-8  # the regime in question
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-15)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from vppo_core.shaping import pgpo_token_weights, tas_bounds, tas_scale, tas_scale_reference
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fork_reference import fork_pgpo_token_scaling
 
 # ----------------------------------------------------------------------------------------------------- TAS (§3)
 
@@ -307,34 +312,12 @@ def test_pgpo_switches_keep_weights_non_negative_order_preserving_and_mass_conse
 
 
 def _reimplementation_pgpo(S, mask, threshold, boost, threshold_mode, low_weight_floor, mass_normalization, eps=1e-8):
-    """The arithmetic of `_compute_pgpo_token_scaling` in zsxm1998/awesome-perception-aware-rlvr
-    (verl/trainer/perception_reasoning_loss.py, with `minmax_normalize_by_response` of visual_sensitivity.py),
-    transcribed for this comparison: scores clamped at 0 before log1p, min-max divided by clamp(spread, eps) and
-    clamped to [0, 1], thresholds divided by clamp(τ, eps) and clamp(1 − τ, eps), mass normalisation with a
-    clamp(Σ, eps) division and a fall back to ones when Σ ≤ eps."""
-    valid = mask.bool()
-    scores = torch.log1p(S.float().clamp(min=0.0))
-    lo = scores.masked_fill(~valid, float("inf")).min(-1, keepdim=True).values
-    hi = scores.masked_fill(~valid, float("-inf")).max(-1, keepdim=True).values
-    norm = ((scores - lo) / (hi - lo).clamp(min=eps)).masked_fill(~valid, 0.0).clamp(0.0, 1.0)
-    if threshold_mode == "quantile":
-        lengths = valid.sum(-1, keepdim=True)
-        index = torch.minimum((lengths.float() * threshold).long(), (lengths - 1).clamp(min=0))
-        ranked = norm.masked_fill(~valid, float("inf")).sort(-1).values
-        thr = torch.where(lengths > 0, ranked.gather(-1, index), 0.0)
-    else:
-        thr = scores.new_tensor(threshold)
-    below = norm / thr.clamp(min=eps)
-    if low_weight_floor > 0.0:
-        below = below.clamp(min=low_weight_floor)
-    above = 1.0 + boost * (norm - thr) / (1.0 - thr).clamp(min=eps)
-    raw = torch.where(norm < thr, below, above).masked_fill(~valid, 0.0)
-    if not mass_normalization:
-        return raw
-    counts = valid.sum(-1, keepdim=True).to(raw.dtype)
-    sums = raw.sum(-1, keepdim=True)
-    out = torch.where(sums > eps, raw * counts / sums.clamp(min=eps), valid.to(raw.dtype))
-    return out.masked_fill(~valid, 0.0)
+    """`_compute_pgpo_token_scaling` of zsxm1998/awesome-perception-aware-rlvr, from the one transcription of that
+    file the tests keep (fork_reference.py)."""
+    weights, _ = fork_pgpo_token_scaling(
+        S, mask, threshold, boost, threshold_mode, low_weight_floor, mass_normalization, eps
+    )  # fmt: skip
+    return weights
 
 
 @pytest.mark.parametrize("mode", ["absolute", "quantile"])

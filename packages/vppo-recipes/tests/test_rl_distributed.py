@@ -65,8 +65,9 @@ def test_tiny_configs_carry_each_algorithms_published_settings():
         ("tiny_dapo", "algorithm.tgf_fraction", "0.2", "vppo"),  # used to run, recorded as if used
         ("tiny_grpo", "algorithm.dependency", "exact", "vppo/pgpo"),
         ("tiny_vppo", "algorithm.pgpo_tau", "0.3", "pgpo"),
-        ("tiny_pgpo", "algorithm.perturbation", "noise", "vppo/papo/dvrp"),
-        ("tiny_vppo", "algorithm.visual_kl_coef", "0.1", "papo/cfpo/dvrp"),
+        ("tiny_pgpo", "algorithm.perturbation", "noise", "vppo"),
+        ("tiny_papo", "algorithm.perturb_prob", "0.5", "vppo"),  # PAPO's mask probability is mask_prob
+        ("tiny_vppo", "algorithm.visual_kl_coef", "0.1", "papo/cfpo"),
         ("tiny_tor", "algorithm.vepo_fraction", "0.1", "vepo"),
     ],
 )

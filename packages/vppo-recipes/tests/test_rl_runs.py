@@ -100,7 +100,8 @@ def test_two_process_run_writes_metrics_and_its_first_loss_equals_a_single_proce
 METHOD_CHECKS = {
     "papo": {"actor/aux/visual_kl": (0.0, 10.0), "dependency/token_mean": (0.0, 10.0)},
     "cfpo": {"actor/aux/visual_kl": (0.0, 10.0)},
-    "dvrp": {"actor/aux/visual_kl": (0.0, 10.0), "actor/aux/robustness_kl": (0.0, 10.0), "dvrp/noise_level": (0.0, 1.0)},
+    "dvrp": {"actor/aux/necessity_kl": (0.0, 10.0), "actor/aux/robustness_kl": (0.0, 10.0),
+             "dvrp/noise_level": (0.0, 1.0)},
     # ToR: ~30 % of the batch's tokens by entropy (weight 1) and ~30 % by perception (0.5), possibly overlapping
     "tor": {"tor/weight_max": (0.5, 1.0), "tor/weight_min": (0.0, 0.0), "tor/nonzero_fraction": (0.3, 0.65)},
     "cgpo": {"cgpo/alpha_min": (0.9, 1.1), "cgpo/alpha_max": (0.9, 1.1), "cgpo/nonzero_fraction": (0.3, 0.65)},

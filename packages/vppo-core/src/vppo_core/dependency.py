@@ -14,6 +14,8 @@ gradient (computed under ``torch.no_grad``).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -40,6 +42,10 @@ __all__ = [
     "view_divergences_from_hidden",
 ]
 
+_LOG_2 = math.log(2.0)
+_LOG_HALF = -_LOG_2
+# view_divergences_from_hidden: below this JSD the log-ratio form is the accurate one (see there).
+_JSD_RATIO_FORM_BELOW = 1e-4
 # Clamps of the sampled-token estimator (ALGORITHMS.md §1, as in the VPPO reference code).
 LOG_RATIO_CLAMP = 20.0
 DEPENDENCY_MAX = 10.0
@@ -284,7 +290,8 @@ def view_divergences_from_hidden(
     """Full-vocabulary Jensen–Shannon divergence and both entropies of two views, per response token (§9.6, VEPO).
 
     With ``p = softmax(W h / T)``, ``q = softmax(W h_alt / T)`` and ``m = (p + q) / 2``:
-    ``jsd = ½ Σ_v p (log p − log m) + ½ Σ_v q (log q − log m)`` (``log m`` as a log-sum-exp, no epsilon),
+    ``jsd = ½ Σ_v p (log p − log m) + ½ Σ_v q (log q − log m)`` (no epsilon; computed through the log-ratio
+    ``log q − log p`` of the two views, so that nearly equal views keep their ~1e-11 differences in float32),
     ``entropy = −Σ_v p log p``, ``entropy_alt = −Σ_v q log q``; float32, chunks of contiguous rows.
 
     Args:
@@ -293,8 +300,9 @@ def view_divergences_from_hidden(
         temperature: > 0.  chunk_size: positions per chunk (None: ~64 MiB of float32 per block).
 
     Returns:
-        ``{"jsd", "entropy", "entropy_alt"}``, each [B, L] float32 (float64 for float64 inputs), 0 on padding, no
-        gradient. ``0 ≤ jsd ≤ log 2`` (up to float32 rounding, ~1e-7, for disjoint views).
+        ``{"jsd", "entropy", "entropy_alt", "entropy_gap"}``, each [B, L] float32 (float64 for float64 inputs), 0 on
+        padding, no gradient; ``entropy_gap = entropy_alt − entropy``, computed like the JSD so that it keeps its
+        precision when the views barely differ (the difference of the two rounded entropies would not). ``0 ≤ jsd ≤ log 2`` (up to float32 rounding, ~1e-7, for disjoint views).
     """
     _check_hidden_and_weight(hidden, weight, ("hidden_alt", hidden_alt))
     temperature = check_temperature(temperature)
@@ -302,23 +310,46 @@ def view_divergences_from_hidden(
     valid = check_mask(mask, (batch, length))
     dtype = compute_dtype(hidden.dtype)
     ha, hb = (t.reshape(batch * length, hid).contiguous() for t in (hidden, hidden_alt))
-    out = {k: torch.zeros(batch * length, dtype=dtype, device=hidden.device) for k in ("jsd", "entropy", "entropy_alt")}
+    keys = ("jsd", "entropy", "entropy_alt", "entropy_gap")
+    out = {k: torch.zeros(batch * length, dtype=dtype, device=hidden.device) for k in keys}
     width = chunk_width(chunk_size, 1, weight.shape[0])
-    log_half = torch.log(torch.tensor(0.5, dtype=dtype))
     for start in range(0, batch * length, width):
         sl = slice(start, start + width)
-        la = _row_log_softmax(ha[sl], weight, temperature, dtype)
-        lb = _row_log_softmax(hb[sl], weight, temperature, dtype)
-        lm = torch.logaddexp(la, lb) + log_half
-        pa, pb = la.exp(), lb.exp()
-        out["jsd"][sl] = 0.5 * (pa * (la - lm)).sum(-1) + 0.5 * (pb * (lb - lm)).sum(-1)
-        out["entropy"][sl] = -(pa * la).sum(-1)
-        out["entropy_alt"][sl] = -(pb * lb).sum(-1)
+        za = F.linear(ha[sl], weight).to(dtype) / temperature
+        zb = F.linear(hb[sl], weight).to(dtype) / temperature
+        la, lb = torch.log_softmax(za, dim=-1), torch.log_softmax(zb, dim=-1)
+        pa, q = la.exp(), lb.exp()
+        # Two forms of the same JSD. Direct: Σ over p·(log p − log m) with log m a log-sum-exp; accurate to ~1e-8
+        # absolute (the rounding of the two log-softmaxes), so it buries views that barely differ (JSD ~ 1e-11, as
+        # a small model's under VEPO's noise) in noise. Through δ = log q − log p without subtracting two rounded
+        # log-softmaxes: δ = Δz − c, Δz = z_alt − z, c = log Σ p·e^Δz = log1p(Σ p·expm1(Δz)) (the row's top Δz
+        # taken out first, so nothing overflows), then with f(δ) = log((1 + e^δ)/2):
+        # JSD = ½ Σ p·(−f(δ)) + ½ Σ q·(δ − f(δ)), relative precision ~1e-3 at JSD ~ 1e-11; but δ carries the
+        # rounding of |Δz| itself, ~1e-5 at logits of ~1,000. Each where it is accurate: the δ form below 1e-4.
+        lm = torch.logaddexp(la, lb) + _LOG_HALF
+        direct = 0.5 * (pa * (la - lm)).sum(-1) + 0.5 * (q * (lb - lm)).sum(-1)
+        dz = zb - za
+        shifted = dz - dz.amax(dim=-1, keepdim=True)
+        mass = (pa * torch.expm1(shifted)).sum(-1, keepdim=True)
+        c = torch.where(mass > -0.5, torch.log1p(mass.clamp(min=-0.5)), torch.logsumexp(la + shifted, -1, keepdim=True))
+        delta = shifted - c
+        f = torch.where(delta < 20, torch.log1p(torch.expm1(delta.clamp(max=20)) / 2), F.softplus(delta) - _LOG_2)
+        by_ratio = 0.5 * (pa * -f).sum(-1) + 0.5 * (q * (delta - f)).sum(-1)
+        close = direct < _JSD_RATIO_FORM_BELOW
+        out["jsd"][sl] = torch.where(close, by_ratio, direct)
+        out["entropy"][sl] = h = -(pa * la).sum(-1)
+        out["entropy_alt"][sl] = h_alt = -(q * lb).sum(-1)
+        # H_alt − H has the same problem and the same cure: with q = p·e^δ it is −Σ p·expm1(δ)·log p − Σ q·δ
+        # (p·expm1(δ) = q − p, exactly where δ is small; q − p itself where expm1 could overflow against p = 0)
+        q_minus_p = torch.where(delta < 20, pa * torch.expm1(delta.clamp(max=20)), q - pa)
+        gap_by_ratio = -(q_minus_p * la).sum(-1) - (q * delta).sum(-1)
+        out["entropy_gap"][sl] = torch.where(close, gap_by_ratio, h_alt - h)
     result = {}
     for key, value in out.items():
         value = value.view(batch, length)
         check_finite_where(value, valid, f"the {key} from hidden/hidden_alt (they contain NaN/inf)")
-        result[key] = torch.where(valid, value.clamp_min(0.0), torch.zeros((), dtype=dtype, device=value.device))
+        value = value if key == "entropy_gap" else value.clamp_min(0.0)
+        result[key] = torch.where(valid, value, torch.zeros((), dtype=dtype, device=value.device))
     return result
 
 
@@ -383,7 +414,7 @@ def top_p_entropy_from_hidden(
 
 @torch.no_grad()
 def vepo_token_scores(
-    jsd: torch.Tensor, entropy: torch.Tensor, entropy_alt: torch.Tensor, mask: torch.Tensor, *, jsd_weight: float = 0.7
+    jsd: torch.Tensor, entropy: torch.Tensor, entropy_gap: torch.Tensor, mask: torch.Tensor, *, jsd_weight: float = 0.7
 ) -> torch.Tensor:
     """VEPO's vision-anchored token score (§9.6): ``s = [1 − (1 − ĵ)^α (1 − ĝ)^(1−α)] · Ĥ``.
 
@@ -391,22 +422,23 @@ def vepo_token_scores(
     original view (`shaping.minmax_by_response`: 0 for a row whose values are all equal).
 
     Args:
-        jsd, entropy, entropy_alt: [B, L] float (`view_divergences_from_hidden`).  mask: [B, L] bool or 0/1.
+        jsd, entropy, entropy_gap: [B, L] float (`view_divergences_from_hidden`; the gap ``H_alt − H``, either
+            sign).  mask: [B, L] bool or 0/1.
         jsd_weight: α in [0, 1] (script: 0.7).
 
     Returns:
         [B, L] float32 in [0, 1], 0 on padding, no gradient. Select with `top_fraction_mask(s, mask, fraction=0.2)`.
     """
-    for name, t in (("jsd", jsd), ("entropy", entropy), ("entropy_alt", entropy_alt)):
+    for name, t in (("jsd", jsd), ("entropy", entropy), ("entropy_gap", entropy_gap)):
         if not isinstance(t, torch.Tensor) or t.ndim != 2 or not t.is_floating_point() or t.shape != jsd.shape:
             raise ValueError(f"{name} must be a floating tensor [B, L] of jsd's shape, got {getattr(t, 'shape', t)}")
     if isinstance(jsd_weight, bool) or not isinstance(jsd_weight, (int, float)) or not 0.0 <= jsd_weight <= 1.0:
         raise ValueError(f"jsd_weight must be in [0, 1], got {jsd_weight!r}")
     valid = check_mask(mask, tuple(jsd.shape))
-    for name, t in (("jsd", jsd), ("entropy", entropy), ("entropy_alt", entropy_alt)):
+    for name, t in (("jsd", jsd), ("entropy", entropy), ("entropy_gap", entropy_gap)):
         check_finite_where(t, valid, name)
     j = minmax_by_response(jsd, valid)
-    gap = minmax_by_response((entropy_alt.float() - entropy.float()).abs(), valid)
+    gap = minmax_by_response(entropy_gap.float().abs(), valid)
     h = minmax_by_response(entropy, valid)
     score = (1.0 - (1.0 - j) ** jsd_weight * (1.0 - gap) ** (1.0 - jsd_weight)) * h
     return torch.where(valid, score, torch.zeros_like(score))

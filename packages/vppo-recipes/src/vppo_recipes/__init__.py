@@ -1,4 +1,5 @@
-"""vppo-recipes: torchtune-style FSDP2 recipes (RL: VPPO / PGPO / DAPO / GRPO; SFT) for Qwen2.5-VL / Qwen3-VL.
+"""vppo-recipes: torchtune-style FSDP2 recipes (RL: VPPO / PGPO / DAPO / GRPO and the
+methods that followed VPPO: PAPO, CFPO, DVRP, ToR, PEPO, CGPO, VEPO; SFT) for Qwen2.5-VL / Qwen3-VL.
 
 The recipes themselves are run with `vppo-recipes run` or `tune run` (see `vppo_recipes.cli`); this module exposes
 the building blocks they share. Names are imported on first use (PEP 562), so `vppo-recipes ls` does not pay for

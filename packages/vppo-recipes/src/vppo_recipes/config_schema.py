@@ -187,10 +187,8 @@ RL_ONLY: dict[str, Any] = {
     },
     "algorithm": {
         "name": _f(str, choices=RL_ALGORITHMS),
-        "perturbation": _f(str, default="blacken", choices=IMAGE_PERTURBATIONS, algorithms=_VPPO + _PAPO + _DVRP),
-        "perturb_prob": _f(
-            float, default=0.5, low=0.0, high=1.0, algorithms=_VPPO + _PAPO + _DVRP, doc="VPPO 0.5; PAPO, DVRP 0.6"
-        ),
+        "perturbation": _f(str, default="blacken", choices=IMAGE_PERTURBATIONS, algorithms=_VPPO),
+        "perturb_prob": _f(float, default=0.5, low=0.0, high=1.0, algorithms=_VPPO),
         "tas": _f(bool, default=True, algorithms=_VPPO),
         "beta_min": _f(float, default=0.9, low=0.0, high=1.0, algorithms=_VPPO),
         "tas_statistics": _f(str, default="global", choices=("global", "reference"), algorithms=_VPPO),
@@ -213,12 +211,23 @@ RL_ONLY: dict[str, Any] = {
         ),
         "dependency": _f(str, default="sampled", choices=("sampled", "exact"), algorithms=_VPPO + _PGPO),
         # ALGORITHMS.md §9: the methods that followed VPPO, with the defaults of their papers / scripts
+        "mask_prob": _f(
+            float,
+            default=0.6,
+            low=0.0,
+            high=1.0,
+            algorithms=_PAPO + _DVRP,
+            doc="ViT patches blackened in the masked view",
+        ),
         "visual_kl_coef": _f(
             float,
             default=0.02,
             low=0.0,
-            algorithms=_PAPO + _CFPO + _DVRP,
-            doc="γ: loss − γ·k3(altered view ‖ policy); PAPO-G / CFPO-G 0.02, PAPO-D / CFPO-D 0.01, DVRP λ_nec 0.01",
+            algorithms=_PAPO + _CFPO,
+            doc="γ: loss − γ·k3(altered view ‖ policy); PAPO-G / CFPO-G 0.02, PAPO-D / CFPO-D 0.01",
+        ),
+        "necessity_kl_coef": _f(
+            float, default=0.01, low=0.0, algorithms=_DVRP, doc="λ_nec: − λ_nec·k3(masked ‖ policy)"
         ),
         "robustness_kl_coef": _f(
             float, default=0.01, low=0.0, algorithms=_DVRP, doc="λ_rob: + λ_rob·k3(noised ‖ policy)"

@@ -1,4 +1,5 @@
-"""RL for Qwen2.5-VL / Qwen3-VL with FSDP2: VPPO, PGPO, DAPO and GRPO in one torchtune-style recipe.
+"""RL for Qwen2.5-VL / Qwen3-VL with FSDP2: VPPO, PGPO, DAPO, GRPO and the methods that followed VPPO (PAPO, CFPO,
+DVRP, ToR, PEPO, CGPO, VEPO; ALGORITHMS.md §9) in one torchtune-style recipe.
 
 Launch from any directory (tune turns the relative path into the installed module vppo_recipes.rl.rl_distributed;
 see ENVIRONMENT.md "tune run"), or through the `vppo-recipes run rl_distributed ...` wrapper:
@@ -12,16 +13,18 @@ that the next one reads; none writes into another's:
     generate_rollouts    draw prompts -> sampler.sample(G per prompt) -> compute_rewards -> group_advantages,
                          online filter (draw more prompts until the rollout batch is full, capped)   -> Rollouts
     prepare_minibatches  this rank's groups -> mini-batches of collated micro-batches                 -> MicroBatch
-    no_grad_passes       lp_old (clean inputs); VPPO / PGPO: lp_alt (perturbed pixels / text-only
-                         attention) and token_dependency S                                            -> NoGradPass
-    shape                TAS α and TGF mask (VPPO) | PGPO weights (| truncated IS weights)           -> Shaped
+    no_grad_passes       lp_old (clean inputs); with altered views (ALTERED_VIEWS: perturbed pixels, text-only
+                         attention, no image, ...): lp_alt, token_dependency S, the §9 scores       -> NoGradPass
+    shape                TAS α and TGF mask (VPPO) | PGPO weights | §9 weights (| truncated IS)      -> Shaped
     update               per mini-batch: per micro-batch policy_loss / backward, clip, step          -> UpdateResult
     _sync_sampler        push the full weights to the sampler
     _step_metrics        everything above, reduced over ranks into one flat dict; counters into the run's totals
 
 Design choices a reader coming from verl / EasyR1 / TRL should know:
 - The algorithm is configuration (`algorithm.name`): vppo (TAS + TGF, each switchable for ablations), pgpo (token
-  weights), dapo and grpo (no dependency pass at all, so DAPO costs exactly one no-grad pass less than VPPO).
+  weights), dapo and grpo (no dependency pass at all, so DAPO costs exactly one no-grad pass less than VPPO), and
+  the §9 methods: token weights (tor, cgpo, vepo, pepo) or extra k3 terms in the loss (papo, cfpo, dvrp), each
+  reading its own no-grad views (ALTERED_VIEWS) scored once before the update, never through a gradient.
 - Every random choice is a pure function of (seed, the prompt's number among the run's usable examples, response
   index): the sampling seed of each prompt (embedded engine: one `sample` call per prompt) and the perturbation
   mask of each response. With the embedded engine, results therefore depend neither on the number of ranks nor on
@@ -133,7 +136,7 @@ ALTERED_VIEWS = {
 AUX_KL_TERMS = {
     "papo": {"visual_kl": ("visual_kl_coef", -1.0, 0)},
     "cfpo": {"visual_kl": ("visual_kl_coef", -1.0, 0)},
-    "dvrp": {"visual_kl": ("visual_kl_coef", -1.0, 0), "robustness_kl": ("robustness_kl_coef", 1.0, 1)},
+    "dvrp": {"necessity_kl": ("necessity_kl_coef", -1.0, 0), "robustness_kl": ("robustness_kl_coef", 1.0, 1)},
 }
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PHASES = ("sample", "reward", "old_logprob", "alt_logprob", "shaping", "update", "weight_sync")
@@ -460,7 +463,7 @@ class UpdateResult:
 
 
 class RLRecipeDistributed:
-    """VPPO / PGPO / DAPO / GRPO with FSDP2 on a Qwen2.5-VL / Qwen3-VL policy (see the module docstring).
+    """The RL algorithms of `ALGORITHMS` with FSDP2 on a Qwen2.5-VL / Qwen3-VL policy (see the module docstring).
 
     cfg: a config already checked by `validate_config(cfg, "rl")` (recipe_main does it before anything else).
     """
@@ -948,8 +951,11 @@ class RLRecipeDistributed:
                 int(batch["prompt_length"]),
                 contextlib.nullcontext(),
             )
-        # pixel views: "perturbed" (algorithm.perturbation, VPPO's defaults for the diagnostics) or "noised"
-        if view == "perturbed":
+        # pixel views: "perturbed" (algorithm.perturbation, VPPO's defaults for the diagnostics; PAPO and DVRP
+        # blacken with their own mask_prob) or "noised"
+        if view == "perturbed" and "mask_prob" in a:
+            options = {"mode": "blacken", "prob": a.mask_prob}
+        elif view == "perturbed":
             options = {"mode": a.get("perturbation", "blacken"), "prob": a.get("perturb_prob", 0.5)}
         elif self.algorithm == "dvrp":  # VP-diffusion noise, annealed from strong to weak over the run
             level = diffusion_noise_level(
@@ -1062,7 +1068,7 @@ class RLRecipeDistributed:
                             temperature=T, chunk_size=chunk,
                         )  # fmt: skip
                         extra["score"] = vepo_token_scores(
-                            d["jsd"], d["entropy"], d["entropy_alt"], mb.mask, jsd_weight=a.vepo_jsd_weight
+                            d["jsd"], d["entropy"], d["entropy_gap"], mb.mask, jsd_weight=a.vepo_jsd_weight
                         )
                     if len(altered) > 1:
                         extra["lp_alt2"] = altered[1]["lp"]
@@ -1183,13 +1189,17 @@ class RLRecipeDistributed:
         elif self.algorithm == "vepo":
             selected = [top_fraction_mask(p.score, mb.mask, fraction=a.vepo_fraction) for mb, p in zip(mbs, ps)]
             weights, i = [], 0
-            for mini in minis:  # the policy term is a mean over the selected tokens of the (global) mini-batch
+            for mini in minis:
                 part = selected[i : i + len(mini)]
+                i += len(mini)
+                if self._cfg.loss.aggregation != "token-mean":  # each response's own mean over its selected tokens
+                    weights += [s * (mb.mask.sum(1) / s.sum(1).clamp(min=1))[:, None] for mb, s in zip(mini, part)]
+                    continue
+                # token-mean: the policy term is a mean over the selected tokens of the (global) mini-batch
                 n = torch.stack([torch.stack([mb.mask.sum(), s.sum()]) for mb, s in zip(mini, part)]).double().sum(0)
                 dist.all_reduce(n)
                 scale = float(n[0] / n[1]) if n[1] > 0 else 0.0
                 weights += [s.to(mb.mask.dtype) * scale for mb, s in zip(mini, part)]
-                i += len(mini)
         elif self.algorithm == "pepo":
             total = self.max_steps
             progress = 1.0 if a.pepo_schedule == "none" else (1.0 if total <= 1 else min(1.0, self.step / (total - 1)))
