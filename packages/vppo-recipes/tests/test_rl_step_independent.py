@@ -205,6 +205,9 @@ def _plain_method_weights(model, cfg, minis: list[list[dict]]) -> list[list[torc
         for mb in flat:
             mask, L = mb["mask"], mb["responses"].shape[1]
             for j, (inputs, prompt_length) in enumerate(mb["views"]):
+                # the view holds the same responses after its own prompt (ToR's has no image: another length)
+                span = inputs["input_ids"][:, prompt_length : prompt_length + L]
+                assert torch.equal(span[mask > 0], mb["responses"][mask > 0]), f"view {j} holds other responses"
                 alt = _plain_logprobs(model, inputs, mb["responses"], prompt_length, T)
                 close(mb["lp_alt" if j == 0 else "lp_alt2"], alt, mask, 2e-5, f"altered view {j}")
             if cfg.algorithm.name in ("tor", "cgpo", "vepo", "pepo"):
@@ -474,3 +477,41 @@ def test_one_rl_step_on_two_ranks_equals_a_plain_computation(assets, tmp_path, c
     assert metrics["filter/groups_kept"] == 4 and len(ranks[0]["minis"]) == 2, "the rollout batch must be full"
     plain_params, expected = plain_step(cfg, assets["warm"], ranks[0]["before"], ranks)
     assert_step_matches(ranks[0]["before"], ranks[0]["after"], metrics, plain_params, expected)
+
+
+def test_cgpo_counterfactual_view_fills_exactly_the_named_boxes(assets, tmp_path):
+    """The recipe's CGPO view on a micro-batch whose first response names a box: that row's pixel_values change on
+    exactly the ViT patches the box covers, to the processor's rows of the box's mean colour; the other rows
+    (responses naming nothing) keep the clean image. The tiny model never writes <region>, so the runs above only
+    ever see the no-region case."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    import vppo_recipes.rl.rl_distributed as rl
+    from vppo_rollout.collate import collate_rollout, model_inputs
+    from vppo_rollout.regions import filled_region_images
+
+    cfg = _config(assets, tmp_path / "run", "tiny_cgpo", {})
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        recipe = rl.RLRecipeDistributed(cfg)
+        recipe.setup(cfg)
+        mb = recipe.prepare_minibatches(recipe.generate_rollouts().groups)[0][0][0]
+        recipe.metric_logger.close()
+    finally:
+        dist.destroy_process_group()
+    region = '<region name="left half" image_idx="0" id="0">[[0, 0, 500, 1000]]</region>'
+    texts = [region + " " + mb.texts[0]] + ["no region"] * (len(mb.texts) - 1)
+    inputs, prompt_length, _ = recipe._altered_view(dataclasses.replace(mb, texts=texts), "regions_filled")
+    assert prompt_length == mb.prompt_length and torch.equal(inputs["input_ids"], mb.inputs["input_ids"])
+    clean, filled = mb.inputs["pixel_values"], inputs["pixel_values"]
+    per_image = mb.inputs["image_grid_thw"].prod(-1).tolist()
+    first = slice(0, per_image[0])
+    assert torch.equal(filled[per_image[0] :], clean[per_image[0] :]), "rows naming no box keep the clean image"
+    assert not torch.equal(filled[first], clean[first]), "the named box changed nothing"
+    # independently: fill the box on the prompt's image and process it the way collation does
+    image = filled_region_images(mb.prompts[0].images, region)
+    want = model_inputs(collate_rollout(recipe.processor, [dataclasses.replace(mb.prompts[0], images=image)],
+                                        [mb.responses[0, :1].tolist()], config=recipe.model_config))  # fmt: skip
+    assert torch.equal(filled[first], want["pixel_values"])

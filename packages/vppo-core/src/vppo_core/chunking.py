@@ -25,10 +25,11 @@ __all__ = [
 # (a few kernel launches) is negligible next to the V-wide work.
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 # The hidden-state path walks the vocabulary with every position at once (vocab_block): by default [B·L, block]
-# float32 blocks of 16 MiB, and never narrower than DEFAULT_MIN_BLOCK entries. Measured (bf16, H = 3,584,
-# V = 151,936; vppo-core README, benchmarks): time is flat from 1,024 to 16,384 entries at B·L = 1,024 and from
-# 1,024 to 8,192 at B·L = 4,096, while 256-entry blocks at B·L = 4,096 made forward + backward 1.2x slower (thin
-# matmuls). 16 MiB keeps the forward under a sixteenth of the naive path's memory at B·L = 1,024.
+# float32 blocks of 16 MiB, and never narrower than DEFAULT_MIN_BLOCK entries. Measured at B·L = 1,024 (H = 3,584,
+# V = 151,936; `bench_race.py --ablations`, vppo-core README "Benchmarks"): forward + backward within 1.10x of the
+# default from 1,024 to 16,384 entries in bf16, while 256-entry blocks were 1.27x slower (thin matmuls); timing
+# differences under ~20 % are noise on that machine. 16 MiB keeps the forward under a sixteenth of the naive path's
+# memory at B·L = 1,024.
 DEFAULT_BLOCK_BYTES = 16 * 2**20
 DEFAULT_MIN_BLOCK = 1024
 
