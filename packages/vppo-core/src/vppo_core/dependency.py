@@ -51,6 +51,20 @@ LOG_RATIO_CLAMP = 20.0
 DEPENDENCY_MAX = 10.0
 
 
+def _check_logprob_pair(lp: torch.Tensor, lp_alt: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
+    """Check two [B, L] log-prob tensors of the same tokens and their mask; return (valid [B, L] bool, the float
+    dtype to compute in)."""
+    for name, t in (("lp", lp), ("lp_alt", lp_alt)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 2 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor [B, L], got {getattr(t, 'shape', type(t))}")
+    if lp_alt.shape != lp.shape:
+        raise ValueError(f"lp_alt has shape {tuple(lp_alt.shape)}, expected lp's shape {tuple(lp.shape)}")
+    valid = check_mask(mask, tuple(lp.shape))
+    check_finite_where(lp, valid, "lp")
+    check_finite_where(lp_alt, valid, "lp_alt")
+    return valid, compute_dtype(torch.promote_types(lp.dtype, lp_alt.dtype))
+
+
 @torch.no_grad()
 def token_dependency(lp: torch.Tensor, lp_alt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sampled-token estimator of KL(π(·|image) ‖ π(·|image')) (ALGORITHMS.md §1, "k3").
@@ -65,15 +79,7 @@ def token_dependency(lp: torch.Tensor, lp_alt: torch.Tensor, mask: torch.Tensor)
     Returns:
         S: [B, L] in lp's dtype (at least float32), >= 0, no gradient.
     """
-    for name, t in (("lp", lp), ("lp_alt", lp_alt)):
-        if not isinstance(t, torch.Tensor) or t.ndim != 2 or not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating tensor [B, L], got {getattr(t, 'shape', type(t))}")
-    if lp_alt.shape != lp.shape:
-        raise ValueError(f"lp_alt has shape {tuple(lp_alt.shape)}, expected lp's shape {tuple(lp.shape)}")
-    valid = check_mask(mask, tuple(lp.shape))
-    check_finite_where(lp, valid, "lp")
-    check_finite_where(lp_alt, valid, "lp_alt")
-    dtype = compute_dtype(torch.promote_types(lp.dtype, lp_alt.dtype))
+    valid, dtype = _check_logprob_pair(lp, lp_alt, mask)
     d = (lp_alt.to(dtype) - lp.to(dtype)).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     s = (torch.exp(d) - d - 1.0).clamp(0.0, DEPENDENCY_MAX)
     return torch.where(valid, s, torch.zeros((), dtype=dtype, device=s.device))
@@ -242,15 +248,7 @@ def abs_log_ratio(lp: torch.Tensor, lp_alt: torch.Tensor, mask: torch.Tensor) ->
         lp: [B, L] float, log-prob of each sampled token with the image; lp_alt: [B, L] without it.
         mask: [B, L] bool or 0/1.
     """
-    for name, t in (("lp", lp), ("lp_alt", lp_alt)):
-        if not isinstance(t, torch.Tensor) or t.ndim != 2 or not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating tensor [B, L], got {getattr(t, 'shape', type(t))}")
-    if lp_alt.shape != lp.shape:
-        raise ValueError(f"lp_alt has shape {tuple(lp_alt.shape)}, expected lp's shape {tuple(lp.shape)}")
-    valid = check_mask(mask, tuple(lp.shape))
-    check_finite_where(lp, valid, "lp")
-    check_finite_where(lp_alt, valid, "lp_alt")
-    dtype = compute_dtype(torch.promote_types(lp.dtype, lp_alt.dtype))
+    valid, dtype = _check_logprob_pair(lp, lp_alt, mask)
     s = (lp.to(dtype) - lp_alt.to(dtype)).abs()
     return torch.where(valid, s, torch.zeros((), dtype=dtype, device=s.device))
 
