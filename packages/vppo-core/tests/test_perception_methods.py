@@ -1180,3 +1180,35 @@ def test_jsd_of_views_that_barely_differ_keeps_its_relative_precision():
     want = 0.5 * (p * (p / m).log()).sum(-1) + 0.5 * (q * (q / m).log()).sum(-1)
     assert float(want.max()) < 1e-8  # the regime in question
     torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-15)
+
+
+def test_top_fraction_mask_breaks_ties_at_random_with_a_generator():
+    """With a generator, equal scores are chosen in a random order (CGPO's all-zero dependency of responses that name
+    no box would otherwise fill the batch set with the batch's first tokens); the count is still exact, and the
+    strictly larger scores are still all taken."""
+    scores = torch.zeros(1, 40)
+    scores[0, 30] = 1.0  # one token above the tied rest
+    mask = torch.ones(1, 40)
+    by_position = top_fraction_mask(scores, mask, fraction=0.25, scope="batch")
+    assert by_position[0, :9].all() and by_position[0, 30] and int(by_position.sum()) == 10
+    picks = []
+    for seed in range(20):
+        chosen = top_fraction_mask(
+            scores, mask, fraction=0.25, scope="batch", generator=torch.Generator().manual_seed(seed)
+        )
+        assert int(chosen.sum()) == 10 and bool(chosen[0, 30])
+        picks.append(chosen)
+        again = top_fraction_mask(
+            scores, mask, fraction=0.25, scope="batch", generator=torch.Generator().manual_seed(seed)
+        )
+        assert torch.equal(chosen, again)
+    hits = torch.stack(picks).float().mean(0)[0]
+    assert float(hits[:30].max()) < 1.0 and float(hits[31:].sum()) > 0  # not always the first tokens
+    # per response too, and with no ties the generator changes nothing
+    g = torch.Generator().manual_seed(0)
+    distinct = torch.randn(3, 9, generator=g)
+    m = torch.ones(3, 9)
+    assert torch.equal(
+        top_fraction_mask(distinct, m, fraction=0.4, generator=torch.Generator().manual_seed(5)),
+        top_fraction_mask(distinct, m, fraction=0.4),
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -176,3 +177,27 @@ def test_bf16_stochastic_rounding_is_refused_before_compute_with_the_reason():
     cfg.optimizer = {"_component_": "torchao.optim._AdamW", "lr": 1e-6, "bf16_stochastic_round": True}
     with pytest.raises(ConfigError, match=r"bf16_stochastic_round=true is not supported.*pytorch/ao#2296"):
         validate_config(cfg, "rl")
+
+
+@pytest.mark.parametrize(
+    ("config", "overrides", "message"),
+    [
+        ("tiny_cgpo", {"algorithm.cgpo_coef": 1.5}, r"algorithm\.cgpo_coef"),  # α = 1 − λ would be negative
+        ("tiny_dvrp", {"algorithm.noise_t_max": 0.0}, r"algorithm\.noise_t_max must be in \(0, 1000\]"),
+        ("tiny_vepo", {"loss.aggregation": "seq-mean-token-sum"}, r"vepo averages the policy term"),
+        ("tiny_tor", {"algorithm.tor_entropy_fraction": 0.0}, r"tor_entropy_fraction must be in \(0, 1\]"),
+        ("tiny_pepo", {"algorithm.pepo_temperature": 0.0}, r"pepo_temperature must be > 0"),
+    ],
+)
+def test_the_methods_after_vppo_refuse_settings_that_cannot_run(config, overrides, message):
+    """Each is caught by the config check, before any compute (the run would otherwise fail mid-step, or train with
+    negative token weights)."""
+    cfg = OmegaConf.load(CONFIGS / f"{config}.yaml")
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value)
+    assert re.search(message, _errors(cfg, "rl"))
+
+
+def test_every_shipped_tiny_config_of_the_methods_after_vppo_is_valid():
+    for name in ("papo", "cfpo", "dvrp", "tor", "cgpo", "pepo", "vepo"):
+        assert validate_config(OmegaConf.load(CONFIGS / f"tiny_{name}.yaml"), "rl").algorithm.name == name

@@ -234,9 +234,15 @@ def _plain_method_weights(model, cfg, minis: list[list[dict]]) -> list[list[torc
                 )
                 close(mb["score"], prior, mask, 1e-5, "PEPO prior")
 
-    def batch_set(values: list[torch.Tensor], fraction: float) -> list[torch.Tensor]:
+    def batch_set(values: list[torch.Tensor], fraction: float, which: int) -> list[torch.Tensor]:
+        """The set over the whole batch in data order, ties broken by the recipe's seeded draw (step 0)."""
+        import vppo_recipes.rl.rl_distributed as rl
+
         flat_values = torch.cat([v[mb["mask"] > 0] for mb, v in zip(flat, values)])[None]
-        top = top_fraction_mask(flat_values, torch.ones_like(flat_values), fraction=fraction, scope="batch")[0]
+        ties = torch.Generator().manual_seed(rl.mix_seed(int(cfg.seed), 0, rl.TIE_BREAK_SALT, which))
+        top = top_fraction_mask(
+            flat_values, torch.ones_like(flat_values), fraction=fraction, scope="batch", generator=ties
+        )[0]
         out, start = [], 0
         for mb in flat:
             valid = mb["mask"] > 0
@@ -250,8 +256,8 @@ def _plain_method_weights(model, cfg, minis: list[list[dict]]) -> list[list[torc
     if name in ("papo", "dvrp"):
         weights = [None] * len(flat)
     elif name == "tor":
-        reasoning = batch_set([mb["entropy"] for mb in flat], a.tor_entropy_fraction)
-        perception = batch_set([mb["score"] for mb in flat], a.tor_perception_fraction)
+        reasoning = batch_set([mb["entropy"] for mb in flat], a.tor_entropy_fraction, 0)
+        perception = batch_set([mb["score"] for mb in flat], a.tor_perception_fraction, 1)
         weights = [
             tor_token_weights(r, q, mb["mask"], reasoning_weight=a.tor_reasoning_weight,
                               perception_weight=a.tor_perception_weight)
@@ -259,10 +265,8 @@ def _plain_method_weights(model, cfg, minis: list[list[dict]]) -> list[list[torc
         ]  # fmt: skip
     elif name == "cgpo":
         S = [token_dependency(mb["lp_old"], mb["lp_alt"], mb["mask"]) for mb in flat]
-        entropic, perception = (
-            batch_set([mb["entropy"] for mb in flat], a.cgpo_entropy_fraction),
-            batch_set(S, a.cgpo_perception_fraction),
-        )
+        entropic = batch_set([mb["entropy"] for mb in flat], a.cgpo_entropy_fraction, 0)
+        perception = batch_set(S, a.cgpo_perception_fraction, 1)
         traj = torch.cat([trajectory_dependency(s, mb["mask"]) for s, mb in zip(S, flat)])
         valid = torch.cat([mb["mask"].sum(1) > 0 for mb in flat])
         alpha = cgpo_response_factors(traj, valid, coef=a.cgpo_coef).split([mb["mask"].shape[0] for mb in flat])

@@ -295,7 +295,8 @@ def view_divergences_from_hidden(
     Args:
         hidden, hidden_alt: [B, L, H] float, the two views' last hidden states at the same positions.
         weight: [V, H] LM-head weight (same dtype).  mask: [B, L] bool or 0/1.
-        temperature: > 0.  chunk_size: positions per chunk (None: ~64 MiB of float32 per block).
+        temperature: > 0.  chunk_size: the memory bound in positions, as for `exact_token_dependency` (about
+            three float32 ``[chunk_size, V]`` blocks at a time; None: ~64 MiB each).
 
     Returns:
         ``{"jsd", "entropy", "entropy_alt", "entropy_gap"}``, each [B, L] float32 (float64 for float64 inputs), 0 on
@@ -310,7 +311,9 @@ def view_divergences_from_hidden(
     ha, hb = (t.reshape(batch * length, hid).contiguous() for t in (hidden, hidden_alt))
     keys = ("jsd", "entropy", "entropy_alt", "entropy_gap")
     out = {k: torch.zeros(batch * length, dtype=dtype, device=hidden.device) for k in keys}
-    width = chunk_width(chunk_size, 1, weight.shape[0])
+    # About a dozen [width, V] float tensors are alive at once in a chunk: a quarter of `chunk_size` positions per
+    # chunk keeps the peak near exact_token_dependency's three buffers of `chunk_size` positions.
+    width = max(1, chunk_width(chunk_size, 1, weight.shape[0]) // 4)
     for start in range(0, batch * length, width):
         sl = slice(start, start + width)
         za = F.linear(ha[sl], weight).to(dtype) / temperature
@@ -369,7 +372,8 @@ def top_p_entropy_from_hidden(
 
     Args:
         hidden: [B, L, H] float.  weight: [V, H] LM-head weight (same dtype).  mask: [B, L] bool or 0/1.
-        top_p: in (0, 1].  temperature: > 0.  chunk_size: positions per chunk (None: ~64 MiB of float32).
+        top_p: in (0, 1].  temperature: > 0.  chunk_size: the memory bound in positions, as for
+            `exact_token_dependency` (about three float32 ``[chunk_size, V]`` blocks; None: ~64 MiB each).
 
     Returns:
         [B, L] float32 (float64 for float64 inputs), ≥ 0, 0 on padding, no gradient.
@@ -383,7 +387,9 @@ def top_p_entropy_from_hidden(
     dtype = compute_dtype(hidden.dtype)
     rows = hidden.reshape(batch * length, hid).contiguous()
     out = torch.zeros(batch * length, dtype=dtype, device=hidden.device)
-    width = chunk_width(chunk_size, 1, weight.shape[0])
+    # A sort (values and int64 indices) and a few more [width, V] tensors per chunk: half of `chunk_size`
+    # positions keeps the peak near exact_token_dependency's three buffers of `chunk_size` positions.
+    width = max(1, chunk_width(chunk_size, 1, weight.shape[0]) // 2)
     for start in range(0, batch * length, width):
         sl = slice(start, start + width)
         # Max-shifted logits: H = lse − Σ p·z is accurate to ~1e-7 in float32 at V = 152k, where −Σ p·log p

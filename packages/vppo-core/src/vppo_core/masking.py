@@ -33,7 +33,9 @@ def _ceil_fraction(n: Tensor, fraction: float) -> Tensor:
     return torch.ceil(n.to(torch.float64) * fraction * (1.0 - _CEIL_REL_TOL)).to(torch.long)
 
 
-def top_fraction_mask(scores: Tensor, mask: Tensor, *, fraction: float, scope: str = "response") -> Tensor:
+def top_fraction_mask(
+    scores: Tensor, mask: Tensor, *, fraction: float, scope: str = "response", generator: torch.Generator | None = None
+) -> Tensor:
     """Mark the valid tokens with the largest ``scores``: the top ``ceil(fraction · n)`` of each response, or of the
     whole batch (ALGORITHMS.md §4 and §9).
 
@@ -46,11 +48,15 @@ def top_fraction_mask(scores: Tensor, mask: Tensor, *, fraction: float, scope: s
         mask: ``[B, L]`` bool or 0/1 — 1 on real response tokens.
         fraction: in (0, 1].
         scope: ``"response"`` (k_i = ceil(fraction · n_i) per row) | ``"batch"`` (k = ceil(fraction · Σ n_i)).
+        generator: optional; ties are then broken in a random order drawn from it (one uniform key per entry), as
+            the public re-implementation does for its batch-level sets. Without it, by position.
 
     Returns:
-        ``[B, L]`` bool. Exactly k selected (per row or in all), never a padding position; ties broken by position
-        (row-major: earlier row, then earlier token first), so the result is deterministic. ``ceil`` has no float
+        ``[B, L]`` bool. Exactly k selected (per row or in all), never a padding position; without ``generator``
+        ties are broken by position (row-major: earlier row, then earlier token first). ``ceil`` has no float
         overshoot (a product within 1e-12 relative of an integer is that integer: ``ceil(0.4 · 5) = 2``).
+        Ties matter where many scores are equal: CGPO's dependency is exactly 0 on every token of a response that
+        names no box, and by position the batch set would then be filled with the batch's first tokens.
     """
     check_token_tensor(scores, "scores")
     valid = check_mask(mask, scores.shape)
@@ -65,7 +71,12 @@ def top_fraction_mask(scores: Tensor, mask: Tensor, *, fraction: float, scope: s
     else:
         counts = valid.sum(dim=1)
     k = _ceil_fraction(counts, fraction)  # [rows]
-    order = torch.sort(keyed, dim=1, descending=True, stable=True).indices
+    if generator is None:
+        order = torch.sort(keyed, dim=1, descending=True, stable=True).indices
+    else:  # two stable sorts: by a random key, then by score; equal scores keep the random order
+        shuffle = torch.rand(keyed.shape, generator=generator, device=generator.device).to(keyed.device)
+        by_key = shuffle.argsort(dim=1, stable=True)
+        order = by_key.gather(1, torch.sort(keyed.gather(1, by_key), dim=1, descending=True, stable=True).indices)
     positions = torch.arange(keyed.shape[1], device=scores.device).expand_as(order)
     rank = torch.empty_like(order).scatter_(1, order, positions)  # rank[r, j] = place of entry j in row r
     return (rank < k[:, None]).reshape(scores.shape) & valid

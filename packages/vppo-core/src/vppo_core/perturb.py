@@ -405,7 +405,9 @@ def diffusion_noise_level(
     if isinstance(total_steps, bool) or not isinstance(total_steps, int) or isinstance(step, bool):
         raise ValueError(f"step and total_steps must be ints, got {step!r}, {total_steps!r}")
     progress = min(max(float(step), 0.0), float(total_steps)) / max(total_steps, 1) if total_steps > 0 else 0.0
-    t = min(max(t_init / (1.0 + math.exp(-gamma * (0.5 - progress))), 0.0), float(t_max))
+    x = gamma * (0.5 - progress)
+    sigmoid = 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))  # no overflow for any γ
+    t = min(max(t_init * sigmoid, 0.0), float(t_max))
     betas = torch.sigmoid(torch.linspace(-6, 6, DIFFUSION_STEPS)) * (5e-3 - 1e-5) + 1e-5
     alpha_bar = torch.cumprod(1 - betas, dim=0)
     return 1.0 - float(alpha_bar[min(int(t), DIFFUSION_STEPS - 1)])

@@ -337,7 +337,8 @@ def cgpo_response_factors(traj_score: Tensor, valid: Tensor | None = None, *, co
     Args:
         traj_score: ``[B]`` float — each response's mean counterfactual sensitivity s_i.
         valid: optional ``[B]`` bool/0-1 — responses with at least one token; the others get α = 1.
-        coef: λ ≥ 0 (paper / fork default: 0.1).
+        coef: λ in [0, 1] (paper / fork default: 0.1), so that α ≥ 0 (a negative α would flip the sign of a
+            perception token's gradient).
 
     Returns:
         ``[B]`` α in [1 − λ, 1 + λ] (detached, dtype of ``traj_score``). With fewer than 2 valid responses α ≡ 1 (the
@@ -350,7 +351,7 @@ def cgpo_response_factors(traj_score: Tensor, valid: Tensor | None = None, *, co
         torch.ones_like(traj_score, dtype=torch.bool) if valid is None else check_mask(valid, traj_score.shape, "valid")
     )
     check_finite_where(traj_score, valid, "traj_score")
-    _check_real("coef", coef, coef >= 0, "a finite float ≥ 0")
+    _check_real("coef", coef, 0 <= coef <= 1, "in [0, 1] (α = 1 ± λ must stay ≥ 0)")
     s = traj_score.detach()
     ones = torch.ones_like(s)
     if int(valid.sum()) < 2:

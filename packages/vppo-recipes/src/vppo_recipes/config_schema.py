@@ -241,7 +241,9 @@ RL_ONLY: dict[str, Any] = {
         "tor_reasoning_weight": _f(float, default=1.0, low=0.0, algorithms=_TOR),
         "tor_perception_weight": _f(float, default=0.5, low=0.0, algorithms=_TOR),
         "tor_entropy_top_p": _f(float, default=0.95, low=0.0, high=1.0, algorithms=_TOR, doc="in (0, 1]"),
-        "cgpo_coef": _f(float, default=0.1, low=0.0, algorithms=_CGPO, doc="λ of α = 1 + λ·tanh(...)"),
+        "cgpo_coef": _f(
+            float, default=0.1, low=0.0, high=1.0, algorithms=_CGPO, doc="λ of α = 1 + λ·tanh(...); ≤ 1 keeps α ≥ 0"
+        ),
         "cgpo_entropy_fraction": _f(float, default=0.3, low=0.0, high=1.0, algorithms=_CGPO, doc="in (0, 1]"),
         "cgpo_perception_fraction": _f(float, default=0.3, low=0.0, high=1.0, algorithms=_CGPO, doc="in (0, 1]"),
         "cgpo_region_tokens": _f(
@@ -548,6 +550,15 @@ def _rl_rules(user: Mapping[str, Any], cfg: Mapping[str, Any], schema: Mapping[s
             errors.append(f"algorithm.{key} must be in (0, 1], got {a[key]}")
     if name == "pepo" and a["pepo_temperature"] <= 0:
         errors.append(f"algorithm.pepo_temperature must be > 0, got {a['pepo_temperature']}")
+    if name == "dvrp" and a["noise_t_max"] <= 0:
+        errors.append(
+            f"algorithm.noise_t_max must be in (0, 1000] (the largest diffusion step), got {a['noise_t_max']}"
+        )
+    if name == "vepo" and loss["aggregation"] == "seq-mean-token-sum":
+        errors.append(
+            "algorithm.name=vepo averages the policy term over the selected tokens; loss.aggregation="
+            "seq-mean-token-sum has no such mean: use token-mean (the published runs) or seq-mean-token-mean"
+        )
     if rollout["temperature"] <= 0:
         errors.append(
             f"rollout.temperature={rollout['temperature']}: RL samples its groups, so it must be > 0 (1.0 in every "

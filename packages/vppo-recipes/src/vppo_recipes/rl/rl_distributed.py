@@ -140,6 +140,8 @@ AUX_KL_TERMS = {
 }
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PHASES = ("sample", "reward", "old_logprob", "alt_logprob", "shaping", "update", "weight_sync")
+# Seeds the random tie-break of the batch-level token sets (ToR, CGPO): mix_seed(seed, step, TIE_BREAK_SALT, set).
+TIE_BREAK_SALT = 0x71E
 # |lp_sampler - lp_old| above this counts as a disagreeing token (rollout/logprob_frac_above_1e-3)
 AGREEMENT_THRESHOLD = 1e-3
 
@@ -703,13 +705,14 @@ class RLRecipeDistributed:
         # the mini-batches (update_prompts / world groups of this rank each), in micro-batches of tensors
         minis, local_counts = self.prepare_minibatches(rollouts.groups)
 
-        # 4-5. no-grad passes: lp_old on the clean inputs; VPPO / PGPO: lp_alt on the altered ones, and S
+        # 4-5. no-grad passes: lp_old on the clean inputs; with altered views (ALTERED_VIEWS) lp_alt on them, S and
+        # the §9 scores
         passes, pass_seconds = self.no_grad_passes(minis)
 
         # 5b. trainer-sampler agreement on the first mini-batch (the same weights, before any update)
         agreement = self.sampler_agreement(minis[0], passes[0])
 
-        # 6. TAS α and TGF mask (VPPO) | PGPO token weights (| truncated importance weights)
+        # 6. TAS α and TGF mask (VPPO) | PGPO token weights | the §9 token weights (| truncated importance weights)
         t = time.perf_counter()
         shaped = self.shape(minis, passes)
         shaping_s = time.perf_counter() - t
@@ -1111,12 +1114,13 @@ class RLRecipeDistributed:
     # ---------------------------------------------------------------- 6. shaping
 
     def _batch_top_fraction(
-        self, minis: list[list[MicroBatch]], values: list[list[torch.Tensor]], fraction: float
+        self, minis: list[list[MicroBatch]], values: list[list[torch.Tensor]], fraction: float, which: int
     ) -> list[torch.Tensor]:
         """`top_fraction_mask(scope="batch")` over every response token of the step's rollout batch, all ranks
-        (ToR's and CGPO's sets), in data order whatever the ranks: global mini-batch j is rank 0's share of it,
-        then rank 1's, ..., so ties are broken as in a single-process run. Returns one [b, L] bool per micro-batch
-        of this rank, in order."""
+        (ToR's and CGPO's sets), gathered in data order whatever the ranks (global mini-batch j is rank 0's share
+        of it, then rank 1's, ...). Ties are broken at random, as the public implementation does, from a generator
+        seeded by (seed, step, which set): the same draw on every rank and for any number of ranks. Returns one
+        [b, L] bool per micro-batch of this rank, in order."""
         parts, mine = [], []  # per mini-batch: the gathered values, and where this rank's share starts in them
         offset = 0
         for mini, mini_values in zip(minis, values):
@@ -1127,7 +1131,10 @@ class RLRecipeDistributed:
             mine.append((offset + sum(int(c) for c in counts[: self.rank]), local.numel()))
             offset += parts[-1].numel()
         everything = torch.cat(parts)[None]
-        top = top_fraction_mask(everything, torch.ones_like(everything), fraction=fraction, scope="batch")[0]
+        ties = torch.Generator().manual_seed(mix_seed(self.seed, self.step, TIE_BREAK_SALT, which))
+        top = top_fraction_mask(
+            everything, torch.ones_like(everything), fraction=fraction, scope="batch", generator=ties
+        )[0]
         out = []
         for mini, (start, n) in zip(minis, mine):
             share = top[start : start + n]
@@ -1152,9 +1159,9 @@ class RLRecipeDistributed:
         alphas: list[torch.Tensor] | None = None
         if self.algorithm == "tor":
             entropy = [[p.entropy for p in mini] for mini in passes]
-            reasoning = self._batch_top_fraction(minis, entropy, a.tor_entropy_fraction)
+            reasoning = self._batch_top_fraction(minis, entropy, a.tor_entropy_fraction, 0)
             perception = self._batch_top_fraction(
-                minis, [[p.score for p in mini] for mini in passes], a.tor_perception_fraction
+                minis, [[p.score for p in mini] for mini in passes], a.tor_perception_fraction, 1
             )
             weights = [
                 tor_token_weights(
@@ -1164,10 +1171,10 @@ class RLRecipeDistributed:
             ]
         elif self.algorithm == "cgpo":
             entropic = self._batch_top_fraction(
-                minis, [[p.entropy for p in mini] for mini in passes], a.cgpo_entropy_fraction
+                minis, [[p.entropy for p in mini] for mini in passes], a.cgpo_entropy_fraction, 0
             )
             perception = self._batch_top_fraction(
-                minis, [[p.S for p in mini] for mini in passes], a.cgpo_perception_fraction
+                minis, [[p.S for p in mini] for mini in passes], a.cgpo_perception_fraction, 1
             )
             if a.cgpo_region_tokens:  # the tokens of the response's <region> spans join the perception set
                 regions = [region_token_mask(mb.responses, mb.mask, self.processor.tokenizer) for mb in mbs]
