@@ -169,9 +169,15 @@ def read_items(path: str | os.PathLike) -> list[dict[str, Any]]:
 _DATA_SUFFIXES = ("", ".parquet", ".jsonl", ".json", ".csv", ".arrow")
 
 
+_TAG_KEYS = ("role_tag", "content_tag", "user_tag", "assistant_tag")
+_DEFAULT_TAGS = ("from", "value", "human", "gpt")  # LLaMA-Factory's, for a declaration without tags
+
+
 def _dataset_info_file(data_dir: Path, names: Sequence[str]) -> Path | None:
     """The file a LLaMA-Factory ``dataset_info.json`` in data_dir names for the first of ``names`` it declares, after
     checking the declaration is the sharegpt form this reader follows; None when there is no such entry."""
+    from vppo_eval.benchmarks import SHAREGPT_TURN_SPELLINGS as _READ_TAGS  # the turn spellings the reader reads
+
     info_path = data_dir / "dataset_info.json"
     if not info_path.is_file():
         return None
@@ -183,18 +189,27 @@ def _dataset_info_file(data_dir: Path, names: Sequence[str]) -> Path | None:
         entry = info.get(name) if isinstance(info, dict) else None
         if not isinstance(entry, dict) or "file_name" not in entry:
             continue
-        expected = {
-            "formatting": "sharegpt",
-            "columns": {"messages": "messages", "images": "images"},
-            "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"},
+        # LLaMA-Factory's defaults for what a declaration leaves out (its DatasetAttr): messages column
+        # "conversations", tags from / value / human / gpt. The reader reads both spellings of the turns.
+        columns = {"messages": "conversations", **(entry.get("columns") or {})}
+        tags = {**dict(zip(_TAG_KEYS, _DEFAULT_TAGS, strict=True)), **(entry.get("tags") or {})}
+        found = {
+            "formatting": entry.get("formatting"),
+            "columns": {k: columns.get(k) for k in ("messages", "images")},
+            "tags": {k: tags.get(k) for k in _TAG_KEYS},
         }
-        found = {key: entry.get(key) for key in expected}
-        found["columns"] = {k: (entry.get("columns") or {}).get(k) for k in expected["columns"]}
-        found["tags"] = {k: (entry.get("tags") or {}).get(k) for k in expected["tags"]}
-        if found != expected:
+        readable = (
+            found["formatting"] == "sharegpt"
+            and found["columns"]["messages"] in ("messages", "conversations")
+            and found["columns"]["images"] == "images"
+            and tuple(found["tags"].values()) in _READ_TAGS
+        )
+        if not readable:
             raise ValueError(
                 f"{info_path}: dataset {name!r} is declared as {found}, not the sharegpt form vppo-eval reads "
-                f"({expected}); convert the file or rename its fields"
+                "(formatting 'sharegpt'; columns messages 'messages' or 'conversations', images 'images'; tags "
+                f"{' or '.join(str(dict(zip(_TAG_KEYS, t, strict=True))) for t in _READ_TAGS)}); convert the file "
+                "or rename its fields"
             )
         return data_dir / entry["file_name"]
     return None
@@ -211,7 +226,7 @@ def benchmark_source(data_dir: str | os.PathLike, name: str, protocol: str | Non
     from vppo_eval.benchmarks import get_benchmark
 
     spec = get_benchmark(name)
-    root = Path(data_dir)
+    root = Path(data_dir).expanduser().resolve()  # resolved once: every path found below is absolute
     tried: list[Path] = []
     if protocol in (None, "raw"):
         for suffix in _DATA_SUFFIXES:
