@@ -557,7 +557,7 @@ def evaluate(
     seed: base seed; each sampler call gets a seed derived from it and the call's first item.
     multiple_choice: also accept option-letter answers (`vppo_eval.reward.grade`); False grades exactly like the
         training reward of the paper (mathruler's `grade_answer` on the last `\\boxed{}`).
-    meta: extra facts stored in the config (e.g. the model path); not checked on resume.
+    meta: extra facts stored in the config (e.g. the engine); not checked on resume.
     load_skipped: with a mapping of records, the loader's dropped-row counts to report (see `load_benchmarks`).
     protocol: the evaluation protocol the numbers follow (`vppo_eval.benchmarks.PROTOCOLS`; None: unnamed); with
         registry names it also decides which data form is read.
