@@ -108,8 +108,9 @@ def test_the_readme_command_with_relative_paths_from_another_working_folder_scor
 # --- Results belong to one model -----------------------------------------------------------------------------------
 
 
-def test_model_b_into_model_a_out_is_refused_naming_both(ckpt, tmp_path):
+def test_model_b_into_model_a_out_is_refused_naming_both(ckpt, tmp_path, monkeypatch):
     """Model B evaluated into model A's --out sampled nothing and reported A's results under B's name."""
+    import vppo_rollout.loading
     from vppo_rollout.tiny import build_tiny_checkpoint
 
     other = build_tiny_checkpoint(tmp_path / "b", "qwen2_5_vl", seed=1)
@@ -118,6 +119,11 @@ def test_model_b_into_model_a_out_is_refused_naming_both(ckpt, tmp_path):
             str(out), *QUICK]  # fmt: skip
     assert cli.main(["--model", str(ckpt), *argv]) == 0
     config = (out / CONFIG_FILE).read_text()
+
+    def boom(*a, **k):
+        raise AssertionError("refused before the model is loaded")
+
+    monkeypatch.setattr(vppo_rollout.loading, "load_policy", boom)
     with pytest.raises(SystemExit, match=rf"model {Path(ckpt).resolve()} .*this run is of model {other.resolve()}"):
         cli.main(["--model", str(other), *argv])
     assert (out / CONFIG_FILE).read_text() == config  # still says model A

@@ -12,7 +12,7 @@ listed there as deviations.
 Every folder and file argument (--model, --out, --data-dir) is resolved to an absolute path once, before anything
 is read. A benchmark that keeps no item is an error (exit status non-zero, the skip reasons named) unless
 --allow-empty; a rerun into an --out that holds another model's results, or results of items that have changed
-since, is refused.
+since, is refused. All of these are checked before the model is loaded (it is loaded when the first item is sampled).
 
 Writes into DIR: items.jsonl (one line per finished item; rerunning the same command resumes), eval_config.json,
 results.json, report.md, report.json, benchmarks.png, and with --dependency N also dependency_hist.png,
@@ -88,6 +88,24 @@ def _resolve_paths(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None:
             setattr(args, name, str(Path(value).expanduser().resolve()))
+
+
+class SamplerOnFirstUse:
+    """A sampler built by `build()` on its first `sample` call.
+
+    `evaluate` checks everything it can refuse (another model's results in --out, items changed since, a benchmark
+    without items, other settings) before it samples: with this, those refusals come before a model is loaded, and
+    rerunning a finished evaluation loads no model at all.
+    """
+
+    def __init__(self, build) -> None:
+        self._build = build
+        self.inner = None  # the built sampler, once built
+
+    def sample(self, prompts, n, sampling):
+        if self.inner is None:
+            self.inner = self._build()
+        return self.inner.sample(prompts, n, sampling)
 
 
 def choose_engine(engine: str) -> str:
@@ -189,27 +207,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"vppo-eval: {err}") from err
     deviations = protocol_deviations(args)
     processor = load_processor(args.model, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    model = None
-    if engine == "vllm":
-        from vppo_rollout.vllm_engine import VLLMSampler
+    loaded: dict[str, object] = {}  # the transformers model, once a sampler call needs it
 
-        sampler = VLLMSampler(
-            args.model,
-            max_images=max(1, max((len(r.images) for recs in data.values() for r in recs), default=1)),
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            dtype=str(dtype).removeprefix("torch."),
-            max_model_len=args.max_model_len,
-            tensor_parallel_size=args.tensor_parallel_size,
-            seed=args.seed,
-            min_pixels=args.min_pixels,
-            max_pixels=args.max_pixels,
-        )
-    else:
+    def build_sampler():
+        if engine == "vllm":
+            from vppo_rollout.vllm_engine import VLLMSampler
+
+            return VLLMSampler(
+                args.model,
+                max_images=max(1, max((len(r.images) for recs in data.values() for r in recs), default=1)),
+                gpu_memory_utilization=args.gpu_memory_utilization,
+                dtype=str(dtype).removeprefix("torch."),
+                max_model_len=args.max_model_len,
+                tensor_parallel_size=args.tensor_parallel_size,
+                seed=args.seed,
+                min_pixels=args.min_pixels,
+                max_pixels=args.max_pixels,
+            )
         from vppo_rollout.transformers_engine import TransformersSampler
 
-        model = load_policy(args.model, dtype=dtype, device=device)
-        sampler = TransformersSampler(model, processor, batch_size=args.batch_size * args.k)
+        loaded["model"] = load_policy(args.model, dtype=dtype, device=device)
+        return TransformersSampler(loaded["model"], processor, batch_size=args.batch_size * args.k)
 
+    sampler = SamplerOnFirstUse(build_sampler)
     try:
         results = evaluate(
             sampler,
@@ -247,14 +267,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print((out / "report.md").read_text() if paths["markdown"].exists() else "")
 
     if args.dependency:
-        if engine == "vllm":
-            sampler.sleep()  # free the engine's GPU memory for the transformers model (a no-op without sleep mode)
-            model = load_policy(args.model, dtype=dtype, device=device)
+        if engine == "vllm" and sampler.inner is not None:
+            sampler.inner.sleep()  # free the engine's GPU memory for the transformers model (no-op without sleep mode)
+        model = loaded.get("model") or load_policy(args.model, dtype=dtype, device=device)
         dep_paths = dependency_for_items(model, processor, data, results, out, n_items=args.dependency,
                                             seed=args.seed, progress=not args.no_progress)  # fmt: skip
         paths.update(dep_paths)
-    if engine == "vllm":
-        sampler.close()
+    if engine == "vllm" and sampler.inner is not None:
+        sampler.inner.close()
     print("wrote: " + ", ".join(str(p) for p in paths.values()))
     return 0
 
