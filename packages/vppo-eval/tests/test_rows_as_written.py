@@ -135,3 +135,12 @@ def test_a_keyed_json_release_whose_items_mix_numbers_and_text_is_read_as_writte
     (tmp_path / "dataset.json").write_text(json.dumps(release))
     rep = load_benchmark_report("logicvista", tmp_path / "dataset.json", protocol="raw")
     assert [(r.id, r.answer) for r in rep.records] == [("1", "A"), ("2", "3")]
+
+
+def test_a_sharegpt_images_column_mixing_one_path_and_lists_reads_the_path_as_one_image(tmp_path):
+    """`"images": "images/x.png"` in one item and a list in the others: a Json column; the string is one image (it
+    was read as JSON text, then as a list of its characters: `bad_prompt`)."""
+    rows = [{**GOOD, "images": GOOD["images"][0]}, GOOD]
+    rep = load_benchmark_report("geo3k", _write(tmp_path, rows), protocol="vppo")
+    assert len(rep.records) == 2 and not rep.skipped
+    assert rep.records[0].images[0].tobytes() == rep.records[1].images[0].tobytes()

@@ -575,7 +575,9 @@ def _sharegpt(row: Mapping[str, Any], index: int, base_dir: Path | None) -> Reco
     """One item of the authors' sharegpt files: the user turn is the question (its ``<image>`` placeholders, one
     per image, are removed: the prompt builder places the images), the assistant turn the answer."""
     user, assistant = _turns(_first(row, *SHAREGPT_MESSAGE_COLUMNS))
-    paths = list(row.get("images") or [])
+    images = row.get("images")
+    # One path as a string (a file mixing that with lists reads back as written): one image, not its characters.
+    paths = [images] if isinstance(images, str) else list(images or [])
     placeholders = len(_PLACEHOLDER.findall(user))
     if placeholders != len(paths):
         raise SkipRow("bad_prompt", detail=f"{placeholders} <image> placeholder(s) for {len(paths)} image(s)")
