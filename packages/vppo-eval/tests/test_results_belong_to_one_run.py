@@ -218,14 +218,13 @@ def test_allow_empty_reports_the_empty_benchmark_as_an_empty_row(ckpt, tmp_path)
 
 
 def test_every_item_skipped_at_evaluation_is_an_error_after_the_results_are_written(processor, tmp_path):
-    from vppo_eval.evaluate import EmptyBenchmarkError
-
     data = {"a": _records(["1"]), "b": [Record(id="0", question="<image><image> two?", images=[_image(0)], answer="1")]}
     kw = dict(processor=processor, k=1, out_dir=tmp_path, progress=False)
-    with pytest.raises(EmptyBenchmarkError, match=r"benchmark 'b' kept no item .*bad_prompt \(at evaluation\): 1"):
+    with pytest.raises(ValueError, match=r"benchmark 'b' kept no item .*bad_prompt \(at evaluation\): 1") as err:
         evaluate(Scripted({"question 0": "1"}), data, **kw)
+    assert type(err.value).__name__ == "EmptyBenchmarkError" and err.value.results.benchmarks["a"].n_items == 1
     assert json.loads((tmp_path / RESULTS_FILE).read_text())["benchmarks"]["b"]["n_items"] == 0
     res = evaluate(Scripted({"question 0": "1"}), data, allow_empty=True, **kw)
     assert res.benchmarks["b"].n_items == 0 and res.benchmarks["a"].avg_at_k == 1.0
-    with pytest.raises(EmptyBenchmarkError, match=r"'c' kept no item .*no skip recorded"):
+    with pytest.raises(ValueError, match=r"'c' kept no item .*no skip recorded"):
         evaluate(Scripted({}), {"c": []}, processor=processor, k=1, progress=False)
