@@ -144,3 +144,16 @@ def test_a_sharegpt_images_column_mixing_one_path_and_lists_reads_the_path_as_on
     rep = load_benchmark_report("geo3k", _write(tmp_path, rows), protocol="vppo")
     assert len(rep.records) == 2 and not rep.skipped
     assert rep.records[0].images[0].tobytes() == rep.records[1].images[0].tobytes()
+
+
+def test_a_text_field_holding_a_list_refuses_the_file_naming_it_and_the_row(tmp_path):
+    """An answer that is a list in one row (text in the others): it has no text to grade against; it was graded
+    against its Python repr "['A', 'C']", which no response matches."""
+    shutil.copytree(SHAREGPT / "images", tmp_path / "images")
+    image = "images/FanqingM_MMK12/math_0_0.png"
+    rows = [{"question": "Which?", "answer": "B", "image": image}, {"question": "Which two?", "answer": ["A", "C"],
+            "image": image}]  # fmt: skip
+    path = tmp_path / "mmk12.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(ValueError, match=rf"{path}'?, row 1 .*a text field holds a list: \['A', 'C'\].*raw schema"):
+        load_benchmark_report("mmk12", path, protocol="raw")

@@ -233,6 +233,10 @@ def _first(row: Mapping[str, Any], *names: str) -> Any:
 
 
 def _text(value: Any) -> str:
+    """A text field as the model or the grader sees it; a number as written. A list or an object (a JSON field that
+    holds one in this row) has no text: `UnreadableRow`, never its Python repr."""
+    if isinstance(value, (list, tuple, Mapping)):
+        raise UnreadableRow(f"a text field holds a {type(value).__name__}: {str(value)[:80]}")
     return "" if value is None else str(value).strip()
 
 
@@ -893,9 +897,10 @@ def load_benchmark_report(
             skipped[skip.reason] += 1
             continue
         except UnreadableRow as err:
+            schema = "the sharegpt form" if form == "sharegpt" else f"{spec.title}'s raw schema ('Benchmark schemas')"
             raise ValueError(
-                f"{spec.title} source {label!r}, row {index} (counting from 0): {err}. Convert the file to the "
-                "sharegpt form the vppo-eval README describes ('Protocols')"
+                f"{spec.title} source {label!r}, row {index} (counting from 0): {err}. Convert the file to {schema} "
+                "as the vppo-eval README describes"
             ) from err
         if exact_filter and not _exact_match_item(record, row):
             skipped["not_exact_match"] += 1
