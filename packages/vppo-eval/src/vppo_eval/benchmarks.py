@@ -24,6 +24,8 @@ Two data forms, each tied to an evaluation protocol (``PROTOCOLS``):
   ``data/dataset_info.json`` (``messages``: a user turn with one ``<image>`` placeholder per image, then an
   assistant turn holding the answer; ``images``: image paths relative to the data folder), one file per benchmark
   (``Benchmark.sharegpt_names``). The items are the authors' (already filtered); nothing is filtered here.
+  LLaMA-Factory's other spelling (``conversations`` / ``messages`` of ``from``/``value`` turns, human / gpt) and
+  content given as a list of parts are read too; any other shape refuses the file, naming it and the row.
 
 Which schema facts were confirmed against dataset cards and which are assumed: packages/vppo-eval/README.md,
 section "Benchmark schemas".
