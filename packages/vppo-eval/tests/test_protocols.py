@@ -55,9 +55,9 @@ def test_sharegpt_files_are_found_without_dataset_info_by_their_names(tmp_path):
 def test_a_dataset_info_that_declares_another_form_is_refused_with_the_difference(tmp_path):
     shutil.copytree(SHAREGPT, tmp_path / "d")
     info = json.loads((tmp_path / "d" / "dataset_info.json").read_text())
-    info["hiyouga_geometry3k"]["columns"]["messages"] = "conversations"
+    info["hiyouga_geometry3k"]["columns"]["messages"] = "dialog"  # neither 'messages' nor 'conversations'
     (tmp_path / "d" / "dataset_info.json").write_text(json.dumps(info))
-    with pytest.raises(ValueError, match=r"'hiyouga_geometry3k' is declared as .*conversations.*not the sharegpt form"):
+    with pytest.raises(ValueError, match=r"'hiyouga_geometry3k' is declared as .*dialog.*not the sharegpt form"):
         benchmark_source(tmp_path / "d", "geo3k", "vppo")
 
 

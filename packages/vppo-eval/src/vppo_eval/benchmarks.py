@@ -24,6 +24,8 @@ Two data forms, each tied to an evaluation protocol (``PROTOCOLS``):
   ``data/dataset_info.json`` (``messages``: a user turn with one ``<image>`` placeholder per image, then an
   assistant turn holding the answer; ``images``: image paths relative to the data folder), one file per benchmark
   (``Benchmark.sharegpt_names``). The items are the authors' (already filtered); nothing is filtered here.
+  LLaMA-Factory's other spelling (``conversations`` / ``messages`` of ``from``/``value`` turns, human / gpt) and
+  content given as a list of parts are read too; any other shape refuses the file, naming it and the row.
 
 Which schema facts were confirmed against dataset cards and which are assumed: packages/vppo-eval/README.md,
 section "Benchmark schemas".
@@ -42,7 +44,7 @@ from typing import Any
 
 from PIL import Image
 
-from vppo_eval.datafiles import load_data_file, load_data_folder
+from vppo_eval.datafiles import iter_rows, load_data_file, load_data_folder
 from vppo_eval.records import Record
 from vppo_eval.reward import choice_letters
 from vppo_rollout.images import SkipRow, decode_image
@@ -59,6 +61,7 @@ __all__ = [
     "fixture_path",
     "get_benchmark",
     "is_exact_match_answer",
+    "item_sha256",
     "items_sha256",
     "load_benchmark",
     "load_benchmark_report",
@@ -158,6 +161,40 @@ def items_sha256(records: Iterable[Record]) -> str:
     return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
 
 
+def _image_sha256(image: Image.Image) -> str:
+    """sha256 over an image's mode, size and RGB pixels.
+
+    A loaded benchmark holds RGB images lazily opened on their encoded bytes (`vppo_rollout.images.decode_image`):
+    those are decoded into a throwaway copy, so hashing does not keep every picture's pixels in memory, and the
+    hash is the same whether or not the image has been loaded since (loading drops the bytes it was opened on)."""
+    import hashlib
+    import io
+
+    digest = hashlib.sha256()
+    fp = getattr(image, "fp", None)
+    if isinstance(fp, io.BytesIO):  # lazily opened, not yet loaded
+        with Image.open(io.BytesIO(fp.getvalue())) as copy:
+            digest.update(f"{copy.mode} {copy.size}".encode())
+            digest.update(copy.tobytes())
+    else:
+        digest.update(f"{image.mode} {image.size}".encode())
+        digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def item_sha256(record: Record) -> str:
+    """sha256 of one item's content: its id, question, answer and the pixels of its images, in order.
+
+    What a resumed evaluation compares item by item (`vppo_eval.evaluate`): a stored result is reused only for the
+    item it was sampled for; a changed question, answer or picture under the same id is another item."""
+    import hashlib
+    import json
+
+    text = json.dumps([str(record.id), record.question, str(record.answer)], ensure_ascii=False)
+    images = [_image_sha256(image) for image in record.images]
+    return hashlib.sha256("\n".join([text, *images]).encode("utf-8")).hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Row helpers
 # ---------------------------------------------------------------------------------------------------------------
@@ -166,12 +203,13 @@ def items_sha256(records: Iterable[Record]) -> str:
 def _resolve(value: Any, base_dir: Path | None) -> Any:
     """A relative image path as the releases lay them out: next to the data file, in its ``images/`` folder (the
     LogicVista and DynaMath releases), or next to its parent folder (PAPO-Eval: ``data/papo/X.json`` names
-    ``images/...`` relative to ``data/``). Anything else is returned as is."""
+    ``images/...`` relative to ``data/``), as an absolute path. Anything else is returned as is (a relative path
+    that is nowhere is then joined to ``base_dir`` once by the decoder and counted as ``missing_image``)."""
     if not isinstance(value, str) or base_dir is None or not value.strip() or Path(value).is_absolute():
         return value
     for candidate in (base_dir / value, base_dir / "images" / value, base_dir.parent / value):
         if candidate.is_file():
-            return str(candidate)
+            return str(candidate.resolve())
     return value
 
 
@@ -197,6 +235,10 @@ def _first(row: Mapping[str, Any], *names: str) -> Any:
 
 
 def _text(value: Any) -> str:
+    """A text field as the model or the grader sees it; a number as written. A list or an object (a JSON field that
+    holds one in this row) has no text: `UnreadableRow`, never its Python repr."""
+    if isinstance(value, (list, tuple, Mapping)):
+        raise UnreadableRow(f"a text field holds a {type(value).__name__}: {str(value)[:80]}")
     return "" if value is None else str(value).strip()
 
 
@@ -468,23 +510,68 @@ def _mmmu_pro(row: Mapping[str, Any], index: int, base_dir: Path | None) -> Reco
     )
 
 
+class UnreadableRow(ValueError):
+    """A row whose shape the reader does not know (not a bad item but another schema): the whole file is refused,
+    ``load_benchmark_report`` naming the file and the row."""
+
+
+# The two sharegpt spellings LLaMA-Factory reads: (role key, content key, user role, assistant role). PAPO-Eval's
+# files use the first; LLaMA-Factory's default tags (and most sharegpt files) the second.
+SHAREGPT_TURN_SPELLINGS = (("role", "content", "user", "assistant"), ("from", "value", "human", "gpt"))
+SHAREGPT_MESSAGE_COLUMNS = ("messages", "conversations")
+
+
+def _content_text(content: Any) -> str:
+    """A turn's content as the text the model is shown: a string as is; a number as written (a JSON field mixing
+    numbers and text, ``"content": 3``); a list of parts (the multimodal chat form, ``[{"type": "image"}, {"type":
+    "text", "text": "..."}]``) joined as Qwen's chat template joins them, without separator, an image part becoming
+    the ``<image>`` placeholder in its place. Raises `UnreadableRow` for any other shape."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (int, float)) and not isinstance(content, bool):
+        return str(content)
+    if isinstance(content, (list, tuple)):
+        pieces = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            if kind == "image":
+                pieces.append("<image>")
+            elif kind == "text" and isinstance(part.get("text"), str):
+                pieces.append(part["text"])
+            else:
+                raise UnreadableRow(
+                    f"a content part {part!r} is neither {{'type': 'image'}} nor {{'type': 'text', 'text': str}}"
+                )
+        return "".join(pieces)
+    raise UnreadableRow(f"a turn's content is a {type(content).__name__} ({content!r}), not text or a list of parts")
+
+
 def _turns(messages: Any) -> tuple[str, str]:
     """(user text, assistant text) of a sharegpt conversation: the first user turn and the first assistant turn
-    after it (PAPO-Eval's tags: role / content, user / assistant)."""
+    after it. Turns are ``{"role", "content"}`` with roles user / assistant (PAPO-Eval's tags) or ``{"from",
+    "value"}`` with human / gpt (LLaMA-Factory's default tags); a turn in neither spelling raises `UnreadableRow`."""
     if not isinstance(messages, (list, tuple)):
         raise SkipRow("bad_prompt", detail=f"messages is a {type(messages).__name__}, not a list of turns")
     user = assistant = None
     for turn in messages:
         if not isinstance(turn, Mapping):
             raise SkipRow("bad_prompt", detail="a turn of messages is not an object with role and content")
-        role = turn.get("role")
-        if role == "user" and user is None:
-            user = _text(turn.get("content"))
-        elif role == "assistant" and user is not None and assistant is None:
-            assistant = _text(turn.get("content"))
+        spelling = next((sp for sp in SHAREGPT_TURN_SPELLINGS if sp[0] in turn and turn[sp[0]] is not None), None)
+        if spelling is None:
+            raise UnreadableRow(
+                f"a turn has keys {sorted(turn)}; sharegpt turns are {{'role', 'content'}} or {{'from', 'value'}}"
+            )
+        role_key, content_key, user_role, assistant_role = spelling
+        role = turn[role_key]
+        if role == user_role and user is None:
+            user = _content_text(turn.get(content_key))
+        elif role == assistant_role and user is not None and assistant is None:
+            assistant = _content_text(turn.get(content_key))
     if user is None:
         raise SkipRow("empty_question", detail="no user turn in messages")
-    return user, assistant or ""
+    return user.strip(), (assistant or "").strip()
 
 
 _PLACEHOLDER = re.compile(r"<image>")
@@ -493,8 +580,10 @@ _PLACEHOLDER = re.compile(r"<image>")
 def _sharegpt(row: Mapping[str, Any], index: int, base_dir: Path | None) -> Record:
     """One item of the authors' sharegpt files: the user turn is the question (its ``<image>`` placeholders, one
     per image, are removed: the prompt builder places the images), the assistant turn the answer."""
-    user, assistant = _turns(row["messages"])
-    paths = list(row.get("images") or [])
+    user, assistant = _turns(_first(row, *SHAREGPT_MESSAGE_COLUMNS))
+    images = row.get("images")
+    # One path as a string (a file mixing that with lists reads back as written): one image, not its characters.
+    paths = [images] if isinstance(images, str) else list(images or [])
     placeholders = len(_PLACEHOLDER.findall(user))
     if placeholders != len(paths):
         raise SkipRow("bad_prompt", detail=f"{placeholders} <image> placeholder(s) for {len(paths)} image(s)")
@@ -665,13 +754,6 @@ def fixture_path(name: str) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _raw_rows(dataset: Any, batch_size: int = 64) -> Iterable[dict[str, Any]]:
-    """Rows as plain Python values, images left as ``{"bytes", "path"}`` (read through the Arrow format, so
-    ``datasets`` neither decodes them — we do, turning a bad image into a counted skip — nor copies the table)."""
-    for batch in dataset.with_format("arrow").iter(batch_size=batch_size):
-        yield from batch.to_pylist()
-
-
 def _unavailable(spec: Benchmark, source: str, config: str | None, split: str, err: Exception) -> Exception:
     columns = ", ".join(" | ".join(group) for group in spec.columns)
     return BenchmarkUnavailableError(
@@ -690,8 +772,10 @@ def _open(spec: Benchmark, source: str | Path | None, split: str, config: str | 
 
     if source is None:
         source = spec.hf_id
-    path = Path(source).expanduser()
-    label = str(source)
+    # Resolved once, here: the folder relative image paths are joined to is absolute, so no later join (ours or
+    # the image decoder's) can apply a relative folder twice, and the label names the file wherever it is read.
+    path = Path(source).expanduser().resolve()
+    label = str(path) if path.exists() else str(source)
     if path.is_file():
         return load_data_file(path, "train", label="source"), path.parent, label
     if path.is_dir():
@@ -744,8 +828,8 @@ SHAREGPT_COLUMNS = ("messages", "images")
 
 
 def data_form(column_names: Sequence[str]) -> str:
-    """ "sharegpt" for the authors' conversation files (a ``messages`` column), else "raw"."""
-    return "sharegpt" if "messages" in column_names else "raw"
+    """ "sharegpt" for conversation files (a ``messages`` or ``conversations`` column), else "raw"."""
+    return "sharegpt" if any(c in column_names for c in SHAREGPT_MESSAGE_COLUMNS) else "raw"
 
 
 def load_benchmark_report(
@@ -788,11 +872,11 @@ def load_benchmark_report(
             "with protocol 'vppo', or pass the benchmark's own release for protocol 'raw'"
         )
     if form == "sharegpt":
-        missing = [c for c in SHAREGPT_COLUMNS if c not in dataset.column_names]
-        if missing:
+        if "images" not in dataset.column_names:
             raise ValueError(
-                f"{spec.title} source {label!r} has a messages column but lacks {missing}; the sharegpt form this "
-                f"reader follows has columns {list(SHAREGPT_COLUMNS)} (PAPO-Eval's data/dataset_info.json)"
+                f"{spec.title} source {label!r} has a conversation column but lacks 'images'; the sharegpt form this "
+                f"reader follows has columns {list(SHAREGPT_COLUMNS)} (PAPO-Eval's data/dataset_info.json; "
+                "'conversations' in place of 'messages' is read too)"
             )
         normalize, exact_filter, subset = _sharegpt, False, None  # the authors' items, as they are
     else:
@@ -802,7 +886,7 @@ def load_benchmark_report(
     records: list[Record] = []
     skipped: Counter[str] = Counter()
     n_rows = 0
-    for index, row in enumerate(_raw_rows(dataset)):
+    for index, row in enumerate(iter_rows(dataset)):
         if limit is not None and len(records) >= limit:
             break
         n_rows += 1
@@ -814,6 +898,12 @@ def load_benchmark_report(
         except SkipRow as skip:
             skipped[skip.reason] += 1
             continue
+        except UnreadableRow as err:
+            schema = "the sharegpt form" if form == "sharegpt" else f"{spec.title}'s raw schema ('Benchmark schemas')"
+            raise ValueError(
+                f"{spec.title} source {label!r}, row {index} (counting from 0): {err}. Convert the file to {schema} "
+                "as the vppo-eval README describes"
+            ) from err
         if exact_filter and not _exact_match_item(record, row):
             skipped["not_exact_match"] += 1
             continue

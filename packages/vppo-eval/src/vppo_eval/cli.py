@@ -1,12 +1,18 @@
 """`vppo-eval`: avg@k of a checkpoint on the benchmarks, with the paper's Table 1 beside it.
 
     vppo-eval --model PATH --benchmarks all --out DIR --data-dir DIR [--protocol vppo|raw] [--limit N] [--engine auto]
+              [--allow-empty]
 
 --protocol vppo (the default) scores the authors' item sets, read from their sharegpt files in --data-dir, with the
 paper's decoding (avg@8, temperature 1.0, top-p 1.0, 2048 new tokens); --protocol raw scores the benchmarks' own
 releases with vppo-eval's exact-match filter. The result files and the report record the protocol, each
 benchmark's source, the items kept and a hash of the items (ids, questions, answers); decoding flags that differ from the protocol's are
 listed there as deviations.
+
+Every folder and file argument (--model, --out, --data-dir) is resolved to an absolute path once, before anything
+is read. A benchmark that keeps no item is an error (exit status non-zero, the skip reasons named) unless
+--allow-empty; a rerun into an --out that holds another model's results, or results of items that have changed
+since, is refused. All of these are checked before the model is loaded (it is loaded when the first item is sampled).
 
 Writes into DIR: items.jsonl (one line per finished item; rerunning the same command resumes), eval_config.json,
 results.json, report.md, report.json, benchmarks.png, and with --dependency N also dependency_hist.png,
@@ -68,8 +74,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dependency", type=int, default=0, metavar="N",
                    help="also compute the visual dependency of one response of each of the first N scored items "
                    "(transformers model; writes dependency_hist.png and dependency.html)")  # fmt: skip
+    p.add_argument("--allow-empty", action="store_true",
+                   help="report a benchmark that keeps no item (every row skipped) as an empty row instead of "
+                   "failing; the default exits non-zero naming the skip reasons")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
+
+
+def _resolve_paths(args: argparse.Namespace) -> None:
+    """--model, --out and --data-dir as absolute paths (``~`` expanded), resolved once against the working folder:
+    every later join and every message then names the file meant, wherever it is used."""
+    for name in ("model", "out", "data_dir"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(args, name, str(Path(value).expanduser().resolve()))
+
+
+class SamplerOnFirstUse:
+    """A sampler built by `build()` on its first `sample` call.
+
+    `evaluate` checks everything it can refuse (another model's results in --out, items changed since, a benchmark
+    without items, other settings) before it samples: with this, those refusals come before a model is loaded, and
+    rerunning a finished evaluation loads no model at all.
+    """
+
+    def __init__(self, build) -> None:
+        self._build = build
+        self.inner = None  # the built sampler, once built
+
+    def sample(self, prompts, n, sampling):
+        if self.inner is None:
+            self.inner = self._build()
+        return self.inner.sample(prompts, n, sampling)
 
 
 def choose_engine(engine: str) -> str:
@@ -130,11 +166,18 @@ def protocol_deviations(args: argparse.Namespace) -> dict[str, dict[str, float]]
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _resolve_paths(args)
     _check_args(args)
 
     import torch
 
-    from vppo_eval.evaluate import evaluate, load_benchmark_reports
+    from vppo_eval.evaluate import (
+        EmptyBenchmarkError,
+        ResumeRefusedError,
+        check_kept_items,
+        evaluate,
+        load_benchmark_reports,
+    )
     from vppo_eval.report import write_report
     from vppo_rollout.loading import load_policy, load_processor
 
@@ -142,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = _dtype(args.dtype, device)
     out = Path(args.out)
-    run_name = args.run_name or Path(args.model).resolve().name
+    run_name = args.run_name or Path(args.model).name
 
     # Data before the model: an unknown name or a missing file fails in seconds, not after a 60 GB load.
     try:
@@ -153,69 +196,85 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"vppo-eval: --benchmarks {args.benchmarks!r} (--protocol {args.protocol}): {err}") from err
     data = {name: list(r.records) for name, r in reports.items()}
     load_skipped = {name: dict(r.skipped) for name, r in reports.items()}
+    data_info = {name: r.summary() for name, r in reports.items()}
     for name, r in reports.items():
         print(f"{name}: {len(r.records)} items from {r.source} ({r.data_form} form)"
               + (f", dropped at load: {r.skipped}" if r.skipped else ""), file=sys.stderr)  # fmt: skip
+    if not args.allow_empty:
+        try:  # before the model load: an empty benchmark fails in seconds
+            check_kept_items(data, load_skipped, data_info)
+        except EmptyBenchmarkError as err:
+            raise SystemExit(f"vppo-eval: {err}") from err
     deviations = protocol_deviations(args)
     processor = load_processor(args.model, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    model = None
-    if engine == "vllm":
-        from vppo_rollout.vllm_engine import VLLMSampler
+    loaded: dict[str, object] = {}  # the transformers model, once a sampler call needs it
 
-        sampler = VLLMSampler(
-            args.model,
-            max_images=max(1, max((len(r.images) for recs in data.values() for r in recs), default=1)),
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            dtype=str(dtype).removeprefix("torch."),
-            max_model_len=args.max_model_len,
-            tensor_parallel_size=args.tensor_parallel_size,
-            seed=args.seed,
-            min_pixels=args.min_pixels,
-            max_pixels=args.max_pixels,
-        )
-    else:
+    def build_sampler():
+        if engine == "vllm":
+            from vppo_rollout.vllm_engine import VLLMSampler
+
+            return VLLMSampler(
+                args.model,
+                max_images=max(1, max((len(r.images) for recs in data.values() for r in recs), default=1)),
+                gpu_memory_utilization=args.gpu_memory_utilization,
+                dtype=str(dtype).removeprefix("torch."),
+                max_model_len=args.max_model_len,
+                tensor_parallel_size=args.tensor_parallel_size,
+                seed=args.seed,
+                min_pixels=args.min_pixels,
+                max_pixels=args.max_pixels,
+            )
         from vppo_rollout.transformers_engine import TransformersSampler
 
-        model = load_policy(args.model, dtype=dtype, device=device)
-        sampler = TransformersSampler(model, processor, batch_size=args.batch_size * args.k)
+        loaded["model"] = load_policy(args.model, dtype=dtype, device=device)
+        return TransformersSampler(loaded["model"], processor, batch_size=args.batch_size * args.k)
 
-    results = evaluate(
-        sampler,
-        data,
-        load_skipped=load_skipped,
-        protocol=args.protocol,
-        data_info={name: r.summary() for name, r in reports.items()},
-        processor=processor,
-        k=args.k,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens,
-        limit=args.limit,  # already applied at load; passed so the report says the run is partial
-        out_dir=out,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        progress=not args.no_progress,
-        meta={
-            "model": str(Path(args.model).resolve()),
-            "engine": engine,
-            "dtype": str(dtype),
-            "min_pixels": args.min_pixels,
-            "max_pixels": args.max_pixels,
-            "protocol_deviations": deviations,
-        },
-    )
+    sampler = SamplerOnFirstUse(build_sampler)
+    try:
+        results = evaluate(
+            sampler,
+            data,
+            load_skipped=load_skipped,
+            protocol=args.protocol,
+            data_info=data_info,
+            model=args.model,
+            allow_empty=args.allow_empty,
+            processor=processor,
+            k=args.k,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            max_new_tokens=args.max_new_tokens,
+            limit=args.limit,  # already applied at load; passed so the report says the run is partial
+            out_dir=out,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            progress=not args.no_progress,
+            meta={
+                "engine": engine,
+                "dtype": str(dtype),
+                "min_pixels": args.min_pixels,
+                "max_pixels": args.max_pixels,
+                "protocol_deviations": deviations,
+            },
+        )
+    except EmptyBenchmarkError as err:
+        if err.results is not None:  # every item of a benchmark was skipped at evaluation: the report shows which
+            write_report(err.results, out, run_name=run_name)
+        raise SystemExit(f"vppo-eval: {err}") from err
+    except ResumeRefusedError as err:  # another model's results, changed items or other settings: the fix is named
+        raise SystemExit(f"vppo-eval: --out {str(out)!r}: {err}") from err
     paths = write_report(results, out, run_name=run_name)
     print((out / "report.md").read_text() if paths["markdown"].exists() else "")
 
     if args.dependency:
-        if engine == "vllm":
-            sampler.sleep()  # free the engine's GPU memory for the transformers model (a no-op without sleep mode)
-            model = load_policy(args.model, dtype=dtype, device=device)
+        if engine == "vllm" and sampler.inner is not None:
+            sampler.inner.sleep()  # free the engine's GPU memory for the transformers model (no-op without sleep mode)
+        model = loaded.get("model") or load_policy(args.model, dtype=dtype, device=device)
         dep_paths = dependency_for_items(model, processor, data, results, out, n_items=args.dependency,
                                             seed=args.seed, progress=not args.no_progress)  # fmt: skip
         paths.update(dep_paths)
-    if engine == "vllm":
-        sampler.close()
+    if engine == "vllm" and sampler.inner is not None:
+        sampler.inner.close()
     print("wrote: " + ", ".join(str(p) for p in paths.values()))
     return 0
 

@@ -12,15 +12,22 @@ both read a file the same way and fail the same way:
   ``datasets``' own inference; any other folder is read as the data files it holds (split names taken from the file
   names as ``datasets`` does), ignoring other files. ``datasets`` alone would read a folder with one ``.jsonl`` and
   an ``imgs/`` folder of PNGs as an image folder, with only an ``image`` column.
+
+Rows are read as written (`iter_rows`, `row_decoder`): both readers take rows through the Arrow format (image cells
+stay ``{"bytes", "path"}`` for our decoder to count bad ones), which skips the decoding ``datasets`` applies to its
+``Json`` feature: a JSON field that mixes numbers and text (one ``"answer": 3`` among strings), or a sharegpt
+``content`` that is text in one turn and a list of parts in another, is stored as JSON text, and every string would
+come back quoted (``'"red"'``). `row_decoder` undoes that for every ``Json`` feature, at any depth.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FILE_BUILDERS", "load_data_file", "load_data_folder"]
+__all__ = ["FILE_BUILDERS", "decode_json_cells", "iter_rows", "load_data_file", "load_data_folder", "row_decoder"]
 
 # suffix -> `datasets` builder
 FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".arrow": "arrow"}
@@ -106,8 +113,10 @@ def load_data_file(path: str | Path, split: str = "train", *, label: str = "data
     keyed = _keyed_rows(path) if builder == "json" else None
     if keyed is not None:
         try:
-            dataset = datasets.Dataset.from_list(keyed, split=datasets.Split(split))
-        except Exception as err:  # e.g. a field that is a number in one item and text in another
+            # A field that is a number in one item and text in another becomes a `Json` column, as the json builder
+            # makes it for a JSON list or JSON Lines file; `row_decoder` reads it back as written.
+            dataset = datasets.Dataset.from_list(keyed, split=datasets.Split(split), on_mixed_types="use_json")
+        except Exception as err:  # e.g. a field that is an object in one item and a list in another
             raise ValueError(
                 f"{label}={str(path)!r} is a JSON object keyed by item id whose items do not share one schema: "
                 f"{type(err).__name__}: {err}"
@@ -183,3 +192,63 @@ def load_data_folder(path: str | Path, *, label: str = "data.source", config: st
         for f in every_file:  # find the file at fault: the same checks and messages as for a single file
             load_data_file(Path(f), label=f"{label} file")
         raise ValueError(f"{label}={str(path)!r} ({builder} files {every_file}): {type(err).__name__}: {err}") from err
+
+
+def _holds_json(feature: Any) -> bool:
+    """Whether a `datasets` feature is, or contains at any depth, a ``Json`` feature."""
+    import datasets
+
+    if isinstance(feature, datasets.Json):
+        return True
+    if isinstance(feature, dict):
+        return any(_holds_json(f) for f in feature.values())
+    if isinstance(feature, (datasets.List, datasets.LargeList)):
+        return _holds_json(feature.feature)
+    return False
+
+
+def decode_json_cells(value: Any, feature: Any) -> Any:
+    """`value`, one cell as Arrow's ``to_pylist`` gives it, with every ``Json`` cell inside `feature` decoded.
+
+    feature: the column's `datasets` feature (``Json``, a struct ``dict``, ``List`` / ``LargeList``, or any other,
+        left as is). ``Json`` cells are JSON text in Arrow; decoding gives back what the file held (``"red"`` ->
+    ``red``, ``3`` -> ``3``, a list of parts -> that list), which is what ``datasets``' own ``Json.decode_example``
+    does when rows are read through its Python format.
+    """
+    import datasets
+
+    if value is None:
+        return None
+    if isinstance(feature, datasets.Json):
+        return json.loads(value) if isinstance(value, str) else value
+    if isinstance(feature, dict) and isinstance(value, dict):
+        return {key: decode_json_cells(v, feature[key]) if key in feature else v for key, v in value.items()}
+    if isinstance(feature, (datasets.List, datasets.LargeList)) and isinstance(value, list):
+        return [decode_json_cells(v, feature.feature) for v in value]
+    return value
+
+
+def row_decoder(features: Any) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A function taking one row as Arrow gives it (``{column: cell}``) to the row as the file wrote it.
+
+    features: the dataset's `datasets.Features`. Columns without a ``Json`` feature are passed through untouched
+    (images stay ``{"bytes", "path"}``), so a file without mixed fields costs nothing.
+    """
+    json_columns = {name: f for name, f in (features or {}).items() if _holds_json(f)}
+    if not json_columns:
+        return lambda row: row
+
+    def decode(row: dict[str, Any]) -> dict[str, Any]:
+        return {k: decode_json_cells(v, json_columns[k]) if k in json_columns else v for k, v in row.items()}
+
+    return decode
+
+
+def iter_rows(dataset: Any, batch_size: int = 64) -> Iterator[dict[str, Any]]:
+    """The rows of a `datasets.Dataset` in order, as plain Python values read as written (`row_decoder`), images
+    left as ``{"bytes", "path"}`` (read through the Arrow format, so ``datasets`` neither decodes them — the caller
+    does, turning a bad image into a counted skip — nor copies the table)."""
+    decode = row_decoder(dataset.features)
+    for batch in dataset.with_format("arrow").iter(batch_size=batch_size):
+        for row in batch.to_pylist():
+            yield decode(row)

@@ -6,6 +6,11 @@ avg@k the mean over its scored items, and the reported average the mean over ben
 
 Resume: every finished item is appended as one JSON line to ``<out_dir>/items.jsonl`` (flushed and fsynced per
 sampler call). A rerun with the same settings reads that file, skips the items it holds and samples only the rest.
+Results belong to one model and one item set: the model's identity (`model_identity`: its resolved path and a
+fingerprint of its config and weight files) and every item's content hash (`vppo_eval.benchmarks.item_sha256`,
+stored in each row) must match for a stored result to be reused; a mismatch is refused, naming the stored and the
+new, never resumed over. A benchmark that keeps no item is an error (`EmptyBenchmarkError`) unless
+``allow_empty=True``.
 Items are grouped into sampler calls of ``batch_size`` items by their position in the benchmark (not by what is
 left to do), and each call's seed is derived from ``seed`` and the call's first item, so with a deterministic
 sampler an interrupted-and-resumed run gives exactly the numbers of an uninterrupted one.
@@ -42,6 +47,23 @@ _FROZEN_SETTINGS = (
     "system_prompt",
     "protocol",
 )
+
+
+class EmptyBenchmarkError(ValueError):
+    """A benchmark kept no item to score; the message names it and every skip reason with its count.
+
+    results: what `evaluate` computed when the benchmark emptied during evaluation (all items skipped at prompt
+    building), already written to results.json; None when it was empty before sampling.
+    """
+
+    def __init__(self, message: str, results: EvalResults | None = None) -> None:
+        super().__init__(message)
+        self.results = results
+
+
+class ResumeRefusedError(ValueError):
+    """out_dir holds results that are not this run's to resume: another model, other settings, or items that have
+    changed since; the message names the stored and the new, and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,9 +191,15 @@ def read_items(path: str | os.PathLike) -> list[dict[str, Any]]:
 _DATA_SUFFIXES = ("", ".parquet", ".jsonl", ".json", ".csv", ".arrow")
 
 
+_TAG_KEYS = ("role_tag", "content_tag", "user_tag", "assistant_tag")
+_DEFAULT_TAGS = ("from", "value", "human", "gpt")  # LLaMA-Factory's, for a declaration without tags
+
+
 def _dataset_info_file(data_dir: Path, names: Sequence[str]) -> Path | None:
     """The file a LLaMA-Factory ``dataset_info.json`` in data_dir names for the first of ``names`` it declares, after
     checking the declaration is the sharegpt form this reader follows; None when there is no such entry."""
+    from vppo_eval.benchmarks import SHAREGPT_TURN_SPELLINGS as _READ_TAGS  # the turn spellings the reader reads
+
     info_path = data_dir / "dataset_info.json"
     if not info_path.is_file():
         return None
@@ -183,18 +211,27 @@ def _dataset_info_file(data_dir: Path, names: Sequence[str]) -> Path | None:
         entry = info.get(name) if isinstance(info, dict) else None
         if not isinstance(entry, dict) or "file_name" not in entry:
             continue
-        expected = {
-            "formatting": "sharegpt",
-            "columns": {"messages": "messages", "images": "images"},
-            "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"},
+        # LLaMA-Factory's defaults for what a declaration leaves out (its DatasetAttr): messages column
+        # "conversations", tags from / value / human / gpt. The reader reads both spellings of the turns.
+        columns = {"messages": "conversations", **(entry.get("columns") or {})}
+        tags = {**dict(zip(_TAG_KEYS, _DEFAULT_TAGS, strict=True)), **(entry.get("tags") or {})}
+        found = {
+            "formatting": entry.get("formatting"),
+            "columns": {k: columns.get(k) for k in ("messages", "images")},
+            "tags": {k: tags.get(k) for k in _TAG_KEYS},
         }
-        found = {key: entry.get(key) for key in expected}
-        found["columns"] = {k: (entry.get("columns") or {}).get(k) for k in expected["columns"]}
-        found["tags"] = {k: (entry.get("tags") or {}).get(k) for k in expected["tags"]}
-        if found != expected:
+        readable = (
+            found["formatting"] == "sharegpt"
+            and found["columns"]["messages"] in ("messages", "conversations")
+            and found["columns"]["images"] == "images"
+            and tuple(found["tags"].values()) in _READ_TAGS
+        )
+        if not readable:
             raise ValueError(
                 f"{info_path}: dataset {name!r} is declared as {found}, not the sharegpt form vppo-eval reads "
-                f"({expected}); convert the file or rename its fields"
+                "(formatting 'sharegpt'; columns messages 'messages' or 'conversations', images 'images'; tags "
+                f"{' or '.join(str(dict(zip(_TAG_KEYS, t, strict=True))) for t in _READ_TAGS)}); convert the file "
+                "or rename its fields"
             )
         return data_dir / entry["file_name"]
     return None
@@ -211,7 +248,7 @@ def benchmark_source(data_dir: str | os.PathLike, name: str, protocol: str | Non
     from vppo_eval.benchmarks import get_benchmark
 
     spec = get_benchmark(name)
-    root = Path(data_dir)
+    root = Path(data_dir).expanduser().resolve()  # resolved once: every path found below is absolute
     tried: list[Path] = []
     if protocol in (None, "raw"):
         for suffix in _DATA_SUFFIXES:
@@ -322,20 +359,119 @@ def records_from_rows(
     return records, dict(skipped)
 
 
+# Weight files whose names and sizes enter a model's fingerprint (a Hugging Face folder's shards).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def model_identity(path: str | os.PathLike) -> dict[str, str]:
+    """What names a model in an evaluation's results: ``{"path": resolved folder, "fingerprint": sha256}``.
+
+    The fingerprint covers the folder's ``config.json`` bytes and the names and sizes of its weight files
+    (``*.safetensors``, ``*.bin``, ...) and of their index: cheap (no weight is read), and different for another
+    architecture, size or sharding. Two checkpoints of one training run at one path with equal file sizes are not
+    told apart by it; the path is part of the identity for that reason.
+    """
+    import hashlib
+
+    root = Path(path).expanduser().resolve()
+    if not root.is_dir():
+        raise ValueError(f"model={str(path)!r} is not a folder; pass the checkpoint's local Hugging Face folder")
+    digest = hashlib.sha256()
+    config = root / "config.json"
+    digest.update(config.read_bytes() if config.is_file() else b"no config.json")
+    for file in sorted(root.iterdir()):
+        if file.is_file() and (file.suffix in _WEIGHT_SUFFIXES or file.name.endswith(".index.json")):
+            digest.update(f"\n{file.name}\t{file.stat().st_size}".encode())
+    return {"path": str(root), "fingerprint": digest.hexdigest()}
+
+
+def _describe_model(identity: Any) -> str:
+    if not identity:
+        return "no model named (evaluate(model=None))"
+    return f"{identity.get('path')} (fingerprint {str(identity.get('fingerprint'))[:16]})"
+
+
 def _check_config(out_dir: Path, config: dict[str, Any]) -> None:
+    """Refuse to resume into out_dir when its stored evaluation was of another model or with other settings."""
     path = out_dir / CONFIG_FILE
-    if path.exists():
-        old = json.loads(path.read_text())
-        diff = {key: (old.get(key), config[key]) for key in _FROZEN_SETTINGS if old.get(key) != config[key]}
-        if diff:
-            listed = ", ".join(f"{key}: stored {a!r} vs now {b!r}" for key, (a, b) in diff.items())
-            raise ValueError(
-                f"out_dir={str(out_dir)!r} holds an evaluation with other settings ({listed}); resuming would mix "
-                "them. Use a new out_dir, or the stored settings."
-            )
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    if old.get("model") != config["model"]:
+        raise ResumeRefusedError(
+            f"out_dir={str(out_dir)!r} holds the results of model {_describe_model(old.get('model'))}; this run is "
+            f"of model {_describe_model(config['model'])}. Resuming would report the stored model's results under "
+            "this one's name. Use a new out_dir (vppo-eval --out) for this model."
+        )
+    diff = {key: (old.get(key), config[key]) for key in _FROZEN_SETTINGS if old.get(key) != config[key]}
+    if diff:
+        listed = ", ".join(f"{key}: stored {a!r} vs now {b!r}" for key, (a, b) in diff.items())
+        raise ResumeRefusedError(
+            f"out_dir={str(out_dir)!r} holds an evaluation with other settings ({listed}); resuming would mix "
+            "them. Use a new out_dir, or the stored settings."
+        )
+
+
+def _check_stored_items(
+    out_dir: Path, done: Mapping[tuple[str, str], Mapping[str, Any]], hashes: Mapping[tuple[str, str], str]
+) -> None:
+    """Refuse stored results whose item is not the item now under that id (the data changed since)."""
+    changed = [
+        (key, row.get("item_sha256"), hashes[key])
+        for key, row in done.items()
+        if key in hashes and row.get("item_sha256") != hashes[key]
+    ]
+    if changed:
+        shown = "; ".join(
+            f"{name} item {rid}: stored {str(old)[:16] if old else 'no hash (written before item hashes)'} vs now "
+            f"{new[:16]}"
+            for (name, rid), old, new in changed[:3]
+        )
+        raise ResumeRefusedError(
+            f"out_dir={str(out_dir)!r} holds results of {len(changed)} item(s) that differ from the items now "
+            f"({shown}{', ...' if len(changed) > 3 else ''}): the data changed since they were sampled, and reusing "
+            "them would score other items. Use a new out_dir (vppo-eval --out), or delete "
+            f"{out_dir / ITEMS_FILE} to sample every item again."
+        )
+
+
+def _write_config(out_dir: Path, config: dict[str, Any]) -> None:
+    path = out_dir / CONFIG_FILE
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
     tmp.replace(path)
+
+
+def _empty_message(
+    name: str, info: Mapping[str, Any], load_skipped: Mapping[str, int], skipped: Mapping[str, int]
+) -> str:
+    rows = info.get("rows")
+    reasons = {
+        **{f"{k} (at load)": v for k, v in load_skipped.items()},
+        **{f"{k} (at evaluation)": v for k, v in skipped.items()},
+    }
+    why = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())) or "no skip recorded (the data held no item)"
+    return (
+        f"benchmark {name!r} kept no item to score ({rows if rows is not None else '?'} row(s) read from "
+        f"{info.get('source', '?')}; skipped: {why}). Fix the data (reasons: vppo_rollout.images.SKIP_REASONS), or "
+        "pass allow_empty=True (vppo-eval --allow-empty) to report it as an empty row."
+    )
+
+
+def check_kept_items(
+    data: Mapping[str, Sequence[Any]],
+    load_skipped: Mapping[str, Mapping[str, int]] | None = None,
+    data_info: Mapping[str, Mapping[str, Any]] | None = None,
+) -> None:
+    """Raise `EmptyBenchmarkError` naming every benchmark of `data` (name -> records) that holds no record, with the
+    loader's skip reasons (`load_skipped`) and what `data_info` (name -> `LoadReport.summary()`) says of its source."""
+    empty = [name for name, records in data.items() if not records]
+    if empty:
+        raise EmptyBenchmarkError(
+            "\n".join(
+                _empty_message(n, (data_info or {}).get(n) or {}, (load_skipped or {}).get(n) or {}, {}) for n in empty
+            )
+        )
 
 
 def _append(f, rows: Iterable[dict[str, Any]]) -> None:
@@ -405,6 +541,8 @@ def evaluate(
     load_skipped: Mapping[str, Mapping[str, int]] | None = None,
     protocol: str | None = None,
     data_info: Mapping[str, Mapping[str, Any]] | None = None,
+    model: str | os.PathLike | Mapping[str, Any] | None = None,
+    allow_empty: bool = False,
 ) -> EvalResults:
     """avg@k of `sampler` on `benchmarks` (ALGORITHMS.md §8; the paper: k=8, temperature 1.0, top-p 1.0, 2048 tokens).
 
@@ -419,12 +557,19 @@ def evaluate(
     seed: base seed; each sampler call gets a seed derived from it and the call's first item.
     multiple_choice: also accept option-letter answers (`vppo_eval.reward.grade`); False grades exactly like the
         training reward of the paper (mathruler's `grade_answer` on the last `\\boxed{}`).
-    meta: extra facts stored in the config (e.g. the model path); not checked on resume.
+    meta: extra facts stored in the config (e.g. the engine); not checked on resume.
     load_skipped: with a mapping of records, the loader's dropped-row counts to report (see `load_benchmarks`).
     protocol: the evaluation protocol the numbers follow (`vppo_eval.benchmarks.PROTOCOLS`; None: unnamed); with
         registry names it also decides which data form is read.
     data_info: with a mapping of records, what `LoadReport.summary()` said of each benchmark's data; recorded in
         the config (and so in results.json) with the protocol. Without it the source is "records passed in".
+    model: the evaluated checkpoint's folder (its `model_identity` is stored) or an identity mapping you made; a
+        resume into out_dir must name the same model, else it is refused. None: no model named (only None matches).
+    allow_empty: report a benchmark that keeps no item (at load, or every item skipped at evaluation) as an empty
+        row; by default that raises `EmptyBenchmarkError` naming the skip reasons (results.json is written first
+        when items were evaluated).
+    Resuming reuses a stored item only when its content hash (`item_sha256`) equals the item's now; any differing
+    stored item is refused (ValueError naming it), never reused.
     Items whose prompt cannot be built (ValueError from build_prompt) or whose answer is empty are written as
     skipped with their reason and counted in BenchmarkResult.skipped, never scored as 0.
     """
@@ -470,7 +615,14 @@ def evaluate(
     for name, records in data.items():  # what was scored (after limit): the id hash two runs must share
         data_info[name]["items"] = len(records)
         data_info[name]["items_sha256"] = items_sha256(records)
+    if not allow_empty:
+        check_kept_items(data, load_skipped, data_info)
+    if isinstance(model, Mapping):
+        identity = dict(model)
+    else:
+        identity = model_identity(model) if model is not None else None
     config = {
+        "model": identity,
         "k": k,
         "temperature": temperature,
         "top_p": top_p,
@@ -484,6 +636,7 @@ def evaluate(
         "benchmarks": list(data),
         "protocol": protocol,
         "data": data_info,
+        "allow_empty": allow_empty,
         **({"meta": dict(meta)} if meta else {}),
     }
     for name, records in data.items():
@@ -492,14 +645,23 @@ def evaluate(
         if dup:
             raise ValueError(f"benchmark {name!r} has duplicate item ids {dup[:5]}; ids must be unique to resume")
 
+    from vppo_eval.benchmarks import item_sha256
+
+    # Only a resumable run needs them (each hash decodes the item's images once): training's validation passes none.
+    hashes: dict[tuple[str, str], str] = {}
+    if out_dir is not None:
+        hashes = {(name, str(r.id)): item_sha256(r) for name, records in data.items() for r in records}
     done: dict[tuple[str, str], dict[str, Any]] = {}
     f = None
     if out_dir is not None:
-        out = Path(out_dir)
+        out = Path(out_dir).expanduser().resolve()  # resolved once: the folder named in messages is where it is
+        out_dir = out
         out.mkdir(parents=True, exist_ok=True)
         _check_config(out, config)
         for row in read_items(out / ITEMS_FILE):
             done[(row["benchmark"], str(row["id"]))] = row
+        _check_stored_items(out, done, hashes)
+        _write_config(out, config)
         f = (out / ITEMS_FILE).open("a", encoding="utf-8")
 
     wanted = {(name, str(r.id)) for name, records in data.items() for r in records}
@@ -524,6 +686,9 @@ def evaluate(
                     system_prompt=system_prompt, build_prompt=build_prompt,
                     compute_rewards=functools.partial(compute_rewards, multiple_choice=multiple_choice),
                 )  # fmt: skip
+                if hashes:  # what a resume compares: the stored result is of this item's content
+                    for row in rows:
+                        row["item_sha256"] = hashes[(name, row["id"])]
                 if f is not None:
                     _append(f, rows)
                 for row in rows:
@@ -540,6 +705,14 @@ def evaluate(
     if out_dir is not None:
         path = Path(out_dir) / RESULTS_FILE
         path.write_text(json.dumps(results.to_dict(), indent=2, allow_nan=False))
+    emptied = [name for name, b in per_benchmark.items() if b.n_items == 0]
+    if emptied and not allow_empty:
+        raise EmptyBenchmarkError(
+            "\n".join(
+                _empty_message(n, data_info[n], load_skipped.get(n, {}), per_benchmark[n].skipped) for n in emptied
+            ),
+            results,
+        )
     return results
 
 

@@ -27,7 +27,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 from PIL import Image
 
-from vppo_eval.datafiles import load_data_file, load_data_folder
+from vppo_eval.datafiles import load_data_file, load_data_folder, row_decoder
 from vppo_rollout.images import SkipRow, decode_image
 
 T = TypeVar("T")
@@ -145,7 +145,8 @@ class VisualQADataset:
                 )
         self.dataset = dataset
         self._rows = dataset.with_format("arrow")
-        self.base_dir = Path(base_dir) if base_dir is not None else None
+        self._decode = row_decoder(dataset.features)  # rows read as written: Json (mixed-type) cells decoded
+        self.base_dir = Path(base_dir).expanduser().resolve() if base_dir is not None else None
         self.source = source  # named in errors about the whole dataset
 
     @classmethod
@@ -164,8 +165,9 @@ class VisualQADataset:
         undecodable_image, image_too_large, undecodable_text, empty_question, empty_answer, empty_response)."""
         try:
             # Through the Arrow format: image cells stay {"bytes", "path"} (datasets would decode them with PIL
-            # and raise on a decompression bomb before we could count it), texts come back as str.
-            record = self._rows[int(row)].to_pylist()[0]
+            # and raise on a decompression bomb before we could count it), texts come back as str; a field that
+            # mixes numbers and text is a `Json` column there, decoded back to what the file holds.
+            record = self._decode(self._rows[int(row)].to_pylist()[0])
         except UnicodeDecodeError as e:
             raise SkipRow("undecodable_text", f"row {row}: {e}") from e
         cols = self.columns

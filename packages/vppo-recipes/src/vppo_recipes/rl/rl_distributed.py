@@ -650,6 +650,7 @@ class RLRecipeDistributed:
                 format_weight=float(self._cfg.reward.format_weight),
                 multiple_choice=bool(self._cfg.reward.multiple_choice),
                 progress=False,
+                allow_empty=True,  # one rank's share may be all skipped: the counts are all-reduced below
             )
             self.sampler.sleep()
             acc = res.item_accuracy()
