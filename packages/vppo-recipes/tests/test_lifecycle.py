@@ -166,7 +166,9 @@ def _recipe_main(monkeypatch, recipe: str, output_dir: Path):
 @pytest.mark.parametrize("recipe", ["rl", "sft"])
 def test_both_recipes_refuse_a_folder_in_use_before_any_work(monkeypatch, in_process_rank, tmp_path, sleeper, recipe):
     _write_lock(tmp_path / "run", pid=sleeper.pid)
-    with pytest.raises(Exception, match=re.escape(f"output_dir {tmp_path / 'run'} is in use by another run: pid {sleeper.pid} ")):
+    with pytest.raises(
+        Exception, match=re.escape(f"output_dir {tmp_path / 'run'} is in use by another run: pid {sleeper.pid} ")
+    ):
         _recipe_main(monkeypatch, recipe, tmp_path / "run")
     assert sorted(os.listdir(tmp_path / "run")) == ["vppo.lock"]  # no logs, no checkpoints: nothing was started
 

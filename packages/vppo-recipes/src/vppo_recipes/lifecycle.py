@@ -28,16 +28,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
-
-from vppo_recipes.checkpointing import find_latest_checkpoint
+# torch and the checkpoint code are imported where used: the demo checks its folders with this module before any
+# heavy import, to answer a bad setting at once.
 
 __all__ = [
     "LOCK_FILE",
     "OutputDirError",
     "OutputDirLock",
     "StopRequest",
+    "check_writable",
     "claim_output_dir",
     "lock_output_dir",
     "stopped_message",
@@ -115,24 +114,50 @@ def _read_owner(path: Path) -> dict[str, Any] | None:
     return owner if isinstance(owner, dict) else {}
 
 
-def _unwritable(folder: Path, what: Path, err: OSError) -> OutputDirError:
+def _how_to_set(setting: str) -> str:
+    """`output_dir` -> "output_dir=PATH" (a config key), `--out` -> "--out PATH" (a command-line flag)."""
+    return f"{setting} PATH" if setting.startswith("-") else f"{setting}=PATH"
+
+
+def _unwritable(folder: Path, what: Path, err: OSError, setting: str) -> OutputDirError:
     return OutputDirError(
-        f"output_dir {folder} cannot be written: creating {what} failed ({err.strerror or err}). Give a folder this "
-        "user can write to (output_dir=PATH on the command line), or make this one writable (permissions, a "
-        "read-write mount, free space)."
+        f"{setting} {folder} cannot be written: creating {what} failed ({err.strerror or err}). Give a folder this "
+        f"user can write to ({_how_to_set(setting)} on the command line), or make this one writable (permissions, "
+        "a read-write mount, free space)."
     )
 
 
-def lock_output_dir(output_dir: str | os.PathLike) -> OutputDirLock:
+def _make_folder(folder: str | os.PathLike, setting: str) -> Path:
+    """`folder` as an absolute path, created (with its parents) if missing; OutputDirError if it cannot be."""
+    path = Path(folder).expanduser().absolute()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _unwritable(path, path, err, setting) from err
+    return path
+
+
+def check_writable(folder: str | os.PathLike, *, setting: str) -> Path:
+    """Create `folder` if needed and prove it writable by creating and removing a file in it (permission bits say
+    nothing under root, nor about a read-only mount). `setting` names it in the error (`output_dir`, `--copy-to`).
+    Returns the absolute folder; raises OutputDirError."""
+    path = _make_folder(folder, setting)
+    probe = path / f".vppo_write_probe_{os.getpid()}"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise _unwritable(path, probe, err, setting) from err
+    return path
+
+
+def lock_output_dir(output_dir: str | os.PathLike, *, setting: str = "output_dir") -> OutputDirLock:
     """Create `output_dir` if needed and take its lock; the single-process part of `claim_output_dir`.
 
+    setting: how the user gave the folder (`output_dir`, or a flag such as `--out`), named in the errors.
     Raises OutputDirError when the folder cannot be written or another live run holds it.
     """
-    folder = Path(output_dir).expanduser().absolute()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise _unwritable(folder, folder, err) from err
+    folder = _make_folder(output_dir, setting)
     path = folder / LOCK_FILE
     token = {
         "host": socket.gethostname(),
@@ -145,21 +170,21 @@ def lock_output_dir(output_dir: str | os.PathLike) -> OutputDirLock:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            _remove_stale(path, token["host"])
+            _remove_stale(path, token["host"], setting)
             continue
         except OSError as err:
-            raise _unwritable(folder, path, err) from err
+            raise _unwritable(folder, path, err, setting) from err
         try:
             with os.fdopen(fd, "w") as fh:
                 json.dump(token, fh)
         except OSError as err:
             path.unlink(missing_ok=True)
-            raise _unwritable(folder, path, err) from err
+            raise _unwritable(folder, path, err, setting) from err
         return OutputDirLock(path, token)
-    raise _in_use(path, _read_owner(path) or {})  # another run took it between our removal and our retry
+    raise _in_use(path, _read_owner(path) or {}, setting)  # another run took it between our removal and our retry
 
 
-def _in_use(path: Path, owner: dict[str, Any]) -> OutputDirError:
+def _in_use(path: Path, owner: dict[str, Any], setting: str) -> OutputDirError:
     who = (
         f"pid {owner.get('pid')} on host {owner.get('host')} since {owner.get('since')} "
         f"(command: {owner.get('command')})"
@@ -167,21 +192,21 @@ def _in_use(path: Path, owner: dict[str, Any]) -> OutputDirError:
         else "a lock file that cannot be read"
     )
     return OutputDirError(
-        f"output_dir {path.parent} is in use by another run: {who}; lock file {path}. Two runs in one folder "
+        f"{setting} {path.parent} is in use by another run: {who}; lock file {path}. Two runs in one folder "
         "would interleave their metrics and delete each other's checkpoints. Wait for that run or stop it, or "
-        "give this run another output_dir=PATH; if that run is no longer running (e.g. it ran on another host), "
-        f"delete {path}."
+        f"give this run another {_how_to_set(setting)}; if that run is no longer running (e.g. it ran on another "
+        f"host), delete {path}."
     )
 
 
-def _remove_stale(path: Path, host: str) -> None:
+def _remove_stale(path: Path, host: str, setting: str) -> None:
     """Remove the lock at `path` if its owner is a process of this host that is gone; else raise OutputDirError."""
     owner = _read_owner(path)
     if owner is None:  # released meanwhile
         return
     pid = owner.get("pid")
     if not owner or owner.get("host") != host or not isinstance(pid, int) or _pid_alive(pid, owner.get("pid_start")):
-        raise _in_use(path, owner)
+        raise _in_use(path, owner, setting)
     print(
         f"WARNING: taking over {path}: its owner (pid {pid} on {host}, since {owner.get('since')}) is no longer "
         "running; it was stopped without releasing the folder.",
@@ -191,12 +216,14 @@ def _remove_stale(path: Path, host: str) -> None:
     try:
         path.unlink(missing_ok=True)
     except OSError as err:
-        raise _unwritable(path.parent, path, err) from err
+        raise _unwritable(path.parent, path, err, setting) from err
 
 
 def claim_output_dir(output_dir: str | os.PathLike) -> OutputDirLock:
     """`lock_output_dir` on rank 0, its verdict shared with every rank (collective: every rank calls it, after the
     process group exists), so all ranks stop with the same message or all go on."""
+    import torch.distributed as dist
+
     lock, error = OutputDirLock(None), None
     if dist.get_rank() == 0:
         try:
@@ -244,6 +271,9 @@ class StopRequest:
 
         Collective: every rank calls it once per step, at the same point of the loop.
         """
+        import torch
+        import torch.distributed as dist
+
         flag = torch.tensor(float(self.signum or 0), device="cuda" if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item()) or None
@@ -251,6 +281,8 @@ class StopRequest:
 
 def stopped_message(signum: int, step: int, output_dir: str | os.PathLike) -> str:
     """The line a run stopped by a signal prints: what stopped it, where, its latest checkpoint, how to go on."""
+    from vppo_recipes.checkpointing import find_latest_checkpoint
+
     name = signal.Signals(signum).name
     checkpoint = find_latest_checkpoint(output_dir)
     saved = f"latest checkpoint {checkpoint}" if checkpoint is not None else "no checkpoint yet"
