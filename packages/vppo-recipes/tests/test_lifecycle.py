@@ -199,3 +199,45 @@ def test_both_recipes_hold_the_folder_while_they_run_and_free_it_when_they_fail(
         _recipe_main(monkeypatch, recipe, tmp_path / "run")
     assert seen["owner"]["pid"] == os.getpid() and seen["owner"]["host"] == socket.gethostname()
     assert not (tmp_path / "run" / "vppo.lock").exists()  # the next launch finds the folder free
+
+
+@pytest.mark.slow
+def test_sft_stops_after_the_step_sigterm_arrived_in_saves_it_and_frees_the_folder(
+    monkeypatch, in_process_rank, tmp_path, capsys
+):
+    """The SFT recipe in this process, SIGTERM to it during step 2 of 4 (no periodic checkpoints): step 2 is
+    finished and saved, the run ends with 143 and the stop line. (The RL recipe's stop is the launch test of
+    test_rl_runs.py.)"""
+    from vppo_eval.synthetic import build_visual_task
+    from vppo_recipes.metric_logging import read_jsonl
+    from vppo_recipes.sft import sft_distributed
+    from vppo_rollout.tiny import build_tiny_checkpoint
+
+    ckpt = build_tiny_checkpoint(tmp_path / "tiny", "qwen2_5_vl", seed=0)
+    build_visual_task(tmp_path / "task", n_train=8, n_test=2, seed=0)
+    step = sft_distributed.SFTRecipeDistributed.train_step
+
+    def train_step(self, encoded):
+        if self.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, encoded)
+
+    got = []  # without the recipe's handler (code before it), the signal lands here instead of ending pytest
+    monkeypatch.setattr(sft_distributed.SFTRecipeDistributed, "train_step", train_step)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    monkeypatch.setattr(os, "_exit", lambda code: sys.exit(code))  # recipe_main ends the process that way
+    run = tmp_path / "run"
+    args = [f"output_dir={run}", f"model.path={ckpt}", f"data.source={tmp_path / 'task'}", "world.nproc_per_node=1"]
+    args += ["training.max_steps=4", "batch.batch_size=2", "batch.micro_batch_size=2"]
+    monkeypatch.setattr(sys, "argv", ["sft", "--config", str(CONFIGS / "tiny_sft.yaml"), *args])
+    try:
+        with pytest.raises(SystemExit) as ended:
+            sft_distributed.recipe_main()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    out = capsys.readouterr().out
+    assert ended.value.code == 128 + signal.SIGTERM, out[-3000:]
+    assert f"stopped by SIGTERM at step 2; latest checkpoint {run / 'checkpoints' / 'step_000002'}; resume" in out
+    assert [m["step"] for m in read_jsonl(run / "logs" / "metrics.jsonl")] == [1, 2]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002"]
+    assert not (run / "vppo.lock").exists() and not got
