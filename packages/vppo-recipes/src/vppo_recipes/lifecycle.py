@@ -53,7 +53,7 @@ class OutputDirError(RuntimeError):
 def _process_start(pid: int) -> int | None:
     """Start time of process `pid` in clock ticks since boot (/proc/PID/stat field 22), None where unknown.
 
-    Told apart from a later process that reuses the pid, a lock's owner is then recognised even after pid reuse.
+    Recorded in the lock, so that a later process that happens to get the owner's pid is not taken for the owner.
     """
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
