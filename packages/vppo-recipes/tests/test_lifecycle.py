@@ -2,7 +2,8 @@
 stop at a step boundary (vppo_recipes.lifecycle). The end-to-end SIGTERM-then-resume run is in test_rl_runs.py, the
 launcher's forwarding in test_cli.py.
 
-vppo_recipes.lifecycle is imported inside the tests: each test then fails on code without it by what it checks.
+vppo_recipes.lifecycle is imported inside the tests that use it, so that the recipe-level tests, which do not, fail
+on code before it by what they check rather than all at collection.
 """
 
 from __future__ import annotations
