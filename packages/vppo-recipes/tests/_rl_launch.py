@@ -86,10 +86,12 @@ def kill_after_checkpoint(assets, algo: str, out: Path, *, nproc: int, steps: in
 
 
 def launcher_command(assets, algo: str, out: Path, nproc: int, steps: int, extra=()) -> list[str]:
-    """`command`'s run through the `vppo-recipes run` launcher, the recipe given by its shipped name."""
+    """`command`'s run through the `vppo-recipes run` launcher, the recipe given by its shipped name; torchrun waits
+    up to 300 s (not its default 30) for the ranks to save after a signal, as a step can take longer on a busy machine.
+    """
     args = command(assets, algo, out, nproc, steps, extra)[2:]  # what follows `tune run`
     args[args.index(RECIPE)] = "rl_distributed"
-    return [sys.executable, "-m", "vppo_recipes.cli", "run", *args]
+    return [sys.executable, "-m", "vppo_recipes.cli", "run", "--shutdown_timeout", "300", *args]
 
 
 def processes_mentioning(text: str) -> list[int]:

@@ -259,7 +259,9 @@ def test_sigterm_to_the_launcher_stops_the_run_at_a_step_boundary_and_the_same_c
     assert not (cut / "vppo.lock").exists()  # released: rank 0 ended cleanly
 
     cmd = launcher_command(assets, "vppo", cut, 2, 3, RESUME_EXTRA)
-    resumed = subprocess.run(cmd, cwd=assets["root"], env={**os.environ, **ENV}, capture_output=True, text=True)
+    resumed = subprocess.run(
+        cmd, cwd=assets["root"], env={**os.environ, **ENV}, capture_output=True, text=True, timeout=900
+    )
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
     assert f"resumed from {cut / 'checkpoints' / f'step_{stopped:06d}'} at step {stopped}" in resumed.stdout
     mf, mc = _metrics(full), _metrics(cut)
