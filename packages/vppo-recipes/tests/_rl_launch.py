@@ -83,3 +83,53 @@ def kill_after_checkpoint(assets, algo: str, out: Path, *, nproc: int, steps: in
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "checkpoints" / f"step_{checkpoint + 1:06d}").exists(), "killed too late: the next step finished"
+
+
+def launcher_command(assets, algo: str, out: Path, nproc: int, steps: int, extra=()) -> list[str]:
+    """`command`'s run through the `vppo-recipes run` launcher, the recipe given by its shipped name; torchrun waits
+    up to 300 s (not its default 30) for the ranks to save after a signal, as a step can take longer on a busy machine.
+    """
+    args = command(assets, algo, out, nproc, steps, extra)[2:]  # what follows `tune run`
+    args[args.index(RECIPE)] = "rl_distributed"
+    return [sys.executable, "-m", "vppo_recipes.cli", "run", "--shutdown_timeout", "300", *args]
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids of this host's processes whose command line contains `text` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:  # ended meanwhile
+                continue
+            if text in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def sigterm_after_step(assets, algo: str, out: Path, *, nproc: int, steps: int, step: int, log: Path, extra=()) -> int:
+    """Launch through `vppo-recipes run`, send SIGTERM to the launcher alone (as `kill PID` and `docker stop` do) as
+    soon as metrics.jsonl shows `step`, wait for it; its exit code. Every process of the run left alive is killed
+    (and the test failed) afterwards."""
+    with log.open("w") as fh:
+        proc = subprocess.Popen(
+            launcher_command(assets, algo, out, nproc, steps, extra), cwd=assets["root"], env={**os.environ, **ENV},
+            stdout=fh, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    metrics_file = out / "logs" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 900
+        while not (metrics_file.is_file() and f'"step": {step},' in metrics_file.read_text()):
+            assert proc.poll() is None, f"the run ended before step {step}:\n{log.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, f"timed out waiting for step {step}"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout=300)
+    finally:
+        proc.kill()
+        proc.wait()
+        left = processes_mentioning(str(out))
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        assert not left, f"processes of the run still alive after the launcher exited: {left}"

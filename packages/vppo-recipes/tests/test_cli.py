@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -115,3 +117,61 @@ def test_run_from_another_directory_reaches_the_recipe_and_its_config_check(tmp_
         in proc.stdout
     )
     assert not Path(tmp_path / "elsewhere" / "runs").exists()
+
+
+# A stand-in for `tune run`: reports its pid, turns SIGTERM / SIGINT into a flag, then "finishes its step" (0.5 s),
+# writes which signal it got and exits 1, as tune does after torchrun's ranks stopped.
+_FAKE_TUNE = """
+import os, signal, sys, time
+from pathlib import Path
+null = os.open(os.devnull, os.O_WRONLY)
+os.dup2(null, 1), os.dup2(null, 2)  # the launcher's output pipe then ends with the launcher, whatever happens to this
+got = []
+for s in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(s, lambda signum, frame: got.append(signum))
+Path(sys.argv[1], "ready").write_text(str(os.getpid()))
+while not got:
+    time.sleep(0.01)
+time.sleep(0.5)
+Path(sys.argv[1], "saved").write_text(str(got[0]))
+sys.exit(1)
+"""
+_LAUNCHER = """
+import os, sys
+from vppo_recipes import cli
+cli.build_run_command = lambda argv, cwd=None: ([sys.executable, sys.argv[1], sys.argv[2]], dict(os.environ))
+sys.exit(cli.main(["run", "rl_distributed", "--config", "tiny_vppo"]))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_run_passes_a_signal_on_to_the_run_and_waits_for_it_to_stop(tmp_path, sig):
+    """`kill` (or Ctrl-C) to the launcher alone: the run gets the signal and finishes before the launcher exits with
+    128 + the signal number. The launcher used to exit at once, leaving the run training with nobody to stop it."""
+    (tmp_path / "tune.py").write_text(_FAKE_TUNE)
+    (tmp_path / "launcher.py").write_text(_LAUNCHER)
+    launcher = subprocess.Popen(
+        [sys.executable, str(tmp_path / "launcher.py"), str(tmp_path / "tune.py"), str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    child = None
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "ready").is_file() or not (tmp_path / "ready").read_text():
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.stdout.read()
+            time.sleep(0.02)
+        child = int((tmp_path / "ready").read_text())
+        launcher.send_signal(sig)  # to the launcher's pid only, as `kill PID` or `docker stop` do
+        out, _ = launcher.communicate(timeout=60)
+        assert (tmp_path / "saved").is_file(), f"the run never got {sig.name}, or the launcher did not wait:\n{out}"
+        assert (tmp_path / "saved").read_text() == str(int(sig))
+        assert launcher.returncode == 128 + sig, out
+        assert f"vppo-recipes: stopped by {sig.name} (the run exited with 1); resume with the same command" in out
+        with pytest.raises(ProcessLookupError):
+            os.kill(child, 0)  # ended and reaped by the launcher
+        child = None
+    finally:
+        launcher.kill()
+        launcher.wait()
+        if child is not None:
+            os.kill(child, signal.SIGKILL)

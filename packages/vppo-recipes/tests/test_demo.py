@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import socket
+from pathlib import Path
 
 import pytest
 
@@ -93,12 +96,62 @@ def test_a_run_without_every_item_scored_is_refused():
 
 
 def test_settings_reject_a_last_step_that_is_not_validated():
-    with pytest.raises(ValueError, match="eval_every"):
+    with pytest.raises(ValueError, match="--eval-every"):
         dataclasses.replace(DemoSettings.full(), rl_steps=7, eval_every=5).check()
     with pytest.raises(ValueError, match="algorithms"):
         dataclasses.replace(DemoSettings.full(), algorithms=("ppo",)).check()
     with pytest.raises(ValueError, match="each once"):
         dataclasses.replace(DemoSettings.full(), seeds=(1, 1)).check()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--sft-steps", "0"], "--sft-steps must be an integer >= 1, got 0"),
+        (["--rl-steps", "-2"], "--rl-steps must be an integer >= 1, got -2"),
+        (["--eval-every", "0"], "--eval-every must be an integer >= 1, got 0"),
+        (["--rl-steps", "5", "--eval-every", "2"], "--rl-steps (5) must be a multiple of --eval-every (2)"),
+        (["--seeds", "0,0"], "--seeds: give at least one seed >= 0, each once"),
+        (["--seeds", "-1"], "--seeds: give at least one seed >= 0, each once"),
+        (["--seeds", "zero"], "argument --seeds: expected comma-separated integers (e.g. 0,1,2), got 'zero'"),
+        (["--algorithms", "ppo"], "--algorithms: expected a non-empty subset of vppo,dapo,grpo,pgpo"),
+        (["--copy-to", "/sys/vppo-demo-copy"], "--copy-to /sys/vppo-demo-copy cannot be written"),
+        (["--replot"], "--replot: OUT holds no summary.json of a finished demo"),
+    ],
+    ids=["sft-steps", "rl-steps", "eval-every", "not-a-multiple", "seeds-twice", "seed-negative", "seeds-text",
+         "algorithms", "copy-to", "replot"],
+)  # fmt: skip
+def test_every_bad_demo_setting_is_refused_before_any_work(tmp_path, monkeypatch, capsys, args, message):
+    """Issue 23: `--sft-steps 0` used to build for 20-45 s, then fail with the cause only in a log file."""
+    from vppo_recipes import demo
+
+    started = []
+    monkeypatch.setattr(demo, "run_demo", lambda out, s: started.append(s))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stopped:
+        demo.main(["--out", str(out), "--quick", *args])
+    assert stopped.value.code == 2
+    assert message.replace("OUT", str(out)) in capsys.readouterr().err
+    assert not started and not out.exists()
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["unwritable", "in-use"])
+def test_a_demo_out_folder_that_is_unwritable_or_in_use_is_refused_before_any_work(tmp_path, monkeypatch, capsys, busy):
+    from vppo_recipes import demo
+
+    started = []
+    monkeypatch.setattr(demo, "run_demo", lambda out, s: started.append(s))
+    out = tmp_path / "out" if busy else Path("/sys/vppo-demo-out")  # sysfs: not writable, even by root
+    if busy:  # another demo, alive (this process), holds it
+        out.mkdir(parents=True)
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "since": "2026-01-02T03:04:05+00:00"}
+        (out / "vppo.lock").write_text(json.dumps(owner))
+    with pytest.raises(SystemExit) as stopped:
+        demo.main(["--out", str(out), "--quick"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and not started
+    assert f"--out {out} is in use by another run: pid {os.getpid()}" in err if busy else "cannot be written" in err
+    assert "--out PATH" in err
 
 
 def test_the_full_demo_has_the_statistical_power_the_issue_asks_for():

@@ -10,7 +10,10 @@ Runs are kept to a few RL steps of a few seconds each.
 from __future__ import annotations
 
 import math
+import os
+import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +21,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _rl_launch import TIMING, kill_after_checkpoint
+from _rl_launch import ENV, TIMING, kill_after_checkpoint, launcher_command, sigterm_after_step
 from _rl_launch import metrics as _metrics
 from _rl_launch import run as _run
 from _rl_launch import same as _same
@@ -53,6 +56,8 @@ EXPECTED_KEYS = {
 }  # fmt: skip
 
 _two_proc: dict[str, Path] = {}
+_uninterrupted: dict[str, Path] = {}  # the 3-step reference run of the resume tests
+RESUME_EXTRA = ["algorithm.tas_statistics=reference"]  # the official code's per-rank TAS statistics
 
 
 # PGPO runs with the exact full-vocabulary dependency (VPPO covers the sampled-token estimator).
@@ -202,8 +207,9 @@ def test_resume_after_a_kill_continues_exactly_like_an_uninterrupted_run(assets)
     checkpoint must reload in plain transformers with identical logits.
     """
     full, cut = assets["root"] / "resume_full", assets["root"] / "resume_cut"
-    reference = ["algorithm.tas_statistics=reference"]  # the official code's per-rank TAS statistics
-    _run(assets, "vppo", full, nproc=2, steps=3, extra=reference)
+    _run(assets, "vppo", full, nproc=2, steps=3, extra=RESUME_EXTRA)
+    _uninterrupted["vppo"] = full
+    reference = RESUME_EXTRA
 
     kill_after_checkpoint(assets, "vppo", cut, nproc=2, steps=3, checkpoint=2, extra=reference)
 
@@ -221,6 +227,49 @@ def test_resume_after_a_kill_continues_exactly_like_an_uninterrupted_run(assets)
     lc = _logits(cut / "checkpoints" / "step_000003", assets)
     assert torch.equal(lf, lc)
     assert (lf - _logits(assets["warm"], assets)).abs().max() > 1e-4  # the weights did train
+
+
+def test_sigterm_to_the_launcher_stops_the_run_at_a_step_boundary_and_the_same_command_resumes_exactly(assets):
+    """Issue 23: SIGTERM to `vppo-recipes run` (a plain `kill`, `docker stop`, a scheduler's pre-emption) used to end
+    the launcher alone while torchrun and both ranks trained on. Now the ranks finish the step they are in, save it
+    and exit, the launcher waits for them (exit 143) and nothing of the run is left running; the same command then
+    resumes, and every step and the final weights equal the uninterrupted run's (the one of the test above).
+
+    The signal is sent once step 1 is logged; where it lands in a step decides only which step is saved (1, or 2 if
+    step 2 had begun), not the outcome.
+    """
+    full = _uninterrupted.get("vppo")
+    if full is None:  # this test alone
+        full = assets["root"] / "resume_full"
+        _run(assets, "vppo", full, nproc=2, steps=3, extra=RESUME_EXTRA)
+    cut = assets["root"] / "sigterm_cut"
+    log = assets["root"] / "sigterm_cut.log"
+    rc = sigterm_after_step(assets, "vppo", cut, nproc=2, steps=3, step=1, log=log, extra=RESUME_EXTRA)
+    out = log.read_text()
+    assert rc == 143, out[-6000:]
+    (stopped,) = [int(s) for s in re.findall(r"stopped by SIGTERM at step (\d+);", out)]
+    assert stopped in (1, 2), out[-6000:]
+    assert (
+        f"stopped by SIGTERM at step {stopped}; latest checkpoint {cut / 'checkpoints' / f'step_{stopped:06d}'}; "
+        "resume with the same command" in out
+    )
+    assert "vppo-recipes: stopped by SIGTERM" in out
+    assert [m["step"] for m in _metrics(cut)] == list(range(1, stopped + 1))
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == [f"step_{s:06d}" for s in range(1, stopped + 1)]
+    assert not (cut / "vppo.lock").exists()  # released: rank 0 ended cleanly
+
+    cmd = launcher_command(assets, "vppo", cut, 2, 3, RESUME_EXTRA)
+    resumed = subprocess.run(
+        cmd, cwd=assets["root"], env={**os.environ, **ENV}, capture_output=True, text=True, timeout=900
+    )
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    assert f"resumed from {cut / 'checkpoints' / f'step_{stopped:06d}'} at step {stopped}" in resumed.stdout
+    mf, mc = _metrics(full), _metrics(cut)
+    assert [m["step"] for m in mc] == [1, 2, 3]
+    for a, b in zip(mf, mc):
+        diff = {k: (a[k], b.get(k)) for k in a if not k.startswith(TIMING) and not _same(a[k], b.get(k, math.nan))}
+        assert not diff, f"step {a['step']}: {diff}"
+    _assert_same_weights(full / "checkpoints" / "step_000003", cut / "checkpoints" / "step_000003", atol=0.0)
 
 
 def test_torchao_adamw8bit_run_resumes_from_its_per_rank_optimizer_shards_exactly(assets):

@@ -13,6 +13,11 @@ config file, `output_dir`, `model.path`, `data.source`) keep meaning what they m
 recipe file of the user's own (`vppo-recipes cp sft_distributed my_sft.py`, then edit) may be given by any path:
 its folder goes on PYTHONPATH and tune gets the bare file name. The equivalent direct command for a shipped recipe,
 from any directory, is `tune run [--nproc_per_node N] vppo_recipes/sft/sft_distributed.py --config <file>`.
+
+SIGTERM or SIGINT (Ctrl-C) to `run` is passed on to `tune run`, which is started in a process group of its own, and
+`run` waits for it: torchrun passes the signal on to the ranks, which finish their step, save it and exit (see
+`vppo_recipes.lifecycle`); `run` then exits with 128 + the signal number. Exiting at once would leave torchrun and
+the ranks training, and writing checkpoints, with nobody to stop them.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -151,13 +157,48 @@ def build_run_command(argv: list[str], cwd: Path | None = None) -> tuple[list[st
     return cmd, env
 
 
+def run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
+    """Run `cmd` in a new process group; pass the first SIGTERM / SIGINT on to that group and wait for it to end.
+
+    Returns the child's exit code, or 128 + the signal number when a signal stopped the run before it finished.
+    Only the first signal is passed on: torchrun's agent, interrupted again while it waits for the ranks to save,
+    would stop waiting; it kills them itself after its `--shutdown_timeout`.
+    """
+    child = subprocess.Popen(cmd, env=env, start_new_session=True)  # its own group: one signal per Ctrl-C, not two
+    received: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if received:
+            print(f"vppo-recipes: {name} again; still waiting for the ranks to save (SIGKILL aborts)", flush=True)
+            return
+        received.append(signum)
+        print(f"vppo-recipes: {name}: asking the run to stop after its current step and save it", flush=True)
+        try:
+            os.killpg(child.pid, signum)
+        except ProcessLookupError:  # it has just ended
+            pass
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        rc = child.wait()  # retried after each handler (PEP 475)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received and rc != 0:
+        print(
+            f"vppo-recipes: stopped by {signal.Signals(received[0]).name} (the run exited with {rc}); "
+            "resume with the same command",
+            flush=True,
+        )
+        return 128 + received[0]
+    return rc
+
+
 def cmd_run(argv: list[str]) -> int:
     cmd, env = build_run_command(argv)
     print("Running: tune run " + " ".join(cmd[4:]), flush=True)
-    try:
-        return subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:
-        return 130
+    return run_forwarding_signals(cmd, env)
 
 
 def main(argv: list[str] | None = None) -> int:

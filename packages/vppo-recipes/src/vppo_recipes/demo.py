@@ -44,6 +44,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from vppo_recipes.lifecycle import OutputDirError, check_writable, lock_output_dir
 from vppo_recipes.offline import OFFLINE_ENV
 
 __all__ = ["DemoSettings", "main", "run_demo"]
@@ -120,15 +121,24 @@ class DemoSettings:
         )
 
     def check(self) -> None:
+        """Raise ValueError naming the command-line flag and its valid range for a setting no stage could run with
+        (`main` calls it before any work; a bad setting used to surface after the 20-45 s build, in a log file)."""
         unknown = [a for a in self.algorithms if a not in ("vppo", "dapo", "grpo", "pgpo")]
         if not self.algorithms or unknown:
-            raise ValueError(f"algorithms: expected a non-empty subset of vppo,dapo,grpo,pgpo, got {self.algorithms}")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds: give at least one seed, each once (e.g. --seeds 0,1,2), got {self.seeds}")
-        if self.rl_steps < 1 or self.eval_every < 1 or self.rl_steps % self.eval_every:
+            raise ValueError(f"--algorithms: expected a non-empty subset of vppo,dapo,grpo,pgpo, got {self.algorithms}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+            raise ValueError(f"--seeds: give at least one seed >= 0, each once (e.g. --seeds 0,1,2), got {self.seeds}")
+        for flag, value in (
+            ("--sft-steps", self.sft_steps),
+            ("--rl-steps", self.rl_steps),
+            ("--eval-every", self.eval_every),
+        ):
+            if value < 1:
+                raise ValueError(f"{flag} must be an integer >= 1, got {value}")
+        if self.rl_steps % self.eval_every:
             raise ValueError(
-                f"rl_steps ({self.rl_steps}) must be a positive multiple of eval_every ({self.eval_every}), so the "
-                "last step is validated"
+                f"--rl-steps ({self.rl_steps}) must be a multiple of --eval-every ({self.eval_every}), so the last "
+                "step is validated"
             )
         if self.n_eval > self.n_test:
             raise ValueError(f"n_eval ({self.n_eval}) must be <= n_test ({self.n_test})")
@@ -1015,7 +1025,11 @@ def copy_outputs(out: Path, dest: Path) -> None:
 
 
 def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x.strip())
+    """`"0,1,2"` -> (0, 1, 2); argparse reports the error with the flag's name."""
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers (e.g. 0,1,2), got {text!r}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1023,13 +1037,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path, help="output folder (plots, summary, work/ with every run)")
     p.add_argument("--quick", action="store_true", help="smoke version: 1 seed, 2 RL steps, tiny sizes")
     p.add_argument("--algorithms", help="comma list of vppo,dapo,grpo,pgpo (default vppo,dapo,grpo)")
-    p.add_argument("--seeds", help="comma list of RL seeds (default 0,1,2)")
+    p.add_argument("--seeds", type=_ints, help="comma list of RL seeds (default 0,1,2)")
     p.add_argument("--rl-steps", type=int)
     p.add_argument("--eval-every", type=int)
     p.add_argument("--sft-steps", type=int)
     p.add_argument("--replot", action="store_true", help="only rebuild plots + summary of a finished --out folder")
     p.add_argument("--copy-to", type=Path, help="also copy plots, HTML and summaries here (e.g. docs/demo)")
     args = p.parse_args(argv)
+    if args.replot and not (args.out / "summary.json").is_file():
+        p.error(f"--replot: {args.out} holds no summary.json of a finished demo")
+    try:  # every output folder, before any work
+        if args.copy_to:
+            check_writable(args.copy_to, setting="--copy-to")
+        if args.replot:
+            check_writable(args.out, setting="--out")
+    except OutputDirError as err:
+        p.error(str(err))
     if args.replot:
         replot(args.out)
         if args.copy_to:
@@ -1039,13 +1062,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     changes: dict[str, Any] = {}
     if args.algorithms:
         changes["algorithms"] = tuple(a.strip() for a in args.algorithms.split(",") if a.strip())
-    if args.seeds:
-        changes["seeds"] = _ints(args.seeds)
-    for name in ("rl_steps", "eval_every", "sft_steps"):
+    for name in ("seeds", "rl_steps", "eval_every", "sft_steps"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     s = dataclasses.replace(s, **changes)
-    run_demo(args.out, s)
+    try:
+        s.check()
+        lock = lock_output_dir(args.out, setting="--out")  # two demos in one folder would delete each other's runs
+    except (ValueError, OutputDirError) as err:
+        p.error(str(err))
+    with lock:
+        run_demo(args.out, s)
     if args.copy_to:
         copy_outputs(args.out.resolve(), args.copy_to)
     return 0

@@ -107,6 +107,7 @@ from vppo_recipes.config_schema import RL_ALGORITHMS, check_world_size, validate
 from vppo_recipes.counterfactual import cross_modal_value_mean
 from vppo_recipes.data import Example, ExampleStream, SkipRow, VisualQADataset, rank_slice
 from vppo_recipes.distributed import init_distributed, load_training_policy, shard_and_place
+from vppo_recipes.lifecycle import StopRequest, claim_output_dir, stopped_message
 from vppo_recipes.lr_schedule import constant_with_warmup
 from vppo_recipes.metric_logging import build_metric_logger
 from vppo_recipes.sharding import call_in_root_forward
@@ -514,6 +515,8 @@ class RLRecipeDistributed:
         self.optimizer_steps = 0
         self.examples_drawn = 0
         self.totals: dict[str, float] = defaultdict(float)  # run-long skip/filter counters
+        self.stop_request = StopRequest()  # set by SIGTERM / SIGINT under recipe_main: finish the step, save, exit
+        self.stopped_by: int | None = None  # the signal that stopped the run early
 
     # ---------------------------------------------------------------- setup
 
@@ -1539,7 +1542,15 @@ class RLRecipeDistributed:
 
     def train(self) -> None:
         pbar = tqdm(total=self.max_steps, initial=self.step, disable=not self.is_rank_zero, desc=f"{self.algorithm}")
+        saved_at = self.step  # a resumed step is saved; step 0 (nothing trained) needs no checkpoint
         while self.step < self.max_steps:
+            self.stopped_by = self.stop_request.agreed()  # collective: every rank stops at the same step
+            if self.stopped_by is not None:
+                if self.step != saved_at:
+                    self.save_checkpoint()
+                if self.is_rank_zero:
+                    print(stopped_message(self.stopped_by, self.step, self.output_dir), flush=True)
+                break
             metrics = self.rl_step()
             if metrics is None:
                 break
@@ -1561,6 +1572,7 @@ class RLRecipeDistributed:
             every = int(self._cfg.training.save_every_n_steps)
             if (every and self.step % every == 0) or self.step == self.max_steps:
                 self.save_checkpoint()
+                saved_at = self.step
         pbar.close()
 
     def _recipe_state(self) -> dict[str, Any]:
@@ -1669,10 +1681,13 @@ def recipe_main(cfg: DictConfig) -> None:
     """Entry point: validate the whole config before any compute, then setup / train / cleanup."""
     cfg = validate_config(cfg, "rl")
     recipe = RLRecipeDistributed(cfg)
-    config.log_config(recipe_name="RLRecipeDistributed", cfg=cfg)
-    recipe.setup(cfg)
-    recipe.train()
-    recipe.cleanup()
+    # Before any heavy work: the folder must be writable and this run's alone (vppo_recipes.lifecycle).
+    with claim_output_dir(recipe.output_dir), recipe.stop_request.handling_signals():
+        config.log_config(recipe_name="RLRecipeDistributed", cfg=cfg)
+        recipe.setup(cfg)
+        recipe.train()
+        recipe.cleanup()
+    code = 128 + recipe.stopped_by if recipe.stopped_by else 0  # the shell's convention for "ended by a signal"
     if _HARD_EXIT:
         # 1-2 % of gloo launches abort in C++ static destructors at interpreter exit after all work is done
         # (ENVIRONMENT.md, "terminate called without an active exception"); the logs are closed and the process
@@ -1680,7 +1695,9 @@ def recipe_main(cfg: DictConfig) -> None:
         # of recipe_main keeps its interpreter.
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(code)
+    if code:
+        raise SystemExit(code)
 
 
 _HARD_EXIT = False

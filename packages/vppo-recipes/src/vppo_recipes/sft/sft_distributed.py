@@ -57,6 +57,7 @@ from vppo_recipes.checkpointing import (
 from vppo_recipes.config_schema import check_world_size, validate_config
 from vppo_recipes.data import Example, ExampleStream, SkipRow, VisualQADataset, build_response, rank_slice
 from vppo_recipes.distributed import init_distributed, load_training_policy, shard_and_place
+from vppo_recipes.lifecycle import StopRequest, claim_output_dir, stopped_message
 from vppo_recipes.lr_schedule import constant_with_warmup
 from vppo_recipes.metric_logging import build_metric_logger
 from vppo_recipes.sharding import call_in_root_forward
@@ -127,6 +128,8 @@ class SFTRecipeDistributed:
 
         self.step = 0  # optimizer steps attempted (skipped non-finite ones included)
         self.totals: dict[str, float] = defaultdict(float)  # run-long counters, checkpointed
+        self.stop_request = StopRequest()  # set by SIGTERM / SIGINT under recipe_main: finish the step, save, exit
+        self.stopped_by: int | None = None  # the signal that stopped the run early
 
     # ---------------------------------------------------------------- setup
 
@@ -256,6 +259,9 @@ class SFTRecipeDistributed:
         every = int(self._cfg.training.save_every_n_steps)
         saved_at = self.step if self.resume_from is not None else -1
         while self.step < self.max_steps and self.stream.epoch < self.epochs:
+            self.stopped_by = self.stop_request.agreed()  # collective: every rank stops at the same step
+            if self.stopped_by is not None:
+                break
             metrics = self.train_step(self.stream.take(self.batch_size))
             self.step += 1
             for reason, count in self.stream.skipped.items():
@@ -271,9 +277,11 @@ class SFTRecipeDistributed:
                 self.save_checkpoint()
                 saved_at = self.step
         pbar.close()
-        if saved_at != self.step:
+        if saved_at != self.step and (self.step or self.stopped_by is None):  # step 0 of a stopped run: nothing
             self.save_checkpoint()
-        if self.is_rank_zero:
+        if self.is_rank_zero and self.stopped_by is not None:
+            print(stopped_message(self.stopped_by, self.step, self.output_dir), flush=True)
+        elif self.is_rank_zero:
             print(
                 f"SFT done at step {self.step}; final checkpoint: {find_latest_checkpoint(self.output_dir)}", flush=True
             )
@@ -332,14 +340,16 @@ def recipe_main(cfg: DictConfig) -> None:
     """Entry point: validate the whole config before any compute, then setup / train / cleanup."""
     cfg = validate_config(cfg, "sft")
     recipe = SFTRecipeDistributed(cfg)
-    recipe.setup(cfg)
-    recipe.train()
-    recipe.cleanup()
+    # Before any heavy work: the folder must be writable and this run's alone (vppo_recipes.lifecycle).
+    with claim_output_dir(recipe.output_dir), recipe.stop_request.handling_signals():
+        recipe.setup(cfg)
+        recipe.train()
+        recipe.cleanup()
     # A few % of gloo launches abort in C++ static destructors at interpreter exit after all work is done
     # (ENVIRONMENT.md); everything is flushed and the process group destroyed, so leave without them.
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(128 + recipe.stopped_by if recipe.stopped_by else 0)  # the shell's convention for "ended by a signal"
 
 
 if __name__ == "__main__":
