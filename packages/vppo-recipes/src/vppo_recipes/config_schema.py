@@ -134,6 +134,15 @@ COMMON: dict[str, Any] = {
             "values take effect (the optimizer's lr and weight decay too)",
         ),
     },
+    "checkpoint": {
+        "dtype": _f(
+            str,
+            default=None,
+            nullable=True,
+            choices=("float32", "bfloat16"),
+            doc="dtype of the HF weights in checkpoints (null: model.dtype); resume stays exact either way",
+        ),
+    },
     "metric_logger": Component({"_component_": _f(str)}),
     "log_every_n_steps": _f(int, default=1, **_POS_INT),
 }
@@ -621,6 +630,7 @@ RESUME_FREE_KEYS = (
     "training.resume",
     "training.accept_config_changes",
     "training.activation_checkpointing",
+    "checkpoint",  # how checkpoints are written; a bfloat16 export restores the float32 master weights exactly
     "log_every_n_steps",
     "metric_logger",
     "validation",

@@ -100,13 +100,14 @@ from vppo_recipes.checkpointing import (
     check_checkpoint_matches,
     check_resume_config,
     find_resumable_checkpoint,
+    holds_master_weights,
     load_training_state,
     save_checkpoint,
 )
 from vppo_recipes.config_schema import RL_ALGORITHMS, check_world_size, validate_config
 from vppo_recipes.counterfactual import cross_modal_value_mean
 from vppo_recipes.data import Example, ExampleStream, SkipRow, VisualQADataset, rank_slice
-from vppo_recipes.distributed import init_distributed, load_training_policy, shard_and_place
+from vppo_recipes.distributed import checkpoint_dtype, init_distributed, load_training_policy, shard_and_place
 from vppo_recipes.lr_schedule import constant_with_warmup
 from vppo_recipes.metric_logging import build_metric_logger
 from vppo_recipes.sharding import call_in_root_forward
@@ -538,6 +539,10 @@ class RLRecipeDistributed:
         self.weights_path = str(self.resume_from or cfg.model.path)
         self.model = self._setup_model(cfg, weights=self.weights_path)
         self.sampler = self._setup_sampler(cfg)
+        if cfg.rollout.engine == "vllm" and holds_master_weights(self.weights_path):
+            # vLLM read the bfloat16 export (ties rounded away from zero, or upcast for a float32 engine), not the
+            # float32 master weights the trainer restored: push those, as after every step
+            self._sync_sampler()
         self.optimizer, self.lr_scheduler = self._setup_optimizer(cfg)
         self._setup_data(cfg)
         self._setup_validation(cfg)
@@ -1586,6 +1591,7 @@ class RLRecipeDistributed:
             training_state=self._recipe_state(),
             arch=self._cfg.model.arch,
             config=self._cfg,
+            dtype=checkpoint_dtype(self._cfg),
         )
 
     def load_checkpoint(self, ckpt_dir) -> None:

@@ -56,7 +56,7 @@ from vppo_recipes.checkpointing import (
 )
 from vppo_recipes.config_schema import check_world_size, validate_config
 from vppo_recipes.data import Example, ExampleStream, SkipRow, VisualQADataset, build_response, rank_slice
-from vppo_recipes.distributed import init_distributed, load_training_policy, shard_and_place
+from vppo_recipes.distributed import checkpoint_dtype, init_distributed, load_training_policy, shard_and_place
 from vppo_recipes.lr_schedule import constant_with_warmup
 from vppo_recipes.metric_logging import build_metric_logger
 from vppo_recipes.sharding import call_in_root_forward
@@ -297,6 +297,7 @@ class SFTRecipeDistributed:
             training_state=self._recipe_state(),
             arch=self._cfg.model.arch,
             config=self._cfg,
+            dtype=checkpoint_dtype(self._cfg),
         )
 
     def load_checkpoint(self, ckpt_dir) -> None:
