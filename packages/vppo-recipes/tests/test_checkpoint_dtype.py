@@ -120,7 +120,7 @@ def test_restore_master_weights_refuses_a_model_not_loaded_from_the_export(tiny,
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 1e-3)  # float32 values off the bf16 grid
     ckpt = save_checkpoint(tmp_path, 1, model=model, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="is not .*bfloat16 export in float32"):
+    with pytest.raises(ValueError, match=r"is not .*bfloat16 export in float32"):
         restore_master_weights(load_policy(tiny), ckpt)
 
 

@@ -275,9 +275,10 @@ def response_logprobs(
     Returns (lp [B, L] float32, hidden [B, L, H] or None).
     """
     result = response_pass(
-        model, inputs, responses, prompt_length, temperature=temperature, chunk_size=chunk_size, validate=validate
-    )
-    return result["lp"], (result["hidden"] if with_hidden else None)
+        model, inputs, responses, prompt_length, temperature=temperature, chunk_size=chunk_size, validate=validate,
+        with_hidden=with_hidden,
+    )  # fmt: skip
+    return result["lp"], result.get("hidden")
 
 
 def response_pass(
@@ -291,15 +292,20 @@ def response_pass(
     entropy: bool = False,
     visual_token_id: int | None = None,
     validate: bool = True,
+    with_hidden: bool = True,
 ) -> dict[str, torch.Tensor]:
     """`response_logprobs` with what the methods of ALGORITHMS.md §9 also read from the same forward.
 
-    Also run through `call_in_root_forward`. Returns {"lp" [B, L], "hidden" [B, L, H] (the last hidden state at the
-    positions that predict the response tokens)}, plus "entropy" [B, L] (the analytic entropy of softmax(logits /
-    T), differentiable when the forward is) when `entropy`, and "prior" [B, L] (PEPO's perception prior over every
-    layer's hidden state, `vppo_core.pepo_visual_prior`) when `visual_token_id` is given. The prior is read at the
-    response tokens' own positions P+j (the fork's `hidden_states[:, -response_length:]`), one to the right of the
-    positions that predict them.
+    Also run through `call_in_root_forward`. Returns {"lp" [B, L]}, plus "hidden" [B, L, H] (the last hidden state
+    at the positions that predict the response tokens) when `with_hidden`, "entropy" [B, L] (the analytic entropy of
+    softmax(logits / T), differentiable when the forward is) when `entropy`, and "prior" [B, L] (PEPO's perception
+    prior over every layer's hidden state, `vppo_core.pepo_visual_prior`) when `visual_token_id` is given. The prior
+    is read at the response tokens' own positions P+j (the fork's `hidden_states[:, -response_length:]`), one to the
+    right of the positions that predict them.
+
+    "hidden" and "prior" are views of the forward's activations. Under FSDP2, whatever this root forward returns
+    with grad enabled gets a pre-backward hook, and a view's hook is lost to any later in-place op on it (FSDP2
+    warns "returned a view tensor" for each): ask for them in no-grad passes only, where no hook is registered.
     """
     out = model.model(**inputs, use_cache=False, output_hidden_states=visual_token_id is not None)
     L = responses.shape[1]
@@ -309,7 +315,7 @@ def response_pass(
         hidden, model.lm_head.weight, responses, temperature=temperature, chunk_size=chunk_size, validate=validate,
         return_entropy=entropy,
     )  # fmt: skip
-    result = {"hidden": hidden}
+    result = {"hidden": hidden} if with_hidden else {}
     if entropy:
         result["lp"], result["entropy"] = lp
     else:
@@ -1000,7 +1006,9 @@ class RLRecipeDistributed:
         return inputs, mb.prompt_length, contextlib.nullcontext()
 
     def _pass(self, mb: MicroBatch, inputs, prompt_length: int, *, validate=True, **wanted) -> dict[str, torch.Tensor]:
-        """`response_pass` over mb's responses under `inputs` (lp, hidden, and what `wanted` asks for)."""
+        """`response_pass` over mb's responses under `inputs` (lp, and what `wanted` asks for; the last hidden state
+        in no-grad passes, the only ones that read it: see `response_pass` on views under FSDP2)."""
+        wanted.setdefault("with_hidden", not torch.is_grad_enabled())
         return call_in_root_forward(
             self.model,
             response_pass,

@@ -86,10 +86,8 @@ def target_logprobs(
     out = model.model(**inputs, use_cache=False)
     L = targets.shape[1]
     hidden = out.last_hidden_state[:, prompt_length - 1 : prompt_length - 1 + L]
-    lp = logprobs_from_hidden(hidden, model.lm_head.weight, targets, chunk_size=chunk_size)
-    # FSDP2 hooks the root's output for backward; a view would lose that hook under any later in-place op
-    # (FSDP warns about it), so hand back a [B, L] copy (tiny next to the forward).
-    return lp.clone() if lp._base is not None else lp
+    # a fresh tensor, not a view: FSDP2 hooks the root's output for backward, and would warn for a view
+    return logprobs_from_hidden(hidden, model.lm_head.weight, targets, chunk_size=chunk_size)
 
 
 class SFTRecipeDistributed:
