@@ -92,6 +92,7 @@ __all__ = [
     "check_checkpoint_matches",
     "check_resume_config",
     "checkpoint_dir",
+    "final_checkpoint_line",
     "find_latest_checkpoint",
     "find_resumable_checkpoint",
     "gather_full_state_dict",
@@ -172,6 +173,13 @@ def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
         if m and (child / META_FILE).is_file() and (best is None or int(m.group(1)) > best[0]):
             best = (int(m.group(1)), child)
     return None if best is None else best[1]
+
+
+def final_checkpoint_line(recipe: str, step: int, output_dir: str | os.PathLike) -> str:
+    """What both recipes print on rank 0 when a run ends, e.g. "RL done at step 40; final checkpoint:
+    /runs/x/checkpoints/step_000040" (`find_latest_checkpoint(output_dir)`, an absolute path; None if none)."""
+    latest = find_latest_checkpoint(output_dir)
+    return f"{recipe} done at step {step}; final checkpoint: {latest.resolve() if latest is not None else None}"
 
 
 def _sha256(path: Path) -> str:

@@ -494,6 +494,15 @@ def _defaults(schema: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _missing_logger_package(cfg: Mapping[str, Any]) -> list[str]:
+    """The `metric_logger` component's optional package when it is not installed (TensorBoard), as an error."""
+    from vppo_recipes.metric_logging import missing_logger_package
+
+    section = cfg.get("metric_logger")
+    problem = missing_logger_package(section) if isinstance(section, Mapping) else None
+    return [problem] if problem else []
+
+
 def validate_config(cfg: DictConfig | Mapping[str, Any], recipe: str) -> DictConfig:
     """Check `cfg` against the schema of `recipe` ("rl" | "sft") and return it with defaults filled in.
 
@@ -515,6 +524,7 @@ def validate_config(cfg: DictConfig | Mapping[str, Any], recipe: str) -> DictCon
     errors: list[str] = []
     _validate(plain, schema, "", errors, _all_paths(schema))
     errors += _unsupported_optimizer_options(plain)
+    errors += _missing_logger_package(plain)
     if recipe == "rl" and not errors:
         errors += _rl_rules(plain, OmegaConf.to_container(OmegaConf.merge(_defaults(schema), plain)), schema)
     if errors:

@@ -99,6 +99,7 @@ from vppo_recipes.checkpointing import (
     apply_optimizer_settings,
     check_checkpoint_matches,
     check_resume_config,
+    final_checkpoint_line,
     find_resumable_checkpoint,
     holds_master_weights,
     load_training_state,
@@ -534,7 +535,9 @@ class RLRecipeDistributed:
             if self.accepted_changes and self.rank == 0:
                 changed = "\n  ".join(self.accepted_changes)
                 print(f"RESUMING WITH CHANGED CONFIG (training.accept_config_changes=true):\n  {changed}", flush=True)
-        self.metric_logger = build_metric_logger(cfg.metric_logger, rank=self.rank)  # NullLogger off rank 0
+        self.metric_logger = build_metric_logger(  # NullLogger off rank 0; metrics.jsonl always on rank 0
+            cfg.metric_logger, rank=self.rank, log_dir=os.path.join(self.output_dir, "logs")
+        )
         self.metric_logger.log_config(cfg)
         self.processor = load_processor(
             cfg.model.path,
@@ -1551,6 +1554,7 @@ class RLRecipeDistributed:
 
     def train(self) -> None:
         pbar = tqdm(total=self.max_steps, initial=self.step, disable=not self.is_rank_zero, desc=f"{self.algorithm}")
+        saved_at = self.step if self.resume_from is not None else -1
         while self.step < self.max_steps:
             metrics = self.rl_step()
             if metrics is None:
@@ -1573,7 +1577,12 @@ class RLRecipeDistributed:
             every = int(self._cfg.training.save_every_n_steps)
             if (every and self.step % every == 0) or self.step == self.max_steps:
                 self.save_checkpoint()
+                saved_at = self.step
         pbar.close()
+        if saved_at != self.step:  # the data ran out (training.epochs) between two saves: keep the final state
+            self.save_checkpoint()
+        if self.is_rank_zero:
+            print(final_checkpoint_line("RL", self.step, self.output_dir), flush=True)
 
     def _recipe_state(self) -> dict[str, Any]:
         return {

@@ -49,7 +49,7 @@ from vppo_recipes.checkpointing import (
     apply_optimizer_settings,
     check_checkpoint_matches,
     check_resume_config,
-    find_latest_checkpoint,
+    final_checkpoint_line,
     find_resumable_checkpoint,
     load_training_state,
     save_checkpoint,
@@ -138,7 +138,9 @@ class SFTRecipeDistributed:
             if self.accepted_changes and self.rank == 0:
                 changed = "\n  ".join(self.accepted_changes)
                 print(f"RESUMING WITH CHANGED CONFIG (training.accept_config_changes=true):\n  {changed}", flush=True)
-        self.metric_logger = build_metric_logger(cfg.metric_logger, rank=self.rank)
+        self.metric_logger = build_metric_logger(
+            cfg.metric_logger, rank=self.rank, log_dir=os.path.join(self.output_dir, "logs")
+        )
         self.metric_logger.log_config(cfg)
         self.processor = load_processor(
             cfg.model.path,
@@ -272,9 +274,7 @@ class SFTRecipeDistributed:
         if saved_at != self.step:
             self.save_checkpoint()
         if self.is_rank_zero:
-            print(
-                f"SFT done at step {self.step}; final checkpoint: {find_latest_checkpoint(self.output_dir)}", flush=True
-            )
+            print(final_checkpoint_line("SFT", self.step, self.output_dir), flush=True)
 
     def _recipe_state(self) -> dict[str, Any]:
         return {
