@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 from torchtune.training.metric_logging import MetricLoggerInterface, StdoutLogger, WandBLogger
 
-from vppo_recipes.metric_logging import CompositeLogger, JsonlLogger, NullLogger, build_metric_logger, read_jsonl
+from vppo_recipes.metric_logging import JsonlLogger, NullLogger, build_metric_logger, read_jsonl
 
 
 def test_jsonl_logger_writes_one_line_per_log_dict_with_python_numbers(tmp_path):
@@ -114,6 +114,8 @@ def _offline_wandb(monkeypatch, log_dir) -> dict:
 
 
 def test_with_wandb_on_metrics_jsonl_is_still_written_and_rewound(tmp_path, monkeypatch):
+    from vppo_recipes.metric_logging import CompositeLogger
+
     logger = build_metric_logger(_offline_wandb(monkeypatch, tmp_path), rank=0)
     assert isinstance(logger, CompositeLogger)
     assert [type(x) for x in logger.loggers] == [JsonlLogger, WandBLogger]
