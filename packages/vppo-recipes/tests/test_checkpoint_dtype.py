@@ -114,6 +114,27 @@ def test_a_bfloat16_checkpoint_is_half_the_size_says_so_and_restores_the_master_
     assert restore_master_weights(load_policy(fp32), fp32) is False  # a float32 export is the master weights
 
 
+def test_tied_embeddings_are_exported_once_and_restored_exactly(tmp_path):
+    """Qwen3-VL with tie_word_embeddings: the bf16 export holds the same tensors as the float32 one (lm_head is not
+    written twice) and the tied weight comes back exact."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _tiny_models import build_tiny
+
+    model, _ = build_tiny("qwen3_vl", tie=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)  # float32 values off the bf16 grid
+    bf16 = save_checkpoint(tmp_path / "bf16", 1, model=model, dtype=torch.bfloat16)
+    fp32 = save_checkpoint(tmp_path / "fp32", 1, model=model, dtype=torch.float32)
+    with safe_open(bf16 / "model.safetensors", "pt") as a, safe_open(fp32 / "model.safetensors", "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+    resumed = load_policy(bf16, dtype=torch.float32)
+    assert resumed.lm_head.weight is resumed.model.language_model.embed_tokens.weight
+    assert restore_master_weights(resumed, bf16)
+    for (name, p), q in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
 def test_restore_master_weights_refuses_a_model_not_loaded_from_the_export(tiny, tmp_path):
     model = load_policy(tiny)
     with torch.no_grad():

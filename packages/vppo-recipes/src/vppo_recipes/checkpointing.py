@@ -325,23 +325,33 @@ def join_float32(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
     return (((bits ^ 0x80000000) - 0x80000000).to(torch.int32)).view(torch.float32)
 
 
-def _export(full_sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None):
+def _export(full_sd: dict[str, torch.Tensor], dtype: torch.dtype | None):
     """(tensors to save_pretrained in `dtype`, low 16 bits of the float32 ones exported in bfloat16 ({} if none)).
 
     dtype None keeps every tensor's own dtype; otherwise floating tensors are cast to it (float32 -> bfloat16 by
-    `split_float32`, so the float32 value can be restored exactly), others kept."""
+    `split_float32`, so the float32 value can be restored exactly), others kept. Empties `full_sd` as it goes, so
+    each gathered float32 tensor is freed once converted: rank 0 holds the model's bytes once, not twice.
+    Tied weights (one tensor under two names) stay one tensor in the export, which save_pretrained then writes
+    once, and have their low bits under the first name only.
+    """
     if dtype is None:
         return dict(full_sd), {}
     if dtype not in EXPORT_DTYPES.values():
         raise ValueError(f"checkpoint dtype must be one of {sorted(EXPORT_DTYPES)}, got {dtype}")
     exported, low_bits = {}, {}
-    for name, t in full_sd.items():
-        if t.dtype == torch.float32 and dtype == torch.bfloat16:
+    converted: dict[tuple, torch.Tensor] = {}  # a source tensor's memory and layout -> its export
+    for name in list(full_sd):
+        t = full_sd.pop(name)
+        key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) if t.numel() else None
+        if key is not None and key in converted:
+            exported[name] = converted[key]
+        elif t.dtype == torch.float32 and dtype == torch.bfloat16:
             exported[name], low_bits[name] = split_float32(t)
         elif t.is_floating_point():
             exported[name] = t.to(dtype)
         else:
             exported[name] = t
+        converted[key] = exported[name]
     return exported, low_bits
 
 
