@@ -144,8 +144,9 @@ class NullLogger(MetricLoggerInterface):
 class CompositeLogger(MetricLoggerInterface):
     """Hands every call to each of `loggers`, in order (rank 0's JsonlLogger and the configured logger).
 
-    `rewind` (after a resume) reaches the loggers that have one: the JSONL file is cut back; wandb and TensorBoard
-    keep the interrupted run's extra points, and readers take the last value of a step.
+    `rewind` (after a resume) reaches the loggers that have one: the JSONL file is cut back to the checkpoint's
+    step. The others keep what they logged; each launch is a run of its own there (a new wandb run, a new
+    TensorBoard `run_<rank>_<time>` folder), so the interrupted launch's steps after the checkpoint stay in its run.
     """
 
     def __init__(self, loggers: list[MetricLoggerInterface]) -> None:
