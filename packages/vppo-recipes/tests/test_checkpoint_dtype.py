@@ -92,8 +92,9 @@ def test_a_bfloat16_checkpoint_is_half_the_size_says_so_and_restores_the_master_
     fp32 = save_checkpoint(tmp_path / "fp32", 1, model=model, optimizer=optimizer, dtype=torch.float32)
 
     assert _dtypes(bf16) == {"BF16"} and _dtypes(fp32) == {"F32"}
-    assert json.loads((bf16 / "config.json").read_text())["dtype"] == "bfloat16"
-    assert json.loads((fp32 / "config.json").read_text())["dtype"] == "float32"
+    for folder, name in ((bf16, "bfloat16"), (fp32, "float32")):
+        cfg = json.loads((folder / "config.json").read_text())
+        assert cfg["dtype"] == cfg["text_config"]["dtype"] == cfg["vision_config"]["dtype"] == name
     ratio = (bf16 / "model.safetensors").stat().st_size / (fp32 / "model.safetensors").stat().st_size
     assert 0.49 < ratio < 0.52, ratio
     meta = json.loads((bf16 / "vppo_checkpoint.json").read_text())

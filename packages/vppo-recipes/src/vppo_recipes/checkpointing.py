@@ -356,11 +356,22 @@ def _export(full_sd: dict[str, torch.Tensor], dtype: torch.dtype | None):
 
 
 def _set_config_dtype(folder: Path, dtype: torch.dtype) -> None:
-    """Make `<folder>/config.json`'s `dtype` name the exported weights' dtype: transformers' `save_pretrained`
-    writes the dtype of the model's own parameters (the float32 master weights), not of the state dict it saved."""
+    """Make `<folder>/config.json` name the exported weights' dtype: `dtype` at the top and in every sub-config
+    (text_config, vision_config) that has one. transformers' `save_pretrained` writes the dtype of the model's own
+    parameters (the float32 master weights), not of the state dict it saved."""
+    name = str(dtype).removeprefix("torch.")
+
+    def rewrite(node: dict[str, Any], top: bool) -> None:
+        for key in ("dtype", "torch_dtype"):
+            if key in node or (top and key == "dtype"):
+                node[key] = name
+        for value in node.values():
+            if isinstance(value, dict):
+                rewrite(value, False)
+
     path = folder / "config.json"
     cfg = json.loads(path.read_text())
-    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    rewrite(cfg, True)
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
