@@ -197,3 +197,46 @@ def test_a_bf16_rl_run_writes_bf16_checkpoints_and_resumes_exactly(tmp_path, mon
     assert any(not torch.equal(masters[0][k], v) for k, v in first.state_dict().items()), "step 2 did not train"
     for k, v in masters[0].items():
         assert torch.equal(v, masters[1][k]), k
+
+
+def test_a_vllm_sampler_gets_the_restored_master_weights_not_the_bf16_export(tiny, tmp_path, monkeypatch):
+    """vLLM loads a checkpoint's bf16 export, which is not the trainer's float32 master weights: setup pushes those
+    into it before the first rollout (a recording stand-in for the engine; vLLM itself runs in nox -s tests_vllm)."""
+    import torch.distributed as dist
+
+    import vppo_recipes.rl.rl_distributed as rl
+    from vppo_eval.synthetic import build_visual_task
+
+    model = load_policy(tiny)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)  # float32 values off the bf16 grid
+    master = {k: v.clone() for k, v in model.state_dict().items()}
+    start = save_checkpoint(tmp_path / "sft", 1, model=model, processor_source=tiny, dtype=torch.bfloat16)
+    build_visual_task(tmp_path / "task", n_train=4, n_test=1, seed=0, tasks=("side",))
+
+    class RecordingSampler:
+        def __init__(self) -> None:
+            self.pushed: dict[str, torch.Tensor] = {}
+
+        def update_weights(self, named_tensors) -> None:
+            self.pushed.update({name: t.clone() for name, t in named_tensors})
+
+    monkeypatch.setattr(rl.RLRecipeDistributed, "_setup_sampler", lambda self, cfg: RecordingSampler())
+    cfg, _ = _cfg(
+        "tiny_dapo",
+        **{"model.path": start, "data.source": tmp_path / "task", "output_dir": tmp_path / "run",
+           "world.nproc_per_node": 1, "validation.every_n_steps": 0, "rollout.engine": "vllm",
+           "metric_logger.log_dir": tmp_path / "run" / "logs"},
+    )  # fmt: skip
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        recipe = rl.RLRecipeDistributed(cfg)
+        recipe.setup(cfg)
+        recipe.metric_logger.close()
+    finally:
+        dist.destroy_process_group()
+    pushed = recipe.sampler.pushed
+    assert pushed.keys() == master.keys()
+    for name, value in master.items():
+        assert torch.equal(pushed[name], value), name
