@@ -292,6 +292,15 @@ def test_logprobs_from_hidden_frozen_weight_gets_no_gradient_and_hidden_does():
     assert hidden.grad is not None and weight.grad is None
 
 
+def test_logprobs_from_hidden_returns_fresh_tensors_not_views():
+    """Under FSDP2 the recipes return these from a root forward, which hooks them for backward and warns for any
+    view ("returned a view tensor"): they must not be views."""
+    hidden = torch.randn(2, 3, 4, requires_grad=True)
+    lp, ent = logprobs_from_hidden(hidden, torch.randn(5, 4), torch.zeros(2, 3, dtype=torch.long), return_entropy=True)
+    assert lp._base is None and ent._base is None
+    assert logprobs_from_hidden(hidden, torch.randn(5, 4), torch.zeros(2, 3, dtype=torch.long))._base is None
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,9 +66,10 @@ def test_build_metric_logger_instantiates_the_component_on_rank_zero_only(tmp_pa
     section = {"_component_": "vppo_recipes.metric_logging.JsonlLogger", "log_dir": str(tmp_path)}
     assert isinstance(build_metric_logger(section, rank=0), JsonlLogger)
     assert isinstance(build_metric_logger(section, rank=1), NullLogger)
-    assert isinstance(
-        build_metric_logger({"_component_": "torchtune.training.metric_logging.StdoutLogger"}, rank=0), StdoutLogger
+    stdout = build_metric_logger(
+        {"_component_": "torchtune.training.metric_logging.StdoutLogger"}, rank=0, log_dir=tmp_path
     )
+    assert [type(x) for x in stdout.loggers] == [JsonlLogger, StdoutLogger]  # metrics.jsonl always
 
 
 def test_build_metric_logger_refuses_secrets_in_the_config():
@@ -88,7 +90,101 @@ def test_wandb_logger_runs_offline_without_a_key(tmp_path, monkeypatch):
         },
         rank=0,
     )
-    assert isinstance(logger, WandBLogger)
+    assert isinstance(logger.loggers[1], WandBLogger)
     logger.log_dict({"loss": 1.0}, step=1)
     logger.close()
     assert list(tmp_path.glob("wandb/offline-run-*"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# metrics.jsonl always, the configured logger in addition (issue 24)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _offline_wandb(monkeypatch, log_dir) -> dict:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    return {
+        "_component_": "torchtune.training.metric_logging.WandBLogger",
+        "project": "vppo-test",
+        "log_dir": str(log_dir),
+        "mode": "offline",
+    }
+
+
+def test_with_wandb_on_metrics_jsonl_is_still_written_and_rewound(tmp_path, monkeypatch):
+    from vppo_recipes.metric_logging import CompositeLogger
+
+    logger = build_metric_logger(_offline_wandb(monkeypatch, tmp_path), rank=0)
+    assert isinstance(logger, CompositeLogger)
+    assert [type(x) for x in logger.loggers] == [JsonlLogger, WandBLogger]
+    for step in (1, 2, 3):
+        logger.log_dict({"loss": float(step)}, step=step)
+    logger.rewind(2)  # a resume from checkpoint 2
+    logger.log_config(OmegaConf.create({"output_dir": str(tmp_path)}))
+    logger.close()
+    assert read_jsonl(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}]
+    assert (tmp_path / "config.yaml").is_file()
+
+
+def test_a_logger_without_log_dir_writes_metrics_jsonl_to_the_default_dir(tmp_path):
+    section = {"_component_": "torchtune.training.metric_logging.StdoutLogger"}
+    logger = build_metric_logger(section, rank=0, log_dir=tmp_path / "logs")
+    logger.log_dict({"x": 1}, step=1)
+    logger.close()
+    assert read_jsonl(tmp_path / "logs" / "metrics.jsonl") == [{"step": 1, "x": 1}]
+    with pytest.raises(ValueError, match=r"no log_dir for metrics\.jsonl.*set metric_logger\.log_dir"):
+        build_metric_logger(section, rank=0)
+    assert isinstance(build_metric_logger(section, rank=1), NullLogger)  # other ranks still log nothing
+
+
+def test_tensorboard_without_its_package_is_a_config_error_naming_the_extra(monkeypatch):
+    import importlib.util
+
+    from vppo_recipes.config_schema import ConfigError, validate_config
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    section = {"_component_": "torchtune.training.metric_logging.TensorBoardLogger", "log_dir": "/tmp/x"}
+    fix = r"needs the `tensorboard` package \(not installed\): install vppo-recipes with its `tensorboard` extra"
+    with pytest.raises(ValueError, match=fix):
+        build_metric_logger(section, rank=0)
+    raw = OmegaConf.load(Path(__file__).parents[1] / "src" / "vppo_recipes" / "configs" / "tiny_sft.yaml")
+    raw.metric_logger = section
+    with pytest.raises(ConfigError, match=r"metric_logger\._component_ is .*TensorBoardLogger, which " + fix[:20]):
+        validate_config(raw, "sft")
+
+
+def test_tensorboard_is_an_optional_extra_of_vppo_recipes():
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert any(d.startswith("tensorboard") for d in pyproject["project"]["optional-dependencies"]["tensorboard"])
+
+
+def test_tensorboard_logs_next_to_metrics_jsonl(tmp_path):
+    pytest.importorskip("tensorboard", reason="the `tensorboard` extra is not installed")
+    section = {"_component_": "torchtune.training.metric_logging.TensorBoardLogger", "log_dir": str(tmp_path)}
+    logger = build_metric_logger(section, rank=0)
+    logger.log_dict({"loss": 0.5}, step=1)
+    logger.close()
+    assert read_jsonl(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 0.5}]
+    assert list(tmp_path.glob("run_0_*/events.out.tfevents.*"))
+
+
+def test_an_rl_run_with_wandb_writes_metrics_jsonl_and_prints_its_final_checkpoint(tmp_path, monkeypatch, capsys):
+    """The issue's run: wandb on, and metrics.jsonl written all the same; the run ends with the line naming its
+    last checkpoint (absolute), as SFT's does."""
+    import re
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_rl_distributed import _train_in_process
+
+    wandb = _offline_wandb(monkeypatch, tmp_path / "run" / "logs")
+    overrides = {f"metric_logger.{k}": v for k, v in wandb.items() if k != "log_dir"}
+    metrics = _train_in_process(tmp_path, "tiny_dapo", {"training.max_steps": 2, **overrides})
+    assert [m["step"] for m in metrics] == [1, 2]
+    lines = re.findall(r"^RL done at step (\d+); final checkpoint: (.+)$", capsys.readouterr().out, re.M)
+    assert lines == [("2", str((tmp_path / "run" / "checkpoints" / "step_000002").resolve()))]

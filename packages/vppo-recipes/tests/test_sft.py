@@ -137,6 +137,8 @@ def test_resumed_run_continues_exactly_like_the_uninterrupted_one(workspace, uni
     proc = _launch(workspace, "output_dir=runs/sft_b", f"training.max_steps={STEPS}", *COMMON)
     _ok(proc)
     assert "resumed from runs/sft_b/checkpoints/step_000004 at step 4" in proc.stdout
+    final = (run / "checkpoints" / f"step_{STEPS:06d}").resolve()
+    assert f"SFT done at step {STEPS}; final checkpoint: {final}\n" in proc.stdout  # absolute: usable from anywhere
     resumed, reference = _metrics(run), _metrics(uninterrupted)
     assert [m["step"] for m in resumed] == list(range(1, STEPS + 1))
     for a, b in zip(resumed, reference):

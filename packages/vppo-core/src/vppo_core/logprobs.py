@@ -209,7 +209,9 @@ class _HiddenLogprobs(torch.autograd.Function):
                 plogp_blocks[i] = torch.where(s > 0, plogp, torch.zeros((), dtype=cdt, device=h.device))
             del z, d, e, logits
         lse = torch.logsumexp(lse_blocks, dim=0)
-        lp = (label_logit - lse).view(batch, length)
+        # Outputs are fresh tensors, not views: FSDP2 hooks a forward's outputs for backward and warns that a view's
+        # hook would be lost to an in-place op ("returned a view tensor") when this runs in an FSDP2 root forward.
+        lp = label_logit.view(batch, length) - lse.view(batch, length)
         bad = ~(torch.isfinite(lp) & torch.isfinite(lse.view(batch, length)))
         ent = None
         if with_entropy:
@@ -217,7 +219,7 @@ class _HiddenLogprobs(torch.autograd.Function):
             rel = lse_blocks - lse
             w = torch.exp(rel)
             terms = torch.where(w > 0, w * (plogp_blocks + rel), torch.zeros((), dtype=cdt, device=h.device))
-            ent = (-terms.sum(0)).view(batch, length)
+            ent = torch.neg(terms.sum(0).view(batch, length))
             bad |= ~torch.isfinite(ent)
         if validate:
             _raise_non_finite(bad, "hidden @ weight.T (the logits)")

@@ -3,7 +3,10 @@
 Layout of one checkpoint (`<output_dir>/checkpoints/step_000004/`), which is itself a Hugging Face model folder
 (`from_pretrained`, vLLM and vppo-eval load it directly; they ignore the extra files):
 
-    config.json, generation_config.json, model.safetensors   the policy (`save_pretrained`, original key names)
+    config.json, generation_config.json, model.safetensors   the policy (`save_pretrained`, original key names), in
+                                                              the export dtype, which config.json's `dtype` names
+    master_weights_low16.safetensors                          only when float32 master weights were exported in
+                                                              bfloat16: their low 16 bits (see below)
     tokenizer / processor files                               copied from the model folder the run started from
     training_state.pt                                         step, data position, anything else the recipe passes
     training_config.yaml                                      the run's resolved config (checked on resume)
@@ -23,6 +26,18 @@ previous checkpoint is untouched.
 Trust: `find_resumable_checkpoint` (what the recipes resume from) checks the newest checkpoint's files against its
 manifest (sizes, then hashes) and, when one is missing, truncated or altered, says so loudly, naming the file, and
 falls back to the newest checkpoint that verifies. Checkpoints of format 1 (no manifest) are accepted unverified.
+
+Weights' dtype: the HF weights are written in `dtype` (the recipes pass `checkpoint.dtype`, by default the training
+dtype `model.dtype`), so a bf16 run's checkpoint is a bf16 model (half the bytes of float32) and an engine loading it
+with `dtype="auto"` gets bf16. The recipes train float32 master weights, though, and resuming from their bf16
+rounding would not continue the run exactly. So a float32 tensor exported in bfloat16 is *split*, bit for bit:
+the export holds its upper half rounded to nearest (ties away from zero, `split_float32`), and
+`master_weights_low16.safetensors` its low 16 bits; `restore_master_weights` (which `load_training_policy` calls on
+every folder it trains from) joins them back into the exact float32 value. The export plus the low bits take as many
+bytes as the float32 export did; the optimizer state stays float32 as before. Round to nearest-even (what
+`tensor.to(torch.bfloat16)` does) would not do: for an even bf16 value, 65,537 float32 values round to it, one more
+than 16 bits can tell apart. The export therefore differs from `.to(torch.bfloat16)` in exact ties only (about 1 in
+65,536 values, by one bf16 ulp, both roundings being equally near).
 
 Everything is saved with plain tensors / Python containers and read back with `torch.load(weights_only=True)`.
 The optimizer state is the *full* state dict keyed by parameter FQN (`get_optimizer_state_dict(full_state_dict=
@@ -77,15 +92,20 @@ __all__ = [
     "check_checkpoint_matches",
     "check_resume_config",
     "checkpoint_dir",
+    "final_checkpoint_line",
     "find_latest_checkpoint",
     "find_resumable_checkpoint",
     "gather_full_state_dict",
+    "holds_master_weights",
+    "join_float32",
     "load_sharded_optimizer_state",
     "load_training_state",
     "model_type_of",
+    "restore_master_weights",
     "restore_rng_state",
     "save_checkpoint",
     "sharded_optimizer_state",
+    "split_float32",
     "verify_checkpoint",
 ]
 
@@ -95,6 +115,8 @@ TRAINING_STATE_FILE = "training_state.pt"
 CONFIG_FILE = "training_config.yaml"
 OPTIMIZER_FILE = "optimizer.pt"
 OPTIMIZER_SHARD_FILE = "optimizer_rank{rank}.pt"
+MASTER_LOW_BITS_FILE = "master_weights_low16.safetensors"
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # checkpoint.dtype's values
 # Quantized optimizer-state tensor subclasses a sharded optimizer file may name (rebuilt from their parts).
 _STATE_SUBCLASSES = {
     "torchao.optim.subclass_8bit.OptimState8bit",
@@ -151,6 +173,13 @@ def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
         if m and (child / META_FILE).is_file() and (best is None or int(m.group(1)) > best[0]):
             best = (int(m.group(1)), child)
     return None if best is None else best[1]
+
+
+def final_checkpoint_line(recipe: str, step: int, output_dir: str | os.PathLike) -> str:
+    """What both recipes print on rank 0 when a run ends, e.g. "RL done at step 40; final checkpoint:
+    /runs/x/checkpoints/step_000040" (`find_latest_checkpoint(output_dir)`, an absolute path; None if none)."""
+    latest = find_latest_checkpoint(output_dir)
+    return f"{recipe} done at step {step}; final checkpoint: {latest.resolve() if latest is not None else None}"
 
 
 def _sha256(path: Path) -> str:
@@ -255,6 +284,136 @@ def gather_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     Works for an FSDP2 (`fully_shard`) model and for a plain one (then every rank gets the full dict).
     """
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _to_int16(values: torch.Tensor) -> torch.Tensor:
+    """int64 holding 16-bit patterns (0 .. 0xFFFF, or any value: taken mod 2**16) -> int16 with those bits."""
+    return (((values & 0xFFFF) ^ 0x8000) - 0x8000).to(torch.int16)
+
+
+def split_float32(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a float32 tensor into (bfloat16 rounded to nearest with ties away from zero, int16 low 16 bits) such
+    that `join_float32(*split_float32(t))` is `t` bit for bit.
+
+    t: float32, any shape. Returns (high [same shape] bfloat16, low [same shape] int16). Round-to-nearest-even is
+    not invertible this way (module docstring); ties away from zero is: the upper half is incremented exactly when
+    the low half is >= 0x8000. NaNs are exported as torch's bfloat16 NaN and come back NaN (not the same payload);
+    a finite value just below float32's largest bf16-representable magnitude may round to inf in the export and
+    still comes back exact.
+    """
+    if t.dtype != torch.float32:
+        raise ValueError(f"split_float32 takes float32 tensors, got {t.dtype}")
+    bits = t.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    low = bits & 0xFFFF
+    high = (bits >> 16) + (low >= 0x8000).to(torch.int64)
+    high = _to_int16(high).view(torch.bfloat16)
+    high = torch.where(torch.isnan(t), t.to(torch.bfloat16), high)
+    return high, _to_int16(low)
+
+
+def join_float32(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """Inverse of `split_float32`: high [*] bfloat16, low [*] int16 -> float32 [*]."""
+    if high.dtype != torch.bfloat16 or low.dtype != torch.int16 or high.shape != low.shape:
+        raise ValueError(
+            f"join_float32 takes a bfloat16 and an int16 tensor of one shape, got {high.dtype} {tuple(high.shape)} "
+            f"and {low.dtype} {tuple(low.shape)}"
+        )
+    h = high.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+    lo = low.to(torch.int64) & 0xFFFF
+    upper = (h - (lo >= 0x8000).to(torch.int64)) & 0xFFFF
+    bits = (upper << 16) | lo
+    return (((bits ^ 0x80000000) - 0x80000000).to(torch.int32)).view(torch.float32)
+
+
+def _export(full_sd: dict[str, torch.Tensor], dtype: torch.dtype | None):
+    """(tensors to save_pretrained in `dtype`, low 16 bits of the float32 ones exported in bfloat16 ({} if none)).
+
+    dtype None keeps every tensor's own dtype; otherwise floating tensors are cast to it (float32 -> bfloat16 by
+    `split_float32`, so the float32 value can be restored exactly), others kept. Empties `full_sd` as it goes, so
+    each gathered float32 tensor is freed once converted: rank 0 holds the model's bytes once, not twice.
+    Tied weights (one tensor under two names) stay one tensor in the export, which save_pretrained then writes
+    once, and have their low bits under the first name only.
+    """
+    if dtype is None:
+        return dict(full_sd), {}
+    if dtype not in EXPORT_DTYPES.values():
+        raise ValueError(f"checkpoint dtype must be one of {sorted(EXPORT_DTYPES)}, got {dtype}")
+    exported, low_bits = {}, {}
+    converted: dict[tuple, torch.Tensor] = {}  # a source tensor's memory and layout -> its export
+    for name in list(full_sd):
+        t = full_sd.pop(name)
+        key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) if t.numel() else None
+        if key is not None and key in converted:
+            exported[name] = converted[key]
+        elif t.dtype == torch.float32 and dtype == torch.bfloat16:
+            exported[name], low_bits[name] = split_float32(t)
+        elif t.is_floating_point():
+            exported[name] = t.to(dtype)
+        else:
+            exported[name] = t
+        converted[key] = exported[name]
+    return exported, low_bits
+
+
+def _set_config_dtype(folder: Path, dtype: torch.dtype) -> None:
+    """Make `<folder>/config.json` name the exported weights' dtype: `dtype` at the top and in every sub-config
+    (text_config, vision_config) that has one. transformers' `save_pretrained` writes the dtype of the model's own
+    parameters (the float32 master weights), not of the state dict it saved."""
+    name = str(dtype).removeprefix("torch.")
+
+    def rewrite(node: dict[str, Any], top: bool) -> None:
+        for key in ("dtype", "torch_dtype"):
+            if key in node or (top and key == "dtype"):
+                node[key] = name
+        for value in node.values():
+            if isinstance(value, dict):
+                rewrite(value, False)
+
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    rewrite(cfg, True)
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def holds_master_weights(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds the low 16 bits of float32 master weights exported in bfloat16."""
+    return (Path(folder) / MASTER_LOW_BITS_FILE).is_file()
+
+
+def restore_master_weights(model: torch.nn.Module, folder: str | os.PathLike) -> bool:
+    """Put the exact float32 master weights back into `model`, a plain (unsharded) float32 model just loaded from
+    `folder`'s bfloat16 export, when `folder` holds their low bits; returns whether it did (False: nothing to do).
+
+    Raises ValueError when the low bits name a tensor the model lacks, or a loaded value is not the export's
+    (the model was not loaded from this folder, or not in float32).
+    """
+    if not holds_master_weights(folder):
+        return False
+    from safetensors.torch import load_file
+
+    low_bits = load_file(str(Path(folder) / MASTER_LOW_BITS_FILE))
+    state = model.state_dict()
+    missing = sorted(set(low_bits) - set(state))
+    if missing:
+        raise ValueError(f"{folder}/{MASTER_LOW_BITS_FILE} names tensors the model lacks: {missing[:5]}")
+    done: set[int] = set()  # tied weights (lm_head = embed_tokens) are one tensor under two names
+    with torch.no_grad():
+        for name, low in low_bits.items():
+            target = state[name]
+            if target.data_ptr() in done:
+                continue
+            done.add(target.data_ptr())
+            high = target.to(torch.bfloat16)
+            exported = target.dtype == torch.float32 and torch.equal(  # compared as bits: NaN-safe
+                high.float().view(torch.int32), target.view(torch.int32)
+            )
+            if not exported:
+                raise ValueError(
+                    f"{name}: the loaded value is not {folder}'s bfloat16 export in float32 ({target.dtype}); load the "
+                    "model from this folder in float32 before restore_master_weights"
+                )
+            target.copy_(join_float32(high, low))
+    return True
 
 
 def _is_state_subclass(t: Any) -> bool:
@@ -448,6 +607,7 @@ def save_checkpoint(
     training_state: Mapping[str, Any] | None = None,
     arch: str | None = None,
     config: Any = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically and return its folder. Collective: call on every rank.
 
@@ -455,7 +615,7 @@ def save_checkpoint(
         output_dir: the run folder; the checkpoint goes to `<output_dir>/checkpoints/step_{step:06d}`.
         step: optimizer steps done so far.
         model: the (FSDP2-sharded or plain) Hugging Face model; saved with `save_pretrained` from the gathered
-            full state dict, in the parameters' dtype, with the original checkpoint key names.
+            full state dict, in `dtype`, with the original checkpoint key names.
         optimizer: saved as its full FQN-keyed state dict, or per rank for quantized (torchao low-bit) states
             (None: model only).
         processor_source: model folder whose tokenizer / processor files are copied (the run's `model.path`).
@@ -465,6 +625,9 @@ def save_checkpoint(
         arch: recorded in vppo_checkpoint.json ("qwen2_5_vl" | "qwen3_vl").
         config: the run's config (DictConfig or mapping), saved resolved as training_config.yaml; a resumed run
             compares its own against it (`check_resume_config`).
+        dtype: the HF weights' dtype (torch.float32 | torch.bfloat16; None: the parameters' own), named in
+            config.json. float32 parameters exported in bfloat16 also get `MASTER_LOW_BITS_FILE`, so that
+            `restore_master_weights` restores them exactly (module docstring).
     """
     rank, world = _rank(), _world()
     final = checkpoint_dir(output_dir, step)
@@ -509,8 +672,20 @@ def save_checkpoint(
     attempt(lambda: torch.save(capture_rng_state(), tmp / f"rng_state_rank{rank}.pt"))
 
     full_sd = gather_full_state_dict(model)  # collective: every rank takes part even after a local failure
+    weights_dtype = None
     if rank == 0:
+        full_sd, low_bits = _export(full_sd, dtype)
+        weights_dtype = next(
+            (str(t.dtype).removeprefix("torch.") for t in full_sd.values() if t.is_floating_point()), None
+        )
         attempt(lambda: model.save_pretrained(str(tmp), state_dict=full_sd, is_main_process=True))
+        if dtype is not None:
+            attempt(lambda: _set_config_dtype(tmp, dtype))
+        if low_bits:
+            from safetensors.torch import save_file
+
+            attempt(lambda: save_file(low_bits, str(tmp / MASTER_LOW_BITS_FILE)))
+        low_bits = None
         if processor is not None:
             attempt(lambda: processor.save_pretrained(str(tmp)))
         elif processor_source is not None:
@@ -550,6 +725,8 @@ def save_checkpoint(
                     "model_type": model_type,
                     "world_size": world,
                     "optimizer_format": optimizer_format,
+                    "weights_dtype": weights_dtype,
+                    "master_low_bits": holds_master_weights(tmp),
                     "files": _manifest(tmp),
                 },
             )

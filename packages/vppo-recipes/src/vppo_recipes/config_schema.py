@@ -134,6 +134,15 @@ COMMON: dict[str, Any] = {
             "values take effect (the optimizer's lr and weight decay too)",
         ),
     },
+    "checkpoint": {
+        "dtype": _f(
+            str,
+            default=None,
+            nullable=True,
+            choices=("float32", "bfloat16"),
+            doc="dtype of the HF weights in checkpoints (null: model.dtype); resume stays exact either way",
+        ),
+    },
     "metric_logger": Component({"_component_": _f(str)}),
     "log_every_n_steps": _f(int, default=1, **_POS_INT),
 }
@@ -485,6 +494,15 @@ def _defaults(schema: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _missing_logger_package(cfg: Mapping[str, Any]) -> list[str]:
+    """The `metric_logger` component's optional package when it is not installed (TensorBoard), as an error."""
+    from vppo_recipes.metric_logging import missing_logger_package
+
+    section = cfg.get("metric_logger")
+    problem = missing_logger_package(section) if isinstance(section, Mapping) else None
+    return [problem] if problem else []
+
+
 def validate_config(cfg: DictConfig | Mapping[str, Any], recipe: str) -> DictConfig:
     """Check `cfg` against the schema of `recipe` ("rl" | "sft") and return it with defaults filled in.
 
@@ -506,6 +524,7 @@ def validate_config(cfg: DictConfig | Mapping[str, Any], recipe: str) -> DictCon
     errors: list[str] = []
     _validate(plain, schema, "", errors, _all_paths(schema))
     errors += _unsupported_optimizer_options(plain)
+    errors += _missing_logger_package(plain)
     if recipe == "rl" and not errors:
         errors += _rl_rules(plain, OmegaConf.to_container(OmegaConf.merge(_defaults(schema), plain)), schema)
     if errors:
@@ -621,6 +640,7 @@ RESUME_FREE_KEYS = (
     "training.resume",
     "training.accept_config_changes",
     "training.activation_checkpointing",
+    "checkpoint",  # how checkpoints are written; a bfloat16 export restores the float32 master weights exactly
     "log_every_n_steps",
     "metric_logger",
     "validation",

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from vppo_recipes.checkpointing import EXPORT_DTYPES, restore_master_weights
 from vppo_recipes.sharding import mixed_precision, policy_mesh, shard_policy
 from vppo_rollout.loading import checkpoint_arch, load_policy
 
@@ -42,12 +43,15 @@ def init_distributed(device: torch.device) -> str | None:
 def load_training_policy(cfg: DictConfig, weights: str) -> torch.nn.Module:
     """The HF policy in float32 on CPU (the master weights), checked against `model.arch`, without a KV cache.
 
-    weights: model.path, or a checkpoint folder being resumed (an HF folder with the same config).
+    weights: model.path, or a checkpoint folder being resumed (an HF folder with the same config). A vppo checkpoint
+    exported in bfloat16 from float32 master weights gives back those exact master weights
+    (`checkpointing.restore_master_weights`), whether it is resumed or is the next run's model.path.
     """
     arch = checkpoint_arch(cfg.model.path)
     if arch != cfg.model.arch:
         raise ValueError(f"model.arch={cfg.model.arch} but {cfg.model.path} holds a {arch} checkpoint")
     model = load_policy(weights, dtype=torch.float32, device="cpu", trust_remote_code=cfg.model.trust_remote_code)
+    restore_master_weights(model, weights)
     model.config.use_cache = False
     return model
 
@@ -68,3 +72,9 @@ def shard_and_place(
     model.to(device)
     model.train()
     return model
+
+
+def checkpoint_dtype(cfg: DictConfig) -> torch.dtype:
+    """The dtype checkpoints write the HF weights in: `checkpoint.dtype`, or the training dtype `model.dtype` when
+    that is null (the default)."""
+    return EXPORT_DTYPES[cfg.checkpoint.dtype or cfg.model.dtype]

@@ -5,14 +5,19 @@ one JSON object per `log_dict` call to `<log_dir>/metrics.jsonl`: `{"step": 3, "
 once so a crashed run keeps every line it logged. Only rank 0 writes. Non-finite numbers are written as Python's
 `json` writes them (`NaN`, `Infinity`), which `json.loads` and pandas read back.
 
-`build_metric_logger(cfg.metric_logger)` instantiates the configured `_component_` (this JsonlLogger, or
-torchtune's `WandBLogger` / `StdoutLogger` / `DiskLogger`) on rank 0 and a `NullLogger` elsewhere. Secrets never
-belong in a config: a `metric_logger` key that looks like one (`api_key`, `token`, ...) is an error; wandb reads
-its key from `WANDB_API_KEY` or `wandb login`, and `mode: offline` (or `WANDB_MODE=offline`) needs none.
+`build_metric_logger(cfg.metric_logger, log_dir=...)` gives rank 0 a JsonlLogger always, plus the configured
+`_component_` when that is another logger (torchtune's `WandBLogger` / `TensorBoardLogger` / `StdoutLogger` /
+`DiskLogger`), composed in a `CompositeLogger` that hands every call to both; every other rank gets a `NullLogger`.
+So `logs/metrics.jsonl`, which the tests, the demo and `compare_runs` read and which a resume cuts back, is written
+whatever else logs. Secrets never belong in a config: a `metric_logger` key that looks like one (`api_key`, `token`,
+...) is an error; wandb reads its key from `WANDB_API_KEY` or `wandb login`, and `mode: offline` (or
+`WANDB_MODE=offline`) needs none. `TensorBoardLogger` needs the `tensorboard` package, vppo-recipes' optional extra
+`tensorboard`; without it the config check (`missing_logger_package`) names the extra.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from collections.abc import Mapping
@@ -24,9 +29,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torchtune.training.metric_logging import MetricLoggerInterface
 
-__all__ = ["JsonlLogger", "NullLogger", "build_metric_logger", "read_jsonl"]
+__all__ = [
+    "CompositeLogger",
+    "JsonlLogger",
+    "NullLogger",
+    "build_metric_logger",
+    "missing_logger_package",
+    "read_jsonl",
+]
 
 _SECRET_WORDS = ("api_key", "apikey", "token", "secret", "password")
+# Loggers whose package is an optional extra of vppo-recipes: `_component_` -> (module to import, extra's name).
+_OPTIONAL_PACKAGES = {"torchtune.training.metric_logging.TensorBoardLogger": ("tensorboard", "tensorboard")}
 
 
 def _rank() -> int:
@@ -127,6 +141,39 @@ class NullLogger(MetricLoggerInterface):
         pass
 
 
+class CompositeLogger(MetricLoggerInterface):
+    """Hands every call to each of `loggers`, in order (rank 0's JsonlLogger and the configured logger).
+
+    `rewind` (after a resume) reaches the loggers that have one: the JSONL file is cut back to the checkpoint's
+    step. The others keep what they logged; each launch is a run of its own there (a new wandb run, a new
+    TensorBoard `run_<rank>_<time>` folder), so the interrupted launch's steps after the checkpoint stay in its run.
+    """
+
+    def __init__(self, loggers: list[MetricLoggerInterface]) -> None:
+        self.loggers = list(loggers)
+
+    def log(self, name: str, data: Any, step: int) -> None:
+        for logger in self.loggers:
+            logger.log(name, data, step)
+
+    def log_dict(self, payload: Mapping[str, Any], step: int) -> None:
+        for logger in self.loggers:
+            logger.log_dict(payload, step)
+
+    def log_config(self, config: DictConfig) -> None:
+        for logger in self.loggers:
+            logger.log_config(config)
+
+    def rewind(self, step: int) -> None:
+        for logger in self.loggers:
+            if hasattr(logger, "rewind"):
+                logger.rewind(step)
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Every record of a JSONL metrics file (a partial last line, from a crash mid-write, is ignored)."""
     records = []
@@ -142,11 +189,32 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
-def build_metric_logger(cfg: DictConfig | Mapping[str, Any], *, rank: int | None = None) -> MetricLoggerInterface:
-    """Instantiate the `metric_logger` config section on rank 0; a `NullLogger` on every other rank.
+def missing_logger_package(section: Mapping[str, Any]) -> str | None:
+    """What is wrong when the `metric_logger` section's `_component_` needs a package that is not installed (an
+    optional extra of vppo-recipes), naming the key and the fix; None when nothing is missing."""
+    component = str(section.get("_component_", ""))
+    if component not in _OPTIONAL_PACKAGES:
+        return None
+    module, extra = _OPTIONAL_PACKAGES[component]
+    if importlib.util.find_spec(module) is not None:
+        return None
+    return (
+        f"metric_logger._component_ is {component}, which needs the `{module}` package (not installed): install "
+        f"vppo-recipes with its `{extra}` extra (`pip install -e 'packages/vppo-recipes[{extra}]'` in a checkout, or "
+        f"`pip install {module}`), or choose another metric_logger._component_"
+    )
 
-    `cfg` is the section itself (`{"_component_": "...JsonlLogger", "log_dir": ...}`). Raises ValueError if a
-    key looks like a secret (see module docstring).
+
+def build_metric_logger(
+    cfg: DictConfig | Mapping[str, Any], *, rank: int | None = None, log_dir: str | os.PathLike | None = None
+) -> MetricLoggerInterface:
+    """The run's metric logger: on rank 0 a JsonlLogger, composed with the configured logger when `_component_` is
+    another one; a `NullLogger` on every other rank.
+
+    cfg: the `metric_logger` section itself (`{"_component_": "...WandBLogger", "project": ..., "log_dir": ...}`).
+    log_dir: where metrics.jsonl goes when the section has no `log_dir` (the recipes pass `<output_dir>/logs`).
+    Raises ValueError if a key looks like a secret (see module docstring), if the component's optional package is
+    missing (`missing_logger_package`), or if neither the section nor the caller names a log_dir.
     """
     from torchtune import config as tt_config
 
@@ -159,4 +227,15 @@ def build_metric_logger(cfg: DictConfig | Mapping[str, Any], *, rank: int | None
             )
     if (_rank() if rank is None else rank) != 0:
         return NullLogger()
-    return tt_config.instantiate(section)
+    if (missing := missing_logger_package(section)) is not None:
+        raise ValueError(missing)
+    configured = tt_config.instantiate(section)
+    if isinstance(configured, JsonlLogger):
+        return configured
+    jsonl_dir = section.get("log_dir", None) or log_dir
+    if jsonl_dir is None:
+        raise ValueError(
+            f"metric_logger: {section._component_} has no log_dir for metrics.jsonl, which every run writes; set "
+            "metric_logger.log_dir or pass build_metric_logger(..., log_dir=)"
+        )
+    return CompositeLogger([JsonlLogger(jsonl_dir), configured])

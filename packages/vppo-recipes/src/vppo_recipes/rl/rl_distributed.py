@@ -99,14 +99,16 @@ from vppo_recipes.checkpointing import (
     apply_optimizer_settings,
     check_checkpoint_matches,
     check_resume_config,
+    final_checkpoint_line,
     find_resumable_checkpoint,
+    holds_master_weights,
     load_training_state,
     save_checkpoint,
 )
 from vppo_recipes.config_schema import RL_ALGORITHMS, check_world_size, validate_config
 from vppo_recipes.counterfactual import cross_modal_value_mean
 from vppo_recipes.data import Example, ExampleStream, SkipRow, VisualQADataset, rank_slice
-from vppo_recipes.distributed import init_distributed, load_training_policy, shard_and_place
+from vppo_recipes.distributed import checkpoint_dtype, init_distributed, load_training_policy, shard_and_place
 from vppo_recipes.lifecycle import StopRequest, claim_output_dir, stopped_message
 from vppo_recipes.lr_schedule import constant_with_warmup
 from vppo_recipes.metric_logging import build_metric_logger
@@ -275,9 +277,10 @@ def response_logprobs(
     Returns (lp [B, L] float32, hidden [B, L, H] or None).
     """
     result = response_pass(
-        model, inputs, responses, prompt_length, temperature=temperature, chunk_size=chunk_size, validate=validate
-    )
-    return result["lp"], (result["hidden"] if with_hidden else None)
+        model, inputs, responses, prompt_length, temperature=temperature, chunk_size=chunk_size, validate=validate,
+        with_hidden=with_hidden,
+    )  # fmt: skip
+    return result["lp"], result.get("hidden")
 
 
 def response_pass(
@@ -291,15 +294,20 @@ def response_pass(
     entropy: bool = False,
     visual_token_id: int | None = None,
     validate: bool = True,
+    with_hidden: bool = True,
 ) -> dict[str, torch.Tensor]:
     """`response_logprobs` with what the methods of ALGORITHMS.md §9 also read from the same forward.
 
-    Also run through `call_in_root_forward`. Returns {"lp" [B, L], "hidden" [B, L, H] (the last hidden state at the
-    positions that predict the response tokens)}, plus "entropy" [B, L] (the analytic entropy of softmax(logits /
-    T), differentiable when the forward is) when `entropy`, and "prior" [B, L] (PEPO's perception prior over every
-    layer's hidden state, `vppo_core.pepo_visual_prior`) when `visual_token_id` is given. The prior is read at the
-    response tokens' own positions P+j (the fork's `hidden_states[:, -response_length:]`), one to the right of the
-    positions that predict them.
+    Also run through `call_in_root_forward`. Returns {"lp" [B, L]}, plus "hidden" [B, L, H] (the last hidden state
+    at the positions that predict the response tokens) when `with_hidden`, "entropy" [B, L] (the analytic entropy of
+    softmax(logits / T), differentiable when the forward is) when `entropy`, and "prior" [B, L] (PEPO's perception
+    prior over every layer's hidden state, `vppo_core.pepo_visual_prior`) when `visual_token_id` is given. The prior
+    is read at the response tokens' own positions P+j (the fork's `hidden_states[:, -response_length:]`), one to the
+    right of the positions that predict them.
+
+    "hidden" and "prior" are views of the forward's activations. Under FSDP2, whatever this root forward returns
+    with grad enabled gets a pre-backward hook, and a view's hook is lost to any later in-place op on it (FSDP2
+    warns "returned a view tensor" for each): ask for them in no-grad passes only, where no hook is registered.
     """
     out = model.model(**inputs, use_cache=False, output_hidden_states=visual_token_id is not None)
     L = responses.shape[1]
@@ -309,7 +317,7 @@ def response_pass(
         hidden, model.lm_head.weight, responses, temperature=temperature, chunk_size=chunk_size, validate=validate,
         return_entropy=entropy,
     )  # fmt: skip
-    result = {"hidden": hidden}
+    result = {"hidden": hidden} if with_hidden else {}
     if entropy:
         result["lp"], result["entropy"] = lp
     else:
@@ -530,7 +538,9 @@ class RLRecipeDistributed:
             if self.accepted_changes and self.rank == 0:
                 changed = "\n  ".join(self.accepted_changes)
                 print(f"RESUMING WITH CHANGED CONFIG (training.accept_config_changes=true):\n  {changed}", flush=True)
-        self.metric_logger = build_metric_logger(cfg.metric_logger, rank=self.rank)  # NullLogger off rank 0
+        self.metric_logger = build_metric_logger(  # NullLogger off rank 0; metrics.jsonl always on rank 0
+            cfg.metric_logger, rank=self.rank, log_dir=os.path.join(self.output_dir, "logs")
+        )
         self.metric_logger.log_config(cfg)
         self.processor = load_processor(
             cfg.model.path,
@@ -541,6 +551,10 @@ class RLRecipeDistributed:
         self.weights_path = str(self.resume_from or cfg.model.path)
         self.model = self._setup_model(cfg, weights=self.weights_path)
         self.sampler = self._setup_sampler(cfg)
+        if cfg.rollout.engine == "vllm" and holds_master_weights(self.weights_path):
+            # vLLM read the bfloat16 export (ties rounded away from zero, or upcast for a float32 engine), not the
+            # float32 master weights the trainer restored: push those, as after every step
+            self._sync_sampler()
         self.optimizer, self.lr_scheduler = self._setup_optimizer(cfg)
         self._setup_data(cfg)
         self._setup_validation(cfg)
@@ -999,7 +1013,9 @@ class RLRecipeDistributed:
         return inputs, mb.prompt_length, contextlib.nullcontext()
 
     def _pass(self, mb: MicroBatch, inputs, prompt_length: int, *, validate=True, **wanted) -> dict[str, torch.Tensor]:
-        """`response_pass` over mb's responses under `inputs` (lp, hidden, and what `wanted` asks for)."""
+        """`response_pass` over mb's responses under `inputs` (lp, and what `wanted` asks for; the last hidden state
+        in no-grad passes, the only ones that read it: see `response_pass` on views under FSDP2)."""
+        wanted.setdefault("with_hidden", not torch.is_grad_enabled())
         return call_in_root_forward(
             self.model,
             response_pass,
@@ -1548,6 +1564,7 @@ class RLRecipeDistributed:
             if self.stopped_by is not None:
                 if self.step != saved_at:
                     self.save_checkpoint()
+                    saved_at = self.step
                 if self.is_rank_zero:
                     print(stopped_message(self.stopped_by, self.step, self.output_dir), flush=True)
                 break
@@ -1574,6 +1591,10 @@ class RLRecipeDistributed:
                 self.save_checkpoint()
                 saved_at = self.step
         pbar.close()
+        if saved_at != self.step:  # the data ran out (training.epochs) between two saves: keep the final state
+            self.save_checkpoint()
+        if self.is_rank_zero and self.stopped_by is None:  # a stopped run printed its stop line instead
+            print(final_checkpoint_line("RL", self.step, self.output_dir), flush=True)
 
     def _recipe_state(self) -> dict[str, Any]:
         return {
@@ -1599,6 +1620,7 @@ class RLRecipeDistributed:
             training_state=self._recipe_state(),
             arch=self._cfg.model.arch,
             config=self._cfg,
+            dtype=checkpoint_dtype(self._cfg),
         )
 
     def load_checkpoint(self, ckpt_dir) -> None:

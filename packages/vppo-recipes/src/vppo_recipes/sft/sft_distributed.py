@@ -49,14 +49,14 @@ from vppo_recipes.checkpointing import (
     apply_optimizer_settings,
     check_checkpoint_matches,
     check_resume_config,
-    find_latest_checkpoint,
+    final_checkpoint_line,
     find_resumable_checkpoint,
     load_training_state,
     save_checkpoint,
 )
 from vppo_recipes.config_schema import check_world_size, validate_config
 from vppo_recipes.data import Example, ExampleStream, SkipRow, VisualQADataset, build_response, rank_slice
-from vppo_recipes.distributed import init_distributed, load_training_policy, shard_and_place
+from vppo_recipes.distributed import checkpoint_dtype, init_distributed, load_training_policy, shard_and_place
 from vppo_recipes.lifecycle import StopRequest, claim_output_dir, stopped_message
 from vppo_recipes.lr_schedule import constant_with_warmup
 from vppo_recipes.metric_logging import build_metric_logger
@@ -87,10 +87,8 @@ def target_logprobs(
     out = model.model(**inputs, use_cache=False)
     L = targets.shape[1]
     hidden = out.last_hidden_state[:, prompt_length - 1 : prompt_length - 1 + L]
-    lp = logprobs_from_hidden(hidden, model.lm_head.weight, targets, chunk_size=chunk_size)
-    # FSDP2 hooks the root's output for backward; a view would lose that hook under any later in-place op
-    # (FSDP warns about it), so hand back a [B, L] copy (tiny next to the forward).
-    return lp.clone() if lp._base is not None else lp
+    # a fresh tensor, not a view: FSDP2 hooks the root's output for backward, and would warn for a view
+    return logprobs_from_hidden(hidden, model.lm_head.weight, targets, chunk_size=chunk_size)
 
 
 class SFTRecipeDistributed:
@@ -143,7 +141,9 @@ class SFTRecipeDistributed:
             if self.accepted_changes and self.rank == 0:
                 changed = "\n  ".join(self.accepted_changes)
                 print(f"RESUMING WITH CHANGED CONFIG (training.accept_config_changes=true):\n  {changed}", flush=True)
-        self.metric_logger = build_metric_logger(cfg.metric_logger, rank=self.rank)
+        self.metric_logger = build_metric_logger(
+            cfg.metric_logger, rank=self.rank, log_dir=os.path.join(self.output_dir, "logs")
+        )
         self.metric_logger.log_config(cfg)
         self.processor = load_processor(
             cfg.model.path,
@@ -282,9 +282,7 @@ class SFTRecipeDistributed:
         if self.is_rank_zero and self.stopped_by is not None:
             print(stopped_message(self.stopped_by, self.step, self.output_dir), flush=True)
         elif self.is_rank_zero:
-            print(
-                f"SFT done at step {self.step}; final checkpoint: {find_latest_checkpoint(self.output_dir)}", flush=True
-            )
+            print(final_checkpoint_line("SFT", self.step, self.output_dir), flush=True)
 
     def _recipe_state(self) -> dict[str, Any]:
         return {
@@ -305,6 +303,7 @@ class SFTRecipeDistributed:
             training_state=self._recipe_state(),
             arch=self._cfg.model.arch,
             config=self._cfg,
+            dtype=checkpoint_dtype(self._cfg),
         )
 
     def load_checkpoint(self, ckpt_dir) -> None:
