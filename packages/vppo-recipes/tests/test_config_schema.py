@@ -201,3 +201,71 @@ def test_the_methods_after_vppo_refuse_settings_that_cannot_run(config, override
 def test_every_shipped_tiny_config_of_the_methods_after_vppo_is_valid():
     for name in ("papo", "cfpo", "dvrp", "tor", "cgpo", "pepo", "vepo"):
         assert validate_config(OmegaConf.load(CONFIGS / f"tiny_{name}.yaml"), "rl").algorithm.name == name
+
+
+def _numeric_fields(schema, prefix=""):
+    """(dotted key, Field) of every number the schema knows (float or int), Component sections included."""
+    from vppo_recipes.config_schema import Component, Field
+
+    for key, spec in schema.items():
+        if isinstance(spec, Field):
+            if float in spec.types or int in spec.types:
+                yield f"{prefix}{key}", spec
+        else:
+            yield from _numeric_fields(spec.fields if isinstance(spec, Component) else spec, f"{prefix}{key}.")
+
+
+def _base_config(recipe: str, algorithm: str | None):
+    if recipe == "sft":
+        return OmegaConf.load(CONFIGS / "tiny_sft.yaml")
+    cfg = OmegaConf.load(CONFIGS / "tiny_vppo.yaml")
+    cfg.algorithm = {"name": algorithm}  # every other algorithm setting at its default
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("recipe", "algorithm"),
+    [("sft", None)] + [("rl", name) for name in __import__("vppo_recipes.config_schema").config_schema.RL_ALGORITHMS],
+)
+def test_every_numeric_setting_of_every_method_refuses_nan_and_inf_naming_the_key(recipe, algorithm):
+    """Issue 23: NaN passes both bound comparisons, so `algorithm.mask_prob=.nan` (and 9 more) passed validation and
+    the run died mid-step naming no key; `training.grad_clip=.nan` trained to the end with NaN weights. Every number
+    the schema knows, for every method (a future method's keys are covered by iterating the schema), read from the
+    command line as torchtune does (`OmegaConf.from_dotlist`: `.nan`, `.inf`, `-.inf` and an overflowing `1e400` are
+    floats), is refused with its key named."""
+    base = _base_config(recipe, algorithm)
+    validate_config(base, recipe)  # the base itself is valid
+    schema = schema_for(recipe)
+    checked, wrong = 0, []
+    for path, field in _numeric_fields(schema):
+        if path.startswith("algorithm.") and field.algorithms is not None and algorithm not in field.algorithms:
+            continue  # a setting this method does not read: refused for that reason already
+        for text, shown in ((".nan", "nan"), (".inf", "inf"), ("-.inf", "-inf"), ("1e400", "inf")):
+            cfg = OmegaConf.merge(base, OmegaConf.from_dotlist([f"{path}={text}"]))
+            expected_ok = not getattr(field, "finite", True)  # (getattr: the schema before issue 23 had no such flag)
+            try:
+                validate_config(cfg, recipe)
+                got_ok, msg = True, ""
+            except ConfigError as e:
+                got_ok, msg = False, str(e)
+            if got_ok != expected_ok or (not got_ok and f"'{path}' is {shown}; every numeric setting must be a "
+                                         "finite number" not in msg):  # fmt: skip
+                wrong.append(f"{path}={text}: {msg or 'accepted'}")
+            checked += 1
+    assert not wrong, "\n".join(wrong)
+    assert checked >= 4 * 8  # lr, weight_decay, grad_clip, ... at least
+
+
+@pytest.mark.parametrize(("override", "key"), [("optimizer.eps=.nan", "optimizer.eps"),
+                                                ("optimizer.betas=[0.9,.inf]", "optimizer.betas[1]")])  # fmt: skip
+def test_nan_or_inf_in_an_optimizer_keyword_argument_is_refused_naming_it(sft_cfg, override, key):
+    """A component's own keyword arguments have no schema entry, so the default rule holds for them too."""
+    cfg = OmegaConf.merge(sft_cfg, OmegaConf.from_dotlist([override]))
+    assert f"'{key}' is " in _errors(cfg, "sft") and "finite number" in _errors(cfg, "sft")
+
+
+def test_a_field_may_opt_out_of_the_finite_rule():
+    from vppo_recipes.config_schema import Field, _check_value
+
+    assert "finite" in _check_value("x.y", float("nan"), Field(types=(float,)))
+    assert _check_value("x.y", float("inf"), Field(types=(float,), finite=False)) is None

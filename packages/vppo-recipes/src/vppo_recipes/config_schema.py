@@ -2,8 +2,9 @@
 
 Every recipe calls `validate_config(cfg, "rl" | "sft")` first thing in `recipe_main`. It checks, for every key:
 it exists in the schema (else the error names it and the closest valid key, found with `difflib`), its value has
-the right type (`int` where `float` is expected is accepted; `bool` is never an `int`), it is one of the allowed
-values where the schema lists them, and it lies within the stated bounds. All problems are reported at once, in
+the right type (`int` where `float` is expected is accepted; `bool` is never an `int`), it is finite (NaN and ±inf
+are refused for every number, also inside an optimizer's keyword arguments, unless the key's `Field` says
+`finite=False`), it is one of the allowed values where the schema lists them, and it lies within the stated bounds. All problems are reported at once, in
 one `ConfigError` (a `ValueError`). Missing optional keys are filled with their defaults in the returned config,
 so a recipe can read `cfg.model.trust_remote_code` without `.get`.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +49,9 @@ class Field:
     """One config key: accepted Python types, optional allowed values, bounds and default.
 
     `types` use the YAML scalar types (str, int, float, bool, list, dict). `float` accepts ints. A field with a
-    `default` (anything but `_MISSING`) is optional. `nullable=True` also accepts `null`.
+    `default` (anything but `_MISSING`) is optional. `nullable=True` also accepts `null`. `finite=False` lets a
+    number be NaN or ±inf (YAML `.nan`, `.inf`, or an overflowing `1e400`); by default every number must be finite,
+    because NaN passes both bound comparisons and would only fail mid-step, naming no key.
     """
 
     types: tuple[type, ...]
@@ -58,6 +62,7 @@ class Field:
     high: float | None = None  # inclusive upper bound for numbers
     doc: str = ""
     algorithms: tuple[str, ...] | None = None  # RL: only these `algorithm.name`s read the key (None: all)
+    finite: bool = True  # False: NaN / ±inf accepted (no key needs it today)
 
     @property
     def required(self) -> bool:
@@ -378,9 +383,28 @@ def _type_name(types: tuple[type, ...], nullable: bool) -> str:
     return " or ".join(names + (["null"] if nullable else []))
 
 
+def _nonfinite(path: str, value: Any) -> str | None:
+    """The first NaN / ±inf number in `value` (a scalar, or lists / mappings of them), as an error naming its key
+    (`optimizer.betas[1]`); None when every number in it is finite."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return (
+            f"'{path}' is {value!r}; every numeric setting must be a finite number (NaN passes every bound check "
+            "and would only fail mid-run)"
+        )
+    items = value.items() if isinstance(value, Mapping) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        msg = _nonfinite(f"{path}.{key}" if isinstance(value, Mapping) else f"{path}[{key}]", item)
+        if msg:
+            return msg
+    return None
+
+
 def _check_value(path: str, value: Any, field: Field) -> str | None:
     if value is None:
         return None if field.nullable else f"'{path}' is null; expected {_type_name(field.types, False)}"
+    numeric = float in field.types or int in field.types
+    if numeric and field.finite and (msg := _nonfinite(path, value)):  # before the type: an int key says so too
+        return msg
     ok = False
     for t in field.types:
         if t is float:
@@ -407,21 +431,23 @@ def _check_value(path: str, value: Any, field: Field) -> str | None:
 
 
 def _component_kwargs(path: str, target: str, extra: Mapping[str, Any]) -> list[str]:
-    """Check `extra` keys against the keyword arguments of the class named by `target`."""
+    """Check `extra` keys against the keyword arguments of the class named by `target`, and their numbers are finite
+    (a component's own keyword arguments have no `Field`, so the default rule applies: no NaN / ±inf)."""
+    nonfinite = [msg for key, value in extra.items() if (msg := _nonfinite(f"{path}.{key}", value))]
     from torchtune.config._utils import _get_component_from_path
 
     try:
         obj = _get_component_from_path(target)
     except Exception as e:  # an import error of any kind means the path cannot be used
-        return [f"'{path}._component_' = {target!r} cannot be imported: {type(e).__name__}: {e}"]
+        return [f"'{path}._component_' = {target!r} cannot be imported: {type(e).__name__}: {e}", *nonfinite]
     try:
         params = inspect.signature(obj).parameters
     except (TypeError, ValueError):
-        return []  # a builtin without a signature: nothing to check against
+        return nonfinite  # a builtin without a signature: nothing to check the names against
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return []
+        return nonfinite
     accepted = [n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL and n != "params"]
-    errors = []
+    errors = nonfinite
     for key in extra:
         if key not in accepted:
             close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.6)
@@ -490,7 +516,7 @@ def validate_config(cfg: DictConfig | Mapping[str, Any], recipe: str) -> DictCon
 
     Interpolations (`${output_dir}/logs`) are resolved first, so an unresolvable one is reported here too.
     Raises `ConfigError` (a ValueError) listing every unknown key (with the closest valid key), missing required
-    key, wrong type, disallowed value and out-of-bounds number, and for "rl" every broken rule of `_rl_rules`.
+    key, wrong type, NaN / ±inf number, disallowed value and out-of-bounds number, and for "rl" every broken rule of `_rl_rules`.
     Never touches a model or a dataset. For "rl" the `algorithm` section of the result holds only the settings
     `algorithm.name` reads.
     """
