@@ -269,3 +269,14 @@ def test_a_field_may_opt_out_of_the_finite_rule():
 
     assert "finite" in _check_value("x.y", float("nan"), Field(types=(float,)))
     assert _check_value("x.y", float("inf"), Field(types=(float,), finite=False)) is None
+
+
+@pytest.mark.parametrize("recipe", ["rl", "sft"])
+def test_grad_clip_zero_is_refused_with_null_named_as_the_way_to_turn_clipping_off(recipe):
+    """The RL recipe read grad_clip=0 as "no clipping", the SFT recipe as "clip every update to zero"; both now use
+    one update guard, and 0 is refused with the fix."""
+    cfg = _base_config(recipe, "dapo")
+    cfg.training.grad_clip = 0.0
+    assert "training.grad_clip=0.0 would scale every update to zero" in _errors(cfg, recipe)
+    cfg.training.grad_clip = None
+    assert validate_config(cfg, recipe).training.grad_clip is None

@@ -714,3 +714,23 @@ def test_pgpo_switches_reach_the_token_weights(tmp_path, monkeypatch):
     )
     with pytest.raises(ValueError, match=r"algorithm\.pgpo_weight_floor.*algorithm\.name=dapo does not use it"):
         _cfg("tiny_dapo", **{"algorithm.pgpo_weight_floor": 0.1})
+
+
+def test_an_update_made_non_finite_by_clipping_is_skipped_counted_and_never_applied(tmp_path, monkeypatch):
+    """Issue 23: `training.grad_clip=.nan` trained to the end and saved all-NaN weights: the guard read the norm
+    clip_grad_norm_ returns (before clipping, finite) while the clip had scaled the gradients by NaN. The config now
+    refuses a NaN grad_clip; here the clip itself is given NaN, so the guard must catch it from the clipped grads."""
+    real_clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm, **kw: real_clip(params, math.nan))
+    state = {}
+
+    def weights(recipe):
+        state["path"] = recipe._cfg.model.path
+        state["after"] = {k: v.full_tensor().detach().clone() for k, v in recipe.model.state_dict().items()}
+
+    metrics = _one_rl_step_in_process(tmp_path, "tiny_dapo", {"rollout.online_filter": "false"}, inspect=weights)
+    assert metrics["skipped/nonfinite_updates"] == 1.0 and metrics["optimizer_steps"] == 0.0
+    from vppo_rollout.loading import load_policy
+
+    before = load_policy(state["path"]).state_dict()
+    assert all(torch.equal(before[k], v) for k, v in state["after"].items())

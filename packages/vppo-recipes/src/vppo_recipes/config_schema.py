@@ -532,6 +532,8 @@ def validate_config(cfg: DictConfig | Mapping[str, Any], recipe: str) -> DictCon
     errors: list[str] = []
     _validate(plain, schema, "", errors, _all_paths(schema))
     errors += _unsupported_optimizer_options(plain)
+    if not errors:
+        errors += _common_rules(OmegaConf.to_container(OmegaConf.merge(_defaults(schema), plain)))
     if recipe == "rl" and not errors:
         errors += _rl_rules(plain, OmegaConf.to_container(OmegaConf.merge(_defaults(schema), plain)), schema)
     if errors:
@@ -547,6 +549,15 @@ def validate_config(cfg: DictConfig | Mapping[str, Any], recipe: str) -> DictCon
             if used_by is not None and name not in used_by:
                 merged.algorithm.pop(key)
     return merged
+
+
+def _common_rules(cfg: Mapping[str, Any]) -> list[str]:
+    """Rules of both recipes that one key's inclusive bounds cannot state. `cfg`: with defaults filled in."""
+    clip = cfg["training"]["grad_clip"]
+    if clip is not None and clip <= 0:
+        # The RL recipe once read 0 as "no clipping" and the SFT recipe as "clip to 0": one meaning, stated.
+        return [f"training.grad_clip={clip} would scale every update to zero; it must be > 0 (or null: no clipping)"]
+    return []
 
 
 def _rl_rules(user: Mapping[str, Any], cfg: Mapping[str, Any], schema: Mapping[str, Any]) -> list[str]:

@@ -110,6 +110,7 @@ from vppo_recipes.distributed import init_distributed, load_training_policy, sha
 from vppo_recipes.lr_schedule import constant_with_warmup
 from vppo_recipes.metric_logging import build_metric_logger
 from vppo_recipes.sharding import call_in_root_forward
+from vppo_recipes.update_guard import clip_and_check_update
 from vppo_rollout.collate import collate_rollout, model_inputs
 from vppo_rollout.loading import load_processor
 from vppo_rollout.prompts import Prompt, PromptTooLongError, build_prompt, prompt_without_images
@@ -1318,7 +1319,8 @@ class RLRecipeDistributed:
         grad norm, None) of the mini-batch, or with the reason it was skipped ("updates_without_tokens",
         "nonfinite_updates"; both decided on global values, so alike on every rank).
 
-        Host syncs: two per mini-batch (the token count, and the loss with the grad norm for the skip decision),
+        Host syncs: two per mini-batch (the token count, and the loss with the grad norms before and after clipping
+        for the skip decision, `clip_and_check_update`),
         however many micro-batches it has. The micro-batch loop runs vppo-core with `validate=False` (its inputs
         were made and checked by this recipe; a non-finite value shows up in the loss and skips the step) and keeps
         its metrics as tensors (`accumulate_loss_metrics`), moved to the host once per step in `_step_metrics`.
@@ -1369,12 +1371,12 @@ class RLRecipeDistributed:
             accumulate_loss_metrics(metric_sums, metrics, valid_tokens=valid.sum(), active_tokens=active.sum())
         metric_sums["_updates"] = metric_sums.get("_updates", 0.0) + 1
         dist.all_reduce(loss_sum)
-        max_norm = float(self.grad_clip) if self.grad_clip else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=max_norm)
-        if isinstance(grad_norm, DTensor):
-            grad_norm = grad_norm.full_tensor()
-        loss_total, grad_norm = torch.stack([loss_sum, grad_norm.double().to(loss_sum.device)]).tolist()
-        if not (math.isfinite(grad_norm) and math.isfinite(loss_total)):
+        # The loss, the norm before clipping and the norm of the clipped gradients (what the step applies), in one
+        # host sync; all global, so every rank decides alike.
+        (grad_norm, _, loss_total), finite = clip_and_check_update(
+            self.model.parameters(), self.grad_clip, also=(loss_sum,)
+        )
+        if not finite:
             # The step is skipped, never applied: a NaN/inf gradient would poison AdamW's moments.
             self.optimizer.zero_grad(set_to_none=True)
             return loss_total, grad_norm, "nonfinite_updates"

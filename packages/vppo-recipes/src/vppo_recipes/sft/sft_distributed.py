@@ -22,7 +22,8 @@ One optimizer step (`train_step`):
     -> loss = -Σ log p / (target tokens of the whole GLOBAL batch) × world size, backward per micro-batch
        (FSDP's reduce-scatter averages over ranks, so the gradient is exactly that of the global token-mean NLL,
        independent of the number of ranks and of the micro-batch size)
-    -> clip the grad norm (a non-finite norm skips the step and is counted), AdamW step, constant lr + warmup.
+    -> clip the grad norm (a non-finite norm, before or after clipping, skips the step and is counted), AdamW
+       step, constant lr + warmup.
 
 Logged per step (JSONL / wandb / stdout, see metric_logging.py): loss (global token-mean NLL), grad_norm, lr,
 tokens, epoch, time/step_s, throughput/tokens_per_s, total/skipped_rows/<reason>, total/skipped_steps_nonfinite.
@@ -30,7 +31,6 @@ tokens, epoch, time/step_s, throughput/tokens_per_s, total/skipped_rows/<reason>
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -40,7 +40,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
-from torch.distributed.tensor import DTensor
 from torchtune import config
 from tqdm import tqdm
 
@@ -60,6 +59,7 @@ from vppo_recipes.distributed import init_distributed, load_training_policy, sha
 from vppo_recipes.lr_schedule import constant_with_warmup
 from vppo_recipes.metric_logging import build_metric_logger
 from vppo_recipes.sharding import call_in_root_forward
+from vppo_recipes.update_guard import clip_and_check_update
 from vppo_rollout.collate import collate_rollout, model_inputs
 from vppo_rollout.loading import load_processor
 from vppo_rollout.prompts import Prompt, PromptTooLongError, build_prompt
@@ -222,10 +222,9 @@ class SFTRecipeDistributed:
             (nll * (self.world / num_tokens)).backward()
             loss_sum += nll.detach().double()
 
-        max_norm = math.inf if self.grad_clip is None else float(self.grad_clip)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=max_norm)
-        grad_norm = float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
-        skipped = not math.isfinite(grad_norm)
+        # Checked after clipping: the clipped gradients are what the step applies (global, so alike on every rank).
+        (grad_norm, _), finite = clip_and_check_update(self.model.parameters(), self.grad_clip)
+        skipped = not finite
         if skipped:  # a NaN/inf gradient would poison AdamW's moments: drop this step, count it, go on
             self.totals["skipped_steps_nonfinite"] += 1
         else:
