@@ -734,3 +734,23 @@ def test_an_update_made_non_finite_by_clipping_is_skipped_counted_and_never_appl
 
     before = load_policy(state["path"]).state_dict()
     assert all(torch.equal(before[k], v) for k, v in state["after"].items())
+
+
+def test_rows_whose_prompt_cannot_be_built_are_counted_skips_and_the_rl_step_trains_on_the_rest(tmp_path, capsys):
+    """Issue 23: one training row with two <image> placeholders for one image, or one 10000x10 image, ended the run
+    with an error naming neither the row nor the file; now each is skipped as bad_prompt, named on stderr with its
+    row and file, counted in total/skipped_rows/bad_prompt, and the step runs on the good rows."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _bad_rows import write_rows
+
+    source = write_rows(tmp_path / "bad", ["two_placeholders", "wide", "good", "good"])
+    metrics = _one_rl_step_in_process(
+        tmp_path, "tiny_dapo", {"rollout.online_filter": "false", "data.source": source, "data.shuffle": "false"}
+    )
+    assert metrics["total/skipped_rows/bad_prompt"] == 2.0
+    err = capsys.readouterr().err
+    assert f"skipped row 0 of {source} (split train): bad_prompt: row 0: question: has 2 '<image>' placeholders" in err
+    assert f"skipped row 1 of {source} (split train): bad_prompt: row 1: image aspect ratio must be < 200" in err

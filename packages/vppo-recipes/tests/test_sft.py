@@ -209,6 +209,29 @@ def test_an_sft_step_made_non_finite_by_clipping_is_skipped_counted_and_never_ap
     assert unchanged, "a non-finite update was applied"
 
 
+def test_rows_whose_prompt_cannot_be_built_are_counted_skips_and_the_sft_step_trains_on_the_rest(
+    workspace, tmp_path, capsys
+):
+    """Issue 23 (the SFT data path): a row with two <image> placeholders for one image, or one 10000x10 image, is
+    skipped as bad_prompt, named on stderr with its row and file, counted; the step trains on the good rows."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _bad_rows import write_rows
+
+    source = write_rows(tmp_path / "bad", ["good", "two_placeholders", "good", "wide", "good", "good"])
+
+    def one_step(recipe):
+        batch = recipe.stream.take(recipe.batch_size)
+        return recipe.train_step(batch), dict(recipe.stream.skipped)
+
+    metrics, skipped = _sft_recipe_in_process(
+        workspace, tmp_path, f"data.source={source}", "data.shuffle=false", run=one_step
+    )
+    assert skipped == {"bad_prompt": 2} and metrics["skipped_step"] == 0.0
+    err = capsys.readouterr().err
+    assert f"skipped row 1 of {source} (split train): bad_prompt: row 1: question: has 2 '<image>' placeholders" in err
+    assert f"skipped row 3 of {source} (split train): bad_prompt: row 3: image aspect ratio must be < 200" in err
+
+
 @pytest.mark.slow
 def test_missing_dataset_column_is_a_clear_error_naming_the_key(workspace):
     proc = _launch(

@@ -54,7 +54,15 @@ from vppo_recipes.checkpointing import (
     save_checkpoint,
 )
 from vppo_recipes.config_schema import check_world_size, validate_config
-from vppo_recipes.data import Example, ExampleStream, SkipRow, VisualQADataset, build_response, rank_slice
+from vppo_recipes.data import (
+    Example,
+    ExampleStream,
+    SkipRow,
+    VisualQADataset,
+    build_response,
+    prompt_or_skip,
+    rank_slice,
+)
 from vppo_recipes.distributed import init_distributed, load_training_policy, shard_and_place
 from vppo_recipes.lr_schedule import constant_with_warmup
 from vppo_recipes.metric_logging import build_metric_logger
@@ -62,7 +70,7 @@ from vppo_recipes.sharding import call_in_root_forward
 from vppo_recipes.update_guard import clip_and_check_update
 from vppo_rollout.collate import collate_rollout, model_inputs
 from vppo_rollout.loading import load_processor
-from vppo_rollout.prompts import Prompt, PromptTooLongError, build_prompt
+from vppo_rollout.prompts import Prompt
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 END_OF_TURN = "<|im_end|>"  # Qwen chat format: ends the assistant turn; the RL sampler stops on it
@@ -171,7 +179,14 @@ class SFTRecipeDistributed:
     def _setup_data(self, cfg: DictConfig) -> None:
         """Rows through the column mapping, in a seeded resumable order that every rank shares."""
         self.dataset = VisualQADataset.from_source(cfg.data.source, cfg.data.split, dict(cfg.data.columns))
-        self.stream = ExampleStream(self.dataset, seed=self.seed, shuffle=cfg.data.shuffle, prepare=self._encode)
+        self.stream = ExampleStream(
+            self.dataset, seed=self.seed, shuffle=cfg.data.shuffle, prepare=self._encode, log=self._log_skip
+        )
+
+    def _log_skip(self, line: str) -> None:
+        """A skipped training row, named once (rank 0; every rank draws the same rows)."""
+        if self.is_rank_zero:
+            print(line, file=sys.stderr, flush=True)
 
     def target_text(self, example: Example) -> str:
         """The text the model learns to answer with: the response column, or the template filled with the answer."""
@@ -180,14 +195,10 @@ class SFTRecipeDistributed:
         return build_response(example.answer, self._cfg.data.response_template)
 
     def _encode(self, example: Example) -> tuple[Prompt, list[int]]:
-        """ExampleStream's `prepare`: (chat prompt, target token ids); a too-long row is skipped (and counted)."""
+        """ExampleStream's `prepare`: (chat prompt, target token ids); a too-long row, or one whose prompt cannot be
+        built (two <image> placeholders for one image, ...), is skipped (and counted)."""
         cfg = self._cfg.data
-        try:
-            prompt = build_prompt(
-                self.processor, example.question, example.images, max_prompt_length=cfg.max_prompt_length
-            )
-        except PromptTooLongError:
-            raise SkipRow("prompt_too_long") from None
+        prompt = prompt_or_skip(self.processor, example, max_prompt_length=cfg.max_prompt_length)
         ids = self.processor.tokenizer(self.target_text(example), add_special_tokens=False)["input_ids"]
         ids = [*ids, self.end_of_turn_id]
         if len(ids) > cfg.max_response_length:
