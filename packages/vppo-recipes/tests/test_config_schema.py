@@ -280,3 +280,47 @@ def test_grad_clip_zero_is_refused_with_null_named_as_the_way_to_turn_clipping_o
     assert "training.grad_clip=0.0 would scale every update to zero" in _errors(cfg, recipe)
     cfg.training.grad_clip = None
     assert validate_config(cfg, recipe).training.grad_clip is None
+
+
+def test_paths_are_resolved_once_at_config_load_hub_ids_are_kept(tmp_path, monkeypatch):
+    """Issue 23 (paths resolved once): output_dir, model.path, data.source and validation.source come back absolute
+    (against the cwd of the process that loads the config), so the run's record names the real folders and nothing
+    later depends on the cwd; a hub id stays a hub id; validating the result again changes nothing."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "task").mkdir(parents=True)
+    cfg = OmegaConf.create(RL_DRAFT)
+    cfg.validation.source = "chamber111/some_benchmark"  # not on disk, of the hub's owner/name form
+    out = validate_config(cfg, "rl")
+    assert out.output_dir == str(tmp_path / "runs" / "tiny_vppo")
+    assert out.model.path == str(tmp_path / "runs" / "tiny_ckpt")
+    assert out.data.source == str(tmp_path / "runs" / "visual_task")
+    assert out.metric_logger.log_dir == str(tmp_path / "runs" / "tiny_vppo" / "logs")  # ${output_dir}/logs
+    assert out.validation.source == "chamber111/some_benchmark"
+    assert validate_config(out, "rl") == out
+    cfg.validation.source = "runs/task"  # owner/name form, but a folder here: local (load_source's rule)
+    assert validate_config(cfg, "rl").validation.source == str(tmp_path / "runs" / "task")
+
+
+def test_a_resume_from_another_cwd_compares_real_locations_not_the_strings_given(tmp_path, monkeypatch):
+    """Relative paths were kept as given, so a run resumed from another directory with the same `data.source=
+    ./runs/task` passed the resume check while reading another dataset. Resolved paths differ, and the change is
+    named; a record written before paths were resolved (relative) still matches the same launch from its cwd."""
+    from vppo_recipes.config_schema import config_changes
+
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    raw = OmegaConf.create(RL_DRAFT)
+    monkeypatch.chdir(tmp_path / "a")
+    saved = OmegaConf.to_container(validate_config(raw, "rl"), resolve=True)
+    # A record written before paths were resolved: the same, with the paths as given.
+    old_record = OmegaConf.create(copy.deepcopy(saved))
+    for key in ("output_dir", "data.source", "model.path", "validation.source"):
+        OmegaConf.update(old_record, key, OmegaConf.select(raw, key))
+    assert old_record.data.source == "./runs/visual_task"
+    assert config_changes(OmegaConf.to_container(old_record), saved) == []
+    monkeypatch.chdir(tmp_path / "b")
+    changes = config_changes(saved, OmegaConf.to_container(validate_config(raw, "rl"), resolve=True))
+    assert changes == [
+        f"data.source: checkpoint '{tmp_path / 'a' / 'runs' / 'visual_task'}', "
+        f"now '{tmp_path / 'b' / 'runs' / 'visual_task'}'"
+    ], changes

@@ -8,6 +8,10 @@ are refused for every number, also inside an optimizer's keyword arguments, unle
 one `ConfigError` (a `ValueError`). Missing optional keys are filled with their defaults in the returned config,
 so a recipe can read `cfg.model.trust_remote_code` without `.get`.
 
+Paths are resolved once, here: every key whose `Field` has `path` (`output_dir`, `model.path`, `data.source` and
+`validation.source` when local) comes back absolute, against the cwd of the process that loads the config, so no
+later use depends on the cwd, a run's record says which folder it used, and a resume compares real locations.
+
 Sections whose `_component_` names a class (`optimizer`, `metric_logger`) may carry that class's keyword
 arguments: each extra key is checked against the signature of the named class (`inspect.signature`), so
 `optimizer.weight_decy` is caught here rather than as a `TypeError` deep inside setup.
@@ -24,6 +28,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +39,15 @@ from vppo_core.losses import AGGREGATIONS, LOSS_TYPES
 from vppo_core.perturb import IMAGE_PERTURBATIONS
 from vppo_core.shaping import PGPO_THRESHOLD_MODES
 
-__all__ = ["ConfigError", "Field", "check_world_size", "schema_for", "validate_config"]
+__all__ = [
+    "ConfigError",
+    "Field",
+    "check_world_size",
+    "is_local_source",
+    "resolve_path",
+    "schema_for",
+    "validate_config",
+]
 
 
 class ConfigError(ValueError):
@@ -63,6 +76,9 @@ class Field:
     doc: str = ""
     algorithms: tuple[str, ...] | None = None  # RL: only these `algorithm.name`s read the key (None: all)
     finite: bool = True  # False: NaN / ±inf accepted (no key needs it today)
+    # "local": a file or folder, made absolute by validate_config; "local_or_hub": the same unless it is a hub id
+    # (`is_local_source`)
+    path: str | None = None
 
     @property
     def required(self) -> bool:
@@ -89,10 +105,10 @@ _TOR, _CGPO, _PEPO, _VEPO = ("tor",), ("cgpo",), ("pepo",), ("vepo",)
 RL_ALGORITHMS = ("vppo", "pgpo", "dapo", "grpo", "papo", "cfpo", "dvrp", "tor", "cgpo", "pepo", "vepo")
 
 COMMON: dict[str, Any] = {
-    "output_dir": _f(str, doc="run folder: checkpoints, logs"),
+    "output_dir": _f(str, path="local", doc="run folder: checkpoints, logs"),
     "seed": _f(int, **_NONNEG_INT),
     "model": {
-        "path": _f(str, doc="local Hugging Face model folder"),
+        "path": _f(str, path="local", doc="local Hugging Face model folder"),
         "arch": _f(str, choices=_ARCHS, doc="checked against the folder's config.json model_type"),
         "dtype": _f(str, choices=("float32", "bfloat16")),
         "trust_remote_code": _f(bool, default=False),
@@ -105,7 +121,9 @@ COMMON: dict[str, Any] = {
         "hsdp_replicas": _f(int, default=1, **_POS_INT),
     },
     "data": {
-        "source": _f(str, doc="datasets source: hub id, save_to_disk folder, parquet/jsonl file or folder"),
+        "source": _f(
+            str, path="local_or_hub", doc="datasets source: hub id, save_to_disk folder, parquet/jsonl file or folder"
+        ),
         "split": _f(str),
         "columns": {
             "question": _f(str, default="problem"),
@@ -153,7 +171,7 @@ RL_ONLY: dict[str, Any] = {
         ),
     },
     "validation": {
-        "source": _f(str, nullable=True, default=None),
+        "source": _f(str, nullable=True, default=None, path="local_or_hub"),
         "split": _f(str, default="test"),
         "every_n_steps": _f(int, default=0, **_NONNEG_INT, doc="0: never"),
         "k": _f(int, default=8, **_POS_INT),
@@ -511,6 +529,35 @@ def _defaults(schema: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def is_local_source(source: str) -> bool:
+    """Whether a data source names a local file or folder rather than a hub dataset: it exists on disk, or it is
+    spelled like a path (starts with '.', '/' or '~', or is not of the hub's "owner/name" form). `load_source`
+    reads a source by the same rule."""
+    text = str(source)
+    return os.path.exists(os.path.expanduser(text)) or text.startswith((".", "/", "~")) or text.count("/") != 1
+
+
+def resolve_path(value: Any, kind: str | None) -> Any:
+    """`value` of a key whose `Field.path` is `kind`, absolute: '~' expanded, joined to the cwd, '.' and '..'
+    folded (symlinks kept). Values that are not paths come back unchanged: None, a hub id ("local_or_hub"), or any
+    value of a key that is no path (kind None). Idempotent."""
+    if kind is None or not isinstance(value, str) or (kind == "local_or_hub" and not is_local_source(value)):
+        return value
+    return os.path.abspath(os.path.expanduser(value))
+
+
+def _path_keys(schema: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Dotted key -> `Field.path` of every path key of `schema`."""
+    out: dict[str, str] = {}
+    for key, spec in schema.items():
+        if isinstance(spec, Field):
+            if spec.path is not None:
+                out[f"{prefix}{key}"] = spec.path
+        else:
+            out.update(_path_keys(spec.fields if isinstance(spec, Component) else spec, f"{prefix}{key}."))
+    return out
+
+
 def validate_config(cfg: DictConfig | Mapping[str, Any], recipe: str) -> DictConfig:
     """Check `cfg` against the schema of `recipe` ("rl" | "sft") and return it with defaults filled in.
 
@@ -540,6 +587,10 @@ def validate_config(cfg: DictConfig | Mapping[str, Any], recipe: str) -> DictCon
         lines = "\n".join(f"  - {e}" for e in errors)
         raise ConfigError(f"invalid config for the {recipe} recipe ({len(errors)} problem(s)):\n{lines}")
     merged = OmegaConf.merge(OmegaConf.create(_defaults(schema)), cfg)
+    for key, kind in _path_keys(schema).items():  # resolved once, here (module docstring)
+        value = OmegaConf.select(merged, key)
+        if isinstance(value, str):
+            OmegaConf.update(merged, key, resolve_path(value, kind))
     if recipe == "rl":
         # The returned (and logged) config holds only the algorithm settings the chosen algorithm reads, so the record
         # of a DAPO run shows no TGF fraction, and a logged config validates again as it is.
@@ -681,7 +732,10 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """The keys that differ between a checkpoint's config and this launch's, outside `RESUME_FREE_KEYS`, as
     "key: checkpoint X, now Y" (a key only one side has shows as <absent>)."""
-    a, b = _flatten(saved), _flatten(current)
+    # A record written before paths were resolved holds them as given: read them as that run did, from the cwd.
+    paths = {**_path_keys(schema_for("sft")), **_path_keys(schema_for("rl"))}
+    a = {k: resolve_path(v, paths.get(k)) for k, v in _flatten(saved).items()}
+    b = _flatten(current)
 
     def free(key: str) -> bool:
         return any(key == f or key.startswith(f + ".") for f in RESUME_FREE_KEYS)

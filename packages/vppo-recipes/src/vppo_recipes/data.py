@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from vppo_eval.datafiles import load_data_file, load_data_folder
+from vppo_recipes.config_schema import is_local_source
 from vppo_rollout.images import SKIP_REASONS, SkipRow, decode_image
 from vppo_rollout.prompts import Prompt, build_prompt, prompt_skip_reason
 
@@ -87,8 +88,8 @@ def load_source(source: str | os.PathLike, split: str):
         return load_data_file(path, split, label="data.source")
     if path.is_dir():
         return _pick_split(load_data_folder(path, label="data.source"), split, source)
-    if str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
-        # Not of the hub's "owner/name" form, and not on disk: a local path that does not exist.
+    if is_local_source(source):
+        # Spelled like a path (not the hub's "owner/name" form), and not on disk: a local path that does not exist.
         raise ValueError(f"data.source={str(source)!r} does not exist (looked for a local folder or file)")
     try:
         return datasets.load_dataset(str(source), split=split)
