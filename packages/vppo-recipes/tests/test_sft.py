@@ -136,7 +136,7 @@ def test_resumed_run_continues_exactly_like_the_uninterrupted_one(workspace, uni
     (run / "checkpoints" / ".tmp_step_000006").mkdir()
     proc = _launch(workspace, "output_dir=runs/sft_b", f"training.max_steps={STEPS}", *COMMON)
     _ok(proc)
-    assert "resumed from runs/sft_b/checkpoints/step_000004 at step 4" in proc.stdout
+    assert f"resumed from {run}/checkpoints/step_000004 at step 4" in proc.stdout  # output_dir made absolute
     resumed, reference = _metrics(run), _metrics(uninterrupted)
     assert [m["step"] for m in resumed] == list(range(1, STEPS + 1))
     for a, b in zip(resumed, reference):
