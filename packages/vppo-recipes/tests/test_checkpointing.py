@@ -181,6 +181,88 @@ def test_a_checkpoint_without_a_manifest_format_1_still_resumes(tiny, tmp_path):
     assert verify_checkpoint(ckpt) == [] and find_resumable_checkpoint(tmp_path) == ckpt
 
 
+def _damage_meta(meta: dict, damage: str) -> None:
+    name, _, arg = damage.partition(":")
+    if name == "drop":
+        del meta[arg]
+    elif name == "unlist":
+        del meta["files"][arg]
+    elif name == "version":
+        meta["format_version"] = json.loads(arg)
+    elif name == "no_version":
+        del meta["format_version"]
+    elif name == "entry":
+        meta["files"]["model.safetensors"] = {"bytes": "many"}
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "drop:files",  # the issue's case
+        "drop:step",
+        "drop:world_size",
+        "drop:optimizer_format",
+        "drop:arch",
+        "unlist:model.safetensors",
+        "unlist:training_state.pt",
+        "unlist:optimizer.pt",
+        "unlist:rng_state_rank0.pt",
+        "entry:",
+        "no_version:",
+        'version:"2"',
+        "version:3",
+    ],
+)
+def test_a_manifest_is_trusted_by_its_format_version_never_by_a_missing_field(tiny, tmp_path, capsys, damage):
+    """Issue 23: a manifest saying format_version 2 that had lost its file list was trusted unverified (as if it
+    were format 1), and a safetensors cut in half was loaded for resume. The version decides what must be there: a
+    manifest missing a field or a file entry is damaged, and resume falls back loudly past it."""
+    model = load_policy(tiny)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    save_checkpoint(tmp_path, 2, model=model, optimizer=optimizer, processor_source=tiny)
+    ckpt = save_checkpoint(tmp_path, 4, model=model, optimizer=optimizer, processor_source=tiny)
+    # Cut in half the file the damaged manifest no longer covers (the weights when the whole list is gone): only a
+    # manifest read by its version notices. Other damage is to the manifest alone, whose files all verify.
+    cut = {"drop:files": "model.safetensors"}.get(damage) or (damage[7:] if damage.startswith("unlist:") else None)
+    if cut is not None:
+        path = ckpt / cut
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    meta_file = ckpt / "vppo_checkpoint.json"
+    meta = json.loads(meta_file.read_text())
+    _damage_meta(meta, damage)
+    meta_file.write_text(json.dumps(meta))
+    problems = verify_checkpoint(ckpt)
+    assert problems and all(str(meta_file) in p for p in problems), problems
+    with pytest.warns(UserWarning, match="CHECKPOINT DAMAGED"):
+        assert find_resumable_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 2)
+    assert str(meta_file) in capsys.readouterr().err
+
+
+def test_a_weights_index_naming_a_shard_the_manifest_does_not_list_is_damaged(tiny, tmp_path):
+    model = load_policy(tiny)
+    ckpt = save_checkpoint(tmp_path, 2, model=model)
+    (ckpt / "model.safetensors").rename(ckpt / "model-00001-of-00001.safetensors")
+    (ckpt / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"lm_head.weight": "model-00001-of-00001.safetensors"}})
+    )
+    meta = json.loads((ckpt / "vppo_checkpoint.json").read_text())
+    entry = meta["files"].pop("model.safetensors")
+    index = ckpt / "model.safetensors.index.json"
+    meta["files"]["model.safetensors.index.json"] = {"bytes": index.stat().st_size, "sha256": _sha(index)}
+    (ckpt / "vppo_checkpoint.json").write_text(json.dumps(meta))
+    problems = verify_checkpoint(ckpt)
+    assert len(problems) == 1 and "model-00001-of-00001.safetensors" in problems[0], problems
+    meta["files"]["model-00001-of-00001.safetensors"] = entry  # listed: the same index verifies
+    (ckpt / "vppo_checkpoint.json").write_text(json.dumps(meta))
+    assert verify_checkpoint(ckpt) == []
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def test_a_save_that_runs_out_of_space_says_so_and_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
     """Simulated: the optimizer file's write fails with ENOSPC part-way (the real-disk version is the next test)."""
     import errno

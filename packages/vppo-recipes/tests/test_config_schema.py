@@ -201,3 +201,126 @@ def test_the_methods_after_vppo_refuse_settings_that_cannot_run(config, override
 def test_every_shipped_tiny_config_of_the_methods_after_vppo_is_valid():
     for name in ("papo", "cfpo", "dvrp", "tor", "cgpo", "pepo", "vepo"):
         assert validate_config(OmegaConf.load(CONFIGS / f"tiny_{name}.yaml"), "rl").algorithm.name == name
+
+
+def _numeric_fields(schema, prefix=""):
+    """(dotted key, Field) of every number the schema knows (float or int), Component sections included."""
+    from vppo_recipes.config_schema import Component, Field
+
+    for key, spec in schema.items():
+        if isinstance(spec, Field):
+            if float in spec.types or int in spec.types:
+                yield f"{prefix}{key}", spec
+        else:
+            yield from _numeric_fields(spec.fields if isinstance(spec, Component) else spec, f"{prefix}{key}.")
+
+
+def _base_config(recipe: str, algorithm: str | None):
+    if recipe == "sft":
+        return OmegaConf.load(CONFIGS / "tiny_sft.yaml")
+    cfg = OmegaConf.load(CONFIGS / "tiny_vppo.yaml")
+    cfg.algorithm = {"name": algorithm}  # every other algorithm setting at its default
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("recipe", "algorithm"),
+    [("sft", None)] + [("rl", name) for name in __import__("vppo_recipes.config_schema").config_schema.RL_ALGORITHMS],
+)
+def test_every_numeric_setting_of_every_method_refuses_nan_and_inf_naming_the_key(recipe, algorithm):
+    """Issue 23: NaN passes both bound comparisons, so `algorithm.mask_prob=.nan` (and 9 more) passed validation and
+    the run died mid-step naming no key; `training.grad_clip=.nan` trained to the end with NaN weights. Every number
+    the schema knows, for every method (a future method's keys are covered by iterating the schema), read from the
+    command line as torchtune does (`OmegaConf.from_dotlist`: `.nan`, `.inf`, `-.inf` and an overflowing `1e400` are
+    floats), is refused with its key named."""
+    base = _base_config(recipe, algorithm)
+    validate_config(base, recipe)  # the base itself is valid
+    schema = schema_for(recipe)
+    checked, wrong = 0, []
+    for path, field in _numeric_fields(schema):
+        if path.startswith("algorithm.") and field.algorithms is not None and algorithm not in field.algorithms:
+            continue  # a setting this method does not read: refused for that reason already
+        for text, shown in ((".nan", "nan"), (".inf", "inf"), ("-.inf", "-inf"), ("1e400", "inf")):
+            cfg = OmegaConf.merge(base, OmegaConf.from_dotlist([f"{path}={text}"]))
+            expected_ok = not getattr(field, "finite", True)  # (getattr: the schema before issue 23 had no such flag)
+            try:
+                validate_config(cfg, recipe)
+                got_ok, msg = True, ""
+            except ConfigError as e:
+                got_ok, msg = False, str(e)
+            if got_ok != expected_ok or (not got_ok and f"'{path}' is {shown}; every numeric setting must be a "
+                                         "finite number" not in msg):  # fmt: skip
+                wrong.append(f"{path}={text}: {msg or 'accepted'}")
+            checked += 1
+    assert not wrong, "\n".join(wrong)
+    assert checked >= 4 * 8  # lr, weight_decay, grad_clip, ... at least
+
+
+@pytest.mark.parametrize(("override", "key"), [("optimizer.eps=.nan", "optimizer.eps"),
+                                                ("optimizer.betas=[0.9,.inf]", "optimizer.betas[1]")])  # fmt: skip
+def test_nan_or_inf_in_an_optimizer_keyword_argument_is_refused_naming_it(sft_cfg, override, key):
+    """A component's own keyword arguments have no schema entry, so the default rule holds for them too."""
+    cfg = OmegaConf.merge(sft_cfg, OmegaConf.from_dotlist([override]))
+    assert f"'{key}' is " in _errors(cfg, "sft") and "finite number" in _errors(cfg, "sft")
+
+
+def test_a_field_may_opt_out_of_the_finite_rule():
+    from vppo_recipes.config_schema import Field, _check_value
+
+    assert "finite" in _check_value("x.y", float("nan"), Field(types=(float,)))
+    assert _check_value("x.y", float("inf"), Field(types=(float,), finite=False)) is None
+
+
+@pytest.mark.parametrize("recipe", ["rl", "sft"])
+def test_grad_clip_zero_is_refused_with_null_named_as_the_way_to_turn_clipping_off(recipe):
+    """The RL recipe read grad_clip=0 as "no clipping", the SFT recipe as "clip every update to zero"; both now use
+    one update guard, and 0 is refused with the fix."""
+    cfg = _base_config(recipe, "dapo")
+    cfg.training.grad_clip = 0.0
+    assert "training.grad_clip=0.0 would scale every update to zero" in _errors(cfg, recipe)
+    cfg.training.grad_clip = None
+    assert validate_config(cfg, recipe).training.grad_clip is None
+
+
+def test_paths_are_resolved_once_at_config_load_hub_ids_are_kept(tmp_path, monkeypatch):
+    """Issue 23 (paths resolved once): output_dir, model.path, data.source and validation.source come back absolute
+    (against the cwd of the process that loads the config), so the run's record names the real folders and nothing
+    later depends on the cwd; a hub id stays a hub id; validating the result again changes nothing."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "task").mkdir(parents=True)
+    cfg = OmegaConf.create(RL_DRAFT)
+    cfg.validation.source = "chamber111/some_benchmark"  # not on disk, of the hub's owner/name form
+    out = validate_config(cfg, "rl")
+    assert out.output_dir == str(tmp_path / "runs" / "tiny_vppo")
+    assert out.model.path == str(tmp_path / "runs" / "tiny_ckpt")
+    assert out.data.source == str(tmp_path / "runs" / "visual_task")
+    assert out.metric_logger.log_dir == str(tmp_path / "runs" / "tiny_vppo" / "logs")  # ${output_dir}/logs
+    assert out.validation.source == "chamber111/some_benchmark"
+    assert validate_config(out, "rl") == out
+    cfg.validation.source = "runs/task"  # owner/name form, but a folder here: local (load_source's rule)
+    assert validate_config(cfg, "rl").validation.source == str(tmp_path / "runs" / "task")
+
+
+def test_a_resume_from_another_cwd_compares_real_locations_not_the_strings_given(tmp_path, monkeypatch):
+    """Relative paths were kept as given, so a run resumed from another directory with the same `data.source=
+    ./runs/task` passed the resume check while reading another dataset. Resolved paths differ, and the change is
+    named; a record written before paths were resolved (relative) still matches the same launch from its cwd."""
+    from vppo_recipes.config_schema import config_changes
+
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    raw = OmegaConf.create(RL_DRAFT)
+    monkeypatch.chdir(tmp_path / "a")
+    saved = OmegaConf.to_container(validate_config(raw, "rl"), resolve=True)
+    # A record written before paths were resolved: the same, with the paths as given.
+    old_record = OmegaConf.create(copy.deepcopy(saved))
+    for key in ("output_dir", "data.source", "model.path", "validation.source"):
+        OmegaConf.update(old_record, key, OmegaConf.select(raw, key))
+    assert old_record.data.source == "./runs/visual_task"
+    assert config_changes(OmegaConf.to_container(old_record), saved) == []
+    monkeypatch.chdir(tmp_path / "b")
+    changes = config_changes(saved, OmegaConf.to_container(validate_config(raw, "rl"), resolve=True))
+    assert changes == [
+        f"data.source: checkpoint '{tmp_path / 'a' / 'runs' / 'visual_task'}', "
+        f"now '{tmp_path / 'b' / 'runs' / 'visual_task'}'"
+    ], changes

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import sys
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -19,6 +21,9 @@ from vppo_recipes.data import (
     load_source,
     rank_slice,
 )
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _bad_rows import write_rows
 
 FEATURES = datasets.Features(
     {
@@ -313,3 +318,68 @@ def test_a_training_file_in_another_encoding_is_counted_row_by_row_and_named_whe
         ValueError, match=r"no usable row in a full pass over .*latin1.jsonl \(split train\).*undecodable_text"
     ):
         stream.take(1)
+
+
+@pytest.fixture(scope="module")
+def tiny_processor(tmp_path_factory):
+    from vppo_rollout.loading import load_processor
+    from vppo_rollout.tiny import build_tiny_checkpoint
+
+    return load_processor(build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", "qwen2_5_vl", seed=0))
+
+
+def test_a_row_whose_prompt_cannot_be_built_is_a_counted_skip_naming_the_row_and_file(tmp_path, tiny_processor):
+    """Issue 23: one training row with two <image> placeholders for one image, or one 10000x10 image, ended the run
+    with an error naming neither the row nor the file. Now: skipped under the reason evaluation gives the same item
+    (bad_prompt), counted, logged with its row and file, and the stream goes on with the good rows."""
+    from vppo_recipes.data import prompt_or_skip
+
+    path = write_rows(tmp_path, ["good", "two_placeholders", "good", "good", "wide", "good"])
+    good = [0, 2, 3, 5]
+    lines: list[str] = []
+    stream = ExampleStream(
+        VisualQADataset.from_source(path, "train"),
+        seed=0,
+        shuffle=False,
+        prepare=lambda ex: (ex.row, prompt_or_skip(tiny_processor, ex, max_prompt_length=512)),
+        log=lines.append,
+    )
+    taken = stream.take(4)
+    assert [row for row, _ in taken] == good
+    assert dict(stream.skipped) == {"bad_prompt": 2}
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"skipped row 1 of {path} (split train): bad_prompt: ") and "placeholders" in lines[0]
+    assert lines[1].startswith(f"skipped row 4 of {path} (split train): bad_prompt: ") and "aspect ratio" in lines[1]
+
+
+def test_training_and_evaluation_give_an_unusable_prompt_the_same_skip_reason(tmp_path, tiny_processor):
+    from vppo_eval.evaluate import _prompt_skip_reason
+    from vppo_recipes.data import prompt_or_skip
+    from vppo_rollout.prompts import build_prompt
+
+    path = write_rows(tmp_path, ["good", "two_placeholders", "good", "good", "wide", "good"])
+    ds = VisualQADataset.from_source(path, "train")
+    for row, limit in ((1, 512), (4, 512), (0, 8)):  # two placeholders, 10000x10, prompt_too_long
+        ex = ds.example(row)
+        with pytest.raises(ValueError) as info:
+            build_prompt(tiny_processor, ex.question, ex.images, max_prompt_length=limit)
+        with pytest.raises(SkipRow) as skip:
+            prompt_or_skip(tiny_processor, ex, max_prompt_length=limit)
+        assert skip.value.reason == _prompt_skip_reason(info.value) and f"row {row}: " in skip.value.detail
+
+
+def test_skips_are_logged_up_to_a_cap_per_reason_and_all_counted():
+    """A dataset of thousands of too-long prompts would flood the log: the first LOGGED_SKIPS_PER_REASON of each
+    reason are named, the last of them says the rest are only counted, and every one is counted."""
+    from vppo_recipes.data import LOGGED_SKIPS_PER_REASON
+
+    def too_long(example):
+        raise SkipRow("prompt_too_long", f"row {example.row}")
+
+    n = LOGGED_SKIPS_PER_REASON + 5
+    lines: list[str] = []
+    stream = ExampleStream(VisualQADataset(_dataset(n)), seed=0, shuffle=False, prepare=too_long, log=lines.append)
+    with pytest.raises(ValueError, match="no usable row"):
+        stream.take(1)
+    assert stream.skipped == {"prompt_too_long": n}
+    assert len(lines) == LOGGED_SKIPS_PER_REASON and "further prompt_too_long skips are only counted" in lines[-1]

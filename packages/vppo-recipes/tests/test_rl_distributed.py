@@ -714,3 +714,43 @@ def test_pgpo_switches_reach_the_token_weights(tmp_path, monkeypatch):
     )
     with pytest.raises(ValueError, match=r"algorithm\.pgpo_weight_floor.*algorithm\.name=dapo does not use it"):
         _cfg("tiny_dapo", **{"algorithm.pgpo_weight_floor": 0.1})
+
+
+def test_an_update_made_non_finite_by_clipping_is_skipped_counted_and_never_applied(tmp_path, monkeypatch):
+    """Issue 23: `training.grad_clip=.nan` trained to the end and saved all-NaN weights: the guard read the norm
+    clip_grad_norm_ returns (before clipping, finite) while the clip had scaled the gradients by NaN. The config now
+    refuses a NaN grad_clip; here the clip itself is given NaN, so the guard must catch it from the clipped grads."""
+    real_clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm, **kw: real_clip(params, math.nan))
+    state = {}
+
+    def weights(recipe):
+        state["path"] = recipe._cfg.model.path
+        state["after"] = {k: v.full_tensor().detach().clone() for k, v in recipe.model.state_dict().items()}
+
+    metrics = _one_rl_step_in_process(tmp_path, "tiny_dapo", {"rollout.online_filter": "false"}, inspect=weights)
+    assert metrics["skipped/nonfinite_updates"] == 1.0 and metrics["optimizer_steps"] == 0.0
+    from vppo_rollout.loading import load_policy
+
+    before = load_policy(state["path"]).state_dict()
+    assert all(torch.equal(before[k], v) for k, v in state["after"].items())
+
+
+def test_rows_whose_prompt_cannot_be_built_are_counted_skips_and_the_rl_step_trains_on_the_rest(tmp_path, capsys):
+    """Issue 23: one training row with two <image> placeholders for one image, or one 10000x10 image, ended the run
+    with an error naming neither the row nor the file; now each is skipped as bad_prompt, named on stderr with its
+    row and file, counted in total/skipped_rows/bad_prompt, and the step runs on the good rows."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _bad_rows import write_rows
+
+    source = write_rows(tmp_path / "bad", ["two_placeholders", "wide", "good", "good"])
+    metrics = _one_rl_step_in_process(
+        tmp_path, "tiny_dapo", {"rollout.online_filter": "false", "data.source": source, "data.shuffle": "false"}
+    )
+    assert metrics["total/skipped_rows/bad_prompt"] == 2.0
+    err = capsys.readouterr().err
+    assert f"skipped row 0 of {source} (split train): bad_prompt: row 0: question: has 2 '<image>' placeholders" in err
+    assert f"skipped row 1 of {source} (split train): bad_prompt: row 1: image aspect ratio must be < 200" in err

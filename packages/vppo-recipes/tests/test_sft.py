@@ -136,7 +136,7 @@ def test_resumed_run_continues_exactly_like_the_uninterrupted_one(workspace, uni
     (run / "checkpoints" / ".tmp_step_000006").mkdir()
     proc = _launch(workspace, "output_dir=runs/sft_b", f"training.max_steps={STEPS}", *COMMON)
     _ok(proc)
-    assert "resumed from runs/sft_b/checkpoints/step_000004 at step 4" in proc.stdout
+    assert f"resumed from {run}/checkpoints/step_000004 at step 4" in proc.stdout  # output_dir made absolute
     final = (run / "checkpoints" / f"step_{STEPS:06d}").resolve()
     assert f"SFT done at step {STEPS}; final checkpoint: {final}\n" in proc.stdout  # absolute: usable from anywhere
     resumed, reference = _metrics(run), _metrics(uninterrupted)
@@ -159,6 +159,79 @@ def test_unknown_config_key_fails_before_any_compute(monkeypatch):
     import torch.distributed as dist
 
     assert not dist.is_initialized()  # nothing was started
+
+
+def _sft_recipe_in_process(workspace: Path, tmp_path: Path, *overrides: str, run):
+    """Build the SFT recipe in this process (a 1-rank gloo group) on `workspace`'s tiny model and task, then
+    `run(recipe)` while the process group is up; returns what `run` returns."""
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+
+    from vppo_recipes.config_schema import validate_config
+    from vppo_recipes.sft.sft_distributed import SFTRecipeDistributed
+
+    config = Path(__file__).resolve().parents[1] / "src" / "vppo_recipes" / "configs" / "tiny_sft.yaml"
+    dotlist = [
+        f"output_dir={tmp_path / 'run'}",
+        f"model.path={workspace / 'runs' / 'tiny_ckpt'}",
+        f"data.source={workspace / 'runs' / 'visual_task'}",
+        "world.nproc_per_node=1",
+        "batch.batch_size=4",
+        "batch.micro_batch_size=4",
+        *overrides,
+    ]
+    cfg = validate_config(OmegaConf.merge(OmegaConf.load(config), OmegaConf.from_dotlist(dotlist)), "sft")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        recipe = SFTRecipeDistributed(cfg)
+        recipe.setup(cfg)
+        out = run(recipe)
+        recipe.metric_logger.close()
+    finally:
+        dist.destroy_process_group()
+    return out
+
+
+def test_an_sft_step_made_non_finite_by_clipping_is_skipped_counted_and_never_applied(workspace, tmp_path, monkeypatch):
+    """Issue 23: the SFT recipe, like the RL one, checked only the norm before clipping, so a NaN clip scale
+    (`training.grad_clip=.nan`, refused by the config now) applied NaN gradients. The guard reads the clipped grads."""
+    real_clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(
+        torch.nn.utils, "clip_grad_norm_", lambda params, max_norm, **kw: real_clip(params, float("nan"))
+    )
+
+    def one_step(recipe):
+        before = {k: v.full_tensor().detach().clone() for k, v in recipe.model.state_dict().items()}
+        metrics = recipe.train_step(recipe.stream.take(recipe.batch_size))
+        after = {k: v.full_tensor().detach().clone() for k, v in recipe.model.state_dict().items()}
+        return metrics, dict(recipe.totals), all(torch.equal(before[k], v) for k, v in after.items())
+
+    metrics, totals, unchanged = _sft_recipe_in_process(workspace, tmp_path, run=one_step)
+    assert metrics["skipped_step"] == 1.0 and totals["skipped_steps_nonfinite"] == 1.0
+    assert unchanged, "a non-finite update was applied"
+
+
+def test_rows_whose_prompt_cannot_be_built_are_counted_skips_and_the_sft_step_trains_on_the_rest(
+    workspace, tmp_path, capsys
+):
+    """Issue 23 (the SFT data path): a row with two <image> placeholders for one image, or one 10000x10 image, is
+    skipped as bad_prompt, named on stderr with its row and file, counted; the step trains on the good rows."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _bad_rows import write_rows
+
+    source = write_rows(tmp_path / "bad", ["good", "two_placeholders", "good", "wide", "good", "good"])
+
+    def one_step(recipe):
+        batch = recipe.stream.take(recipe.batch_size)
+        return recipe.train_step(batch), dict(recipe.stream.skipped)
+
+    metrics, skipped = _sft_recipe_in_process(
+        workspace, tmp_path, f"data.source={source}", "data.shuffle=false", run=one_step
+    )
+    assert skipped == {"bad_prompt": 2} and metrics["skipped_step"] == 0.0
+    err = capsys.readouterr().err
+    assert f"skipped row 1 of {source} (split train): bad_prompt: row 1: question: has 2 '<image>' placeholders" in err
+    assert f"skipped row 3 of {source} (split train): bad_prompt: row 3: image aspect ratio must be < 200" in err
 
 
 @pytest.mark.slow

@@ -717,16 +717,11 @@ def evaluate(
 
 
 def _prompt_skip_reason(err: ValueError) -> str:
-    """The skip reason of an item whose prompt could not be built: the image's own reason (missing, undecodable,
-    too large), prompt_too_long, or bad_prompt (e.g. more <image> placeholders than images)."""
-    from vppo_rollout.images import SkipRow
-    from vppo_rollout.prompts import PromptTooLongError
+    """The skip reason of an item whose prompt could not be built (`vppo_rollout.prompts.prompt_skip_reason`, the
+    one classification training uses too)."""
+    from vppo_rollout.prompts import prompt_skip_reason
 
-    if isinstance(err.__cause__, SkipRow):
-        return err.__cause__.reason
-    if isinstance(err, PromptTooLongError):
-        return "prompt_too_long"
-    return "bad_prompt"
+    return prompt_skip_reason(err)
 
 
 def _evaluate_chunk(

@@ -25,7 +25,9 @@ previous checkpoint is untouched.
 
 Trust: `find_resumable_checkpoint` (what the recipes resume from) checks the newest checkpoint's files against its
 manifest (sizes, then hashes) and, when one is missing, truncated or altered, says so loudly, naming the file, and
-falls back to the newest checkpoint that verifies. Checkpoints of format 1 (no manifest) are accepted unverified.
+falls back to the newest checkpoint that verifies. The manifest's `format_version` decides what it must hold: a
+format-2 manifest missing a field or a file entry is damaged (never read as format 1); checkpoints of format 1 (no
+manifest) are accepted unverified, and a format this code does not know is refused.
 
 Weights' dtype: the HF weights are written in `dtype` (the recipes pass `checkpoint.dtype`, by default the training
 dtype `model.dtype`), so a bf16 run's checkpoint is a bf16 model (half the bytes of float32) and an engine loading it
@@ -199,18 +201,87 @@ def _manifest(folder: Path) -> dict[str, dict[str, Any]]:
     }
 
 
+# What vppo_checkpoint.json must hold, by its format_version: the version decides, so a manifest that lost a field
+# is damaged, never taken for an older format. Format 1 (before manifests) holds nothing that can be verified.
+_REQUIRED_META: dict[int, dict[str, tuple[type, ...]]] = {
+    1: {},
+    2: {
+        "step": (int,),
+        "arch": (str, type(None)),
+        "model_type": (str, type(None)),
+        "world_size": (int,),
+        "optimizer_format": (str, type(None)),
+        "files": (dict,),
+    },
+}
+
+
+def _meta_problems(meta: Any, where: Path) -> list[str]:
+    """What is missing or malformed in a parsed vppo_checkpoint.json, for its format_version ([] = complete).
+
+    `where`: the file, named in each message. Checks the fields `_REQUIRED_META` lists, every manifest entry's
+    {"bytes": int, "sha256": str}, and (format 2) that the manifest lists the files every checkpoint has: config.json,
+    training_state.pt, the weights (model.safetensors or its index), each rank's RNG state and the optimizer file(s)
+    `optimizer_format` names.
+    """
+    if not isinstance(meta, dict):
+        return [f"{where}: not a JSON object"]
+    version = meta.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        return [f"{where}: format_version is {version!r}, not a version number (damaged?)"]
+    if version not in _REQUIRED_META:
+        return [
+            f"{where}: format_version {version}, but this vppo reads formats {sorted(_REQUIRED_META)} (written by a "
+            "newer vppo? upgrade it, or set training.resume=never)"
+        ]
+    problems = []
+    for field, types in _REQUIRED_META[version].items():
+        if field not in meta:
+            problems.append(f"{where}: format_version {version} but no {field!r} field (damaged)")
+        elif isinstance(meta[field], bool) or not isinstance(meta[field], types):
+            problems.append(f"{where}: {field!r} is {meta[field]!r} (damaged)")
+    if problems or version < 2:
+        return problems
+    files = meta["files"]
+    for name, entry in files.items():
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("bytes"), int)
+            and not isinstance(entry.get("bytes"), bool)
+            and isinstance(entry.get("sha256"), str)
+        ):
+            problems.append(f"{where}: the manifest entry of {name!r} is {entry!r}, not {{bytes, sha256}} (damaged)")
+    required = ["config.json", TRAINING_STATE_FILE, *(f"rng_state_rank{r}.pt" for r in range(meta["world_size"]))]
+    if meta["optimizer_format"] == "full":
+        required.append(OPTIMIZER_FILE)
+    elif meta["optimizer_format"] == "sharded":
+        required += [OPTIMIZER_SHARD_FILE.format(rank=r) for r in range(meta["world_size"])]
+    elif meta["optimizer_format"] is not None:
+        problems.append(f"{where}: 'optimizer_format' is {meta['optimizer_format']!r} (damaged)")
+    if "model.safetensors" not in files and "model.safetensors.index.json" not in files:
+        required.append("model.safetensors")
+    missing = [name for name in required if name not in files]
+    if missing:
+        problems.append(f"{where}: the manifest does not list {', '.join(missing)} (damaged)")
+    return problems
+
+
 def verify_checkpoint(ckpt_dir: str | os.PathLike, *, hashes: bool = True) -> list[str]:
     """What is wrong with a complete checkpoint's files, as messages naming each file ([] = it verifies).
 
-    Compares every file listed in vppo_checkpoint.json's manifest: present, same size, and (`hashes`) same
-    SHA-256. A format-1 checkpoint has no manifest: [] (it cannot be verified).
+    First the manifest itself (`_meta_problems`): its format_version decides which fields and which listed files it
+    must hold, so a format-2 manifest that lost its file list is damaged, not a format-1 one. Then every file it
+    lists: present, same size, and (`hashes`) same SHA-256; a sharded weights index must list shards that are in
+    the manifest too. A format-1 checkpoint has no manifest: [] (it cannot be verified).
     """
     ckpt = Path(ckpt_dir)
     try:
         meta = json.loads((ckpt / META_FILE).read_text())
     except (OSError, ValueError) as err:
         return [f"{ckpt / META_FILE}: unreadable ({type(err).__name__}: {err})"]
-    problems = []
+    problems = _meta_problems(meta, ckpt / META_FILE)
+    if problems:
+        return problems
     for name, expected in (meta.get("files") or {}).items():
         path = ckpt / name
         if not path.is_file():
@@ -221,6 +292,15 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike, *, hashes: bool = True) -> li
             problems.append(f"{path}: {size} bytes, the checkpoint recorded {expected['bytes']} (truncated?)")
         elif hashes and _sha256(path) != expected["sha256"]:
             problems.append(f"{path}: contents differ from the recorded SHA-256 (damaged or altered)")
+    index = ckpt / "model.safetensors.index.json"
+    if not problems and "model.safetensors.index.json" in (meta.get("files") or {}):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            return [f"{index}: unreadable weights index ({type(err).__name__}: {err})"]
+        unlisted = sorted(shards - set(meta["files"]))
+        if unlisted:
+            problems.append(f"{index}: names weight files the manifest does not list: {', '.join(unlisted)} (damaged)")
     return problems
 
 

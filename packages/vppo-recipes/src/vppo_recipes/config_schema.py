@@ -2,10 +2,15 @@
 
 Every recipe calls `validate_config(cfg, "rl" | "sft")` first thing in `recipe_main`. It checks, for every key:
 it exists in the schema (else the error names it and the closest valid key, found with `difflib`), its value has
-the right type (`int` where `float` is expected is accepted; `bool` is never an `int`), it is one of the allowed
-values where the schema lists them, and it lies within the stated bounds. All problems are reported at once, in
+the right type (`int` where `float` is expected is accepted; `bool` is never an `int`), it is finite (NaN and ±inf
+are refused for every number, also inside an optimizer's keyword arguments, unless the key's `Field` says
+`finite=False`), it is one of the allowed values where the schema lists them, and it lies within the stated bounds. All problems are reported at once, in
 one `ConfigError` (a `ValueError`). Missing optional keys are filled with their defaults in the returned config,
 so a recipe can read `cfg.model.trust_remote_code` without `.get`.
+
+Paths are resolved once, here: every key whose `Field` has `path` (`output_dir`, `model.path`, `data.source` and
+`validation.source` when local) comes back absolute, against the cwd of the process that loads the config, so no
+later use depends on the cwd, a run's record says which folder it used, and a resume compares real locations.
 
 Sections whose `_component_` names a class (`optimizer`, `metric_logger`) may carry that class's keyword
 arguments: each extra key is checked against the signature of the named class (`inspect.signature`), so
@@ -22,6 +27,8 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +39,15 @@ from vppo_core.losses import AGGREGATIONS, LOSS_TYPES
 from vppo_core.perturb import IMAGE_PERTURBATIONS
 from vppo_core.shaping import PGPO_THRESHOLD_MODES
 
-__all__ = ["ConfigError", "Field", "check_world_size", "schema_for", "validate_config"]
+__all__ = [
+    "ConfigError",
+    "Field",
+    "check_world_size",
+    "is_local_source",
+    "resolve_path",
+    "schema_for",
+    "validate_config",
+]
 
 
 class ConfigError(ValueError):
@@ -47,7 +62,9 @@ class Field:
     """One config key: accepted Python types, optional allowed values, bounds and default.
 
     `types` use the YAML scalar types (str, int, float, bool, list, dict). `float` accepts ints. A field with a
-    `default` (anything but `_MISSING`) is optional. `nullable=True` also accepts `null`.
+    `default` (anything but `_MISSING`) is optional. `nullable=True` also accepts `null`. `finite=False` lets a
+    number be NaN or ±inf (YAML `.nan`, `.inf`, or an overflowing `1e400`); by default every number must be finite,
+    because NaN passes both bound comparisons and would only fail mid-step, naming no key.
     """
 
     types: tuple[type, ...]
@@ -58,6 +75,10 @@ class Field:
     high: float | None = None  # inclusive upper bound for numbers
     doc: str = ""
     algorithms: tuple[str, ...] | None = None  # RL: only these `algorithm.name`s read the key (None: all)
+    finite: bool = True  # False: NaN / ±inf accepted (no key needs it today)
+    # "local": a file or folder, made absolute by validate_config; "local_or_hub": the same unless it is a hub id
+    # (`is_local_source`)
+    path: str | None = None
 
     @property
     def required(self) -> bool:
@@ -84,10 +105,10 @@ _TOR, _CGPO, _PEPO, _VEPO = ("tor",), ("cgpo",), ("pepo",), ("vepo",)
 RL_ALGORITHMS = ("vppo", "pgpo", "dapo", "grpo", "papo", "cfpo", "dvrp", "tor", "cgpo", "pepo", "vepo")
 
 COMMON: dict[str, Any] = {
-    "output_dir": _f(str, doc="run folder: checkpoints, logs"),
+    "output_dir": _f(str, path="local", doc="run folder: checkpoints, logs"),
     "seed": _f(int, **_NONNEG_INT),
     "model": {
-        "path": _f(str, doc="local Hugging Face model folder"),
+        "path": _f(str, path="local", doc="local Hugging Face model folder"),
         "arch": _f(str, choices=_ARCHS, doc="checked against the folder's config.json model_type"),
         "dtype": _f(str, choices=("float32", "bfloat16")),
         "trust_remote_code": _f(bool, default=False),
@@ -100,7 +121,9 @@ COMMON: dict[str, Any] = {
         "hsdp_replicas": _f(int, default=1, **_POS_INT),
     },
     "data": {
-        "source": _f(str, doc="datasets source: hub id, save_to_disk folder, parquet/jsonl file or folder"),
+        "source": _f(
+            str, path="local_or_hub", doc="datasets source: hub id, save_to_disk folder, parquet/jsonl file or folder"
+        ),
         "split": _f(str),
         "columns": {
             "question": _f(str, default="problem"),
@@ -157,7 +180,7 @@ RL_ONLY: dict[str, Any] = {
         ),
     },
     "validation": {
-        "source": _f(str, nullable=True, default=None),
+        "source": _f(str, nullable=True, default=None, path="local_or_hub"),
         "split": _f(str, default="test"),
         "every_n_steps": _f(int, default=0, **_NONNEG_INT, doc="0: never"),
         "k": _f(int, default=8, **_POS_INT),
@@ -387,9 +410,28 @@ def _type_name(types: tuple[type, ...], nullable: bool) -> str:
     return " or ".join(names + (["null"] if nullable else []))
 
 
+def _nonfinite(path: str, value: Any) -> str | None:
+    """The first NaN / ±inf number in `value` (a scalar, or lists / mappings of them), as an error naming its key
+    (`optimizer.betas[1]`); None when every number in it is finite."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return (
+            f"'{path}' is {value!r}; every numeric setting must be a finite number (NaN passes every bound check "
+            "and would only fail mid-run)"
+        )
+    items = value.items() if isinstance(value, Mapping) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        msg = _nonfinite(f"{path}.{key}" if isinstance(value, Mapping) else f"{path}[{key}]", item)
+        if msg:
+            return msg
+    return None
+
+
 def _check_value(path: str, value: Any, field: Field) -> str | None:
     if value is None:
         return None if field.nullable else f"'{path}' is null; expected {_type_name(field.types, False)}"
+    numeric = float in field.types or int in field.types
+    if numeric and field.finite and (msg := _nonfinite(path, value)):  # before the type: an int key says so too
+        return msg
     ok = False
     for t in field.types:
         if t is float:
@@ -416,21 +458,23 @@ def _check_value(path: str, value: Any, field: Field) -> str | None:
 
 
 def _component_kwargs(path: str, target: str, extra: Mapping[str, Any]) -> list[str]:
-    """Check `extra` keys against the keyword arguments of the class named by `target`."""
+    """Check `extra` keys against the keyword arguments of the class named by `target`, and their numbers are finite
+    (a component's own keyword arguments have no `Field`, so the default rule applies: no NaN / ±inf)."""
+    nonfinite = [msg for key, value in extra.items() if (msg := _nonfinite(f"{path}.{key}", value))]
     from torchtune.config._utils import _get_component_from_path
 
     try:
         obj = _get_component_from_path(target)
     except Exception as e:  # an import error of any kind means the path cannot be used
-        return [f"'{path}._component_' = {target!r} cannot be imported: {type(e).__name__}: {e}"]
+        return [f"'{path}._component_' = {target!r} cannot be imported: {type(e).__name__}: {e}", *nonfinite]
     try:
         params = inspect.signature(obj).parameters
     except (TypeError, ValueError):
-        return []  # a builtin without a signature: nothing to check against
+        return nonfinite  # a builtin without a signature: nothing to check the names against
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return []
+        return nonfinite
     accepted = [n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL and n != "params"]
-    errors = []
+    errors = nonfinite
     for key in extra:
         if key not in accepted:
             close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.6)
@@ -503,12 +547,41 @@ def _missing_logger_package(cfg: Mapping[str, Any]) -> list[str]:
     return [problem] if problem else []
 
 
+def is_local_source(source: str) -> bool:
+    """Whether a data source names a local file or folder rather than a hub dataset: it exists on disk, or it is
+    spelled like a path (starts with '.', '/' or '~', or is not of the hub's "owner/name" form). `load_source`
+    reads a source by the same rule."""
+    text = str(source)
+    return os.path.exists(os.path.expanduser(text)) or text.startswith((".", "/", "~")) or text.count("/") != 1
+
+
+def resolve_path(value: Any, kind: str | None) -> Any:
+    """`value` of a key whose `Field.path` is `kind`, absolute: '~' expanded, joined to the cwd, '.' and '..'
+    folded (symlinks kept). Values that are not paths come back unchanged: None, a hub id ("local_or_hub"), or any
+    value of a key that is no path (kind None). Idempotent."""
+    if kind is None or not isinstance(value, str) or (kind == "local_or_hub" and not is_local_source(value)):
+        return value
+    return os.path.abspath(os.path.expanduser(value))
+
+
+def _path_keys(schema: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Dotted key -> `Field.path` of every path key of `schema`."""
+    out: dict[str, str] = {}
+    for key, spec in schema.items():
+        if isinstance(spec, Field):
+            if spec.path is not None:
+                out[f"{prefix}{key}"] = spec.path
+        else:
+            out.update(_path_keys(spec.fields if isinstance(spec, Component) else spec, f"{prefix}{key}."))
+    return out
+
+
 def validate_config(cfg: DictConfig | Mapping[str, Any], recipe: str) -> DictConfig:
     """Check `cfg` against the schema of `recipe` ("rl" | "sft") and return it with defaults filled in.
 
     Interpolations (`${output_dir}/logs`) are resolved first, so an unresolvable one is reported here too.
     Raises `ConfigError` (a ValueError) listing every unknown key (with the closest valid key), missing required
-    key, wrong type, disallowed value and out-of-bounds number, and for "rl" every broken rule of `_rl_rules`.
+    key, wrong type, NaN / ±inf number, disallowed value and out-of-bounds number, and for "rl" every broken rule of `_rl_rules`.
     Never touches a model or a dataset. For "rl" the `algorithm` section of the result holds only the settings
     `algorithm.name` reads.
     """
@@ -525,12 +598,18 @@ def validate_config(cfg: DictConfig | Mapping[str, Any], recipe: str) -> DictCon
     _validate(plain, schema, "", errors, _all_paths(schema))
     errors += _unsupported_optimizer_options(plain)
     errors += _missing_logger_package(plain)
+    if not errors:
+        errors += _common_rules(OmegaConf.to_container(OmegaConf.merge(_defaults(schema), plain)))
     if recipe == "rl" and not errors:
         errors += _rl_rules(plain, OmegaConf.to_container(OmegaConf.merge(_defaults(schema), plain)), schema)
     if errors:
         lines = "\n".join(f"  - {e}" for e in errors)
         raise ConfigError(f"invalid config for the {recipe} recipe ({len(errors)} problem(s)):\n{lines}")
     merged = OmegaConf.merge(OmegaConf.create(_defaults(schema)), cfg)
+    for key, kind in _path_keys(schema).items():  # resolved once, here (module docstring)
+        value = OmegaConf.select(merged, key)
+        if isinstance(value, str):
+            OmegaConf.update(merged, key, resolve_path(value, kind))
     if recipe == "rl":
         # The returned (and logged) config holds only the algorithm settings the chosen algorithm reads, so the record
         # of a DAPO run shows no TGF fraction, and a logged config validates again as it is.
@@ -540,6 +619,15 @@ def validate_config(cfg: DictConfig | Mapping[str, Any], recipe: str) -> DictCon
             if used_by is not None and name not in used_by:
                 merged.algorithm.pop(key)
     return merged
+
+
+def _common_rules(cfg: Mapping[str, Any]) -> list[str]:
+    """Rules of both recipes that one key's inclusive bounds cannot state. `cfg`: with defaults filled in."""
+    clip = cfg["training"]["grad_clip"]
+    if clip is not None and clip <= 0:
+        # The RL recipe once read 0 as "no clipping" and the SFT recipe as "clip to 0": one meaning, stated.
+        return [f"training.grad_clip={clip} would scale every update to zero; it must be > 0 (or null: no clipping)"]
+    return []
 
 
 def _rl_rules(user: Mapping[str, Any], cfg: Mapping[str, Any], schema: Mapping[str, Any]) -> list[str]:
@@ -664,7 +752,10 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """The keys that differ between a checkpoint's config and this launch's, outside `RESUME_FREE_KEYS`, as
     "key: checkpoint X, now Y" (a key only one side has shows as <absent>)."""
-    a, b = _flatten(saved), _flatten(current)
+    # A record written before paths were resolved holds them as given: read them as that run did, from the cwd.
+    paths = {**_path_keys(schema_for("sft")), **_path_keys(schema_for("rl"))}
+    a = {k: resolve_path(v, paths.get(k)) for k, v in _flatten(saved).items()}
+    b = _flatten(current)
 
     def free(key: str) -> bool:
         return any(key == f or key.startswith(f + ".") for f in RESUME_FREE_KEYS)

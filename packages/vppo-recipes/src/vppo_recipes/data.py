@@ -11,8 +11,12 @@
 - `PromptIterator`: the order rows are drawn in: a seeded permutation per epoch, position `(epoch, index)`,
   `state_dict()` / `load_state_dict()`. It depends only on `(seed, epoch, num_rows)`, so every rank that builds
   it with the same seed sees the same order and a resumed run continues exactly where it stopped.
-- `ExampleStream`: `take(n)` draws the next `n` usable examples from the iterator, counting skips by reason;
-  its state (iterator position + skip counts) goes into the training checkpoint.
+- `ExampleStream`: `take(n)` draws the next `n` usable examples from the iterator, counting skips by reason and
+  logging each skipped row with its index and source (up to `LOGGED_SKIPS_PER_REASON` per reason); its state
+  (iterator position + skip counts) goes into the training checkpoint.
+- `prompt_or_skip`: the recipes' chat prompt of an example; a row whose prompt cannot be built (two `<image>`
+  placeholders for one image, a 10000x10 image, a prompt over max_prompt_length) is a `SkipRow` with the reason
+  evaluation gives the same item (`vppo_rollout.prompts.prompt_skip_reason`), never the end of the run.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ import numpy as np
 from PIL import Image
 
 from vppo_eval.datafiles import load_data_file, load_data_folder, row_decoder
-from vppo_rollout.images import SkipRow, decode_image
+from vppo_recipes.config_schema import is_local_source
+from vppo_rollout.images import SKIP_REASONS, SkipRow, decode_image
+from vppo_rollout.prompts import Prompt, build_prompt, prompt_skip_reason
 
 T = TypeVar("T")
 
@@ -41,8 +47,13 @@ __all__ = [
     "VisualQADataset",
     "build_response",
     "load_source",
+    "prompt_or_skip",
     "rank_slice",
 ]
+
+# Skipped rows logged one by one per reason (a dataset with thousands of too-long prompts would flood the log);
+# every skip is counted in the metrics (total/skipped_rows/<reason>) whatever this is.
+LOGGED_SKIPS_PER_REASON = 20
 
 # Role -> column name. ViRL39K (chamber111/VPPO_ViRL39K_train) uses these names.
 DEFAULT_COLUMNS: dict[str, str] = {"question": "problem", "answer": "answer", "images": "images"}
@@ -77,8 +88,8 @@ def load_source(source: str | os.PathLike, split: str):
         return load_data_file(path, split, label="data.source")
     if path.is_dir():
         return _pick_split(load_data_folder(path, label="data.source"), split, source)
-    if str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
-        # Not of the hub's "owner/name" form, and not on disk: a local path that does not exist.
+    if is_local_source(source):
+        # Spelled like a path (not the hub's "owner/name" form), and not on disk: a local path that does not exist.
         raise ValueError(f"data.source={str(source)!r} does not exist (looked for a local folder or file)")
     try:
         return datasets.load_dataset(str(source), split=split)
@@ -207,6 +218,17 @@ def _text(value: Any, row: int, role: str) -> str:
     return str(value)
 
 
+def prompt_or_skip(processor, example: Example, *, max_prompt_length: int) -> Prompt:
+    """The chat prompt of `example` (`build_prompt`, the recipes' system prompt and instruction), or raise
+    `SkipRow(reason, detail)` when it cannot be built: the reason is what evaluation counts for the same item
+    (`prompt_skip_reason`: bad_prompt, prompt_too_long, an image's own reason), the detail names the row and why."""
+    try:
+        return build_prompt(processor, example.question, example.images, max_prompt_length=max_prompt_length)
+    except ValueError as err:
+        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise SkipRow(prompt_skip_reason(err), f"row {example.row}: {first_line}") from err
+
+
 class PromptIterator:
     """Deterministic, resumable order over `num_rows` rows: a seeded permutation per epoch.
 
@@ -282,12 +304,15 @@ class ExampleStream(Generic[T]):
         seed: int,
         shuffle: bool = True,
         prepare: Callable[[Example], T] | None = None,
+        log: Callable[[str], None] | None = None,
     ) -> None:
         self.dataset = dataset
         self.iterator = PromptIterator(len(dataset), seed=seed, shuffle=shuffle)
         self.prepare = prepare
+        self.log = log
         self.skipped: Counter[str] = Counter()
         self.drawn = 0
+        self._logged: Counter[str] = Counter()  # skips logged so far per reason (this process; not checkpointed)
 
     @property
     def epoch(self) -> int:
@@ -307,6 +332,7 @@ class ExampleStream(Generic[T]):
                 prepared = self.prepare(example) if self.prepare is not None else example
             except SkipRow as skip:
                 self.skipped[skip.reason] += 1
+                self._log_skip(row, skip)
                 misses += 1
                 if misses >= len(self.dataset):
                     raise ValueError(
@@ -318,6 +344,19 @@ class ExampleStream(Generic[T]):
             misses = 0
             out.append(prepared)
         return out
+
+    def _log_skip(self, row: int, skip: SkipRow) -> None:
+        """One line naming the row, the source and why, for the first `LOGGED_SKIPS_PER_REASON` skips per reason."""
+        if self.log is None or self._logged[skip.reason] >= LOGGED_SKIPS_PER_REASON:
+            return
+        self._logged[skip.reason] += 1
+        source = self.dataset.source or "the dataset"
+        more = (
+            f" (further {skip.reason} skips are only counted: total/skipped_rows/{skip.reason})"
+            if self._logged[skip.reason] == LOGGED_SKIPS_PER_REASON
+            else ""
+        )
+        self.log(f"skipped row {row} of {source}: {skip.reason}: {skip.detail or SKIP_REASONS[skip.reason]}{more}")
 
     def state_dict(self) -> dict[str, Any]:
         return {"iterator": self.iterator.state_dict(), "skipped": dict(self.skipped), "drawn": self.drawn}

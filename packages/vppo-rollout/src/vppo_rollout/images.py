@@ -45,7 +45,8 @@ SKIP_REASONS: dict[str, str] = {
     "empty_answer": "the answer is empty",
     "empty_response": "the SFT response column is empty",
     "prompt_too_long": "the prompt with its image tokens is longer than data.max_prompt_length",
-    "bad_prompt": "the question and images cannot form a prompt (e.g. more <image> placeholders than images)",
+    "bad_prompt": "the question and images cannot form a prompt (e.g. more <image> placeholders than images, or an "
+    "image whose aspect ratio the processor refuses: more than 200:1)",
     "response_too_long": "the SFT target is longer than data.max_response_length",
     "bad_options": "a multiple-choice benchmark item whose options cannot be read",
     "not_exact_match": "an item the paper's protocol leaves out (answer not checkable by exact match)",

@@ -28,6 +28,17 @@ class PromptTooLongError(ValueError):
     """A prompt (text + expanded image tokens) is longer than `max_prompt_length`; recipes skip and count these."""
 
 
+def prompt_skip_reason(err: ValueError) -> str:
+    """The `SKIP_REASONS` entry of a record whose prompt `build_prompt` could not make (it raised `err`): the image's
+    own reason (missing, undecodable, too large), prompt_too_long, or bad_prompt (e.g. more <image> placeholders
+    than images, an image whose aspect ratio the processor refuses). Training and evaluation count skips by it."""
+    if isinstance(err.__cause__, SkipRow):
+        return err.__cause__.reason
+    if isinstance(err, PromptTooLongError):
+        return "prompt_too_long"
+    return "bad_prompt"
+
+
 @dataclass
 class Prompt:
     """One rollout prompt.

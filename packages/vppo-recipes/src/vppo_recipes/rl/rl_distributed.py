@@ -107,15 +107,16 @@ from vppo_recipes.checkpointing import (
 )
 from vppo_recipes.config_schema import RL_ALGORITHMS, check_world_size, validate_config
 from vppo_recipes.counterfactual import cross_modal_value_mean
-from vppo_recipes.data import Example, ExampleStream, SkipRow, VisualQADataset, rank_slice
+from vppo_recipes.data import Example, ExampleStream, SkipRow, VisualQADataset, prompt_or_skip, rank_slice
 from vppo_recipes.distributed import checkpoint_dtype, init_distributed, load_training_policy, shard_and_place
 from vppo_recipes.lifecycle import StopRequest, claim_output_dir, stopped_message
 from vppo_recipes.lr_schedule import constant_with_warmup
 from vppo_recipes.metric_logging import build_metric_logger
 from vppo_recipes.sharding import call_in_root_forward
+from vppo_recipes.update_guard import clip_and_check_update
 from vppo_rollout.collate import collate_rollout, model_inputs
 from vppo_rollout.loading import load_processor
-from vppo_rollout.prompts import Prompt, PromptTooLongError, build_prompt, prompt_without_images
+from vppo_rollout.prompts import Prompt, prompt_without_images
 from vppo_rollout.regions import filled_region_images, region_token_mask
 from vppo_rollout.sampling import SamplingConfig
 
@@ -613,13 +614,18 @@ class RLRecipeDistributed:
         """The training rows through the column mapping, drawn in a seeded, resumable order (same on every rank).
 
         Rows that cannot be used (no image, empty answer, ...) and prompts longer than data.max_prompt_length
-        (text + expanded image tokens) are skipped by the stream and counted by reason.
+        (text + expanded image tokens) are skipped by the stream and counted by reason, each named on stderr.
         """
         self.dataset = VisualQADataset.from_source(cfg.data.source, cfg.data.split, dict(cfg.data.columns))
         self.stream = ExampleStream(
-            self.dataset, seed=self.seed, shuffle=cfg.data.shuffle, prepare=self._prepare_example
+            self.dataset, seed=self.seed, shuffle=cfg.data.shuffle, prepare=self._prepare_example, log=self._log_skip
         )
         self.epochs = int(cfg.training.epochs)
+
+    def _log_skip(self, line: str) -> None:
+        """A skipped training row, named once (rank 0; every rank draws the same rows)."""
+        if self.is_rank_zero:
+            print(line, file=sys.stderr, flush=True)
 
     def _setup_validation(self, cfg: DictConfig) -> None:
         """Held-out rows for avg@k every `validation.every_n_steps` steps; each rank scores its strided share."""
@@ -755,13 +761,9 @@ class RLRecipeDistributed:
     # ---------------------------------------------------------------- 1-3. rollout
 
     def _prepare_example(self, example: Example) -> tuple[int, Prompt, str]:
-        """ExampleStream's `prepare`: (row, chat prompt, answer); a prompt over data.max_prompt_length is skipped."""
-        try:
-            prompt = build_prompt(
-                self.processor, example.question, example.images, max_prompt_length=self._cfg.data.max_prompt_length
-            )
-        except PromptTooLongError:
-            raise SkipRow("prompt_too_long") from None
+        """ExampleStream's `prepare`: (row, chat prompt, answer); a row whose prompt cannot be built (over
+        data.max_prompt_length, two <image> placeholders for one image, ...) is skipped and counted."""
+        prompt = prompt_or_skip(self.processor, example, max_prompt_length=self._cfg.data.max_prompt_length)
         return example.row, prompt, example.answer
 
     def _draw(self, count: int) -> list[Draw]:
@@ -1338,7 +1340,8 @@ class RLRecipeDistributed:
         grad norm, None) of the mini-batch, or with the reason it was skipped ("updates_without_tokens",
         "nonfinite_updates"; both decided on global values, so alike on every rank).
 
-        Host syncs: two per mini-batch (the token count, and the loss with the grad norm for the skip decision),
+        Host syncs: two per mini-batch (the token count, and the loss with the grad norms before and after clipping
+        for the skip decision, `clip_and_check_update`),
         however many micro-batches it has. The micro-batch loop runs vppo-core with `validate=False` (its inputs
         were made and checked by this recipe; a non-finite value shows up in the loss and skips the step) and keeps
         its metrics as tensors (`accumulate_loss_metrics`), moved to the host once per step in `_step_metrics`.
@@ -1389,12 +1392,12 @@ class RLRecipeDistributed:
             accumulate_loss_metrics(metric_sums, metrics, valid_tokens=valid.sum(), active_tokens=active.sum())
         metric_sums["_updates"] = metric_sums.get("_updates", 0.0) + 1
         dist.all_reduce(loss_sum)
-        max_norm = float(self.grad_clip) if self.grad_clip else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=max_norm)
-        if isinstance(grad_norm, DTensor):
-            grad_norm = grad_norm.full_tensor()
-        loss_total, grad_norm = torch.stack([loss_sum, grad_norm.double().to(loss_sum.device)]).tolist()
-        if not (math.isfinite(grad_norm) and math.isfinite(loss_total)):
+        # The loss, the norm before clipping and the norm of the clipped gradients (what the step applies), in one
+        # host sync; all global, so every rank decides alike.
+        (grad_norm, _, loss_total), finite = clip_and_check_update(
+            self.model.parameters(), self.grad_clip, also=(loss_sum,)
+        )
+        if not finite:
             # The step is skipped, never applied: a NaN/inf gradient would poison AdamW's moments.
             self.optimizer.zero_grad(set_to_none=True)
             return loss_total, grad_norm, "nonfinite_updates"

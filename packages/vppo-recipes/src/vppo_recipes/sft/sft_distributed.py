@@ -22,7 +22,8 @@ One optimizer step (`train_step`):
     -> loss = -Σ log p / (target tokens of the whole GLOBAL batch) × world size, backward per micro-batch
        (FSDP's reduce-scatter averages over ranks, so the gradient is exactly that of the global token-mean NLL,
        independent of the number of ranks and of the micro-batch size)
-    -> clip the grad norm (a non-finite norm skips the step and is counted), AdamW step, constant lr + warmup.
+    -> clip the grad norm (a non-finite norm, before or after clipping, skips the step and is counted), AdamW
+       step, constant lr + warmup.
 
 Logged per step (JSONL / wandb / stdout, see metric_logging.py): loss (global token-mean NLL), grad_norm, lr,
 tokens, epoch, time/step_s, throughput/tokens_per_s, total/skipped_rows/<reason>, total/skipped_steps_nonfinite.
@@ -30,7 +31,6 @@ tokens, epoch, time/step_s, throughput/tokens_per_s, total/skipped_rows/<reason>
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -40,7 +40,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
-from torch.distributed.tensor import DTensor
 from torchtune import config
 from tqdm import tqdm
 
@@ -55,15 +54,24 @@ from vppo_recipes.checkpointing import (
     save_checkpoint,
 )
 from vppo_recipes.config_schema import check_world_size, validate_config
-from vppo_recipes.data import Example, ExampleStream, SkipRow, VisualQADataset, build_response, rank_slice
+from vppo_recipes.data import (
+    Example,
+    ExampleStream,
+    SkipRow,
+    VisualQADataset,
+    build_response,
+    prompt_or_skip,
+    rank_slice,
+)
 from vppo_recipes.distributed import checkpoint_dtype, init_distributed, load_training_policy, shard_and_place
 from vppo_recipes.lifecycle import StopRequest, claim_output_dir, stopped_message
 from vppo_recipes.lr_schedule import constant_with_warmup
 from vppo_recipes.metric_logging import build_metric_logger
 from vppo_recipes.sharding import call_in_root_forward
+from vppo_recipes.update_guard import clip_and_check_update
 from vppo_rollout.collate import collate_rollout, model_inputs
 from vppo_rollout.loading import load_processor
-from vppo_rollout.prompts import Prompt, PromptTooLongError, build_prompt
+from vppo_rollout.prompts import Prompt
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 END_OF_TURN = "<|im_end|>"  # Qwen chat format: ends the assistant turn; the RL sampler stops on it
@@ -174,7 +182,14 @@ class SFTRecipeDistributed:
     def _setup_data(self, cfg: DictConfig) -> None:
         """Rows through the column mapping, in a seeded resumable order that every rank shares."""
         self.dataset = VisualQADataset.from_source(cfg.data.source, cfg.data.split, dict(cfg.data.columns))
-        self.stream = ExampleStream(self.dataset, seed=self.seed, shuffle=cfg.data.shuffle, prepare=self._encode)
+        self.stream = ExampleStream(
+            self.dataset, seed=self.seed, shuffle=cfg.data.shuffle, prepare=self._encode, log=self._log_skip
+        )
+
+    def _log_skip(self, line: str) -> None:
+        """A skipped training row, named once (rank 0; every rank draws the same rows)."""
+        if self.is_rank_zero:
+            print(line, file=sys.stderr, flush=True)
 
     def target_text(self, example: Example) -> str:
         """The text the model learns to answer with: the response column, or the template filled with the answer."""
@@ -183,14 +198,10 @@ class SFTRecipeDistributed:
         return build_response(example.answer, self._cfg.data.response_template)
 
     def _encode(self, example: Example) -> tuple[Prompt, list[int]]:
-        """ExampleStream's `prepare`: (chat prompt, target token ids); a too-long row is skipped (and counted)."""
+        """ExampleStream's `prepare`: (chat prompt, target token ids); a too-long row, or one whose prompt cannot be
+        built (two <image> placeholders for one image, ...), is skipped (and counted)."""
         cfg = self._cfg.data
-        try:
-            prompt = build_prompt(
-                self.processor, example.question, example.images, max_prompt_length=cfg.max_prompt_length
-            )
-        except PromptTooLongError:
-            raise SkipRow("prompt_too_long") from None
+        prompt = prompt_or_skip(self.processor, example, max_prompt_length=cfg.max_prompt_length)
         ids = self.processor.tokenizer(self.target_text(example), add_special_tokens=False)["input_ids"]
         ids = [*ids, self.end_of_turn_id]
         if len(ids) > cfg.max_response_length:
@@ -225,10 +236,9 @@ class SFTRecipeDistributed:
             (nll * (self.world / num_tokens)).backward()
             loss_sum += nll.detach().double()
 
-        max_norm = math.inf if self.grad_clip is None else float(self.grad_clip)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=max_norm)
-        grad_norm = float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
-        skipped = not math.isfinite(grad_norm)
+        # Checked after clipping: the clipped gradients are what the step applies (global, so alike on every rank).
+        (grad_norm, _), finite = clip_and_check_update(self.model.parameters(), self.grad_clip)
+        skipped = not finite
         if skipped:  # a NaN/inf gradient would poison AdamW's moments: drop this step, count it, go on
             self.totals["skipped_steps_nonfinite"] += 1
         else:
