@@ -89,6 +89,27 @@ def display_name(benchmark: str) -> str:
     return paper_column(benchmark) or benchmark
 
 
+def json_safe(value: Any) -> Any:
+    """`value` with every NaN / ±inf float replaced by None, through nested dicts, lists and tuples (tuples become
+    lists, as JSON writes them); everything else unchanged.
+
+    Why: JSON has no NaN. `json.dumps` writes a bare `NaN` that strict parsers (JavaScript, jq, Go) refuse; a
+    missing value (a statistic with no data) is `null` instead.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def json_text(value: Any, *, indent: int | None = 2) -> str:
+    """Strict JSON of `value` (`json_safe`: NaN / inf -> null; other objects, e.g. paths, as their `str`)."""
+    return json.dumps(json_safe(value), indent=indent, allow_nan=False, default=str)
+
+
 def _pct(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else 100.0 * x
 
@@ -570,5 +591,5 @@ def write_dependency_report(
         "dependency_html": dependency_html(analysis, out / "dependency.html", headers=headers),
         "dependency_json": out / "dependency.json",
     }
-    paths["dependency_json"].write_text(json.dumps(analysis.summary(), indent=2))
+    paths["dependency_json"].write_text(json_text(analysis.summary(), indent=2))
     return paths

@@ -100,20 +100,29 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        """Smoke version: every stage runs, on the smallest sizes (numbers are meaningless)."""
+        """Smoke version: every stage runs and every algorithm takes optimizer steps, on small sizes (the accuracy
+        numbers are meaningless).
+
+        Why these values: the online filter of VPPO / DAPO keeps only groups whose rewards differ, and a reward needs
+        a `\\boxed{}` answer. The chain-of-thought targets (34-60 tokens) neither fit a short response budget nor
+        are learnt in a few SFT steps, so the quick warm start learns the SFT config's one-line template
+        (`reasoning=False`) for `sft_steps` steps, answers within `max_new_tokens`, and groups of 8 samples at
+        temperature 1.0 then differ in accuracy.
+        """
         return cls(
             seeds=(0,),
+            reasoning=False,
             n_train=64,
             n_test=8,
-            sft_steps=3,
+            sft_steps=30,
             rl_steps=2,
             eval_every=1,
             k=2,
             n_eval=8,
-            group_size=4,
+            group_size=8,
             batch_prompts=2,
             update_prompts=2,
-            max_new_tokens=16,
+            max_new_tokens=24,
             dependency_prompts=2,
             anatomy_prompts=4,
             n_boot=200,
@@ -318,7 +327,7 @@ def rl_run(algo: str, seed: int, work: Path, task: Path, warm: Path, s: DemoSett
     if s.tasks == ("colour",):
         final = out / "checkpoints" / f"step_{s.rl_steps:06d}"
         anatomy = response_anatomy(final, heldout_records(task, s.n_eval), s)
-        (out / "anatomy.json").write_text(json.dumps(anatomy, indent=1) + "\n")
+        (out / "anatomy.json").write_text(_json(anatomy, indent=1))
     return read_run(out)
 
 
@@ -330,6 +339,22 @@ class RunResult:
     rows: list[dict[str, Any]]
     items: dict[int, dict[str, float]]
     anatomy: dict[str, float] | None = None
+
+
+def untrained_runs(runs: dict[str, dict[int, RunResult]]) -> list[str]:
+    """One warning per run that took no optimizer step (its numbers are its warm start's, not training's), worded
+    by the RL recipe's `no_update_warning` from the run's last metrics row; [] when every run trained."""
+    from vppo_recipes.rl.rl_distributed import no_update_warning
+
+    warnings = []
+    for algo, by_seed in runs.items():
+        for seed, run in by_seed.items():
+            last = run.rows[-1] if run.rows else {}
+            totals = {k.removeprefix("total/"): v for k, v in last.items() if k.startswith("total/")}
+            said = no_update_warning(int(last.get("step", 0)), int(last.get("optimizer_steps", 0)), totals)
+            if said:
+                warnings.append(f"{algo.upper()} seed {seed}: {said}")
+    return warnings
 
 
 def read_run(out: Path) -> RunResult:
@@ -629,6 +654,7 @@ def summary_markdown(summary: dict[str, Any], timings: dict[str, Any] | None = N
         "is wrong.",
         f"Code: commit `{summary.get('commit')}` (the last commit that changed code in `packages/` or `noxfile.py`).",
         "",
+        *(f"**{w}**\n" for w in summary.get("warnings", [])),
         *results_tables(summary),
     ]
 
@@ -931,7 +957,7 @@ def run_demo(out: Path, s: DemoSettings) -> dict[str, Any]:
     before = stage("eval warm start", evaluate_checkpoint, warm, records, s)
     if s.tasks == ("colour",):
         before["anatomy"] = response_anatomy(warm, records, s)
-    (work / "warm_start_eval.json").write_text(json.dumps(before, indent=1) + "\n")
+    (work / "warm_start_eval.json").write_text(_json(before, indent=1))
     tqdm.write(
         f"warm start: held-out avg@{s.k} = {_pct(before['avg_at_k'])} % (format {_pct(before['format_rate'])} %)"
     )
@@ -951,7 +977,7 @@ def run_demo(out: Path, s: DemoSettings) -> dict[str, Any]:
     dep_algo = "vppo" if "vppo" in s.algorithms else s.algorithms[0]
     dep_model = work / "rl" / f"{dep_algo}_seed{s.seeds[0]}" / "checkpoints" / f"step_{s.rl_steps:06d}"
     dep = stage("dependency report", dependency_report, dep_model, records, s, out)
-    (work / "dependency_summary.json").write_text(json.dumps(dep, indent=1) + "\n")
+    (work / "dependency_summary.json").write_text(_json(dep, indent=1))
     stages.close()
     wall["total"] = time.perf_counter() - t_all
     timings = {
@@ -971,11 +997,15 @@ def write_outputs(
     summary["dependency"] = dep
     summary["dependency_model"] = str(dep_model)
     summary["verdict"] = verdict(summary)
+    warnings = untrained_runs(runs)
+    if warnings:  # only then: a demo whose every run trained writes the same summary.json as before this key
+        summary["warnings"] = warnings
+        print("\n".join(["", *warnings, ""]), file=sys.stderr, flush=True)
     plot_curves(runs, summary, s, out / "curves.png")
     plot_diagnostics(runs, out / "diagnostics.png")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    (out / "summary.json").write_text(_json(summary, indent=2))
     if timings is not None:
-        (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+        (out / "timings.json").write_text(_json(timings, indent=2))
     (out / "summary.md").write_text(summary_markdown(summary, timings))
     print(summary_markdown(summary, timings))
     print(f"Demo outputs in {out}: summary.md, summary.json, curves.png, diagnostics.png, dependency_hist.png, ...")
@@ -1014,6 +1044,18 @@ def copy_outputs(out: Path, dest: Path) -> None:
     print(f"Copied the demo outputs to {dest}")
 
 
+def _json(value: Any, *, indent: int) -> str:
+    """A JSON file's text: strict JSON (NaN -> null, `vppo_eval.report.json_text`) and a final newline."""
+    from vppo_eval.report import json_text
+
+    return json_text(value, indent=indent) + "\n"
+
+
+def _comma_list(values: Sequence[Any]) -> str:
+    """`(0, 1, 2)` -> "0,1,2": the form --seeds / --algorithms take."""
+    return ",".join(str(v) for v in values)
+
+
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
 
@@ -1022,8 +1064,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vppo_recipes.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path, help="output folder (plots, summary, work/ with every run)")
     p.add_argument("--quick", action="store_true", help="smoke version: 1 seed, 2 RL steps, tiny sizes")
-    p.add_argument("--algorithms", help="comma list of vppo,dapo,grpo,pgpo (default vppo,dapo,grpo)")
-    p.add_argument("--seeds", help="comma list of RL seeds (default 0,1,2)")
+    full, quick = DemoSettings.full(), DemoSettings.quick()  # the help states the defaults the code runs
+    p.add_argument(
+        "--algorithms", help=f"comma list of vppo,dapo,grpo,pgpo (default {_comma_list(full.algorithms)})"
+    )
+    p.add_argument(
+        "--seeds",
+        help=f"comma list of RL seeds (default {_comma_list(full.seeds)}; with --quick {_comma_list(quick.seeds)})",
+    )
     p.add_argument("--rl-steps", type=int)
     p.add_argument("--eval-every", type=int)
     p.add_argument("--sft-steps", type=int)
