@@ -95,9 +95,7 @@ def test_a_run_without_every_item_scored_is_refused():
         summarize({"vppo": cut}, BEFORE, _records(), dataclasses.replace(_settings(), seeds=(0,)))
 
 
-def test_a_run_without_an_optimizer_step_is_flagged_on_stderr_and_in_the_summary_and_json_is_strict(
-    tmp_path, capsys
-):
+def test_a_run_without_an_optimizer_step_is_flagged_on_stderr_and_in_the_summary_and_json_is_strict(tmp_path, capsys):
     """A run that never updated is shown as a loud warning (not only as flat numbers), and the written JSON holds
     null, never a bare NaN, for a statistic without data."""
     from vppo_recipes.demo import summary_markdown, untrained_runs, write_outputs
@@ -137,8 +135,56 @@ def test_help_states_the_defaults_the_demo_runs(capsys):
         main(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help lines
     full, quick = DemoSettings.full(), DemoSettings.quick()
-    assert f"RL seeds (default {','.join(map(str, full.seeds))}; with --quick {','.join(map(str, quick.seeds))})" in text
+    assert (
+        f"RL seeds (default {','.join(map(str, full.seeds))}; with --quick {','.join(map(str, quick.seeds))})" in text
+    )
     assert f"(default {','.join(full.algorithms)})" in text
+
+
+def test_diagnostics_are_a_grid_of_the_logged_metrics_under_one_legend_naming_every_algorithm(
+    tmp_path, overlapping_tick_labels
+):
+    import matplotlib.pyplot as plt
+
+    from vppo_recipes.demo import DIAGNOSTICS, diagnostics_figure, plot_diagnostics
+
+    def logged(run, keys):
+        return RunResult([{**r, **{k: 0.1 * r["step"] for k in keys}} for r in run.rows], run.items)
+
+    scores = {2: [0.5] * 4, 4: [0.5] * 4}
+    every = [k for k in DIAGNOSTICS if k != "reward/accuracy"]
+    vppo_only = ("tgf/selected_fraction", "tas/alpha_std")
+    runs = {
+        "vppo": {s: logged(_run(scores), every) for s in (0, 1, 2)},
+        "dapo": {s: logged(_run(scores), [k for k in every if k not in vppo_only]) for s in (0, 1)},
+    }
+    fig = diagnostics_figure(runs, {"vppo": 3, "dapo": 2})
+    assert len(fig.axes) == 5 and {ax.get_subplotspec().get_geometry()[:2] for ax in fig.axes} == {(2, 3)}
+    assert all(ax.lines for ax in fig.axes)  # no empty panel
+    [legend] = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["VPPO (mean of 3 seeds)", "DAPO (mean of 2 seeds)"]
+    assert overlapping_tick_labels(fig) == []
+    plt.close(fig)
+    # without VPPO the two VPPO-only metrics are not drawn as empty panels
+    fig = diagnostics_figure({"dapo": runs["dapo"]}, {"dapo": 2})
+    assert len(fig.axes) == 3 and all(ax.lines for ax in fig.axes)
+    plt.close(fig)
+    # nothing logged: no figure and no file
+    bare = RunResult([{"step": t, "reward/accuracy": 0.5} for t in (1, 2)], {})
+    assert plot_diagnostics({"grpo": {0: bare}}, tmp_path / "d.png") is None
+    assert not (tmp_path / "d.png").exists()
+
+
+def test_replot_of_a_copy_without_work_redraws_diagnostics_from_the_summary_and_leaves_the_rest(tmp_path):
+    """docs/demo holds summary.json but not work/: --replot redraws diagnostics.png from the per-step means."""
+    from pathlib import Path
+
+    committed = Path(__file__).resolve().parents[3] / "docs" / "demo" / "summary.json"
+    (tmp_path / "summary.json").write_bytes(committed.read_bytes())
+    assert main(["--replot", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "diagnostics.png").read_bytes().startswith(b"\x89PNG")
+    assert (tmp_path / "summary.json").read_bytes() == committed.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["diagnostics.png", "summary.json"]
 
 
 def test_settings_reject_a_last_step_that_is_not_validated():

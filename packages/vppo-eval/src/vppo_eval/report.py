@@ -375,7 +375,19 @@ def token_texts(tokenizer, ids: Sequence[int]) -> list[str]:
 
 
 def plot_dependency_histograms(analysis: DependencyAnalysis, path: str | os.PathLike, *, bins: int = 50) -> Path:
-    """The paper's Fig. 1: histograms of token-level S and trajectory-level S̄. Writes a PNG.
+    """The paper's Fig. 1 (`dependency_histograms_figure`), written as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = dependency_histograms_figure(analysis, bins=bins)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def dependency_histograms_figure(analysis: DependencyAnalysis, *, bins: int = 50):
+    """The paper's Fig. 1 as a matplotlib figure: histograms of token-level S and trajectory-level S̄.
 
     The token histogram uses a log count axis: most tokens sit near 0 and a few carry most of the dependency.
     """
@@ -383,6 +395,7 @@ def plot_dependency_histograms(analysis: DependencyAnalysis, path: str | os.Path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     s = analysis.all_tokens()
     if s.size == 0:
@@ -402,13 +415,14 @@ def plot_dependency_histograms(analysis: DependencyAnalysis, path: str | os.Path
     ax_traj.set_xlabel("trajectory dependency S̄ (mean S over a response)")
     ax_traj.set_ylabel("responses")
     ax_traj.set_title(f"Trajectory level ({traj.size} responses)")
+    # at most 5-6 labels per axis, so long ones (e.g. 0.0025 steps of a narrow S̄ range) do not run into each
+    # other; response counts are whole numbers
+    ax_tok.xaxis.set_major_locator(MaxNLocator(nbins=6))
+    ax_traj.xaxis.set_major_locator(MaxNLocator(nbins=5))
+    ax_traj.yaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"Visual dependency ({analysis.estimator} estimator, {analysis.perturbation} image)", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def dependency_html(

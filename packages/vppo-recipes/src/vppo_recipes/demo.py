@@ -782,24 +782,60 @@ def plot_curves(runs, summary: dict[str, Any], s: DemoSettings, path: Path) -> P
     return path
 
 
-def plot_diagnostics(runs, path: Path) -> Path:
-    """One panel per DIAGNOSTICS metric except train accuracy (already in curves.png): mean and min..max over seeds."""
+def diagnostic_panels(runs) -> list[str]:
+    """The DIAGNOSTICS keys diagnostics.png draws: every one but train accuracy (curves.png has it) that some run
+    logged (a key no run logged, e.g. TGF's without VPPO, would be an empty panel)."""
+    return [k for k in DIAGNOSTICS if k != "reward/accuracy" and any(curves(runs, k).values())]
+
+
+def diagnostics_figure(runs, seeds: dict[str, int], *, band: str = "band = min..max over seeds"):
+    """The diagnostics.png figure (None when no run logged any diagnostic): one panel per `diagnostic_panels` key in
+    a grid of up to 3 columns, and one legend above them naming every algorithm in `seeds` (algo -> seed count)."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
-    keys = [k for k in DIAGNOSTICS if k != "reward/accuracy"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.6))
-    for ax, key in zip(axes, keys):
+    keys = diagnostic_panels(runs)
+    if not keys:
+        return None
+    ncols = min(3, len(keys))
+    nrows = math.ceil(len(keys) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.4 * nrows + 0.6), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
         _plot_metric(ax, runs, key)
-        ax.set_title(f"{key}\n{DIAGNOSTICS[key]}", fontsize=7)
-        ax.set_xlabel("RL step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"{key}\n{textwrap.fill(DIAGNOSTICS[key], 52)}", fontsize=8)
+        ax.set_xlabel("RL step", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=5))
+        ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    for ax in axes.flat[len(keys) :]:
+        ax.remove()
+    handles = [
+        Line2D([], [], color=_COLOURS.get(a), marker="o", ms=3, label=f"{a.upper()} (mean of {n} seed{'s' * (n != 1)})")
+        for a, n in seeds.items()
+    ]
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=9, frameon=False, title=band)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / fig.get_figheight()))  # room for the legend above the grid
+    return fig
+
+
+def plot_diagnostics(
+    runs, path: Path, *, seeds: dict[str, int] | None = None, band: str = "band = min..max over seeds"
+) -> Path | None:
+    """diagnostics.png (`diagnostics_figure`; seeds: algo -> seed count, default the runs'); None, and no file, when
+    no run logged a diagnostic."""
+    import matplotlib.pyplot as plt
+
+    seeds = seeds or {a: len(by_seed) for a, by_seed in runs.items()}
+    fig = diagnostics_figure(runs, seeds, band=band)
+    if fig is None:
+        return None
     fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
     return path
@@ -1012,10 +1048,33 @@ def write_outputs(
     return summary
 
 
+def mean_runs_from_summary(summary: dict[str, Any]) -> dict[str, dict[int, RunResult]]:
+    """algo -> {0: a RunResult whose rows are summary.json's per-step diagnostics, means over seeds}: what
+    diagnostics.png can be drawn from when only the summary is left (e.g. docs/demo, whose work/ is not committed)."""
+    runs = {}
+    for algo, r in summary["algorithms"].items():
+        rows: dict[int, dict[str, Any]] = {}
+        for key, by_step in r["diagnostics"].items():
+            for step, value in by_step.items():
+                rows.setdefault(int(step), {"step": int(step)})[key] = math.nan if value is None else value
+        runs[algo] = {0: RunResult([rows[t] for t in sorted(rows)], {})}
+    return runs
+
+
 def replot(out: Path) -> dict[str, Any]:
-    """Rebuild the plots and summaries of a finished demo from its files (no training, no evaluation)."""
+    """Rebuild the plots and summaries of a finished demo from its files (no training, no evaluation).
+
+    A folder without work/ (a copy such as docs/demo) keeps its summaries and curves.png; diagnostics.png is
+    redrawn from summary.json's per-step means over seeds (`mean_runs_from_summary`: no min..max band).
+    """
     out = out.resolve()
     old = json.loads((out / "summary.json").read_text())
+    if not (out / "work").is_dir():
+        seeds = {a: len(r["final_avg_at_k_per_seed"]) for a, r in old["algorithms"].items()}
+        band = "mean over seeds (replotted from summary.json: no per-seed band)"
+        plot_diagnostics(mean_runs_from_summary(old), out / "diagnostics.png", seeds=seeds, band=band)
+        print(f"{out} has no work/ folder: redrew diagnostics.png from summary.json; other files unchanged")
+        return old
     fields = {f.name for f in dataclasses.fields(DemoSettings)}
     s = DemoSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in old["settings"].items() if k in fields})
     runs = {a: {seed: read_run(out / "work" / "rl" / f"{a}_seed{seed}") for seed in s.seeds} for a in s.algorithms}
@@ -1065,9 +1124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path, help="output folder (plots, summary, work/ with every run)")
     p.add_argument("--quick", action="store_true", help="smoke version: 1 seed, 2 RL steps, tiny sizes")
     full, quick = DemoSettings.full(), DemoSettings.quick()  # the help states the defaults the code runs
-    p.add_argument(
-        "--algorithms", help=f"comma list of vppo,dapo,grpo,pgpo (default {_comma_list(full.algorithms)})"
-    )
+    p.add_argument("--algorithms", help=f"comma list of vppo,dapo,grpo,pgpo (default {_comma_list(full.algorithms)})")
     p.add_argument(
         "--seeds",
         help=f"comma list of RL seeds (default {_comma_list(full.seeds)}; with --quick {_comma_list(quick.seeds)})",
@@ -1075,7 +1132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rl-steps", type=int)
     p.add_argument("--eval-every", type=int)
     p.add_argument("--sft-steps", type=int)
-    p.add_argument("--replot", action="store_true", help="only rebuild plots + summary of a finished --out folder")
+    p.add_argument(
+        "--replot",
+        action="store_true",
+        help="only rebuild plots + summary of a finished --out folder (without its work/: diagnostics.png only)",
+    )
     p.add_argument("--copy-to", type=Path, help="also copy plots, HTML and summaries here (e.g. docs/demo)")
     args = p.parse_args(argv)
     if args.replot:
