@@ -128,6 +128,8 @@ def test_recipe_warning_names_the_counted_causes():
     said = no_update_warning(2, 0, {"skipped/steps_without_groups": 1.0, "skipped/nonfinite_updates": 2.0})
     assert "0 optimizer steps in 2 RL step(s)" in said
     assert "1 steps whose every group" in said and "2 updates skipped for a non-finite" in said
+    assert "raise rollout.group_size" in said  # the filter's remedy, given only where the filter was the cause
+    assert "rollout.group_size" not in no_update_warning(2, 0, {"skipped/nonfinite_updates": 2.0})
 
 
 def test_help_states_the_defaults_the_demo_runs(capsys):
@@ -171,6 +173,7 @@ def test_diagnostics_are_a_grid_of_the_logged_metrics_under_one_legend_naming_ev
     plt.close(fig)
     # nothing logged: no figure and no file
     bare = RunResult([{"step": t, "reward/accuracy": 0.5} for t in (1, 2)], {})
+    (tmp_path / "d.png").write_bytes(b"an older run's plot")
     assert plot_diagnostics({"grpo": {0: bare}}, tmp_path / "d.png") is None
     assert not (tmp_path / "d.png").exists()
 

@@ -828,13 +828,14 @@ def diagnostics_figure(runs, seeds: dict[str, int], *, band: str = "band = min..
 def plot_diagnostics(
     runs, path: Path, *, seeds: dict[str, int] | None = None, band: str = "band = min..max over seeds"
 ) -> Path | None:
-    """diagnostics.png (`diagnostics_figure`; seeds: algo -> seed count, default the runs'); None, and no file, when
-    no run logged a diagnostic."""
+    """diagnostics.png (`diagnostics_figure`; seeds: algo -> seed count, default the runs'); None, and no file (an
+    older one at `path` is removed), when no run logged a diagnostic."""
     import matplotlib.pyplot as plt
 
     seeds = seeds or {a: len(by_seed) for a, by_seed in runs.items()}
     fig = diagnostics_figure(runs, seeds, band=band)
     if fig is None:
+        path.unlink(missing_ok=True)
         return None
     fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)

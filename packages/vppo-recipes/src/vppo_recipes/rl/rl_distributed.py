@@ -1635,12 +1635,17 @@ def no_update_warning(steps: int, optimizer_steps: int, totals: Mapping[str, flo
     if steps < 1 or optimizer_steps > 0:
         return None
     causes = [f"{int(totals[k])} {what}" for k, what in NO_UPDATE_CAUSES.items() if totals.get(k)]
-    return (
+    said = (
         f"WARNING: this run took 0 optimizer steps in {steps} RL step(s): the model was not trained ("
         + ("; ".join(causes) or "no cause counted")
-        + "). With the online filter, groups need responses that differ in reward: raise rollout.group_size or "
-        "rollout.max_filter_draws, or start from a checkpoint whose answers are sometimes right."
+        + ")."
     )
+    if totals.get("skipped/steps_without_groups"):
+        said += (
+            " The online filter keeps groups whose responses differ in reward: raise rollout.group_size or "
+            "rollout.max_filter_draws, or start from a checkpoint whose answers are sometimes right."
+        )
+    return said
 
 
 def _group_lists(r, i: int, n: int) -> dict[str, list]:
