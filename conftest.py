@@ -25,3 +25,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "vllm" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def overlapping_tick_labels():
+    """fig -> [(axes index, "x" | "y", label, next label)] for neighbouring tick labels whose drawn boxes overlap
+    (what makes a plot's axis unreadable); [] when none do."""
+
+    def find(fig) -> list[tuple[int, str, str, str]]:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        found = []
+        for i, ax in enumerate(fig.axes):
+            for name, axis in (("x", ax.xaxis), ("y", ax.yaxis)):
+                labels = [t for t in axis.get_ticklabels() if t.get_visible() and t.get_text()]
+                boxes = [t.get_window_extent(renderer) for t in labels]
+                found += [
+                    (i, name, labels[j].get_text(), labels[j + 1].get_text())
+                    for j in range(len(boxes) - 1)
+                    if boxes[j].overlaps(boxes[j + 1])
+                ]
+        return found
+
+    return find

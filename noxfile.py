@@ -81,7 +81,7 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def tests_fast(session: nox.Session) -> None:
-    """The inner loop: every test but the multi-process launches and the slow ones (about 30 s on 2 cores)."""
+    """The inner loop: every test but the multi-process launches and the slow ones (about 5 minutes on 2 cores)."""
     _install(session, *PACKAGES)
     session.run("pytest", "-m", "not slow and not distributed", *(session.posargs or []), env=TEST_ENV)
 

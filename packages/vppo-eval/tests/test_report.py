@@ -228,6 +228,39 @@ def test_dependency_histograms_png_is_written(tmp_path):
     assert png.startswith(PNG_MAGIC) and len(png) > 5000
 
 
+def test_dependency_histograms_tick_labels_do_not_collide_on_a_narrow_range(overlapping_tick_labels):
+    """Responses whose S̄ all sit in [1e-4, 1.3e-4] (a weakly trained model): matplotlib's default locator put nine
+    8-character labels under the trajectory panel, each running into the next."""
+    import matplotlib.pyplot as plt
+
+    from vppo_eval.report import dependency_histograms_figure
+
+    rng = np.random.default_rng(0)
+    narrow = DependencyAnalysis(
+        [rng.exponential(1e-4, 20).astype(np.float32) for _ in range(32)],
+        rng.uniform(1e-4, 1.3e-4, 32).astype(np.float32),
+        [["x"] * 20] * 32,
+        "sampled",
+        "blacken",
+    )
+    for analysis in (narrow, _analysis()):
+        fig = dependency_histograms_figure(analysis)
+        assert overlapping_tick_labels(fig) == []
+        plt.close(fig)
+
+
+def test_dependency_json_is_strict_json_when_a_share_is_undefined(tmp_path):
+    """All S = 0: the top-10 % share is 0/0; dependency.json says null, not a bare NaN (which is not JSON)."""
+    from vppo_eval.report import write_dependency_report
+
+    zeros = DependencyAnalysis(
+        [np.zeros(3, np.float32)], np.zeros(1, np.float32), [["a", "b", "c"]], "sampled", "blacken"
+    )
+    text = write_dependency_report(zeros, tmp_path)["dependency_json"].read_text()
+    info = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in dependency.json"))
+    assert info["top10_share"] is None and info["n_tokens"] == 3
+
+
 def test_dependency_histograms_reject_empty_analysis(tmp_path):
     empty = DependencyAnalysis([], np.zeros(0, np.float32), [], "sampled", "blacken")
     with pytest.raises(ValueError, match="no tokens"):

@@ -31,11 +31,14 @@ def _records() -> list[Record]:
     ]  # fmt: skip
 
 
-def _run(item_scores: dict[int, list[float]], train_acc: float = 0.5) -> RunResult:
+def _run(item_scores: dict[int, list[float]], train_acc: float = 0.5, updates_per_step: int = 2) -> RunResult:
     """item_scores: step -> the 4 items' accuracies; the metrics rows carry their mean as avg@k."""
     rows = []
     for t in range(1, 5):
-        row = {"step": t, "reward/accuracy": train_acc, "diag/pg_share_on_dependent_tokens": 0.3 + 0.1 * (t % 2)}
+        row = {"step": t, "reward/accuracy": train_acc, "diag/pg_share_on_dependent_tokens": 0.3 + 0.1 * (t % 2),
+               "optimizer_steps": float(t * updates_per_step)}  # fmt: skip
+        if not updates_per_step:  # every group filtered out, as the recipe counts it
+            row["total/skipped/steps_without_groups"] = float(t)
         if t in item_scores:
             row[f"validation/avg@{K}"] = sum(item_scores[t]) / 4
         rows.append(row)
@@ -93,6 +96,101 @@ def test_a_run_without_every_item_scored_is_refused():
     cut = {0: RunResult([{"step": 2, f"validation/avg@{K}": 0.5}], {2: {"0": 0.5}})}
     with pytest.raises(ValueError, match="seed 0: no held-out score of every item at step 4"):
         summarize({"vppo": cut}, BEFORE, _records(), dataclasses.replace(_settings(), seeds=(0,)))
+
+
+def test_a_run_without_an_optimizer_step_is_flagged_on_stderr_and_in_the_summary_and_json_is_strict(tmp_path, capsys):
+    """A run that never updated is shown as a loud warning (not only as flat numbers), and the written JSON holds
+    null, never a bare NaN, for a statistic without data."""
+    from vppo_recipes.demo import summary_markdown, untrained_runs, write_outputs
+
+    scores = {2: [0.5, 0.5, 0.5, 0.5], 4: [0.5, 0.5, 0.5, 0.5]}
+    runs = {
+        "vppo": {seed: _run(scores) for seed in (0, 1, 2)},
+        "dapo": {0: _run(scores, updates_per_step=0), 1: _run(scores), 2: _run(scores)},
+    }
+    [warning] = untrained_runs(runs)
+    assert warning.startswith("DAPO seed 0: WARNING: this run took 0 optimizer steps in 4 RL step(s)")
+    assert "4 steps whose every group the online filter dropped" in warning
+    keys = ("answer_max_share", "boxed_equals_clause", "follows_hint", "clause_dependency_share",
+            "clause_in_tgf_top", "boxed_in_tgf_top")  # fmt: skip
+    before = {**BEFORE, "anatomy": {**dict.fromkeys(keys, 0.5), "boxed_equals_clause": math.nan, "responses": 8}}
+    summary = write_outputs(tmp_path, runs, before, _records(), _settings(), {}, tmp_path / "m", None)
+    assert summary["warnings"] == [warning]
+    assert warning in capsys.readouterr().err
+    assert f"**{warning}**" in summary_markdown(summary)
+    written = _strict_json(tmp_path / "summary.json")
+    assert written["warm_start"]["anatomy"]["boxed_equals_clause"] is None
+    # every run trained: no warnings key, so the full demo's summary.json is what it was
+    assert untrained_runs({"vppo": runs["vppo"]}) == []
+
+
+def test_recipe_warning_names_the_counted_causes():
+    from vppo_recipes.rl.rl_distributed import no_update_warning
+
+    assert no_update_warning(3, 1, {}) is None and no_update_warning(0, 0, {}) is None
+    said = no_update_warning(2, 0, {"skipped/steps_without_groups": 1.0, "skipped/nonfinite_updates": 2.0})
+    assert "0 optimizer steps in 2 RL step(s)" in said
+    assert "1 steps whose every group" in said and "2 updates skipped for a non-finite" in said
+    assert "raise rollout.group_size" in said  # the filter's remedy, given only where the filter was the cause
+    assert "rollout.group_size" not in no_update_warning(2, 0, {"skipped/nonfinite_updates": 2.0})
+
+
+def test_help_states_the_defaults_the_demo_runs(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help lines
+    full, quick = DemoSettings.full(), DemoSettings.quick()
+    assert (
+        f"RL seeds (default {','.join(map(str, full.seeds))}; with --quick {','.join(map(str, quick.seeds))})" in text
+    )
+    assert f"(default {','.join(full.algorithms)})" in text
+
+
+def test_diagnostics_are_a_grid_of_the_logged_metrics_under_one_legend_naming_every_algorithm(
+    tmp_path, overlapping_tick_labels
+):
+    import matplotlib.pyplot as plt
+
+    from vppo_recipes.demo import DIAGNOSTICS, diagnostics_figure, plot_diagnostics
+
+    def logged(run, keys):
+        return RunResult([{**r, **{k: 0.1 * r["step"] for k in keys}} for r in run.rows], run.items)
+
+    scores = {2: [0.5] * 4, 4: [0.5] * 4}
+    every = [k for k in DIAGNOSTICS if k != "reward/accuracy"]
+    vppo_only = ("tgf/selected_fraction", "tas/alpha_std")
+    runs = {
+        "vppo": {s: logged(_run(scores), every) for s in (0, 1, 2)},
+        "dapo": {s: logged(_run(scores), [k for k in every if k not in vppo_only]) for s in (0, 1)},
+    }
+    fig = diagnostics_figure(runs, {"vppo": 3, "dapo": 2})
+    assert len(fig.axes) == 5 and {ax.get_subplotspec().get_geometry()[:2] for ax in fig.axes} == {(2, 3)}
+    assert all(ax.lines for ax in fig.axes)  # no empty panel
+    [legend] = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["VPPO (mean of 3 seeds)", "DAPO (mean of 2 seeds)"]
+    assert overlapping_tick_labels(fig) == []
+    plt.close(fig)
+    # without VPPO the two VPPO-only metrics are not drawn as empty panels
+    fig = diagnostics_figure({"dapo": runs["dapo"]}, {"dapo": 2})
+    assert len(fig.axes) == 3 and all(ax.lines for ax in fig.axes)
+    plt.close(fig)
+    # nothing logged: no figure and no file
+    bare = RunResult([{"step": t, "reward/accuracy": 0.5} for t in (1, 2)], {})
+    (tmp_path / "d.png").write_bytes(b"an older run's plot")
+    assert plot_diagnostics({"grpo": {0: bare}}, tmp_path / "d.png") is None
+    assert not (tmp_path / "d.png").exists()
+
+
+def test_replot_of_a_copy_without_work_redraws_diagnostics_from_the_summary_and_leaves_the_rest(tmp_path):
+    """docs/demo holds summary.json but not work/: --replot redraws diagnostics.png from the per-step means."""
+    from pathlib import Path
+
+    committed = Path(__file__).resolve().parents[3] / "docs" / "demo" / "summary.json"
+    (tmp_path / "summary.json").write_bytes(committed.read_bytes())
+    assert main(["--replot", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "diagnostics.png").read_bytes().startswith(b"\x89PNG")
+    assert (tmp_path / "summary.json").read_bytes() == committed.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["diagnostics.png", "summary.json"]
 
 
 def test_settings_reject_a_last_step_that_is_not_validated():
@@ -160,17 +258,36 @@ def test_the_full_demo_has_the_statistical_power_the_issue_asks_for():
     assert s.text_only_ceiling() == 0.5 and s.reasoning
 
 
+def _strict_json(path):
+    """json.loads that refuses NaN / Infinity (as JavaScript, jq and Go do); AssertionError naming the file."""
+
+    def refuse(constant):
+        raise AssertionError(f"{path}: {constant} is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_quick_demo_runs_every_stage_and_reproduces_its_summary_bit_for_bit(tmp_path):
     """Task + tiny model -> SFT recipe (tune run, 2 procs) -> avg@k -> RL recipe (2 procs each) -> reports; twice,
-    in two folders: summary.json must be the same bytes."""
-    args = ["--quick", "--algorithms", "vppo,dapo"]
+    in two folders: summary.json must be the same bytes. Every algorithm trains (takes optimizer steps), and every
+    JSON file written is strict JSON."""
+    args = ["--quick"]
     assert main(["--out", str(tmp_path / "a"), *args]) == 0
+    for algo in DemoSettings.quick().algorithms:  # the quick settings train every algorithm, not a NaN loss
+        rows = [json.loads(line) for line in (tmp_path / "a" / "work" / "rl" / f"{algo}_seed0" / "logs" /
+                                              "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+        assert rows[-1]["optimizer_steps"] >= 1 and all(math.isfinite(r["loss"]) for r in rows), (algo, rows[-1])
+    written = sorted((tmp_path / "a").rglob("*.json"))
+    assert {"summary.json", "warm_start_eval.json", "anatomy.json", "dependency.json"} <= {p.name for p in written}
+    for path in written:
+        _strict_json(path)
     for name in ("curves.png", "diagnostics.png", "dependency_hist.png", "dependency.html", "summary.md",
                  "summary.json", "timings.json"):  # fmt: skip
         assert (tmp_path / "a" / name).stat().st_size > 0, name
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert "warnings" not in summary, summary["warnings"]
     final = summary["algorithms"]["vppo"]["final_avg_at_k_per_seed"]["0"]
     assert 0.0 <= final <= 1.0 and not math.isnan(summary["warm_start"]["avg_at_k"])
     assert summary["dependency"]["n_tokens"] > 0

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vppo_rollout.prompts import build_prompt
-from vppo_rollout.sampling import GroupSampler, SamplingConfig
+from vppo_rollout.sampling import GroupSampler, SamplingConfig, response_decoder
 from vppo_rollout.vllm_engine import (
     SUPPORTED_VLLM,
     VLLMSampler,
@@ -322,6 +322,9 @@ def test_vllm_sampler_sample_builds_requests_and_returns_grouped_rollouts(fake_s
     ro = fake_sampler.sample(prompts, 3, SamplingConfig(max_new_tokens=8, logprobs=True, seed=1))
     assert ro.group_index == [0, 0, 0, 1, 1, 1] and all(ids[-1] == 2 for ids in ro.token_ids)
     assert ro.logprobs[0] == [-1.0] * 4
+    # the texts are the ids decoded as TransformersSampler decodes them (response_decoder), not vLLM's `text`
+    decode = response_decoder(tiny_processor.tokenizer)
+    assert ro.texts == [decode(ids) for ids in ro.token_ids] and not ro.texts[0].startswith("text[")
     assert fake_sampler.stop_token_ids  # read from the checkpoint's generation_config
     with pytest.raises(ValueError, match="n:"):
         fake_sampler.sample(prompts, 0, SamplingConfig())

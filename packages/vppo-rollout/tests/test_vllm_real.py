@@ -63,6 +63,7 @@ def engine(request, vllm_dirs):
 
 def _assert_same_greedy(a, b):
     assert a.group_index == b.group_index and a.token_ids == b.token_ids and a.finish_reasons == b.finish_reasons
+    assert a.texts == b.texts  # both engines decode with vppo_rollout.sampling.response_decoder
     diff = max(abs(x - y) for u, v in zip(a.logprobs, b.logprobs) for x, y in zip(u, v))
     assert diff <= LOGPROB_TOL, diff
 

@@ -89,6 +89,27 @@ def display_name(benchmark: str) -> str:
     return paper_column(benchmark) or benchmark
 
 
+def json_safe(value: Any) -> Any:
+    """`value` with every NaN / ±inf float replaced by None, through nested dicts, lists and tuples (tuples become
+    lists, as JSON writes them); everything else unchanged.
+
+    Why: JSON has no NaN. `json.dumps` writes a bare `NaN` that strict parsers (JavaScript, jq, Go) refuse; a
+    missing value (a statistic with no data) is `null` instead.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def json_text(value: Any, *, indent: int | None = 2) -> str:
+    """Strict JSON of `value` (`json_safe`: NaN / inf -> null; other objects, e.g. paths, as their `str`)."""
+    return json.dumps(json_safe(value), indent=indent, allow_nan=False, default=str)
+
+
 def _pct(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else 100.0 * x
 
@@ -354,7 +375,19 @@ def token_texts(tokenizer, ids: Sequence[int]) -> list[str]:
 
 
 def plot_dependency_histograms(analysis: DependencyAnalysis, path: str | os.PathLike, *, bins: int = 50) -> Path:
-    """The paper's Fig. 1: histograms of token-level S and trajectory-level S̄. Writes a PNG.
+    """The paper's Fig. 1 (`dependency_histograms_figure`), written as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = dependency_histograms_figure(analysis, bins=bins)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def dependency_histograms_figure(analysis: DependencyAnalysis, *, bins: int = 50):
+    """The paper's Fig. 1 as a matplotlib figure: histograms of token-level S and trajectory-level S̄.
 
     The token histogram uses a log count axis: most tokens sit near 0 and a few carry most of the dependency.
     """
@@ -362,6 +395,7 @@ def plot_dependency_histograms(analysis: DependencyAnalysis, path: str | os.Path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     s = analysis.all_tokens()
     if s.size == 0:
@@ -381,13 +415,14 @@ def plot_dependency_histograms(analysis: DependencyAnalysis, path: str | os.Path
     ax_traj.set_xlabel("trajectory dependency S̄ (mean S over a response)")
     ax_traj.set_ylabel("responses")
     ax_traj.set_title(f"Trajectory level ({traj.size} responses)")
+    # at most 5-6 labels per axis, so long ones (e.g. 0.0025 steps of a narrow S̄ range) do not run into each
+    # other; response counts are whole numbers
+    ax_tok.xaxis.set_major_locator(MaxNLocator(nbins=6))
+    ax_traj.xaxis.set_major_locator(MaxNLocator(nbins=5))
+    ax_traj.yaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"Visual dependency ({analysis.estimator} estimator, {analysis.perturbation} image)", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def dependency_html(
@@ -570,5 +605,5 @@ def write_dependency_report(
         "dependency_html": dependency_html(analysis, out / "dependency.html", headers=headers),
         "dependency_json": out / "dependency.json",
     }
-    paths["dependency_json"].write_text(json.dumps(analysis.summary(), indent=2))
+    paths["dependency_json"].write_text(json_text(analysis.summary(), indent=2))
     return paths

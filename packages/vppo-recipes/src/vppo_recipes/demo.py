@@ -101,20 +101,29 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        """Smoke version: every stage runs, on the smallest sizes (numbers are meaningless)."""
+        """Smoke version: every stage runs and every algorithm takes optimizer steps, on small sizes (the accuracy
+        numbers are meaningless).
+
+        Why these values: the online filter of VPPO / DAPO keeps only groups whose rewards differ, and a reward needs
+        a `\\boxed{}` answer. The chain-of-thought targets (34-60 tokens) neither fit a short response budget nor
+        are learnt in a few SFT steps, so the quick warm start learns the SFT config's one-line template
+        (`reasoning=False`) for `sft_steps` steps, answers within `max_new_tokens`, and groups of 8 samples at
+        temperature 1.0 then differ in accuracy.
+        """
         return cls(
             seeds=(0,),
+            reasoning=False,
             n_train=64,
             n_test=8,
-            sft_steps=3,
+            sft_steps=30,
             rl_steps=2,
             eval_every=1,
             k=2,
             n_eval=8,
-            group_size=4,
+            group_size=8,
             batch_prompts=2,
             update_prompts=2,
-            max_new_tokens=16,
+            max_new_tokens=24,
             dependency_prompts=2,
             anatomy_prompts=4,
             n_boot=200,
@@ -328,7 +337,7 @@ def rl_run(algo: str, seed: int, work: Path, task: Path, warm: Path, s: DemoSett
     if s.tasks == ("colour",):
         final = out / "checkpoints" / f"step_{s.rl_steps:06d}"
         anatomy = response_anatomy(final, heldout_records(task, s.n_eval), s)
-        (out / "anatomy.json").write_text(json.dumps(anatomy, indent=1) + "\n")
+        (out / "anatomy.json").write_text(_json(anatomy, indent=1))
     return read_run(out)
 
 
@@ -340,6 +349,22 @@ class RunResult:
     rows: list[dict[str, Any]]
     items: dict[int, dict[str, float]]
     anatomy: dict[str, float] | None = None
+
+
+def untrained_runs(runs: dict[str, dict[int, RunResult]]) -> list[str]:
+    """One warning per run that took no optimizer step (its numbers are its warm start's, not training's), worded
+    by the RL recipe's `no_update_warning` from the run's last metrics row; [] when every run trained."""
+    from vppo_recipes.rl.rl_distributed import no_update_warning
+
+    warnings = []
+    for algo, by_seed in runs.items():
+        for seed, run in by_seed.items():
+            last = run.rows[-1] if run.rows else {}
+            totals = {k.removeprefix("total/"): v for k, v in last.items() if k.startswith("total/")}
+            said = no_update_warning(int(last.get("step", 0)), int(last.get("optimizer_steps", 0)), totals)
+            if said:
+                warnings.append(f"{algo.upper()} seed {seed}: {said}")
+    return warnings
 
 
 def read_run(out: Path) -> RunResult:
@@ -639,6 +664,7 @@ def summary_markdown(summary: dict[str, Any], timings: dict[str, Any] | None = N
         "is wrong.",
         f"Code: commit `{summary.get('commit')}` (the last commit that changed code in `packages/` or `noxfile.py`).",
         "",
+        *(f"**{w}**\n" for w in summary.get("warnings", [])),
         *results_tables(summary),
     ]
 
@@ -766,24 +792,61 @@ def plot_curves(runs, summary: dict[str, Any], s: DemoSettings, path: Path) -> P
     return path
 
 
-def plot_diagnostics(runs, path: Path) -> Path:
-    """One panel per DIAGNOSTICS metric except train accuracy (already in curves.png): mean and min..max over seeds."""
+def diagnostic_panels(runs) -> list[str]:
+    """The DIAGNOSTICS keys diagnostics.png draws: every one but train accuracy (curves.png has it) that some run
+    logged (a key no run logged, e.g. TGF's without VPPO, would be an empty panel)."""
+    return [k for k in DIAGNOSTICS if k != "reward/accuracy" and any(curves(runs, k).values())]
+
+
+def diagnostics_figure(runs, seeds: dict[str, int], *, band: str = "band = min..max over seeds"):
+    """The diagnostics.png figure (None when no run logged any diagnostic): one panel per `diagnostic_panels` key in
+    a grid of up to 3 columns, and one legend above them naming every algorithm in `seeds` (algo -> seed count)."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
-    keys = [k for k in DIAGNOSTICS if k != "reward/accuracy"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.6))
-    for ax, key in zip(axes, keys):
+    keys = diagnostic_panels(runs)
+    if not keys:
+        return None
+    ncols = min(3, len(keys))
+    nrows = math.ceil(len(keys) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.4 * nrows + 0.6), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
         _plot_metric(ax, runs, key)
-        ax.set_title(f"{key}\n{DIAGNOSTICS[key]}", fontsize=7)
-        ax.set_xlabel("RL step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"{key}\n{textwrap.fill(DIAGNOSTICS[key], 52)}", fontsize=8)
+        ax.set_xlabel("RL step", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=5))
+        ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    for ax in axes.flat[len(keys) :]:
+        ax.remove()
+    handles = [
+        Line2D([], [], color=_COLOURS.get(a), marker="o", ms=3, label=f"{a.upper()} (mean of {n} seed{'s' * (n != 1)})")
+        for a, n in seeds.items()
+    ]
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=9, frameon=False, title=band)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / fig.get_figheight()))  # room for the legend above the grid
+    return fig
+
+
+def plot_diagnostics(
+    runs, path: Path, *, seeds: dict[str, int] | None = None, band: str = "band = min..max over seeds"
+) -> Path | None:
+    """diagnostics.png (`diagnostics_figure`; seeds: algo -> seed count, default the runs'); None, and no file (an
+    older one at `path` is removed), when no run logged a diagnostic."""
+    import matplotlib.pyplot as plt
+
+    seeds = seeds or {a: len(by_seed) for a, by_seed in runs.items()}
+    fig = diagnostics_figure(runs, seeds, band=band)
+    if fig is None:
+        path.unlink(missing_ok=True)
+        return None
     fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
     return path
@@ -941,7 +1004,7 @@ def run_demo(out: Path, s: DemoSettings) -> dict[str, Any]:
     before = stage("eval warm start", evaluate_checkpoint, warm, records, s)
     if s.tasks == ("colour",):
         before["anatomy"] = response_anatomy(warm, records, s)
-    (work / "warm_start_eval.json").write_text(json.dumps(before, indent=1) + "\n")
+    (work / "warm_start_eval.json").write_text(_json(before, indent=1))
     tqdm.write(
         f"warm start: held-out avg@{s.k} = {_pct(before['avg_at_k'])} % (format {_pct(before['format_rate'])} %)"
     )
@@ -961,7 +1024,7 @@ def run_demo(out: Path, s: DemoSettings) -> dict[str, Any]:
     dep_algo = "vppo" if "vppo" in s.algorithms else s.algorithms[0]
     dep_model = work / "rl" / f"{dep_algo}_seed{s.seeds[0]}" / "checkpoints" / f"step_{s.rl_steps:06d}"
     dep = stage("dependency report", dependency_report, dep_model, records, s, out)
-    (work / "dependency_summary.json").write_text(json.dumps(dep, indent=1) + "\n")
+    (work / "dependency_summary.json").write_text(_json(dep, indent=1))
     stages.close()
     wall["total"] = time.perf_counter() - t_all
     timings = {
@@ -981,21 +1044,48 @@ def write_outputs(
     summary["dependency"] = dep
     summary["dependency_model"] = str(dep_model)
     summary["verdict"] = verdict(summary)
+    warnings = untrained_runs(runs)
+    if warnings:  # only then: a demo whose every run trained writes the same summary.json as before this key
+        summary["warnings"] = warnings
+        print("\n".join(["", *warnings, ""]), file=sys.stderr, flush=True)
     plot_curves(runs, summary, s, out / "curves.png")
     plot_diagnostics(runs, out / "diagnostics.png")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    (out / "summary.json").write_text(_json(summary, indent=2))
     if timings is not None:
-        (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+        (out / "timings.json").write_text(_json(timings, indent=2))
     (out / "summary.md").write_text(summary_markdown(summary, timings))
     print(summary_markdown(summary, timings))
     print(f"Demo outputs in {out}: summary.md, summary.json, curves.png, diagnostics.png, dependency_hist.png, ...")
     return summary
 
 
+def mean_runs_from_summary(summary: dict[str, Any]) -> dict[str, dict[int, RunResult]]:
+    """algo -> {0: a RunResult whose rows are summary.json's per-step diagnostics, means over seeds}: what
+    diagnostics.png can be drawn from when only the summary is left (e.g. docs/demo, whose work/ is not committed)."""
+    runs = {}
+    for algo, r in summary["algorithms"].items():
+        rows: dict[int, dict[str, Any]] = {}
+        for key, by_step in r["diagnostics"].items():
+            for step, value in by_step.items():
+                rows.setdefault(int(step), {"step": int(step)})[key] = math.nan if value is None else value
+        runs[algo] = {0: RunResult([rows[t] for t in sorted(rows)], {})}
+    return runs
+
+
 def replot(out: Path) -> dict[str, Any]:
-    """Rebuild the plots and summaries of a finished demo from its files (no training, no evaluation)."""
+    """Rebuild the plots and summaries of a finished demo from its files (no training, no evaluation).
+
+    A folder without work/ (a copy such as docs/demo) keeps its summaries and curves.png; diagnostics.png is
+    redrawn from summary.json's per-step means over seeds (`mean_runs_from_summary`: no min..max band).
+    """
     out = out.resolve()
     old = json.loads((out / "summary.json").read_text())
+    if not (out / "work").is_dir():
+        seeds = {a: len(r["final_avg_at_k_per_seed"]) for a, r in old["algorithms"].items()}
+        band = "mean over seeds (replotted from summary.json: no per-seed band)"
+        plot_diagnostics(mean_runs_from_summary(old), out / "diagnostics.png", seeds=seeds, band=band)
+        print(f"{out} has no work/ folder: redrew diagnostics.png from summary.json; other files unchanged")
+        return old
     fields = {f.name for f in dataclasses.fields(DemoSettings)}
     s = DemoSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in old["settings"].items() if k in fields})
     runs = {a: {seed: read_run(out / "work" / "rl" / f"{a}_seed{seed}") for seed in s.seeds} for a in s.algorithms}
@@ -1024,6 +1114,18 @@ def copy_outputs(out: Path, dest: Path) -> None:
     print(f"Copied the demo outputs to {dest}")
 
 
+def _json(value: Any, *, indent: int) -> str:
+    """A JSON file's text: strict JSON (NaN -> null, `vppo_eval.report.json_text`) and a final newline."""
+    from vppo_eval.report import json_text
+
+    return json_text(value, indent=indent) + "\n"
+
+
+def _comma_list(values: Sequence[Any]) -> str:
+    """`(0, 1, 2)` -> "0,1,2": the form --seeds / --algorithms take."""
+    return ",".join(str(v) for v in values)
+
+
 def _ints(text: str) -> tuple[int, ...]:
     """`"0,1,2"` -> (0, 1, 2); argparse reports the error with the flag's name."""
     try:
@@ -1036,12 +1138,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vppo_recipes.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path, help="output folder (plots, summary, work/ with every run)")
     p.add_argument("--quick", action="store_true", help="smoke version: 1 seed, 2 RL steps, tiny sizes")
-    p.add_argument("--algorithms", help="comma list of vppo,dapo,grpo,pgpo (default vppo,dapo,grpo)")
-    p.add_argument("--seeds", type=_ints, help="comma list of RL seeds (default 0,1,2)")
+    full, quick = DemoSettings.full(), DemoSettings.quick()  # the help states the defaults the code runs
+    p.add_argument("--algorithms", help=f"comma list of vppo,dapo,grpo,pgpo (default {_comma_list(full.algorithms)})")
+    p.add_argument(
+        "--seeds",
+        type=_ints,
+        help=f"comma list of RL seeds (default {_comma_list(full.seeds)}; with --quick {_comma_list(quick.seeds)})",
+    )
     p.add_argument("--rl-steps", type=int)
     p.add_argument("--eval-every", type=int)
     p.add_argument("--sft-steps", type=int)
-    p.add_argument("--replot", action="store_true", help="only rebuild plots + summary of a finished --out folder")
+    p.add_argument(
+        "--replot",
+        action="store_true",
+        help="only rebuild plots + summary of a finished --out folder (without its work/: diagnostics.png only)",
+    )
     p.add_argument("--copy-to", type=Path, help="also copy plots, HTML and summaries here (e.g. docs/demo)")
     args = p.parse_args(argv)
     if args.replot and not (args.out / "summary.json").is_file():

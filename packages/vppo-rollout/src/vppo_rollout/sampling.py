@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -13,6 +13,29 @@ if TYPE_CHECKING:
     from vppo_rollout.prompts import Prompt
 
 FINISH_REASONS = ("stop", "length")
+
+# Added tokens a response keeps in its text even where a tokenizer marks them special: the format reward
+# (vppo_eval.reward) reads them. Qwen3's vocabulary (Qwen3-VL's too) holds both as added tokens with special=false;
+# a tokenizer that marks them special=true would lose them to `skip_special_tokens=True`, and every response its
+# format reward.
+KEPT_ADDED_TOKENS = ("<think>", "</think>")
+
+
+def response_decoder(tokenizer) -> Callable[[Sequence[int]], str]:
+    """A function ids -> the response's text, for both engines: the tokens `decode(skip_special_tokens=True)`
+    drops (added tokens marked special: `<|im_end|>`, `<|endoftext|>`, ...) are dropped, except
+    KEPT_ADDED_TOKENS, which stay whatever their flag.
+
+    tokenizer: a transformers tokenizer (`processor.tokenizer`). The set of dropped ids is computed once here.
+    """
+    added = tokenizer.added_tokens_decoder  # {id: AddedToken}
+    drop = {i for i, t in added.items() if t.special and str(t) not in KEPT_ADDED_TOKENS}
+    drop |= {i for i in tokenizer.all_special_ids if added.get(i) is None or str(added[i]) not in KEPT_ADDED_TOKENS}
+
+    def decode(ids: Sequence[int]) -> str:
+        return tokenizer.decode([int(i) for i in ids if int(i) not in drop], skip_special_tokens=False)
+
+    return decode
 
 
 @dataclass(frozen=True)
@@ -67,7 +90,7 @@ class Rollouts:
 
     group_index[r]: index (in the `prompts` passed to `sample`) of the prompt response r answers.
     token_ids[r]: sampled ids, the stop token included when one ended the response.
-    texts[r]: decoded response without special tokens.
+    texts[r]: decoded response without special tokens (`response_decoder`: reasoning tags are kept).
     finish_reasons[r]: "stop" (a stop token was sampled) | "length" (max_new_tokens reached).
     logprobs[r][t]: the sampler's log-prob of token_ids[r][t], or None when not requested/available.
     """

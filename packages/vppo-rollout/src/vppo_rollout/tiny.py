@@ -22,6 +22,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2TokenizerFast
 
 from vppo_rollout.loading import IMAGE_ONLY_PROCESSORS, PROCESSOR_CLASS_NAMES, SUPPORTED_ARCHS
+from vppo_rollout.sampling import KEPT_ADDED_TOKENS
 
 # Qwen's special tokens (same strings as the real vocabularies; ids differ).
 SPECIAL_TOKENS = [
@@ -35,7 +36,7 @@ SPECIAL_TOKENS = [
     "<|video_pad|>",
 ]
 # Reasoning tags are ordinary added tokens (not special), as in Qwen3's vocabulary: one id each, kept by decode.
-THINK_TOKENS = ["<think>", "</think>"]
+THINK_TOKENS = list(KEPT_ADDED_TOKENS)
 
 # Qwen2-VL chat template (the real one, minus videos / tool calls): a string content or a list of parts,
 # one `<|vision_start|><|image_pad|><|vision_end|>` per image part; the processor expands `<|image_pad|>`.
@@ -87,10 +88,12 @@ def tokenizer_corpus() -> list[str]:
     return lines * 4
 
 
-def build_tokenizer(*, vocab_size: int = 1024) -> Qwen2TokenizerFast:
+def build_tokenizer(*, vocab_size: int = 1024, think_special: bool = False) -> Qwen2TokenizerFast:
     """Byte-level BPE (Qwen's pre-tokenizer family) with the Qwen special tokens and the chat template.
 
     Byte-level means any text round-trips, so graders never see `<unk>`; the trainer stops at `vocab_size`.
+    think_special: mark `<think>` / `</think>` special (False: as Qwen3's and Qwen3-VL's tokenizer_config.json
+    have them); True builds the variant the engines' decoding must also handle (`vppo_rollout.sampling`).
     """
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -102,7 +105,7 @@ def build_tokenizer(*, vocab_size: int = 1024) -> Qwen2TokenizerFast:
         show_progress=False,
     )
     tok.train_from_iterator(tokenizer_corpus(), trainer=trainer)
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
+    tok.add_tokens([AddedToken(t, special=think_special, normalized=False) for t in THINK_TOKENS])
     return Qwen2TokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",

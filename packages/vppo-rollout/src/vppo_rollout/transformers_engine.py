@@ -16,7 +16,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from vppo_rollout.collate import encode_prompts
 from vppo_rollout.prompts import Prompt
-from vppo_rollout.sampling import Rollouts, SamplingConfig, check_n
+from vppo_rollout.sampling import Rollouts, SamplingConfig, check_n, response_decoder
 
 # Prefixes that wrappers add to parameter names on the trainer side (activation checkpointing, torch.compile,
 # DDP's leading `module.`); FSDP2's fully_shard keeps the names. Stripped before looking a name up.
@@ -116,6 +116,7 @@ class TransformersSampler:
             raise ValueError(f"batch_size: expected an int >= 1 (responses per generate call), got {batch_size!r}")
         self.model = model
         self.processor = processor
+        self._decode = response_decoder(processor.tokenizer)
         self.batch_size = batch_size
         self.synced_gpus = _is_sharded(model) if synced_gpus is None else bool(synced_gpus)
 
@@ -216,7 +217,7 @@ class TransformersSampler:
             ids, reason = trim_response(ids, stop_set, sampling.max_new_tokens)
             out.group_index.append(offset + row // n)  # generate repeats each prompt n times, consecutively
             out.token_ids.append(ids)
-            out.texts.append(self.processor.tokenizer.decode(ids, skip_special_tokens=True))
+            out.texts.append(self._decode(ids))
             out.finish_reasons.append(reason)
             if lps is not None:
                 out.logprobs.append(lps[row, : len(ids)].tolist())

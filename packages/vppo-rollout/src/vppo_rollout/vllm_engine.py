@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from vppo_rollout.prompts import Prompt
-from vppo_rollout.sampling import Rollouts, SamplingConfig, check_n
+from vppo_rollout.sampling import Rollouts, SamplingConfig, check_n, response_decoder
 from vppo_rollout.transformers_engine import _strip_wrappers
 from vppo_rollout.vllm_worker import encode_weights
 
@@ -174,10 +174,14 @@ def _token_logprob(entry: Any, token_id: int, where: str) -> float:
     return float(getattr(value, "logprob", value))
 
 
-def rollouts_from_vllm(outputs: Sequence[Any], n: int, *, want_logprobs: bool) -> Rollouts:
+def rollouts_from_vllm(
+    outputs: Sequence[Any], n: int, *, want_logprobs: bool, decode: Callable[[Sequence[int]], str] | None = None
+) -> Rollouts:
     """Convert `llm.generate` results (one `RequestOutput` per prompt, in prompt order) into `Rollouts`.
 
     Reads `RequestOutput.outputs[k]` (`CompletionOutput`: index, text, token_ids, finish_reason, logprobs).
+    decode: ids -> text (`vppo_rollout.sampling.response_decoder`, what VLLMSampler passes, so both engines write
+    the same text for the same ids, reasoning tags kept); None keeps vLLM's `text`.
     Completions are ordered by `.index` within a prompt. finish_reason "stop" / "length" are kept; anything else
     ("abort", None = unfinished) is an error naming the prompt and completion.
     """
@@ -196,7 +200,7 @@ def rollouts_from_vllm(outputs: Sequence[Any], n: int, *, want_logprobs: bool) -
             ids = [int(t) for t in c.token_ids]
             ro.group_index.append(j)
             ro.token_ids.append(ids)
-            ro.texts.append(c.text)
+            ro.texts.append(c.text if decode is None else decode(ids))
             ro.finish_reasons.append(c.finish_reason)
             if want_logprobs:
                 if c.logprobs is None or len(c.logprobs) != len(ids):
@@ -332,7 +336,7 @@ class VLLMSampler:
         bucket_bytes: int = 512 * 2**20,
         **llm_kwargs,
     ) -> None:
-        from transformers import AutoConfig
+        from transformers import AutoConfig, AutoTokenizer
 
         from vppo_rollout.loading import checkpoint_arch
 
@@ -383,6 +387,9 @@ class VLLMSampler:
         self.sampling_params_cls = sampling_params_cls
         self.stop_token_ids = self._default_stop_ids()
         self.suppress_ids = [i for i in (self.config.image_token_id, self.config.video_token_id) if i is not None]
+        # the response text comes from the token ids, decoded as TransformersSampler does (not vLLM's
+        # skip_special_tokens text, which would drop reasoning tags a tokenizer marks special)
+        self._decode = response_decoder(AutoTokenizer.from_pretrained(self.model_path))
 
     def _default_stop_ids(self) -> list[int]:
         from transformers import GenerationConfig
@@ -429,7 +436,7 @@ class VLLMSampler:
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         if per_request != n:
             outputs = merge_repeated(outputs, n)
-        return rollouts_from_vllm(outputs, n, want_logprobs=sampling.logprobs)
+        return rollouts_from_vllm(outputs, n, want_logprobs=sampling.logprobs, decode=self._decode)
 
     # -- weights --------------------------------------------------------------------------------------------
     def _expected_shapes(self) -> dict[str, tuple[int, ...]]:

@@ -58,6 +58,7 @@ import resource
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1598,6 +1599,9 @@ class RLRecipeDistributed:
             self.save_checkpoint()
         if self.is_rank_zero and self.stopped_by is None:  # a stopped run printed its stop line instead
             print(final_checkpoint_line("RL", self.step, self.output_dir), flush=True)
+        warning = no_update_warning(self.step, self.optimizer_steps, self.totals)
+        if warning and self.is_rank_zero:
+            print(warning, file=sys.stderr, flush=True)
 
     def _recipe_state(self) -> dict[str, Any]:
         return {
@@ -1650,6 +1654,36 @@ class RLRecipeDistributed:
             dist.destroy_process_group()
         if self._rendezvous_file is not None and os.path.exists(self._rendezvous_file):
             os.remove(self._rendezvous_file)
+
+
+# Counters (`total/<name>` in metrics.jsonl) that say why a step took no optimizer step, with what they mean.
+NO_UPDATE_CAUSES = {
+    "skipped/steps_without_groups": "steps whose every group the online filter dropped (all-equal rewards)",
+    "skipped/nonfinite_updates": "updates skipped for a non-finite loss or gradient",
+    "skipped/updates_without_tokens": "updates whose responses were all empty",
+}
+
+
+def no_update_warning(steps: int, optimizer_steps: int, totals: Mapping[str, float]) -> str | None:
+    """A loud message when a run of `steps` RL steps took no optimizer step (None when it took one, or ran none).
+
+    totals: the run's counters (`self.totals`, or a metrics row's `total/*` values without the prefix); the ones in
+    NO_UPDATE_CAUSES that are non-zero are named. Such a run's model is its starting checkpoint, and its loss is NaN.
+    """
+    if steps < 1 or optimizer_steps > 0:
+        return None
+    causes = [f"{int(totals[k])} {what}" for k, what in NO_UPDATE_CAUSES.items() if totals.get(k)]
+    said = (
+        f"WARNING: this run took 0 optimizer steps in {steps} RL step(s): the model was not trained ("
+        + ("; ".join(causes) or "no cause counted")
+        + ")."
+    )
+    if totals.get("skipped/steps_without_groups"):
+        said += (
+            " The online filter keeps groups whose responses differ in reward: raise rollout.group_size or "
+            "rollout.max_filter_draws, or start from a checkpoint whose answers are sometimes right."
+        )
+    return said
 
 
 def _group_lists(r, i: int, n: int) -> dict[str, list]:
