@@ -14,6 +14,11 @@ recipe file of the user's own (`vppo-recipes cp sft_distributed my_sft.py`, then
 its folder goes on PYTHONPATH and tune gets the bare file name. The equivalent direct command for a shipped recipe,
 from any directory, is `tune run [--nproc_per_node N] vppo_recipes/sft/sft_distributed.py --config <file>`.
 
+Before it starts anything, `run` checks the config in its own process (`check_run_config`): loaded with the
+overrides as the recipe will load it (torchtune's own parser), the recipe's `validate_config`, the paths it will read
+(`check_paths`) and the world size torchrun will launch (`check_world_size`). A problem is one message on stderr and
+exit code 2 within seconds, instead of a traceback from every rank after torchrun has started them.
+
 SIGTERM or SIGINT (Ctrl-C) to `run` is passed on to `tune run`, which is started in a process group of its own, and
 `run` waits for it: torchrun passes the signal on to the ranks, which finish their step, save it and exit (see
 `vppo_recipes.lifecycle`); `run` then exits with 128 + the signal number. Exiting at once would leave torchrun and
@@ -30,7 +35,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["RECIPES", "main", "recipe_for_config", "resolve_config", "shipped_configs"]
+__all__ = ["RECIPES", "check_run_config", "main", "recipe_for_config", "resolve_config", "shipped_configs"]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = PACKAGE_DIR / "configs"
@@ -157,6 +162,68 @@ def build_run_command(argv: list[str], cwd: Path | None = None) -> tuple[list[st
     return cmd, env
 
 
+def _recipe_kind(recipe: str, config: Path) -> str:
+    """ "rl" | "sft": the schema `recipe`'s `validate_config` uses. A recipe file of the user's own (a copy of a
+    shipped one) is taken to be of its config's kind (`recipe_for_config`)."""
+    name = recipe[:-3] if recipe.endswith(".py") else recipe
+    if name in RECIPES:
+        return "rl" if name == "rl_distributed" else "sft"
+    return "rl" if recipe_for_config(config) == "rl_distributed" else "sft"
+
+
+def launched_world_size(flags: list[str]) -> int | None:
+    """The WORLD_SIZE torchrun will give the ranks for these `tune run` flags, read by torchrun's own parser; 1 without
+    flags (`tune run` then starts one process without torchrun); None when it is decided only at launch (an elastic
+    `--nnodes MIN:MAX` with MIN < MAX)."""
+    if not flags:
+        return 1
+    from torch.distributed.run import determine_local_world_size, get_args_parser, parse_min_max_nnodes
+
+    args = get_args_parser().parse_args([*flags, "recipe.py"])
+    low, high = parse_min_max_nnodes(args.nnodes)
+    return low * determine_local_world_size(args.nproc_per_node) if low == high else None
+
+
+def check_run_config(recipe: str, flags: list[str], recipe_args: list[str]) -> None:
+    """Check the config of `vppo-recipes run` in this process, before anything is spawned; raise `ConfigError`.
+
+    recipe: the recipe name or file; flags: the torchrun flags; recipe_args: `["--config", PATH, "key=value", ...]`
+    with PATH resolved. The config is loaded by torchtune's own recipe parser (`TuneRecipeArgumentParser`, the one
+    `config.parse` gives `recipe_main`) and merged with the overrides by its `_merge_yaml_and_cli_args`, so the
+    checked config is the one the ranks get. Then: the recipe's `validate_config`, `check_paths`, and
+    `check_world_size` against the flags' world size. Relative paths resolve against the cwd, as in the ranks.
+    """
+    from torchtune.config._parse import TuneRecipeArgumentParser
+    from torchtune.config._utils import _merge_yaml_and_cli_args
+
+    from vppo_recipes.config_schema import ConfigError, check_paths, check_world_size, validate_config
+
+    kind = _recipe_kind(recipe, Path(recipe_args[1]))
+    try:
+        yaml_args, cli_args = TuneRecipeArgumentParser(prog=recipe).parse_known_args(recipe_args)
+        cfg = _merge_yaml_and_cli_args(yaml_args, cli_args)
+    except ValueError as e:  # a malformed override (`key` without `=`), an unknown flag
+        raise ConfigError(f"cannot read the config {recipe_args[1]} with its overrides: {e}") from None
+    cfg = validate_config(cfg, kind)
+    problems = []
+    try:
+        check_paths(cfg)
+    except ConfigError as e:
+        problems.append(str(e))
+    try:
+        world = launched_world_size(flags)
+    except (ValueError, RuntimeError) as e:  # torchrun's own parse errors of --nnodes / --nproc_per_node
+        problems.append(f"the torchrun flags {' '.join(flags)} give no world size: {e}")
+    else:
+        try:
+            if world is not None:
+                check_world_size(cfg, world)
+        except ConfigError as e:
+            problems.append(str(e))
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
 def run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
     """Run `cmd` in a new process group; pass the first SIGTERM / SIGINT on to that group and wait for it to end.
 
@@ -197,6 +264,14 @@ def run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
 
 def cmd_run(argv: list[str]) -> int:
     cmd, env = build_run_command(argv)
+    recipe, flags, recipe_args = _split_run_args(argv)
+    from vppo_recipes.config_schema import ConfigError
+
+    try:
+        check_run_config(recipe, flags, ["--config", str(resolve_config(recipe_args[1])), *recipe_args[2:]])
+    except ConfigError as e:
+        print(f"vppo-recipes run: {e}\nnothing was started", file=sys.stderr, flush=True)
+        return 2
     print("Running: tune run " + " ".join(cmd[4:]), flush=True)
     return run_forwarding_signals(cmd, env)
 
