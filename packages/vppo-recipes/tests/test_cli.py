@@ -242,3 +242,28 @@ def test_run_passes_a_signal_on_to_the_run_and_waits_for_it_to_stop(tmp_path, si
         launcher.wait()
         if child is not None:
             os.kill(child, signal.SIGKILL)
+
+
+def test_init_tiny_without_warm_start_writes_what_tiny_sft_reads(tmp_path, monkeypatch, capsys):
+    """`vppo-recipes init-tiny runs --no-warm-start` from a fresh directory: tiny_sft's ./runs/tiny_ckpt and
+    ./runs/visual_task exist and its launch passes the launcher's checks. No documented command wrote them before."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["init-tiny", "runs", "--no-warm-start"]) == 0
+    assert (tmp_path / "runs" / "tiny_ckpt" / "config.json").is_file()
+    assert (tmp_path / "runs" / "visual_task").is_dir() and not (tmp_path / "runs" / "tiny_sft").exists()
+    assert "the tiny RL configs (tiny_vppo, tiny_dapo, ...) need it" in capsys.readouterr().out
+    cli.check_run_config(
+        "sft_distributed", ["--nproc_per_node", "2"], ["--config", str(cli.resolve_config("tiny_sft"))]
+    )
+
+
+@pytest.mark.slow
+def test_init_tiny_writes_the_warm_start_every_tiny_config_reads(tmp_path, monkeypatch):
+    """With the warm start (the demo's SFT stage, 40 steps as tiny_sft): every shipped tiny_* config's paths exist."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["init-tiny", "runs"]) == 0
+    assert (tmp_path / "runs" / "tiny_sft" / "checkpoints" / "step_000040" / "config.json").is_file()
+    for name, path in cli.shipped_configs().items():
+        if name.startswith("tiny_"):
+            recipe = cli.recipe_for_config(path)
+            cli.check_run_config(recipe, ["--nproc_per_node", "2"], ["--config", str(path)])

@@ -4,6 +4,7 @@
     vppo-recipes cp tiny_sft ./my_sft.yaml                 # a shipped config (or recipe) to edit
     vppo-recipes run sft_distributed --nproc_per_node 2 --config ./my_sft.yaml training.max_steps=10
     vppo-recipes plan ...                                  # memory planner (vppo_recipes.plan)
+    vppo-recipes init-tiny runs                            # the tiny model, task and warm start the tiny_* configs read
 
 `run` hands over to torchtune's `tune run`, which turns a *relative* recipe path into a module name
 (`a/b.py` -> `a.b`), runs it with `python -m` (under torchrun when torchrun flags are given) and puts the cwd on
@@ -118,6 +119,31 @@ def cmd_cp(args: argparse.Namespace) -> int:
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dest)
     print(f"Copied {src.name} to {dest}")
+    return 0
+
+
+def cmd_init_tiny(args: argparse.Namespace) -> int:
+    """Write what the shipped tiny_* configs read, under `args.dir`: `tiny_ckpt/` (the tiny random Qwen2.5-VL),
+    `visual_task/` (the synthetic task) and, unless `args.no_warm_start`, the SFT warm start
+    `tiny_sft/checkpoints/step_000040` (the tiny_sft config's steps), with the CPU demo's own stages
+    (`vppo_recipes.demo.build_assets`, `sft_warm_start`: the shipped SFT recipe on 2 processes). With `runs` as DIR the
+    configs' relative paths (`./runs/...`) find them from DIR's parent."""
+    from omegaconf import OmegaConf
+
+    from vppo_recipes.demo import DemoSettings, build_assets, sft_warm_start
+
+    root = Path(args.dir).expanduser().resolve()
+    settings = DemoSettings(sft_steps=int(OmegaConf.load(shipped_configs()["tiny_sft"]).training.max_steps))
+    task, ckpt = build_assets(root, settings)
+    print(f"tiny checkpoint: {ckpt}\nsynthetic task: {task}  (what tiny_sft reads)", flush=True)
+    if args.no_warm_start:
+        print("no warm start (--no-warm-start): the tiny RL configs (tiny_vppo, tiny_dapo, ...) need it as model.path")
+        return 0
+    print(
+        f"SFT warm start: {settings.sft_steps} steps on 2 processes (log: {root / 'logs' / 'sft.log'}) ...", flush=True
+    )
+    warm = sft_warm_start(root, task, ckpt, settings)
+    print(f"SFT warm start: {warm}  (the tiny RL configs' model.path)")
     return 0
 
 
@@ -293,6 +319,21 @@ def main(argv: list[str] | None = None) -> int:
     cp.add_argument("destination", help="file or folder")
     cp.add_argument("--force", action="store_true", help="overwrite an existing destination")
     cp.set_defaults(func=cmd_cp)
+    init = sub.add_parser(
+        "init-tiny",
+        help="write the tiny model, synthetic task and SFT warm start that the tiny_* configs read",
+        description="Write DIR/tiny_ckpt, DIR/visual_task and DIR/tiny_sft/checkpoints/step_000040 (the SFT warm "
+        "start, about a minute on 2 CPU cores) -- the ./runs/... folders of the shipped tiny_* configs when DIR is "
+        "runs and you launch from its parent.",
+    )
+    init.add_argument("dir", help="output folder (runs, for the tiny configs' ./runs/... paths)")
+    init.add_argument(
+        "--no-warm-start",
+        action="store_true",
+        help="only the tiny checkpoint and the task (seconds): enough for tiny_sft; the tiny RL configs need the "
+        "warm start",
+    )
+    init.set_defaults(func=cmd_init_tiny)
     sub.add_parser("run", help="RECIPE [torchrun flags] --config CONFIG [key=value ...]")
     sub.add_parser("plan", help="per-rank memory plan of a config (see `vppo-recipes plan --help`)")
     args = parser.parse_args(argv)
