@@ -210,26 +210,34 @@ def launched_world_size(flags: list[str]) -> int | None:
     return low * determine_local_world_size(args.nproc_per_node) if low == high else None
 
 
+def load_run_config(recipe_args: list[str]):
+    """`["--config", PATH, "key=value", ...]` -> the DictConfig the recipe's `recipe_main` will get: read by
+    torchtune's own recipe parser (`TuneRecipeArgumentParser`, what `config.parse` uses) and merged with the
+    overrides by its `_merge_yaml_and_cli_args`. A malformed override or an unknown flag is a `ConfigError`."""
+    from torchtune.config._parse import TuneRecipeArgumentParser
+    from torchtune.config._utils import _merge_yaml_and_cli_args
+
+    from vppo_recipes.config_schema import ConfigError
+
+    try:
+        yaml_args, cli_args = TuneRecipeArgumentParser().parse_known_args(recipe_args)
+        return _merge_yaml_and_cli_args(yaml_args, cli_args)
+    except ValueError as e:  # a malformed override (`key` without `=`), an unknown flag
+        raise ConfigError(f"cannot read the config {recipe_args[1]} with its overrides: {e}") from None
+
+
 def check_run_config(recipe: str, flags: list[str], recipe_args: list[str]) -> None:
     """Check the config of `vppo-recipes run` in this process, before anything is spawned; raise `ConfigError`.
 
     recipe: the recipe name or file; flags: the torchrun flags; recipe_args: `["--config", PATH, "key=value", ...]`
-    with PATH resolved. The config is loaded by torchtune's own recipe parser (`TuneRecipeArgumentParser`, the one
-    `config.parse` gives `recipe_main`) and merged with the overrides by its `_merge_yaml_and_cli_args`, so the
-    checked config is the one the ranks get. Then: the recipe's `validate_config`, `check_paths`, and
-    `check_world_size` against the flags' world size. Relative paths resolve against the cwd, as in the ranks.
+    with PATH resolved. The config is the one the ranks will get (`load_run_config`); then the recipe's
+    `validate_config`, `check_paths`, and `check_world_size` against the flags' world size. Relative paths resolve
+    against the cwd, as in the ranks.
     """
-    from torchtune.config._parse import TuneRecipeArgumentParser
-    from torchtune.config._utils import _merge_yaml_and_cli_args
-
     from vppo_recipes.config_schema import ConfigError, check_paths, check_world_size, validate_config
 
     kind = _recipe_kind(recipe, Path(recipe_args[1]))
-    try:
-        yaml_args, cli_args = TuneRecipeArgumentParser(prog=recipe).parse_known_args(recipe_args)
-        cfg = _merge_yaml_and_cli_args(yaml_args, cli_args)
-    except ValueError as e:  # a malformed override (`key` without `=`), an unknown flag
-        raise ConfigError(f"cannot read the config {recipe_args[1]} with its overrides: {e}") from None
+    cfg = load_run_config(recipe_args)
     cfg = validate_config(cfg, kind)
     problems = []
     try:
