@@ -225,3 +225,23 @@ def test_every_readme_command_parses_and_names_what_exists_and_every_snippet_run
         for status, shown in report:
             print(f"  {status:<24} {shown}")
     assert report, f"{readme} holds no command or snippet"
+
+
+@pytest.mark.parametrize(
+    ("argv", "fault"),
+    [
+        (["pip", "install", "vppo-recipes"], "not on a package index"),  # the recipes README's line before
+        (["vppo-recipes", "run", "sft_distributed", "--config", "tiny_sft", "training.max_step=3"], "max_step"),
+        (["vppo-recipes", "run", "sft_distributed", "--nproc_per_node", "4", "--config", "tiny_sft"], "WORLD_SIZE=4"),
+        (["vppo-recipes", "plan", "qwen_9b"], "no shipped config"),
+        (["nox", "-s", "tests_quick"], "no nox session"),
+        (["vppo-eval", "--model", "PATH", "--benchmarks", "geo3k,mathvista", "--out", "DIR"], "mathvista"),
+        (["python", "packages/vppo-core/benchmarks/nope.py"], "no file"),
+    ],
+)
+def test_the_checks_refuse_a_command_that_would_not_work(argv, fault, tmp_path, monkeypatch):
+    """The checks above can fail: each of these commands is refused, naming what is wrong."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Exception, match=fault):
+        check_command(argv, tmp_path, nox_sessions(), set())
+
