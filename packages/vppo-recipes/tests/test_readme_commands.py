@@ -244,4 +244,3 @@ def test_the_checks_refuse_a_command_that_would_not_work(argv, fault, tmp_path, 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(Exception, match=fault):
         check_command(argv, tmp_path, nox_sessions(), set())
-
