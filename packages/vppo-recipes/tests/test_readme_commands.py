@@ -7,8 +7,8 @@ spans. Cheap ones run in process (`vppo-recipes ls / cp / init-tiny --no-warm-st
 only checked: their flags exist in the command's own parser (torchrun's for `run`, vppo-eval's, argparse of
 `init-tiny`), every nox session is in noxfile.py, every recipe, config name, config key (`validate_config` with the
 command's overrides), world size and README-named file exists. Each test prints which commands ran and which were
-only checked. A `$VAR` or a placeholder in capitals (PATH, DIR, AUTHORS_DATA) is a value the reader supplies and is
-not looked up.
+only checked. Values the reader supplies are not looked up: a `$VAR` (0 for torchrun's parser), vppo-eval's
+`--model PATH` / `--data-dir AUTHORS_DATA` / `--out DIR`, the downloaded model of a full-size config.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ READMES = [ROOT / "README.md", *sorted(ROOT.glob("packages/*/README.md"))]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 # The commands the READMEs may name; anything else in a bash block is an error (a command nobody checks).
 COMMANDS = ("vppo-recipes", "vppo-eval", "nox", "tune", "python", "python3", "pip", "pytest", "tensorboard")
-PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_]+$")
 
 
 def _blocks(text: str) -> list[tuple[str, str]]:
@@ -77,11 +76,6 @@ def nox_sessions() -> set[str]:
     }
 
 
-def _supplied(value: str) -> bool:
-    """A value the reader supplies: `$VAR`, a placeholder in capitals, or a path under one (PATH/x)."""
-    return "$" in value or any(PLACEHOLDER.match(part) for part in re.split(r"[/:,]", value) if part)
-
-
 def _quiet(fn, *args) -> tuple[int, str]:
     """Run `fn(*args)` with stdout captured -> (exit code, output); argparse's SystemExit counted as its code."""
     buf = io.StringIO()
@@ -99,12 +93,11 @@ def check_recipes_run(argv: list[str], cwd: Path, extras: set[str]) -> None:
     tiny configs), not a model the reader downloads (the full-size configs: "set model.path to the downloaded
     model folder")."""
     from vppo_recipes.config_schema import check_paths, check_world_size, validate_config
+    from vppo_recipes.metric_logging import missing_logger_package
 
     recipe, flags, recipe_args = cli._split_run_args([("0" if "$" in a else a) for a in argv])
     assert recipe in cli.RECIPES, f"unknown recipe {recipe!r}"
     recipe_args = ["--config", str(cli.resolve_config(recipe_args[1], cwd)), *recipe_args[2:]]
-    from vppo_recipes.metric_logging import missing_logger_package
-
     cfg = cli.load_run_config(recipe_args)
     missing = missing_logger_package(cfg.get("metric_logger") or {})
     if missing and any(f"[{extra}]" in missing for extra in extras):
