@@ -267,3 +267,11 @@ def test_init_tiny_writes_the_warm_start_every_tiny_config_reads(tmp_path, monke
         if name.startswith("tiny_"):
             recipe = cli.recipe_for_config(path)
             cli.check_run_config(recipe, ["--nproc_per_node", "2"], ["--config", str(path)])
+    # the warm start is what `vppo-recipes run sft_distributed --config tiny_sft` makes: a later tiny_sft launch
+    # (the README's `training.max_steps=60`) resumes it instead of being refused as a changed config
+    from vppo_recipes.checkpointing import check_resume_config
+    from vppo_recipes.config_schema import validate_config
+
+    args = ["--config", str(cli.shipped_configs()["tiny_sft"]), "training.max_steps=60"]
+    cfg = validate_config(cli.load_run_config(args), "sft")
+    assert check_resume_config(tmp_path / "runs" / "tiny_sft" / "checkpoints" / "step_000040", cfg) == []

@@ -133,7 +133,11 @@ def cmd_init_tiny(args: argparse.Namespace) -> int:
     from vppo_recipes.demo import DemoSettings, build_assets, sft_warm_start
 
     root = Path(args.dir).expanduser().resolve()
-    settings = DemoSettings(sft_steps=int(OmegaConf.load(shipped_configs()["tiny_sft"]).training.max_steps))
+    # The tiny_sft config's steps, and its one-line target (no chain-of-thought column): the warm start is then the
+    # run `vppo-recipes run sft_distributed --config tiny_sft` makes, with the same config record, so a later tiny_sft
+    # launch into ./runs/tiny_sft resumes it instead of being refused as a changed config.
+    sft = OmegaConf.load(shipped_configs()["tiny_sft"])
+    settings = DemoSettings(sft_steps=int(sft.training.max_steps), sft_lr=float(sft.optimizer.lr), reasoning=False)
     task, ckpt = build_assets(root, settings)
     print(f"tiny checkpoint: {ckpt}\nsynthetic task: {task}  (what tiny_sft reads)", flush=True)
     if args.no_warm_start:
