@@ -84,8 +84,8 @@ def _ok(ans: str) -> str:
 
 def test_tiny_model_on_two_fixture_benchmarks_k2(sampler, tiny, tmp_path):
     _, processor = tiny
-    res = evaluate(sampler, TWO, processor=processor, data_dir=FIXTURES, k=2, max_new_tokens=8, out_dir=tmp_path,
-                   batch_size=2, progress=False)  # fmt: skip
+    res = evaluate(sampler, TWO, processor=processor, data_dir=FIXTURES, protocol="raw", k=2, max_new_tokens=8,
+                   out_dir=tmp_path, batch_size=2, progress=False)  # fmt: skip
     assert list(res.benchmarks) == ["geo3k", "mmk12"]
     rows = read_items(tmp_path / ITEMS_FILE)
     assert len(rows) == 6 and [r["benchmark"] for r in rows].count("geo3k") == 3
@@ -123,7 +123,8 @@ def test_avg_at_k_is_mean_over_items_of_mean_over_samples(tiny):
 
 def test_resume_after_interruption_recomputes_nothing_and_equals_uninterrupted(sampler, tiny, tmp_path):
     _, processor = tiny
-    kw = dict(processor=processor, data_dir=FIXTURES, k=2, max_new_tokens=6, batch_size=1, seed=7, progress=False)
+    kw = dict(processor=processor, data_dir=FIXTURES, protocol="raw", k=2, max_new_tokens=6, batch_size=1, seed=7,
+              progress=False)  # fmt: skip
     full = evaluate(sampler, TWO, out_dir=tmp_path / "full", **kw)
 
     broken = Recording(sampler, fail_after=4)
@@ -252,7 +253,7 @@ def test_unknown_benchmark_raises_before_sampling(tiny, tmp_path):
 def test_missing_benchmark_in_data_dir_names_the_expected_path(tiny, tmp_path):
     _, processor = tiny
     with pytest.raises(FileNotFoundError, match=r"geo3k\.parquet"):
-        evaluate(Scripted({}), "geo3k", processor=processor, data_dir=tmp_path, progress=False)
+        evaluate(Scripted({}), "geo3k", processor=processor, data_dir=tmp_path, protocol="raw", progress=False)
 
 
 @pytest.mark.parametrize(

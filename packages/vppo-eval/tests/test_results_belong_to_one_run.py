@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -108,7 +109,7 @@ def test_the_readme_command_with_relative_paths_from_another_working_folder_scor
 # --- Results belong to one model -----------------------------------------------------------------------------------
 
 
-def test_model_b_into_model_a_out_is_refused_naming_both(ckpt, tmp_path, monkeypatch):
+def test_model_b_into_model_a_out_is_refused_naming_both(ckpt, tmp_path, monkeypatch, capsys):
     """Model B evaluated into model A's --out sampled nothing and reported A's results under B's name."""
     import vppo_rollout.loading
     from vppo_rollout.tiny import build_tiny_checkpoint
@@ -124,8 +125,8 @@ def test_model_b_into_model_a_out_is_refused_naming_both(ckpt, tmp_path, monkeyp
         raise AssertionError("refused before the model is loaded")
 
     monkeypatch.setattr(vppo_rollout.loading, "load_policy", boom)
-    with pytest.raises(SystemExit, match=rf"model {Path(ckpt).resolve()} .*this run is of model {other.resolve()}"):
-        cli.main(["--model", str(other), *argv])
+    assert cli.main(["--model", str(other), *argv]) == 2
+    assert re.search(rf"model {Path(ckpt).resolve()} .*this run is of model {other.resolve()}", capsys.readouterr().err)
     assert (out / CONFIG_FILE).read_text() == config  # still says model A
 
 
@@ -153,7 +154,7 @@ def test_the_model_fingerprint_covers_config_and_weight_files_and_a_changed_mode
 # --- Results belong to one item set --------------------------------------------------------------------------------
 
 
-def test_a_resume_after_the_data_file_changed_is_refused_naming_the_changed_item(ckpt, tmp_path):
+def test_a_resume_after_the_data_file_changed_is_refused_naming_the_changed_item(ckpt, tmp_path, capsys):
     """Evaluation resumed after the data file changed reused the old results beside the new file's item hash."""
     data = _sharegpt_dir(tmp_path)
     out = tmp_path / "eval"
@@ -164,8 +165,8 @@ def test_a_resume_after_the_data_file_changed_is_refused_naming_the_changed_item
     rows = json.loads(path.read_text())
     rows[1]["messages"][1]["content"] = "41"  # the answer of item 1 corrected
     path.write_text(json.dumps(rows))
-    with pytest.raises(SystemExit, match=r"1 item\(s\) that differ.*geo3k item 1: stored [0-9a-f]{16} vs now"):
-        cli.main(argv)
+    assert cli.main(argv) == 2
+    assert re.search(r"1 item\(s\) that differ.*geo3k item 1: stored [0-9a-f]{16} vs now", capsys.readouterr().err)
     assert (out / ITEMS_FILE).read_text() == items
 
 
@@ -228,3 +229,16 @@ def test_every_item_skipped_at_evaluation_is_an_error_after_the_results_are_writ
     assert res.benchmarks["b"].n_items == 0 and res.benchmarks["a"].avg_at_k == 1.0
     with pytest.raises(ValueError, match=r"'c' kept no item .*no skip recorded"):
         evaluate(Scripted({}), {"c": []}, processor=processor, k=1, progress=False)
+
+
+def test_a_resume_with_another_k_is_one_message_and_exit_code_2(ckpt, tmp_path, capsys):
+    """`vppo-eval` resumed into the same --out with another --k: the right message used to come as a traceback."""
+    out = tmp_path / "eval"
+    argv = ["--model", str(ckpt), "--benchmarks", "geo3k", "--protocol", "raw", "--data-dir", str(FIXTURES),
+            "--limit", "1", "--out", str(out), *QUICK]  # fmt: skip
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    assert cli.main([*argv, "--k", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"vppo-eval: --out {str(out)!r}: " in err and "k: stored 1 vs now 2" in err and "Use a new out_dir" in err
+    assert "Traceback" not in err

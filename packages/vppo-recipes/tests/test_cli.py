@@ -94,29 +94,95 @@ def test_plan_is_delegated_to_the_planner_with_its_arguments(monkeypatch):
 
 
 def test_run_from_another_directory_reaches_the_recipe_and_its_config_check(tmp_path):
-    """End to end through tune run, from a directory unrelated to the package: the recipe module is found, the
-    user's config file is read, and a misspelled key stops it with the closest valid key, before any compute."""
+    """From a directory unrelated to the package: `vppo-recipes run` reads the user's config file and refuses a
+    misspelled key with the closest valid key, in its own process (exit 2, nothing started); `tune run` with the
+    package's recipe path (the README's form) finds the recipe module, whose own check refuses it the same way."""
     (tmp_path / "elsewhere").mkdir()
     assert cli.main(["cp", "tiny_sft", str(tmp_path / "elsewhere" / "c.yaml")]) == 0
-    cmd = [
-        sys.executable,
-        "-m",
-        "vppo_recipes.cli",
-        "run",
-        "sft_distributed",
-        "--config",
-        "c.yaml",
-        "training.max_step=3",
+    launcher = [sys.executable, "-m", "vppo_recipes.cli", "run", "sft_distributed", "--config", "c.yaml"]
+    tune = [sys.executable, "-m", "torchtune._cli.tune", "run", "vppo_recipes/sft/sft_distributed.py"]
+    tune += ["--config", "c.yaml"]
+    procs = [
+        subprocess.run(
+            [*cmd, "training.max_step=3"], cwd=tmp_path / "elsewhere", capture_output=True, text=True, timeout=300
+        )
+        for cmd in (launcher, tune)
     ]
-    proc = subprocess.run(cmd, cwd=tmp_path / "elsewhere", capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "unknown key 'training.max_step' (did you mean 'training.max_steps'?)" in proc.stderr
-    assert (
-        "Running: tune run vppo_recipes/sft/sft_distributed.py --config "
-        + str((tmp_path / "elsewhere" / "c.yaml").resolve())
-        in proc.stdout
-    )
+    for proc in procs:
+        assert proc.returncode != 0, proc.stderr[-2000:]
+        assert "unknown key 'training.max_step' (did you mean 'training.max_steps'?)" in proc.stderr
+    assert procs[0].returncode == 2 and "Running: tune run" not in procs[0].stdout
+    assert procs[0].stderr.rstrip().endswith("nothing was started")
     assert not Path(tmp_path / "elsewhere" / "runs").exists()
+
+
+def _fake_model_and_data(root: Path) -> None:
+    """What `check_paths` looks at of the tiny configs' ./runs/tiny_ckpt and ./runs/visual_task: a folder with a
+    Qwen2.5-VL config.json, and a data folder."""
+    (root / "runs" / "tiny_ckpt").mkdir(parents=True)
+    (root / "runs" / "tiny_ckpt" / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
+    (root / "runs" / "visual_task").mkdir()
+
+
+@pytest.fixture
+def no_spawn(monkeypatch):
+    """`vppo-recipes run` in this process, with anything that would start `tune run` made to fail the test."""
+
+    def spawn(*args, **kwargs):
+        raise AssertionError(f"vppo-recipes run started a process: {args}")
+
+    monkeypatch.setattr(cli, "run_forwarding_signals", spawn, raising=False)  # absent before the launcher waited
+    monkeypatch.setattr(subprocess, "Popen", spawn)
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (["--config", "tiny_sft", "training.max_step=3"], ["training.max_step", "did you mean 'training.max_steps'"]),
+        (["--config", "tiny_sft", "model.path=./no_model"], ["model.path=", "no_model' is not an existing folder"]),
+        (["--config", "tiny_sft", "model.path=./runs"], ["model.path=", "has no config.json"]),
+        (["--config", "tiny_sft", "data.source=./runs/missing.parquet"], ["data.source=", "missing.parquet' does not"]),
+        (["--config", "tiny_sft", "world.nproc_per_node=4"], ["world.nproc_per_node=2", "WORLD_SIZE=2"]),
+        (["--config", "tiny_sft", "model.arch=qwen3_vl"], ["model.arch='qwen3_vl'", "set model.arch=qwen2_5_vl"]),
+        (["--config", "tiny_sft", "max_steps"], ["must be in the form of key=value, got max_steps"]),
+    ],
+    ids=["misspelled-key", "model-path-missing", "model-path-no-config", "data-missing", "world-size", "arch", "form"],
+)
+def test_run_refuses_a_bad_config_in_seconds_with_one_message_and_starts_nothing(
+    tmp_path, monkeypatch, capsys, no_spawn, args, names
+):
+    """Each used to surface only after torchrun had started the ranks (29-57 s), in 60-190 lines ending in
+    ChildFailedError; a wrong model.path said `load_processor(path): ... is not an existing folder`."""
+    monkeypatch.chdir(tmp_path)
+    _fake_model_and_data(tmp_path)
+    start = time.monotonic()
+    code = cli.main(["run", "sft_distributed", "--nproc_per_node", "2", *args])
+    elapsed = time.monotonic() - start
+    out, err = capsys.readouterr()
+    assert code == 2, err
+    assert elapsed < 10, f"took {elapsed:.1f} s"
+    assert err.startswith("vppo-recipes run: ") and err.rstrip().endswith("nothing was started"), err
+    assert "Traceback" not in err and "Running:" not in out
+    for name in names:
+        assert name in err, err
+    assert not (tmp_path / "runs" / "tiny_sft").exists()
+
+
+def test_run_checks_the_world_size_torchrun_will_launch(tmp_path, monkeypatch, capsys, no_spawn):
+    """The world size comes from the torchrun flags (torchrun's own parser): none is one process, `--nnodes 2
+    --nproc_per_node 1` two; an elastic MIN:MAX range is left to the ranks."""
+    monkeypatch.chdir(tmp_path)
+    _fake_model_and_data(tmp_path)
+    assert cli.launched_world_size([]) == 1
+    assert cli.launched_world_size(["--nnodes", "2", "--nproc-per-node=3"]) == 6
+    assert cli.launched_world_size(["--nnodes", "1:2", "--nproc_per_node", "2"]) is None
+    assert cli.main(["run", "sft_distributed", "--config", "tiny_sft"]) == 2
+    assert "WORLD_SIZE=1; set world.nproc_per_node=1" in capsys.readouterr().err
+    two_nodes = ["--nnodes", "2", "--nproc_per_node", "1", "--node_rank", "0", "--rdzv_endpoint", "127.0.0.1:29500"]
+    with pytest.raises(AssertionError, match="started a process"):  # a valid launch gets as far as starting tune
+        cli.main(
+            ["run", "sft_distributed", *two_nodes, "--config", "tiny_sft", "world.nnodes=2", "world.nproc_per_node=1"]
+        )
 
 
 # A stand-in for `tune run`: reports its pid, turns SIGTERM / SIGINT into a flag, then "finishes its step" (0.5 s),
@@ -140,6 +206,7 @@ _LAUNCHER = """
 import os, sys
 from vppo_recipes import cli
 cli.build_run_command = lambda argv, cwd=None: ([sys.executable, sys.argv[1], sys.argv[2]], dict(os.environ))
+cli.check_run_config = lambda *args: None  # no tiny model and data here: only the signal handling is under test
 sys.exit(cli.main(["run", "rl_distributed", "--config", "tiny_vppo"]))
 """
 
@@ -175,3 +242,36 @@ def test_run_passes_a_signal_on_to_the_run_and_waits_for_it_to_stop(tmp_path, si
         launcher.wait()
         if child is not None:
             os.kill(child, signal.SIGKILL)
+
+
+def test_init_tiny_without_warm_start_writes_what_tiny_sft_reads(tmp_path, monkeypatch, capsys):
+    """`vppo-recipes init-tiny runs --no-warm-start` from a fresh directory: tiny_sft's ./runs/tiny_ckpt and
+    ./runs/visual_task exist and its launch passes the launcher's checks. No documented command wrote them before."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["init-tiny", "runs", "--no-warm-start"]) == 0
+    assert (tmp_path / "runs" / "tiny_ckpt" / "config.json").is_file()
+    assert (tmp_path / "runs" / "visual_task").is_dir() and not (tmp_path / "runs" / "tiny_sft").exists()
+    assert "the tiny RL configs (tiny_vppo, tiny_dapo, ...) need it" in capsys.readouterr().out
+    cli.check_run_config(
+        "sft_distributed", ["--nproc_per_node", "2"], ["--config", str(cli.resolve_config("tiny_sft"))]
+    )
+
+
+@pytest.mark.slow
+def test_init_tiny_writes_the_warm_start_every_tiny_config_reads(tmp_path, monkeypatch):
+    """With the warm start (the demo's SFT stage, 40 steps as tiny_sft): every shipped tiny_* config's paths exist."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["init-tiny", "runs"]) == 0
+    assert (tmp_path / "runs" / "tiny_sft" / "checkpoints" / "step_000040" / "config.json").is_file()
+    for name, path in cli.shipped_configs().items():
+        if name.startswith("tiny_"):
+            recipe = cli.recipe_for_config(path)
+            cli.check_run_config(recipe, ["--nproc_per_node", "2"], ["--config", str(path)])
+    # the warm start is what `vppo-recipes run sft_distributed --config tiny_sft` makes: a later tiny_sft launch
+    # (the README's `training.max_steps=60`) resumes it instead of being refused as a changed config
+    from vppo_recipes.checkpointing import check_resume_config
+    from vppo_recipes.config_schema import validate_config
+
+    args = ["--config", str(cli.shipped_configs()["tiny_sft"]), "training.max_steps=60"]
+    cfg = validate_config(cli.load_run_config(args), "sft")
+    assert check_resume_config(tmp_path / "runs" / "tiny_sft" / "checkpoints" / "step_000040", cfg) == []

@@ -77,6 +77,8 @@ PROTOCOLS: dict[str, str] = {
     "2048 new tokens",
     "raw": "the benchmarks' own releases with vppo-eval's exact-match filter, same decoding",
 }
+# The protocol of `vppo-eval` and of `evaluate` given registry names, when none is named: the paper's item sets.
+DEFAULT_PROTOCOL = "vppo"
 
 
 class BenchmarkUnavailableError(RuntimeError):

@@ -27,6 +27,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from vppo_eval.benchmarks import DEFAULT_PROTOCOL
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # The decoding of both protocols (the paper's, ALGORITHMS.md §8); a run that changes one records it as a deviation.
 PROTOCOL_DECODING = {"k": 8, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 2048}
@@ -47,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmarks", default="all",
                    help="'all' (the eight of Table 1) or a comma-separated list of registry names (also "
                    "mathverse_vision: MathVerse's vision-dependent subset)")  # fmt: skip
-    p.add_argument("--protocol", choices=("vppo", "raw"), default="vppo",
+    p.add_argument("--protocol", choices=("vppo", "raw"), default=DEFAULT_PROTOCOL,
                    help="vppo: the authors' item sets (sharegpt files in --data-dir); raw: the benchmarks' own "
                    "releases with vppo-eval's exact-match filter")  # fmt: skip
     p.add_argument("--k", type=int, default=PROTOCOL_DECODING["k"], help="samples per item (avg@k); default 8")
@@ -262,7 +264,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_report(err.results, out, run_name=run_name)
         raise SystemExit(f"vppo-eval: {err}") from err
     except ResumeRefusedError as err:  # another model's results, changed items or other settings: the fix is named
-        raise SystemExit(f"vppo-eval: --out {str(out)!r}: {err}") from err
+        print(f"vppo-eval: --out {str(out)!r}: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # evaluate's refusals of its inputs (a corrupt items.jsonl, duplicate ids): named there
+        print(f"vppo-eval: {err}", file=sys.stderr)
+        return 2
     paths = write_report(results, out, run_name=run_name)
     print((out / "report.md").read_text() if paths["markdown"].exists() else "")
 

@@ -539,7 +539,7 @@ def evaluate(
     progress: bool = True,
     meta: Mapping[str, Any] | None = None,
     load_skipped: Mapping[str, Mapping[str, int]] | None = None,
-    protocol: str | None = None,
+    protocol: str | None = "default",
     data_info: Mapping[str, Mapping[str, Any]] | None = None,
     model: str | os.PathLike | Mapping[str, Any] | None = None,
     allow_empty: bool = False,
@@ -560,7 +560,9 @@ def evaluate(
     meta: extra facts stored in the config (e.g. the engine); not checked on resume.
     load_skipped: with a mapping of records, the loader's dropped-row counts to report (see `load_benchmarks`).
     protocol: the evaluation protocol the numbers follow (`vppo_eval.benchmarks.PROTOCOLS`; None: unnamed); with
-        registry names it also decides which data form is read.
+        registry names it also decides which data form is read. "default": with registry names the CLI's default
+        (`DEFAULT_PROTOCOL`, "vppo": the authors' sharegpt files in `data_dir`); records passed in follow no protocol
+        unless you name one, so for them it means None.
     data_info: with a mapping of records, what `LoadReport.summary()` said of each benchmark's data; recorded in
         the config (and so in results.json) with the protocol. Without it the source is "records passed in".
     model: the evaluated checkpoint's folder (its `model_identity` is stored) or an identity mapping you made; a
@@ -596,8 +598,10 @@ def evaluate(
     if not 0.0 <= format_weight <= 1.0:
         raise ValueError(f"format_weight={format_weight!r} must be in [0, 1] (the paper uses 0.1)")
 
-    from vppo_eval.benchmarks import PROTOCOLS, items_sha256
+    from vppo_eval.benchmarks import DEFAULT_PROTOCOL, PROTOCOLS, items_sha256
 
+    if protocol == "default":
+        protocol = None if isinstance(benchmarks, Mapping) else DEFAULT_PROTOCOL
     if protocol is not None and protocol not in PROTOCOLS:
         raise ValueError(f"protocol={protocol!r} must be one of {sorted(PROTOCOLS)} or None")
     if isinstance(benchmarks, Mapping):

@@ -4,6 +4,7 @@
     vppo-recipes cp tiny_sft ./my_sft.yaml                 # a shipped config (or recipe) to edit
     vppo-recipes run sft_distributed --nproc_per_node 2 --config ./my_sft.yaml training.max_steps=10
     vppo-recipes plan ...                                  # memory planner (vppo_recipes.plan)
+    vppo-recipes init-tiny runs                            # the tiny model, task and warm start the tiny_* configs read
 
 `run` hands over to torchtune's `tune run`, which turns a *relative* recipe path into a module name
 (`a/b.py` -> `a.b`), runs it with `python -m` (under torchrun when torchrun flags are given) and puts the cwd on
@@ -13,6 +14,11 @@ config file, `output_dir`, `model.path`, `data.source`) keep meaning what they m
 recipe file of the user's own (`vppo-recipes cp sft_distributed my_sft.py`, then edit) may be given by any path:
 its folder goes on PYTHONPATH and tune gets the bare file name. The equivalent direct command for a shipped recipe,
 from any directory, is `tune run [--nproc_per_node N] vppo_recipes/sft/sft_distributed.py --config <file>`.
+
+Before it starts anything, `run` checks the config in its own process (`check_run_config`): loaded with the
+overrides as the recipe will load it (torchtune's own parser), the recipe's `validate_config`, the paths it will read
+(`check_paths`) and the world size torchrun will launch (`check_world_size`). A problem is one message on stderr and
+exit code 2 within seconds, instead of a traceback from every rank after torchrun has started them.
 
 SIGTERM or SIGINT (Ctrl-C) to `run` is passed on to `tune run`, which is started in a process group of its own, and
 `run` waits for it: torchrun passes the signal on to the ranks, which finish their step, save it and exit (see
@@ -30,7 +36,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["RECIPES", "main", "recipe_for_config", "resolve_config", "shipped_configs"]
+__all__ = ["RECIPES", "check_run_config", "main", "recipe_for_config", "resolve_config", "shipped_configs"]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = PACKAGE_DIR / "configs"
@@ -116,6 +122,35 @@ def cmd_cp(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init_tiny(args: argparse.Namespace) -> int:
+    """Write what the shipped tiny_* configs read, under `args.dir`: `tiny_ckpt/` (the tiny random Qwen2.5-VL),
+    `visual_task/` (the synthetic task) and, unless `args.no_warm_start`, the SFT warm start
+    `tiny_sft/checkpoints/step_000040` (the tiny_sft config's steps), with the CPU demo's own stages
+    (`vppo_recipes.demo.build_assets`, `sft_warm_start`: the shipped SFT recipe on 2 processes). With `runs` as DIR the
+    configs' relative paths (`./runs/...`) find them from DIR's parent."""
+    from omegaconf import OmegaConf
+
+    from vppo_recipes.demo import DemoSettings, build_assets, sft_warm_start
+
+    root = Path(args.dir).expanduser().resolve()
+    # The tiny_sft config's steps, and its one-line target (no chain-of-thought column): the warm start is then the
+    # run `vppo-recipes run sft_distributed --config tiny_sft` makes, with the same config record, so a later tiny_sft
+    # launch into ./runs/tiny_sft resumes it instead of being refused as a changed config.
+    sft = OmegaConf.load(shipped_configs()["tiny_sft"])
+    settings = DemoSettings(sft_steps=int(sft.training.max_steps), sft_lr=float(sft.optimizer.lr), reasoning=False)
+    task, ckpt = build_assets(root, settings)
+    print(f"tiny checkpoint: {ckpt}\nsynthetic task: {task}  (what tiny_sft reads)", flush=True)
+    if args.no_warm_start:
+        print("no warm start (--no-warm-start): the tiny RL configs (tiny_vppo, tiny_dapo, ...) need it as model.path")
+        return 0
+    print(
+        f"SFT warm start: {settings.sft_steps} steps on 2 processes (log: {root / 'logs' / 'sft.log'}) ...", flush=True
+    )
+    warm = sft_warm_start(root, task, ckpt, settings)
+    print(f"SFT warm start: {warm}  (the tiny RL configs' model.path)")
+    return 0
+
+
 def _split_run_args(argv: list[str]) -> tuple[str, list[str], list[str]]:
     """`RECIPE [torchrun flags] --config C k=v...` (torchrun flags may also precede RECIPE) ->
     (recipe, torchrun flags, recipe args starting at --config)."""
@@ -155,6 +190,76 @@ def build_run_command(argv: list[str], cwd: Path | None = None) -> tuple[list[st
     recipe_args[1] = str(resolve_config(recipe_args[1], cwd))
     cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", *flags, recipe_arg, *recipe_args]
     return cmd, env
+
+
+def _recipe_kind(recipe: str, config: Path) -> str:
+    """ "rl" | "sft": the schema `recipe`'s `validate_config` uses. A recipe file of the user's own (a copy of a
+    shipped one) is taken to be of its config's kind (`recipe_for_config`)."""
+    name = recipe[:-3] if recipe.endswith(".py") else recipe
+    if name in RECIPES:
+        return "rl" if name == "rl_distributed" else "sft"
+    return "rl" if recipe_for_config(config) == "rl_distributed" else "sft"
+
+
+def launched_world_size(flags: list[str]) -> int | None:
+    """The WORLD_SIZE torchrun will give the ranks for these `tune run` flags, read by torchrun's own parser; 1 without
+    flags (`tune run` then starts one process without torchrun); None when it is decided only at launch (an elastic
+    `--nnodes MIN:MAX` with MIN < MAX)."""
+    if not flags:
+        return 1
+    from torch.distributed.run import determine_local_world_size, get_args_parser, parse_min_max_nnodes
+
+    args = get_args_parser().parse_args([*flags, "recipe.py"])
+    low, high = parse_min_max_nnodes(args.nnodes)
+    return low * determine_local_world_size(args.nproc_per_node) if low == high else None
+
+
+def load_run_config(recipe_args: list[str]):
+    """`["--config", PATH, "key=value", ...]` -> the DictConfig the recipe's `recipe_main` will get: read by
+    torchtune's own recipe parser (`TuneRecipeArgumentParser`, what `config.parse` uses) and merged with the
+    overrides by its `_merge_yaml_and_cli_args`. A malformed override or an unknown flag is a `ConfigError`."""
+    from torchtune.config._parse import TuneRecipeArgumentParser
+    from torchtune.config._utils import _merge_yaml_and_cli_args
+
+    from vppo_recipes.config_schema import ConfigError
+
+    try:
+        yaml_args, cli_args = TuneRecipeArgumentParser().parse_known_args(recipe_args)
+        return _merge_yaml_and_cli_args(yaml_args, cli_args)
+    except ValueError as e:  # a malformed override (`key` without `=`), an unknown flag
+        raise ConfigError(f"cannot read the config {recipe_args[1]} with its overrides: {e}") from None
+
+
+def check_run_config(recipe: str, flags: list[str], recipe_args: list[str]) -> None:
+    """Check the config of `vppo-recipes run` in this process, before anything is spawned; raise `ConfigError`.
+
+    recipe: the recipe name or file; flags: the torchrun flags; recipe_args: `["--config", PATH, "key=value", ...]`
+    with PATH resolved. The config is the one the ranks will get (`load_run_config`); then the recipe's
+    `validate_config`, `check_paths`, and `check_world_size` against the flags' world size. Relative paths resolve
+    against the cwd, as in the ranks.
+    """
+    from vppo_recipes.config_schema import ConfigError, check_paths, check_world_size, validate_config
+
+    kind = _recipe_kind(recipe, Path(recipe_args[1]))
+    cfg = load_run_config(recipe_args)
+    cfg = validate_config(cfg, kind)
+    problems = []
+    try:
+        check_paths(cfg)
+    except ConfigError as e:
+        problems.append(str(e))
+    try:
+        world = launched_world_size(flags)
+    except (ValueError, RuntimeError) as e:  # torchrun's own parse errors of --nnodes / --nproc_per_node
+        problems.append(f"the torchrun flags {' '.join(flags)} give no world size: {e}")
+    else:
+        try:
+            if world is not None:
+                check_world_size(cfg, world)
+        except ConfigError as e:
+            problems.append(str(e))
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
@@ -197,6 +302,14 @@ def run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
 
 def cmd_run(argv: list[str]) -> int:
     cmd, env = build_run_command(argv)
+    recipe, flags, recipe_args = _split_run_args(argv)
+    from vppo_recipes.config_schema import ConfigError
+
+    try:
+        check_run_config(recipe, flags, ["--config", str(resolve_config(recipe_args[1])), *recipe_args[2:]])
+    except ConfigError as e:
+        print(f"vppo-recipes run: {e}\nnothing was started", file=sys.stderr, flush=True)
+        return 2
     print("Running: tune run " + " ".join(cmd[4:]), flush=True)
     return run_forwarding_signals(cmd, env)
 
@@ -218,6 +331,21 @@ def main(argv: list[str] | None = None) -> int:
     cp.add_argument("destination", help="file or folder")
     cp.add_argument("--force", action="store_true", help="overwrite an existing destination")
     cp.set_defaults(func=cmd_cp)
+    init = sub.add_parser(
+        "init-tiny",
+        help="write the tiny model, synthetic task and SFT warm start that the tiny_* configs read",
+        description="Write DIR/tiny_ckpt, DIR/visual_task and DIR/tiny_sft/checkpoints/step_000040 (the SFT warm "
+        "start, about a minute on 2 CPU cores) -- the ./runs/... folders of the shipped tiny_* configs when DIR is "
+        "runs and you launch from its parent.",
+    )
+    init.add_argument("dir", help="output folder (runs, for the tiny configs' ./runs/... paths)")
+    init.add_argument(
+        "--no-warm-start",
+        action="store_true",
+        help="only the tiny checkpoint and the task (seconds): enough for tiny_sft; the tiny RL configs need the "
+        "warm start",
+    )
+    init.set_defaults(func=cmd_init_tiny)
     sub.add_parser("run", help="RECIPE [torchrun flags] --config CONFIG [key=value ...]")
     sub.add_parser("plan", help="per-rank memory plan of a config (see `vppo-recipes plan --help`)")
     args = parser.parse_args(argv)

@@ -42,6 +42,7 @@ from vppo_core.shaping import PGPO_THRESHOLD_MODES
 __all__ = [
     "ConfigError",
     "Field",
+    "check_paths",
     "check_world_size",
     "is_local_source",
     "resolve_path",
@@ -716,6 +717,55 @@ def check_world_size(cfg: DictConfig | Mapping[str, Any], world_size: int) -> No
     replicas = int(world.get("hsdp_replicas", 1))
     if world_size % replicas != 0:
         raise ConfigError(f"world.hsdp_replicas={replicas} must divide the world size {world_size}")
+
+
+def check_paths(cfg: DictConfig | Mapping[str, Any]) -> None:
+    """Check, on disk, the paths a run reads before anything loads them; raise `ConfigError` listing every problem.
+
+    `cfg`: a config returned by `validate_config` (paths absolute). `model.path` must be a Hugging Face model folder
+    (a `config.json` whose `model_type` is `model.arch`); `data.source` and `validation.source`, when local
+    (`is_local_source`), must exist. A hub id is not checked here: whether it is cached is the loader's question.
+    Without this, a wrong path surfaced after torchrun had started every rank, naming no key.
+    """
+    errors = []
+    model = str(cfg["model"]["path"])
+    config_json = os.path.join(model, "config.json")
+    if not os.path.isdir(model):
+        errors.append(
+            f"model.path={model!r} is not an existing folder; set model.path to a Hugging Face model folder (the one "
+            "holding config.json and the weights; `vppo-recipes init-tiny runs` writes the tiny configs' runs/tiny_ckpt)"
+        )
+    elif not os.path.isfile(config_json):
+        errors.append(
+            f"model.path={model!r} has no config.json, so it is no Hugging Face model folder; set model.path to the "
+            "folder that holds config.json and the weights"
+        )
+    else:
+        import json
+
+        try:
+            model_type = json.loads(open(config_json).read()).get("model_type")
+        except (OSError, ValueError, AttributeError) as e:
+            errors.append(f"model.path={model!r}: {config_json} cannot be read as JSON ({e}); repair or re-download it")
+        else:
+            if model_type != cfg["model"]["arch"]:
+                errors.append(
+                    f"model.arch={cfg['model']['arch']!r} but model.path={model!r} holds a {model_type!r} model "
+                    f"(config.json model_type); set model.arch={model_type}"
+                    if model_type in _ARCHS
+                    else f"model.path={model!r} holds a {model_type!r} model; supported: {', '.join(_ARCHS)}"
+                )
+    for key in ("data.source", "validation.source"):
+        section, name = key.split(".")
+        value = (cfg.get(section) or {}).get(name)
+        if isinstance(value, str) and is_local_source(value) and not os.path.exists(value):
+            errors.append(
+                f"{key}={value!r} does not exist; set {key} to a data file or folder (parquet / jsonl / json / csv, "
+                "or a save_to_disk folder) or a hub id 'owner/name' (`vppo-recipes init-tiny runs` writes the tiny "
+                "configs' runs/visual_task)"
+            )
+    if errors:
+        raise ConfigError("\n".join(errors))
 
 
 # Keys a resumed run may change freely: how long and how often, where to log, how many ranks, memory knobs. Any

@@ -233,8 +233,10 @@ def set_rope_theta(ckpt: Path, theta: float) -> None:
 
 
 def sft_warm_start(work: Path, task: Path, ckpt: Path, s: DemoSettings) -> Path:
-    """The shipped SFT recipe (2 processes) from the random checkpoint -> the warm-start checkpoint folder."""
-    out = work / "sft"
+    """The shipped SFT recipe (2 processes) from the random checkpoint -> the warm-start checkpoint folder,
+    `work/tiny_sft/checkpoints/step_<sft_steps>` (the tiny_sft config's own output folder name, so that with
+    `work=./runs` and 40 steps it is the tiny RL configs' model.path: `vppo-recipes init-tiny`)."""
+    out = work / "tiny_sft"
     shutil.rmtree(out, ignore_errors=True)  # resume=auto would otherwise continue a previous demo's run
     run_recipe(
         "sft_distributed",

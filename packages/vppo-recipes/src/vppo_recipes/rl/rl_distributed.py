@@ -106,7 +106,7 @@ from vppo_recipes.checkpointing import (
     load_training_state,
     save_checkpoint,
 )
-from vppo_recipes.config_schema import RL_ALGORITHMS, check_world_size, validate_config
+from vppo_recipes.config_schema import RL_ALGORITHMS, check_paths, check_world_size, validate_config
 from vppo_recipes.counterfactual import cross_modal_value_mean
 from vppo_recipes.data import Example, ExampleStream, SkipRow, VisualQADataset, prompt_or_skip, rank_slice
 from vppo_recipes.distributed import checkpoint_dtype, init_distributed, load_training_policy, shard_and_place
@@ -1739,6 +1739,7 @@ def _all_gather_var(t: torch.Tensor) -> torch.Tensor:
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point: validate the whole config before any compute, then setup / train / cleanup."""
     cfg = validate_config(cfg, "rl")
+    check_paths(cfg)  # a wrong model.path / data.source named by its key, before any process group
     recipe = RLRecipeDistributed(cfg)
     # Before any heavy work: the folder must be writable and this run's alone (vppo_recipes.lifecycle).
     with claim_output_dir(recipe.output_dir), recipe.stop_request.handling_signals():

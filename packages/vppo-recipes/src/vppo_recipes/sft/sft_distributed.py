@@ -53,7 +53,7 @@ from vppo_recipes.checkpointing import (
     load_training_state,
     save_checkpoint,
 )
-from vppo_recipes.config_schema import check_world_size, validate_config
+from vppo_recipes.config_schema import check_paths, check_world_size, validate_config
 from vppo_recipes.data import (
     Example,
     ExampleStream,
@@ -348,6 +348,7 @@ class SFTRecipeDistributed:
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point: validate the whole config before any compute, then setup / train / cleanup."""
     cfg = validate_config(cfg, "sft")
+    check_paths(cfg)  # a wrong model.path / data.source named by its key, before any process group
     recipe = SFTRecipeDistributed(cfg)
     # Before any heavy work: the folder must be writable and this run's alone (vppo_recipes.lifecycle).
     with claim_output_dir(recipe.output_dir), recipe.stop_request.handling_signals():
