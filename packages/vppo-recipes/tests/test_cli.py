@@ -145,9 +145,15 @@ def no_spawn(monkeypatch):
         (["--config", "tiny_sft", "world.nproc_per_node=4"], ["world.nproc_per_node=2", "WORLD_SIZE=2"]),
         (["--config", "tiny_sft", "model.arch=qwen3_vl"], ["model.arch='qwen3_vl'", "set model.arch=qwen2_5_vl"]),
         (["--config", "tiny_sft", "max_steps"], ["must be in the form of key=value, got max_steps"]),
+        (["--config", "tiny_sft", "training.max_steps=[1"], ["cannot read the config", "with its overrides"]),
+        (["--config", "tiny_sft", "training.max_steps=${oops"], ["cannot read the config", "with its overrides"]),
+        (["--config", "./broken.yaml"], ["cannot read the config", "broken.yaml"]),
     ],
-    ids=["misspelled-key", "model-path-missing", "model-path-no-config", "data-missing", "world-size", "arch", "form"],
-)
+    ids=[
+        "misspelled-key", "model-path-missing", "model-path-no-config", "data-missing", "world-size", "arch", "form",
+        "override-yaml", "override-interpolation", "yaml-file",
+    ],
+)  # fmt: skip
 def test_run_refuses_a_bad_config_in_seconds_with_one_message_and_starts_nothing(
     tmp_path, monkeypatch, capsys, no_spawn, args, names
 ):
@@ -155,6 +161,7 @@ def test_run_refuses_a_bad_config_in_seconds_with_one_message_and_starts_nothing
     ChildFailedError; a wrong model.path said `load_processor(path): ... is not an existing folder`."""
     monkeypatch.chdir(tmp_path)
     _fake_model_and_data(tmp_path)
+    (tmp_path / "broken.yaml").write_text("output_dir: {unclosed\n")  # a YAML file that does not parse
     start = time.monotonic()
     code = cli.main(["run", "sft_distributed", "--nproc_per_node", "2", *args])
     elapsed = time.monotonic() - start
@@ -211,10 +218,16 @@ sys.exit(cli.main(["run", "rl_distributed", "--config", "tiny_vppo"]))
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_run_passes_a_signal_on_to_the_run_and_waits_for_it_to_stop(tmp_path, sig):
-    """`kill` (or Ctrl-C) to the launcher alone: the run gets the signal and finishes before the launcher exits with
-    128 + the signal number. The launcher used to exit at once, leaving the run training with nobody to stop it."""
+@pytest.mark.parametrize(
+    ("sig", "passed_on"),
+    [(signal.SIGTERM, signal.SIGTERM), (signal.SIGINT, signal.SIGINT), (signal.SIGHUP, signal.SIGTERM)],
+    ids=["SIGTERM", "SIGINT", "SIGHUP"],
+)
+def test_run_passes_a_signal_on_to_the_run_and_waits_for_it_to_stop(tmp_path, sig, passed_on):
+    """`kill` (or Ctrl-C, or a closed terminal) to the launcher alone: the run gets the signal (SIGHUP as SIGTERM,
+    which the ranks stop and save on) and finishes before the launcher exits with 128 + the signal number. The
+    launcher used to exit at once, leaving the run training with nobody to stop it; since the run has a session of
+    its own, a hang-up must be passed on too."""
     (tmp_path / "tune.py").write_text(_FAKE_TUNE)
     (tmp_path / "launcher.py").write_text(_LAUNCHER)
     launcher = subprocess.Popen(
@@ -231,7 +244,7 @@ def test_run_passes_a_signal_on_to_the_run_and_waits_for_it_to_stop(tmp_path, si
         launcher.send_signal(sig)  # to the launcher's pid only, as `kill PID` or `docker stop` do
         out, _ = launcher.communicate(timeout=60)
         assert (tmp_path / "saved").is_file(), f"the run never got {sig.name}, or the launcher did not wait:\n{out}"
-        assert (tmp_path / "saved").read_text() == str(int(sig))
+        assert (tmp_path / "saved").read_text() == str(int(passed_on))
         assert launcher.returncode == 128 + sig, out
         assert f"vppo-recipes: stopped by {sig.name} (the run exited with 1); resume with the same command" in out
         with pytest.raises(ProcessLookupError):
@@ -275,3 +288,36 @@ def test_init_tiny_writes_the_warm_start_every_tiny_config_reads(tmp_path, monke
     args = ["--config", str(cli.shipped_configs()["tiny_sft"]), "training.max_steps=60"]
     cfg = validate_config(cli.load_run_config(args), "sft")
     assert check_resume_config(tmp_path / "runs" / "tiny_sft" / "checkpoints" / "step_000040", cfg) == []
+
+
+def test_init_tiny_refuses_a_live_run_in_its_warm_start_folder_and_deletes_nothing(tmp_path, monkeypatch, capsys):
+    """`init-tiny runs` again while a tiny_sft run trains in runs/tiny_sft: refused naming that run, exit 2, its
+    checkpoints kept. The warm start used to delete the folder (lock, checkpoints, metrics) under the live run."""
+    from vppo_recipes.lifecycle import lock_output_dir
+
+    monkeypatch.chdir(tmp_path)
+    live = tmp_path / "runs" / "tiny_sft"
+    (live / "checkpoints" / "step_000100").mkdir(parents=True)
+    lock = lock_output_dir(live)  # held by this (live) process, as a running tiny_sft launch holds it
+    try:
+        assert cli.main(["init-tiny", "runs"]) == 2
+    finally:
+        lock.release()
+    assert (live / "checkpoints" / "step_000100").is_dir()
+    err = capsys.readouterr().err
+    assert "is in use by another run" in err and str(live) in err, err
+
+
+def test_the_final_and_stop_lines_name_the_step_this_run_saved_not_a_later_one_left_in_the_folder(tmp_path):
+    """A folder holding step 100 of an earlier run (`training.resume=never`): a run that ends, or is stopped, at step
+    40 names its own step_000040, not the folder's latest."""
+    import signal as signals
+
+    from vppo_recipes.checkpointing import final_checkpoint_line
+    from vppo_recipes.lifecycle import stopped_message
+
+    for step in (40, 100):
+        (tmp_path / "checkpoints" / f"step_{step:06d}").mkdir(parents=True)
+    own = (tmp_path / "checkpoints" / "step_000040").resolve()
+    assert final_checkpoint_line("RL", 40, tmp_path) == f"RL done at step 40; final checkpoint: {own}"
+    assert f"latest checkpoint {own};" in stopped_message(signals.SIGTERM, 40, tmp_path)

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -152,14 +153,20 @@ def in_process_rank(monkeypatch):
 
 
 def _recipe_main(monkeypatch, recipe: str, output_dir: Path):
-    """Run `recipe`'s recipe_main on its tiny config into `output_dir`, with a model and data that do not exist: a
+    """Run `recipe`'s recipe_main on its tiny config into `output_dir`, with a model folder holding only a config.json
+    and an empty data folder: they pass the config's path checks (`check_paths`, before the folder is claimed), and a
     recipe that went past its start would fail loading them."""
     from vppo_recipes.rl import rl_distributed
     from vppo_recipes.sft import sft_distributed
 
     module, config = {"rl": (rl_distributed, "tiny_vppo"), "sft": (sft_distributed, "tiny_sft")}[recipe]
-    args = [f"output_dir={output_dir}", "model.path=/nonexistent/model", "data.source=/nonexistent/data"]
-    args += ["world.nproc_per_node=1", *(["validation.every_n_steps=0"] if recipe == "rl" else [])]
+    stand_ins = Path(tempfile.mkdtemp(prefix="vppo-stand-ins-"))
+    (stand_ins / "model").mkdir()
+    (stand_ins / "model" / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
+    (stand_ins / "data").mkdir()
+    args = [f"output_dir={output_dir}", f"model.path={stand_ins / 'model'}", f"data.source={stand_ins / 'data'}"]
+    args += ["world.nproc_per_node=1"]
+    args += [f"validation.source={stand_ins / 'data'}", "validation.every_n_steps=0"] if recipe == "rl" else []
     monkeypatch.setattr(sys, "argv", [recipe, "--config", str(CONFIGS / f"{config}.yaml"), *args])
     module.recipe_main()
 

@@ -177,11 +177,18 @@ def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return None if best is None else best[1]
 
 
+def checkpoint_of_step(output_dir: str | os.PathLike, step: int) -> Path | None:
+    """The checkpoint a run that ended at `step` leaves, absolute: its own step's folder when it saved one (a folder
+    can hold a later step of an earlier run, e.g. after `training.resume=never`), else the latest; None if none."""
+    own = checkpoint_dir(output_dir, step)
+    latest = own if own.is_dir() else find_latest_checkpoint(output_dir)
+    return None if latest is None else latest.resolve()
+
+
 def final_checkpoint_line(recipe: str, step: int, output_dir: str | os.PathLike) -> str:
     """What both recipes print on rank 0 when a run ends, e.g. "RL done at step 40; final checkpoint:
-    /runs/x/checkpoints/step_000040" (`find_latest_checkpoint(output_dir)`, an absolute path; None if none)."""
-    latest = find_latest_checkpoint(output_dir)
-    return f"{recipe} done at step {step}; final checkpoint: {latest.resolve() if latest is not None else None}"
+    /runs/x/checkpoints/step_000040" (`checkpoint_of_step`)."""
+    return f"{recipe} done at step {step}; final checkpoint: {checkpoint_of_step(output_dir, step)}"
 
 
 def _sha256(path: Path) -> str:

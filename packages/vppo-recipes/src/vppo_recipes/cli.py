@@ -131,6 +131,7 @@ def cmd_init_tiny(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
     from vppo_recipes.demo import DemoSettings, build_assets, sft_warm_start
+    from vppo_recipes.lifecycle import OutputDirError
 
     root = Path(args.dir).expanduser().resolve()
     # The tiny_sft config's steps, and its one-line target (no chain-of-thought column): the warm start is then the
@@ -146,7 +147,11 @@ def cmd_init_tiny(args: argparse.Namespace) -> int:
     print(
         f"SFT warm start: {settings.sft_steps} steps on 2 processes (log: {root / 'logs' / 'sft.log'}) ...", flush=True
     )
-    warm = sft_warm_start(root, task, ckpt, settings)
+    try:
+        warm = sft_warm_start(root, task, ckpt, settings)
+    except OutputDirError as err:  # a live run in DIR/tiny_sft: refused, not deleted under it
+        print(f"vppo-recipes init-tiny: {err}", file=sys.stderr)
+        return 2
     print(f"SFT warm start: {warm}  (the tiny RL configs' model.path)")
     return 0
 
@@ -218,6 +223,8 @@ def load_run_config(recipe_args: list[str]):
     """`["--config", PATH, "key=value", ...]` -> the DictConfig the recipe's `recipe_main` will get: read by
     torchtune's own recipe parser (`TuneRecipeArgumentParser`, what `config.parse` uses) and merged with the
     overrides by its `_merge_yaml_and_cli_args`. A malformed override or an unknown flag is a `ConfigError`."""
+    import yaml
+    from omegaconf.errors import OmegaConfBaseException
     from torchtune.config._parse import TuneRecipeArgumentParser
     from torchtune.config._utils import _merge_yaml_and_cli_args
 
@@ -226,7 +233,8 @@ def load_run_config(recipe_args: list[str]):
     try:
         yaml_args, cli_args = TuneRecipeArgumentParser().parse_known_args(recipe_args)
         return _merge_yaml_and_cli_args(yaml_args, cli_args)
-    except ValueError as e:  # a malformed override (`key` without `=`), an unknown flag
+    # a malformed override (`key` without `=`, `k=[1`, `k=${oops`), an unknown flag, a YAML file that does not parse
+    except (ValueError, yaml.YAMLError, OmegaConfBaseException) as e:
         raise ConfigError(f"cannot read the config {recipe_args[1]} with its overrides: {e}") from None
 
 
@@ -263,11 +271,14 @@ def check_run_config(recipe: str, flags: list[str], recipe_args: list[str]) -> N
 
 
 def run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
-    """Run `cmd` in a new process group; pass the first SIGTERM / SIGINT on to that group and wait for it to end.
+    """Run `cmd` in a new process group; pass the first SIGTERM / SIGINT / SIGHUP on to that group and wait for it to
+    end.
 
     Returns the child's exit code, or 128 + the signal number when a signal stopped the run before it finished.
     Only the first signal is passed on: torchrun's agent, interrupted again while it waits for the ranks to save,
-    would stop waiting; it kills them itself after its `--shutdown_timeout`.
+    would stop waiting; it kills them itself after its `--shutdown_timeout`. SIGHUP (the terminal or the ssh session
+    closed) is passed on as SIGTERM: the child's own session no longer gets the terminal's hang-up, and the ranks
+    stop and save on SIGTERM / SIGINT only.
     """
     child = subprocess.Popen(cmd, env=env, start_new_session=True)  # its own group: one signal per Ctrl-C, not two
     received: list[int] = []
@@ -280,11 +291,11 @@ def run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
         received.append(signum)
         print(f"vppo-recipes: {name}: asking the run to stop after its current step and save it", flush=True)
         try:
-            os.killpg(child.pid, signum)
+            os.killpg(child.pid, signal.SIGTERM if signum == signal.SIGHUP else signum)
         except ProcessLookupError:  # it has just ended
             pass
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
         rc = child.wait()  # retried after each handler (PEP 475)
     finally:

@@ -207,9 +207,15 @@ class VisualQADataset:
 
 
 def _text(value: Any, row: int, role: str) -> str:
-    """A text cell as str: None is empty, bytes must be UTF-8 (else the row is skipped as undecodable_text)."""
+    """A text cell as str: None is empty, bytes must be UTF-8, a number is its text; a list or an object (a JSON
+    field that holds one in this row, decoded by `row_decoder`) has no text: the row is skipped as undecodable_text,
+    never read as its Python repr (an answer `['3', '4']` would score 0 on every response)."""
     if value is None:
         return ""
+    if isinstance(value, (list, tuple, Mapping)):
+        raise SkipRow(
+            "undecodable_text", f"row {row} {role}: holds a {type(value).__name__}, not text: {str(value)[:80]}"
+        )
     if isinstance(value, (bytes, bytearray)):
         try:
             return bytes(value).decode("utf-8")

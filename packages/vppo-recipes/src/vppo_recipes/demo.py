@@ -237,6 +237,9 @@ def sft_warm_start(work: Path, task: Path, ckpt: Path, s: DemoSettings) -> Path:
     `work/tiny_sft/checkpoints/step_<sft_steps>` (the tiny_sft config's own output folder name, so that with
     `work=./runs` and 40 steps it is the tiny RL configs' model.path: `vppo-recipes init-tiny`)."""
     out = work / "tiny_sft"
+    # A live run in that folder (a tiny_sft launch while `init-tiny` runs again) is refused, naming it, never deleted
+    # under it: taking and releasing the folder's lock raises OutputDirError while its owner runs.
+    lock_output_dir(out).release()
     shutil.rmtree(out, ignore_errors=True)  # resume=auto would otherwise continue a previous demo's run
     run_recipe(
         "sft_distributed",

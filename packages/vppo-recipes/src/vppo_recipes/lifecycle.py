@@ -281,9 +281,9 @@ class StopRequest:
 
 def stopped_message(signum: int, step: int, output_dir: str | os.PathLike) -> str:
     """The line a run stopped by a signal prints: what stopped it, where, its latest checkpoint, how to go on."""
-    from vppo_recipes.checkpointing import find_latest_checkpoint
+    from vppo_recipes.checkpointing import checkpoint_of_step
 
     name = signal.Signals(signum).name
-    checkpoint = find_latest_checkpoint(output_dir)
+    checkpoint = checkpoint_of_step(output_dir, step)
     saved = f"latest checkpoint {checkpoint}" if checkpoint is not None else "no checkpoint yet"
     return f"stopped by {name} at step {step}; {saved}; resume with the same command"

@@ -40,7 +40,7 @@ SKIP_REASONS: dict[str, str] = {
     "missing_image": "the row has no image, or its image path does not exist",
     "undecodable_image": "the image bytes are corrupt, truncated or not an image format PIL reads",
     "image_too_large": f"the image has more than {MAX_IMAGE_PIXELS:,} pixels (e.g. a decompression bomb)",
-    "undecodable_text": "a text cell holds bytes that are not UTF-8",
+    "undecodable_text": "a text cell holds bytes that are not UTF-8, or a list / an object instead of text",
     "empty_question": "the question is empty",
     "empty_answer": "the answer is empty",
     "empty_response": "the SFT response column is empty",

@@ -1599,7 +1599,8 @@ class RLRecipeDistributed:
             self.save_checkpoint()
         if self.is_rank_zero and self.stopped_by is None:  # a stopped run printed its stop line instead
             print(final_checkpoint_line("RL", self.step, self.output_dir), flush=True)
-        warning = no_update_warning(self.step, self.optimizer_steps, self.totals)
+        # A run stopped by a signal is resumed, not judged: the warning is for a run that ended untrained.
+        warning = None if self.stopped_by else no_update_warning(self.step, self.optimizer_steps, self.totals)
         if warning and self.is_rank_zero:
             print(warning, file=sys.stderr, flush=True)
 
