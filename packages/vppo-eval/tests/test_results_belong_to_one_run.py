@@ -242,3 +242,16 @@ def test_a_resume_with_another_k_is_one_message_and_exit_code_2(ckpt, tmp_path, 
     err = capsys.readouterr().err
     assert f"vppo-eval: --out {str(out)!r}: " in err and "k: stored 1 vs now 2" in err and "Use a new out_dir" in err
     assert "Traceback" not in err
+
+
+def test_an_out_dir_written_before_models_were_recorded_is_refused_saying_so(processor, tmp_path):
+    """An --out from an older vppo-eval (its eval_config.json names no model) cannot be checked to be this model's:
+    refused, saying it is older, not "holds the results of model no model named"."""
+    data = {"a": _records(["1"])}
+    kw = dict(processor=processor, k=1, out_dir=tmp_path / "eval", progress=False)
+    evaluate(Scripted({"question 0": "1"}), data, model={"path": "m", "fingerprint": "f1"}, **kw)
+    stored = json.loads((tmp_path / "eval" / CONFIG_FILE).read_text())
+    del stored["model"]  # what an older vppo-eval wrote
+    (tmp_path / "eval" / CONFIG_FILE).write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match=r"written by an older vppo-eval.*m \(fingerprint f1\).*new out_dir"):
+        evaluate(Scripted({"question 0": "1"}), data, model={"path": "m", "fingerprint": "f1"}, **kw)

@@ -397,6 +397,12 @@ def _check_config(out_dir: Path, config: dict[str, Any]) -> None:
     if not path.exists():
         return
     old = json.loads(path.read_text())
+    if "model" not in old and config["model"]:
+        raise ResumeRefusedError(
+            f"out_dir={str(out_dir)!r} holds results written by an older vppo-eval, which did not record the model "
+            f"they are of, so they cannot be checked to be of {_describe_model(config['model'])}. Use a new out_dir "
+            "(vppo-eval --out)."
+        )
     if old.get("model") != config["model"]:
         raise ResumeRefusedError(
             f"out_dir={str(out_dir)!r} holds the results of model {_describe_model(old.get('model'))}; this run is "

@@ -8,8 +8,9 @@ stops the run.
   one, or one from another host (whose pid cannot be checked from here), is refused naming its owner.
 - `StopRequest`: SIGTERM / SIGINT only set a flag; the training loop asks `agreed()` once per step (an all-reduce,
   so every rank stops at the same step), saves the completed step and exits with 128 + the signal number. torchrun's
-  agent turns the signal it receives into SIGTERM to every worker and waits `--shutdown_timeout` seconds (30 by
-  default) before SIGKILL, so a step must finish within that time to be saved; otherwise the run resumes from its
+  agent passes the signal it receives (SIGTERM, SIGINT, SIGHUP or SIGQUIT) on to every worker unchanged, so only
+  SIGTERM and SIGINT reach a handler here (`vppo-recipes run` passes a SIGHUP on as SIGTERM); it then waits
+  `--shutdown_timeout` seconds (30 by default) before SIGKILL, so a step must finish within that time to be saved; otherwise the run resumes from its
   last checkpoint, which is still exact, only later.
 """
 
