@@ -164,16 +164,10 @@ def test_a_bf16_rl_run_writes_bf16_checkpoints_and_resumes_exactly(tmp_path, mon
     """The RL recipe in process with model.dtype=bfloat16: 2 steps uninterrupted vs 1 step, then a resumed launch
     to step 2. Every checkpoint is bf16 (config.json too), and the resumed step 2 equals the uninterrupted one:
     metrics and the restored float32 master weights, bit for bit."""
-    import vppo_recipes.rl.rl_distributed as rl
 
-    graded = rl.compute_rewards
+    from _rl_rewards import alternate_rewards
 
-    def alternating_rewards(texts, *args, **kwargs):  # the random model earns 0 everywhere: no gradient otherwise
-        out = graded(texts, *args, **kwargs)
-        out["reward"] = [float(i % 2) for i in range(len(texts))]
-        return out
-
-    monkeypatch.setattr(rl, "compute_rewards", alternating_rewards)
+    alternate_rewards(monkeypatch)  # the random model earns 0 everywhere: no update otherwise
     bf16 = {"model.dtype": "bfloat16"}
     full = _train_in_process(tmp_path / "full", "tiny_dapo", {"training.max_steps": 2, **bf16})
     _train_in_process(tmp_path / "cut", "tiny_dapo", {"training.max_steps": 1, **bf16})

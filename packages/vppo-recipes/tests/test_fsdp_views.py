@@ -90,16 +90,10 @@ def test_the_sharded_log_prob_pass_warns_only_when_it_returns_the_hidden_view_an
 
 def test_an_rl_step_emits_no_fsdp_view_warning(tmp_path, monkeypatch):
     """The whole step in process (1-rank gloo, FSDP2), with an update that runs: no "returned a view tensor"."""
-    import vppo_recipes.rl.rl_distributed as rl
 
-    graded = rl.compute_rewards
+    from _rl_rewards import alternate_rewards
 
-    def alternating_rewards(texts, *args, **kwargs):  # the random model earns 0 everywhere: no update otherwise
-        out = graded(texts, *args, **kwargs)
-        out["reward"] = [float(i % 2) for i in range(len(texts))]
-        return out
-
-    monkeypatch.setattr(rl, "compute_rewards", alternating_rewards)
+    alternate_rewards(monkeypatch)  # the random model earns 0 everywhere: no update otherwise
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         metrics = _one_rl_step_in_process(tmp_path, "tiny_vppo", {"rollout.online_filter": "false"})

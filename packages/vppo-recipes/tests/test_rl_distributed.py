@@ -462,14 +462,9 @@ def test_each_phase_returns_frozen_values_that_no_later_phase_changes(tmp_path, 
             return out
 
         monkeypatch.setattr(rl.RLRecipeDistributed, name, recording)
-    graded = rl.compute_rewards
+    from _rl_rewards import alternate_rewards
 
-    def alternating_rewards(texts, *args, **kwargs):  # the random model earns 0 everywhere: advantages would be 0
-        out = graded(texts, *args, **kwargs)
-        out["reward"] = [float(i % 2) for i in range(len(texts))]
-        return out
-
-    monkeypatch.setattr(rl, "compute_rewards", alternating_rewards)
+    alternate_rewards(monkeypatch)  # the random model earns 0 everywhere: no update otherwise
     _one_rl_step_in_process(tmp_path, config, {"rollout.online_filter": "false", **overrides})
     assert {name for name, _, _ in returned} == {"generate_rollouts", "prepare_minibatches", "no_grad_passes", "shape"}
     for name, out, snapshot in returned:
