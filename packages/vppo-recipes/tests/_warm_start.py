@@ -17,7 +17,7 @@ def warm_start(ckpt: Path, task: Path, out: Path, *, steps: int, thought: str) -
     16 seeded random rows of `task`'s train split each, single process; saved as an HF folder at `out`."""
     import datasets
 
-    from vppo_recipes.rl.rl_distributed import response_logprobs
+    from vppo_recipes.forward import response_logprobs
     from vppo_rollout.collate import collate_rollout, model_inputs
     from vppo_rollout.loading import load_policy, load_processor
     from vppo_rollout.prompts import build_prompt

@@ -57,7 +57,7 @@ def test_the_sharded_log_prob_pass_warns_only_when_it_returns_the_hidden_view_an
     """A 1-rank FSDP2 model (the recipe's sharding, its hooks) vs the plain model: the gradient of the summed
     response log-probs is the same whether or not the pass also returns the hidden-state view; the warning comes
     exactly from that view."""
-    from vppo_recipes.rl.rl_distributed import response_pass
+    from vppo_recipes.forward import response_pass
     from vppo_recipes.sharding import call_in_root_forward, shard_policy
 
     model, inputs, responses, prompt_length, mask = tiny_batch

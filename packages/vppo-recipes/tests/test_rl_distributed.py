@@ -13,15 +13,10 @@ import torch
 from omegaconf import OmegaConf
 
 from vppo_recipes.config_schema import validate_config
-from vppo_recipes.rl.rl_distributed import (
-    accumulate_loss_metrics,
-    check_batch_sizes,
-    chunk_ranges,
-    finalize_loss_metrics,
-    masked_quantiles,
-    mix_seed,
-    response_logprobs,
-)
+from vppo_recipes.forward import response_logprobs
+from vppo_recipes.rl.rl_distributed import check_batch_sizes, chunk_ranges
+from vppo_recipes.rl.step_metrics import accumulate_loss_metrics, finalize_loss_metrics, masked_quantiles
+from vppo_recipes.seeding import mix_seed
 
 CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[1] / "src" / "vppo_recipes" / "configs"
 
@@ -97,7 +92,7 @@ def test_removed_kl_keys_are_refused_with_the_reason(key):
     [
         ({"rollout.temperature": "0"}, r"rollout\.temperature=0.*must be > 0"),
         ({"rollout.group_size": "1"}, r"group_size must be >= 2"),
-        ({"algorithm.tgf_fraction": "0"}, r"tgf_fraction must be in \(0, 1\]"),
+        ({"algorithm.tgf_fraction": "0"}, r"tgf_fraction' is 0; must be in \(0, 1\]"),
         ({"loss.rollout_is_cap": "2.0", "rollout.temperature": "0.7"}, r"rollout_is_cap .* needs rollout\.temperature"),
     ],
 )
@@ -111,7 +106,7 @@ def test_loss_and_perturbation_choices_are_vppo_cores_own():
     from vppo_core.perturb import IMAGE_PERTURBATIONS, PERTURBATION_MODES
     from vppo_recipes.config_schema import schema_for
 
-    schema = schema_for("rl")
+    schema = schema_for("rl", {"name": "vppo"})
     assert schema["loss"]["loss_type"].choices == LOSS_TYPES
     assert schema["loss"]["aggregation"].choices == AGGREGATIONS
     assert schema["algorithm"]["perturbation"].choices == IMAGE_PERTURBATIONS
@@ -197,7 +192,7 @@ def test_no_grad_passes_run_the_lm_head_as_plain_2d_matmuls_in_bf16(tiny, n_resp
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from vppo_recipes.rl.rl_distributed import exact_dependency_in_root
+    from vppo_recipes.forward import exact_dependency_in_root
     from vppo_recipes.sharding import call_in_root_forward
     from vppo_rollout.collate import collate_rollout, model_inputs
     from vppo_rollout.prompts import build_prompt
@@ -405,12 +400,12 @@ def test_with_batch_shape_dependent_kernels_a_stacked_old_pass_fails_and_the_rec
     def stacked_clean_half(recipe):  # optimizer.lr=0: the weights are still those of the no-grad passes
         mb = captured["minis"][0][0]
         both = {
-            k: torch.cat([v, recipe._altered_view(mb, recipe.views[0])[0][k]], dim=1 if k == "position_ids" else 0)
+            k: torch.cat([v, recipe.view_inputs(mb, 0).inputs[k]], dim=1 if k == "position_ids" else 0)
             for k, v in mb.inputs.items()
         }
         with torch.no_grad():
             lp, _ = call_in_root_forward(
-                recipe.model, rl.response_logprobs, both, torch.cat([mb.responses, mb.responses]), mb.prompt_length,
+                recipe.model, response_logprobs, both, torch.cat([mb.responses, mb.responses]), mb.prompt_length,
                 temperature=recipe.temperature, chunk_size=recipe.chunk_size,
             )  # fmt: skip
         captured["stacked"] = lp[: mb.responses.shape[0]]
@@ -450,7 +445,10 @@ def test_each_phase_returns_frozen_values_that_no_later_phase_changes(tmp_path, 
     in place: every tensor a phase returned is bitwise what it was when returned, after the whole step."""
     import vppo_recipes.rl.rl_distributed as rl
 
-    for cls in (rl.Draw, rl.Group, rl.Rollouts, rl.MicroBatch, rl.NoGradPass, rl.Shaped, rl.UpdateResult):
+    from vppo_recipes.methods import records
+
+    for cls in (rl.Draw, rl.Group, rl.Rollouts, rl.UpdateResult, records.MicroBatch, records.NoGradPass,
+                records.Shaping, records.Shaped, records.MicroStep):  # fmt: skip
         assert cls.__dataclass_params__.frozen, cls
     returned = []
     for name in ("generate_rollouts", "prepare_minibatches", "no_grad_passes", "shape"):
@@ -688,16 +686,16 @@ def test_no_token_or_key_from_the_environment_is_written_into_a_run(tmp_path, mo
 
 def test_pgpo_switches_reach_the_token_weights(tmp_path, monkeypatch):
     """algorithm.pgpo_threshold_mode / pgpo_weight_floor / pgpo_mass_normalization reach pgpo_token_weights."""
-    import vppo_recipes.rl.rl_distributed as rl
+    import vppo_recipes.methods.pgpo as pgpo
 
     seen = []
-    weights = rl.pgpo_token_weights
+    weights = pgpo.pgpo_token_weights
 
     def recording(S, mask, **kwargs):
         seen.append(kwargs)
         return weights(S, mask, **kwargs)
 
-    monkeypatch.setattr(rl, "pgpo_token_weights", recording)
+    monkeypatch.setattr(pgpo, "pgpo_token_weights", recording)
     switches = {
         "algorithm.pgpo_threshold_mode": "quantile",
         "algorithm.pgpo_weight_floor": 0.1,

@@ -79,6 +79,7 @@ def capture_step(recipe, monkeypatch) -> dict:
      "lp_alt" (or None)}}. Every rank calls it (gathering the full weights is collective).
     """
     import vppo_recipes.rl.rl_distributed as rl
+    from vppo_recipes.methods.views import CounterfactualAttention
 
     seen = {}
     Recipe = rl.RLRecipeDistributed
@@ -99,8 +100,16 @@ def capture_step(recipe, monkeypatch) -> dict:
     before = _full_state(recipe.model)
     metrics = recipe.rl_step()
     after = _full_state(recipe.model)
-    (minis, _), (passes, _), groups = seen["minis"], seen["passes"], seen["rollouts"].groups
+    (minis, _), (steps, _), groups = seen["minis"], seen["passes"], seen["rollouts"].groups
     per_mini = len(groups) // len(minis)
+    own_views = len(recipe.method.views())  # the loss reads them (not the diagnostics' view)
+
+    def score(scores):  # the method's one per-token score, by its own name
+        return next((scores[k] for k in ("abs_log_ratio", "vepo_score", "prior") if k in scores), None)
+
+    def entropy(scores):
+        return next((scores[k] for k in ("top_p_entropy", "entropy") if k in scores), None)
+
     return {
         "before": before,
         "after": after,
@@ -112,21 +121,27 @@ def capture_step(recipe, monkeypatch) -> dict:
             [
                 {
                     "inputs": dict(mb.inputs),
-                    "altered": recipe._altered_view(mb, recipe.views[0])[0] if recipe.uses_dependency else None,
+                    "altered": recipe.view_inputs(mb, 0).inputs if own_views else None,
                     "responses": mb.responses,
                     "mask": mb.mask,
                     "prompt_length": mb.prompt_length,
-                    "lp_old": p.lp_old,
-                    "lp_alt": p.lp_alt,
-                    # every altered view's inputs and prompt length (ToR's has no image: another length)
-                    "views": [list(recipe._altered_view(mb, v)[:2]) for v in recipe.views if v != "counterfactual"],
-                    "lp_alt2": p.lp_alt2,
-                    "score": p.score,
-                    "entropy": p.entropy,
+                    "lp_old": s.no_grad.lp_old,
+                    "lp_alt": s.no_grad.lp_views[0] if s.no_grad.lp_views else None,
+                    # every altered view's inputs and prompt length (ToR's has no image: another length); not the
+                    # counterfactual view, whose change is inside the forward
+                    "views": [
+                        [v.inputs, v.prompt_length]
+                        for i in range(len(recipe.views))
+                        if not isinstance(recipe.views[i], CounterfactualAttention)
+                        for v in [recipe.view_inputs(mb, i)]
+                    ],
+                    "lp_alt2": s.no_grad.lp_views[1] if len(s.no_grad.lp_views) > 1 else None,
+                    "score": score(s.no_grad.scores),
+                    "entropy": entropy(s.no_grad.scores),
                 }
-                for mb, p in zip(mini, mini_passes)
+                for mb, s in zip(mini, mini_steps)
             ]
-            for mini, mini_passes in zip(minis, passes)
+            for mini, mini_steps in zip(minis, steps)
         ],
     }
 
@@ -236,10 +251,11 @@ def _plain_method_weights(model, cfg, minis: list[list[dict]]) -> list[list[torc
 
     def batch_set(values: list[torch.Tensor], fraction: float, which: int) -> list[torch.Tensor]:
         """The set over the whole batch in data order, ties broken by the recipe's seeded draw (step 0)."""
-        import vppo_recipes.rl.rl_distributed as rl
+        from vppo_recipes.methods.base import TIE_BREAK_SALT
+        from vppo_recipes.seeding import mix_seed
 
         flat_values = torch.cat([v[mb["mask"] > 0] for mb, v in zip(flat, values)])[None]
-        ties = torch.Generator().manual_seed(rl.mix_seed(int(cfg.seed), 0, rl.TIE_BREAK_SALT, which))
+        ties = torch.Generator().manual_seed(mix_seed(int(cfg.seed), 0, TIE_BREAK_SALT, which))
         top = top_fraction_mask(
             flat_values, torch.ones_like(flat_values), fraction=fraction, scope="batch", generator=ties
         )[0]
@@ -507,7 +523,8 @@ def test_cgpo_counterfactual_view_fills_exactly_the_named_boxes(assets, tmp_path
         dist.destroy_process_group()
     region = '<region name="left half" image_idx="0" id="0">[[0, 0, 500, 1000]]</region>'
     texts = [region + " " + mb.texts[0]] + ["no region"] * (len(mb.texts) - 1)
-    inputs, prompt_length, _ = recipe._altered_view(dataclasses.replace(mb, texts=texts), "regions_filled")
+    view = recipe.view_inputs(dataclasses.replace(mb, texts=texts), 0)  # CGPO's one view: its regions filled
+    inputs, prompt_length = view.inputs, view.prompt_length
     assert prompt_length == mb.prompt_length and torch.equal(inputs["input_ids"], mb.inputs["input_ids"])
     clean, filled = mb.inputs["pixel_values"], inputs["pixel_values"]
     per_image = mb.inputs["image_grid_thw"].prod(-1).tolist()

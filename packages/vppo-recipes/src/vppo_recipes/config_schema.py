@@ -25,10 +25,13 @@ the loss and perturbation options are vppo-core's own tuples.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import math
 import os
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -36,12 +39,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from vppo_core.losses import AGGREGATIONS, LOSS_TYPES
-from vppo_core.perturb import IMAGE_PERTURBATIONS
-from vppo_core.shaping import PGPO_THRESHOLD_MODES
+from vppo_recipes.methods import BUILTIN_METHODS, CHOOSING_KEYS, Method, build_method, method_class, method_settings
 
 __all__ = [
     "ConfigError",
     "Field",
+    "algorithm_schema",
     "check_paths",
     "check_world_size",
     "is_local_source",
@@ -72,10 +75,11 @@ class Field:
     choices: tuple[Any, ...] | None = None
     default: Any = _MISSING
     nullable: bool = False
-    low: float | None = None  # inclusive lower bound for numbers
-    high: float | None = None  # inclusive upper bound for numbers
+    low: float | None = None  # lower bound for numbers, inclusive unless low_open
+    high: float | None = None  # upper bound for numbers, inclusive unless high_open
     doc: str = ""
-    algorithms: tuple[str, ...] | None = None  # RL: only these `algorithm.name`s read the key (None: all)
+    low_open: bool = False  # True: the value must be > low
+    high_open: bool = False  # True: the value must be < high
     finite: bool = True  # False: NaN / ±inf accepted (no key needs it today)
     # "local": a file or folder, made absolute by validate_config; "local_or_hub": the same unless it is a hub id
     # (`is_local_source`)
@@ -100,10 +104,6 @@ _POS_INT = {"low": 1}
 _NONNEG_INT = {"low": 0}
 _ARCHS = ("qwen2_5_vl", "qwen3_vl")
 
-# for Field.algorithms
-_VPPO, _PGPO, _PAPO, _CFPO, _DVRP = ("vppo",), ("pgpo",), ("papo",), ("cfpo",), ("dvrp",)
-_TOR, _CGPO, _PEPO, _VEPO = ("tor",), ("cgpo",), ("pepo",), ("vepo",)
-RL_ALGORITHMS = ("vppo", "pgpo", "dapo", "grpo", "papo", "cfpo", "dvrp", "tor", "cgpo", "pepo", "vepo")
 
 COMMON: dict[str, Any] = {
     "output_dir": _f(str, path="local", doc="run folder: checkpoints, logs"),
@@ -218,84 +218,7 @@ RL_ONLY: dict[str, Any] = {
         "update_prompts": _f(int, **_POS_INT),
         "micro_batch_size": _f(int, **_POS_INT),
     },
-    "algorithm": {
-        "name": _f(str, choices=RL_ALGORITHMS),
-        "perturbation": _f(str, default="blacken", choices=IMAGE_PERTURBATIONS, algorithms=_VPPO),
-        "perturb_prob": _f(float, default=0.5, low=0.0, high=1.0, algorithms=_VPPO),
-        "tas": _f(bool, default=True, algorithms=_VPPO),
-        "beta_min": _f(float, default=0.9, low=0.0, high=1.0, algorithms=_VPPO),
-        "tas_statistics": _f(str, default="global", choices=("global", "reference"), algorithms=_VPPO),
-        "tgf": _f(bool, default=True, algorithms=_VPPO),
-        "tgf_fraction": _f(float, default=0.4, low=0.0, high=1.0, algorithms=_VPPO, doc="in (0, 1]"),
-        "pgpo_tau": _f(float, default=0.4, low=0.0, high=1.0, algorithms=_PGPO, doc="in (0, 1)"),
-        "pgpo_beta": _f(float, default=2.0, low=0.0, algorithms=_PGPO),
-        "pgpo_threshold_mode": _f(
-            str,
-            default="absolute",
-            choices=PGPO_THRESHOLD_MODES,
-            algorithms=_PGPO,
-            doc="absolute: the paper's τ; quantile: each response's own τ-quantile (the authors' development code)",
-        ),
-        "pgpo_weight_floor": _f(
-            float, default=0.0, low=0.0, high=1.0, algorithms=_PGPO, doc="0: the paper; 0.1: development code"
-        ),
-        "pgpo_mass_normalization": _f(
-            bool, default=True, algorithms=_PGPO, doc="true: the paper; false: development code"
-        ),
-        "dependency": _f(str, default="sampled", choices=("sampled", "exact"), algorithms=_VPPO + _PGPO),
-        # ALGORITHMS.md §9: the methods that followed VPPO, with the defaults of their papers / scripts
-        "mask_prob": _f(
-            float,
-            default=0.6,
-            low=0.0,
-            high=1.0,
-            algorithms=_PAPO + _DVRP,
-            doc="ViT patches blackened in the masked view",
-        ),
-        "visual_kl_coef": _f(
-            float,
-            default=0.02,
-            low=0.0,
-            algorithms=_PAPO + _CFPO,
-            doc="γ: loss − γ·k3(altered view ‖ policy); PAPO-G / CFPO-G 0.02, PAPO-D / CFPO-D 0.01",
-        ),
-        "necessity_kl_coef": _f(
-            float, default=0.01, low=0.0, algorithms=_DVRP, doc="λ_nec: − λ_nec·k3(masked ‖ policy)"
-        ),
-        "robustness_kl_coef": _f(
-            float, default=0.01, low=0.0, algorithms=_DVRP, doc="λ_rob: + λ_rob·k3(noised ‖ policy)"
-        ),
-        "noise_t_init": _f(float, default=500.0, low=0.0, algorithms=_DVRP, doc="diffusion step at the start"),
-        "noise_gamma": _f(float, default=10.0, low=0.0, algorithms=_DVRP, doc="sigmoid annealing sharpness"),
-        "noise_t_max": _f(float, default=1000.0, low=0.0, high=1000.0, algorithms=_DVRP, doc="in (0, 1000]"),
-        "cfpo_std_multiplier": _f(float, default=2.0, low=0.0, algorithms=_CFPO, doc="λ: salient if P > μ + λσ"),
-        "tor_entropy_fraction": _f(float, default=0.3, low=0.0, high=1.0, algorithms=_TOR, doc="in (0, 1]"),
-        "tor_perception_fraction": _f(float, default=0.3, low=0.0, high=1.0, algorithms=_TOR, doc="in (0, 1]"),
-        "tor_reasoning_weight": _f(float, default=1.0, low=0.0, algorithms=_TOR),
-        "tor_perception_weight": _f(float, default=0.5, low=0.0, algorithms=_TOR),
-        "tor_entropy_top_p": _f(float, default=0.95, low=0.0, high=1.0, algorithms=_TOR, doc="in (0, 1]"),
-        "cgpo_coef": _f(
-            float, default=0.1, low=0.0, high=1.0, algorithms=_CGPO, doc="λ of α = 1 + λ·tanh(...); ≤ 1 keeps α ≥ 0"
-        ),
-        "cgpo_entropy_fraction": _f(float, default=0.3, low=0.0, high=1.0, algorithms=_CGPO, doc="in (0, 1]"),
-        "cgpo_perception_fraction": _f(float, default=0.3, low=0.0, high=1.0, algorithms=_CGPO, doc="in (0, 1]"),
-        "cgpo_region_tokens": _f(
-            bool, default=False, algorithms=_CGPO, doc="add the <region> spans' tokens to the perception set"
-        ),
-        "pepo_gate_alpha": _f(float, default=0.05, low=0.0, algorithms=_PEPO),
-        "pepo_temperature": _f(float, default=1.8, low=0.0, algorithms=_PEPO, doc="> 0"),
-        "pepo_schedule": _f(
-            str, default="linear", choices=("linear", "none"), algorithms=_PEPO, doc="linear: w' = 1 + λ(w − 1)"
-        ),
-        "vepo_noise_std": _f(
-            float, default=6.928, low=0.0, algorithms=_VEPO, doc="Gaussian noise on the normalised pixel values"
-        ),
-        "vepo_jsd_weight": _f(float, default=0.7, low=0.0, high=1.0, algorithms=_VEPO),
-        "vepo_fraction": _f(float, default=0.2, low=0.0, high=1.0, algorithms=_VEPO, doc="in (0, 1]"),
-        "vepo_entropy_bonus": _f(
-            float, default=0.001, low=0.0, algorithms=_VEPO, doc="loss − c·mean analytic entropy (with gradient)"
-        ),
-    },
+    # "algorithm": built from the chosen method's dataclass (`algorithm_schema`, vppo_recipes.methods)
     "loss": {
         "loss_type": _f(str, default="dapo", choices=LOSS_TYPES),
         "aggregation": _f(str, default="token-mean", choices=AGGREGATIONS),
@@ -366,10 +289,43 @@ def _merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def schema_for(recipe: str) -> dict[str, Any]:
-    """The schema of recipe `recipe` ("rl" or "sft"): the common sections merged with the recipe's own."""
+def _setting_field(typ: Any, f: dataclasses.Field) -> Field:
+    """The schema `Field` of one method setting (a dataclass field declared with `methods.param`)."""
+    nullable = False
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):
+        args = [t for t in typing.get_args(typ) if t is not type(None)]
+        nullable, typ = len(args) < len(typing.get_args(typ)), args[0]
+    meta = f.metadata
+    default = f.default if f.default is not dataclasses.MISSING else _MISSING
+    return Field(
+        types=(typ,), choices=meta.get("choices"), default=default, nullable=nullable, low=meta.get("low"),
+        high=meta.get("high"), low_open=bool(meta.get("low_open")), high_open=bool(meta.get("high_open")),
+        doc=meta.get("doc", ""),
+    )  # fmt: skip
+
+
+def algorithm_schema(cls: type[Method] | None, *, by_component: bool = False) -> dict[str, Field]:
+    """The `algorithm` section's schema: the key that chooses the method (`name`, or `_component_` when
+    by_component), then the method class's settings (`methods.method_settings`); only the choosing keys when cls is
+    None (the method could not be chosen)."""
+    if cls is None:  # the error that the method cannot be chosen is `_choose_method`'s; accept the keys as given
+        return {key: _f(str, default=None, nullable=True) for key in CHOOSING_KEYS}
+    schema = {"_component_": _f(str)} if by_component else {"name": _f(str, choices=tuple(BUILTIN_METHODS))}
+    for key, typ, f in method_settings(cls):
+        schema[key] = _setting_field(typ, f)
+    return schema
+
+
+def schema_for(recipe: str, algorithm: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The schema of recipe `recipe` ("rl" or "sft"): the common sections merged with the recipe's own; for "rl" the
+    `algorithm` section is that of the method `algorithm` (an algorithm section) names, or only its choosing keys."""
     if recipe == "rl":
-        return _merge(COMMON, RL_ONLY)
+        try:
+            cls = method_class(algorithm) if algorithm is not None else None
+        except ValueError:
+            cls = None
+        by_component = algorithm is not None and "_component_" in algorithm
+        return _merge(COMMON, {**RL_ONLY, "algorithm": algorithm_schema(cls, by_component=by_component)})
     if recipe == "sft":
         return _merge(COMMON, SFT_ONLY)
     raise ValueError(f"recipe must be 'rl' or 'sft', got {recipe!r}")
@@ -451,11 +407,24 @@ def _check_value(path: str, value: Any, field: Field) -> str | None:
     if field.choices is not None and value not in field.choices:
         return f"'{path}' is {value!r}; allowed values: {', '.join(map(repr, field.choices))}"
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if field.low is not None and value < field.low:
+        below = field.low is not None and (value <= field.low if field.low_open else value < field.low)
+        above = field.high is not None and (value >= field.high if field.high_open else value > field.high)
+        if (below or above) and (field.low_open or field.high_open):
+            return f"'{path}' is {value!r}; must be {_interval(field)}"
+        if below:
             return f"'{path}' is {value!r}; must be >= {field.low}"
-        if field.high is not None and value > field.high:
+        if above:
             return f"'{path}' is {value!r}; must be <= {field.high}"
     return None
+
+
+def _interval(field: Field) -> str:
+    """The accepted range of a field with an open bound, as `(0, 1]` or `> 0`."""
+    if field.high is None:
+        return f"{'>' if field.low_open else '>='} {field.low:g}"
+    if field.low is None:
+        return f"{'<' if field.high_open else '<='} {field.high:g}"
+    return f"in {'(' if field.low_open else '['}{field.low:g}, {field.high:g}{')' if field.high_open else ']'}"
 
 
 def _component_kwargs(path: str, target: str, extra: Mapping[str, Any]) -> list[str]:
@@ -586,7 +555,6 @@ def validate_config(cfg: DictConfig | Mapping[str, Any], recipe: str) -> DictCon
     Never touches a model or a dataset. For "rl" the `algorithm` section of the result holds only the settings
     `algorithm.name` reads.
     """
-    schema = schema_for(recipe)
     if not isinstance(cfg, DictConfig):
         if not isinstance(cfg, Mapping):
             raise ConfigError(f"config must be a mapping, got {type(cfg).__name__}")
@@ -596,13 +564,16 @@ def validate_config(cfg: DictConfig | Mapping[str, Any], recipe: str) -> DictCon
     except Exception as e:  # omegaconf raises several interpolation error types
         raise ConfigError(f"config cannot be resolved (an interpolation or a ??? value): {e}") from e
     errors: list[str] = []
+    if recipe == "rl":
+        plain, errors = _choose_method(plain)
+    schema = schema_for(recipe, plain.get("algorithm") if recipe == "rl" else None)
     _validate(plain, schema, "", errors, _all_paths(schema))
     errors += _unsupported_optimizer_options(plain)
     errors += _missing_logger_package(plain)
     if not errors:
         errors += _common_rules(OmegaConf.to_container(OmegaConf.merge(_defaults(schema), plain)))
     if recipe == "rl" and not errors:
-        errors += _rl_rules(plain, OmegaConf.to_container(OmegaConf.merge(_defaults(schema), plain)), schema)
+        errors += _rl_rules(OmegaConf.to_container(OmegaConf.merge(_defaults(schema), plain)))
     if errors:
         lines = "\n".join(f"  - {e}" for e in errors)
         raise ConfigError(f"invalid config for the {recipe} recipe ({len(errors)} problem(s)):\n{lines}")
@@ -611,15 +582,36 @@ def validate_config(cfg: DictConfig | Mapping[str, Any], recipe: str) -> DictCon
         value = OmegaConf.select(merged, key)
         if isinstance(value, str):
             OmegaConf.update(merged, key, resolve_path(value, kind))
-    if recipe == "rl":
-        # The returned (and logged) config holds only the algorithm settings the chosen algorithm reads, so the record
-        # of a DAPO run shows no TGF fraction, and a logged config validates again as it is.
-        name = merged.algorithm.name
-        for key in list(merged.algorithm):
-            used_by = schema["algorithm"][key].algorithms
-            if used_by is not None and name not in used_by:
-                merged.algorithm.pop(key)
     return merged
+
+
+def _choose_method(plain: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The method an RL config's `algorithm` section chooses, checked before its settings: returns (the config with
+    what cannot be validated against the method left out, errors). A setting of another built-in method is named
+    as such (the fix is to remove it, or to choose that method); an unknown or missing method is one error, and its
+    settings are then not checked."""
+    section = plain.get("algorithm")
+    if not isinstance(section, Mapping):
+        return dict(plain), []  # missing or not a mapping: the generic check says so
+    try:
+        cls = method_class(section)
+    except ValueError as e:
+        return {**plain, "algorithm": {}}, [str(e)]
+    own = {key for key, _, _ in method_settings(cls)}
+    chosen = (
+        f"algorithm.name={section['name']}" if "name" in section else f"algorithm._component_={section['_component_']}"
+    )
+    errors, kept = [], {}
+    for key, value in section.items():
+        owners = [name for name, other in BUILTIN_METHODS.items() if key in {k for k, _, _ in method_settings(other)}]
+        if key in CHOOSING_KEYS or key in own or not owners:
+            kept[key] = value  # an unknown key is named (with the closest valid one) by the generic check
+            continue
+        errors.append(
+            f"'algorithm.{key}' is a setting of {'/'.join(owners)}; {chosen} does not use it: remove it "
+            f"(or set algorithm.name={owners[0]})"
+        )
+    return {**plain, "algorithm": kept}, errors
 
 
 def _common_rules(cfg: Mapping[str, Any]) -> list[str]:
@@ -631,42 +623,11 @@ def _common_rules(cfg: Mapping[str, Any]) -> list[str]:
     return []
 
 
-def _rl_rules(user: Mapping[str, Any], cfg: Mapping[str, Any], schema: Mapping[str, Any]) -> list[str]:
-    """The RL recipe's rules that span keys. `user`: the config as written (to tell a key the user set from a
-    default); `cfg`: with defaults filled in."""
-    errors = []
-    name = cfg["algorithm"]["name"]
-    for key in user.get("algorithm") or {}:
-        used_by = schema["algorithm"][key].algorithms
-        if used_by is not None and name not in used_by:
-            errors.append(
-                f"'algorithm.{key}' is a setting of {'/'.join(used_by)}; algorithm.name={name} does not use it: remove "
-                f"it (or set algorithm.name={used_by[0]})"
-            )
-    a, rollout, loss = cfg["algorithm"], cfg["rollout"], cfg["loss"]
-    if name == "vppo" and not (a["tas"] or a["tgf"]):
-        errors.append("algorithm.name=vppo with tas=false and tgf=false is DAPO; set algorithm.name=dapo instead")
-    if name == "vppo" and a["tgf"] and a["tgf_fraction"] <= 0:
-        errors.append(f"algorithm.tgf_fraction must be in (0, 1], got {a['tgf_fraction']}")
-    if name == "pgpo" and not 0.0 < a["pgpo_tau"] < 1.0:
-        errors.append(f"algorithm.pgpo_tau must be in (0, 1), got {a['pgpo_tau']}")
-    for key in (
-        "tor_entropy_fraction", "tor_perception_fraction", "tor_entropy_top_p", "cgpo_entropy_fraction",
-        "cgpo_perception_fraction", "vepo_fraction",
-    ):  # fmt: skip
-        if key in a and name in schema["algorithm"][key].algorithms and a[key] <= 0:
-            errors.append(f"algorithm.{key} must be in (0, 1], got {a[key]}")
-    if name == "pepo" and a["pepo_temperature"] <= 0:
-        errors.append(f"algorithm.pepo_temperature must be > 0, got {a['pepo_temperature']}")
-    if name == "dvrp" and a["noise_t_max"] <= 0:
-        errors.append(
-            f"algorithm.noise_t_max must be in (0, 1000] (the largest diffusion step), got {a['noise_t_max']}"
-        )
-    if name == "vepo" and loss["aggregation"] == "seq-mean-token-sum":
-        errors.append(
-            "algorithm.name=vepo averages the policy term over the selected tokens; loss.aggregation="
-            "seq-mean-token-sum has no such mean: use token-mean (the published runs) or seq-mean-token-mean"
-        )
+def _rl_rules(cfg: Mapping[str, Any]) -> list[str]:
+    """The RL recipe's rules that span keys, the chosen method's own (`Method.config_errors`) first. `cfg`: with
+    defaults filled in."""
+    errors = build_method(cfg["algorithm"]).config_errors(cfg)
+    rollout, loss = cfg["rollout"], cfg["loss"]
     if rollout["temperature"] <= 0:
         errors.append(
             f"rollout.temperature={rollout['temperature']}: RL samples its groups, so it must be > 0 (1.0 in every "

@@ -1,0 +1,85 @@
+"""What the RL recipe's phases hand each other per micro-batch, and what a method's hooks read and return.
+
+Frozen: a phase reads its inputs and returns new values, never writes into them. One `MicroStep` per micro-batch
+carries everything a later phase needs about it (its tensors, its no-grad pass, its shaping), instead of parallel
+lists zipped together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vppo_rollout.prompts import Prompt
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """One forward's worth of this rank's responses: the tensors every pass over them needs."""
+
+    inputs: dict[str, torch.Tensor]  # the model's forward tensors (collate_rollout -> model_inputs)
+    responses: torch.Tensor  # [b, L] long
+    mask: torch.Tensor  # [b, L] float
+    prompt_length: int
+    advantages: torch.Tensor  # [b] float32, the groups' advantages (before any shaping)
+    uids: list[int]  # per row: the prompt's number among the run's usable examples (seeds its views)
+    response_index: list[int]  # per row: the response's index in its group
+    images_per_row: list[int]
+    lp_sampler: torch.Tensor  # [b, L] the rollout engine's log-probs of the responses (0 on padding)
+    prompts: list[Prompt] = field(default_factory=list, compare=False, repr=False)  # per row
+    texts: list[str] = field(default_factory=list, compare=False, repr=False)  # per row: the decoded response
+
+
+@dataclass(frozen=True)
+class ViewInputs:
+    """The inputs of one altered no-grad pass: the forward tensors, their prompt length (only a view that removes
+    the image changes it) and the context the forward runs in (an attention intervention; a null context else)."""
+
+    inputs: dict[str, torch.Tensor]
+    prompt_length: int
+    context: Any
+
+
+@dataclass(frozen=True)
+class NoGradPass:
+    """The no-grad passes over one micro-batch before any update: lp_old on the clean inputs; with altered views,
+    each view's log-probs, the token visual dependency S and its per-response mean; and the per-token scores the
+    method declares (`Method.scores`), by name."""
+
+    lp_old: torch.Tensor  # [b, L]
+    lp_views: tuple[torch.Tensor, ...] = ()  # [b, L] per altered view, in `views` order
+    S: torch.Tensor | None = None  # [b, L] k3(lp_views[0] ‖ lp_old), or the exact full-vocabulary KL
+    traj_dep: torch.Tensor | None = None  # [b] mean S over each response's tokens
+    scores: Mapping[str, torch.Tensor] = field(default_factory=dict)  # the method's own, e.g. "entropy" [b, L]
+
+
+@dataclass(frozen=True)
+class Shaping:
+    """A method's shaping of one micro-batch: what the loss reads besides lp_old, and what the method logs."""
+
+    advantages: torch.Tensor  # [b] the advantage each response's policy term uses
+    token_weights: torch.Tensor | None = None  # [b, L] per-token weights of the policy term; None = all ones
+    outputs: Mapping[str, torch.Tensor] = field(default_factory=dict)  # for the method's metrics, e.g. "alpha" [b]
+
+
+@dataclass(frozen=True)
+class Shaped:
+    """The loss inputs of one micro-batch: the method's shaping with the truncated importance weights applied."""
+
+    advantages: torch.Tensor  # [b]
+    token_weights: torch.Tensor | None  # [b, L] the method's token weights times is_weights; None = all ones
+    is_weights: torch.Tensor | None  # [b, L] truncated importance weights (loss.rollout_is_cap), or None
+    outputs: Mapping[str, torch.Tensor] = field(default_factory=dict)  # the method's Shaping.outputs
+
+
+@dataclass(frozen=True)
+class MicroStep:
+    """One micro-batch through the step: its tensors, then its no-grad pass, then its shaping (each phase returns
+    a new MicroStep with its own field set)."""
+
+    batch: MicroBatch
+    no_grad: NoGradPass | None = None
+    shaped: Shaped | None = None
