@@ -20,10 +20,12 @@ Two data forms, each tied to an evaluation protocol (``PROTOCOLS``):
 
 - ``raw`` — the benchmark's own release (hub schema, or the GitHub release form of LogicVista and DynaMath: one JSON
   object keyed by item id); vppo-eval's exact-match filter picks the items of MathVerse, MathVision and DynaMath.
-- ``vppo`` — the authors' evaluation data: LLaMA-Factory "sharegpt" files as PAPO-Eval declares them in its
-  ``data/dataset_info.json`` (``messages``: a user turn with one ``<image>`` placeholder per image, then an
-  assistant turn holding the answer; ``images``: image paths relative to the data folder), one file per benchmark
-  (``Benchmark.sharegpt_names``). The items are the authors' (already filtered); nothing is filtered here.
+- ``vppo`` — the authors' evaluation data: LLaMA-Factory "sharegpt" rows (``messages``: a user turn with one
+  ``<image>`` placeholder per image, then an assistant turn holding the answer; ``images``: image paths, in the
+  releases ``./data/images/...`` relative to the release root), one file per benchmark
+  (``Benchmark.sharegpt_names``), in the layouts the releases ship (`vppo_eval.releases`: VPPO-Eval's JSON files,
+  PAPO_eval's parquet shards and image zips, PAPO-Eval's prepared folder). The items are the authors' (already
+  filtered); nothing is filtered here.
   LLaMA-Factory's other spelling (``conversations`` / ``messages`` of ``from``/``value`` turns, human / gpt) and
   content given as a list of parts are read too; any other shape refuses the file, naming it and the row.
 
