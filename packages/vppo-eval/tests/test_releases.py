@@ -193,3 +193,31 @@ def test_report_counts_warn_only_where_the_limit_does_not_explain_them():
     limited = {"geo3k": {"items": 20, "expected_items": 601}, "mmk12": {"items": 19, "expected_items": 2000}}
     assert [w.split(":")[0] for w in count_mismatches(limited, limit=20)] == ["MMK12"]
     assert "(the first 20: 20)" in count_mismatches(limited, limit=20)[0]
+
+
+class Oracle:
+    """Answers every question with \\boxed{its answer}: every item scored from the releases must grade 1."""
+
+    def __init__(self, answers: dict[str, str]):
+        self.answers = answers
+
+    def sample(self, prompts, n, sampling):
+        from vppo_rollout.sampling import Rollouts
+
+        texts = [f"<think>x</think> \\boxed{{{self.answers[p.question]}}}" for p in prompts for _ in range(n)]
+        return Rollouts(group_index=[g for g in range(len(prompts)) for _ in range(n)], token_ids=[[1] for _ in texts],
+                        texts=texts, finish_reasons=["stop"] * len(texts), logprobs=None)  # fmt: skip
+
+
+def test_evaluate_takes_a_list_of_data_dirs_and_grades_the_releases_answers(built, ckpt, tmp_path):
+    from vppo_eval.evaluate import evaluate
+    from vppo_rollout.loading import load_processor
+
+    answers = {r.question: r.answer for name in BENCHMARK_NAMES for r in load_benchmark(name, fixture_path(name))}
+    results = evaluate(Oracle(answers), "all", processor=load_processor(ckpt), data_dir=_dirs(built, "papo_hub", "root"),
+                       k=1, max_new_tokens=4, out_dir=tmp_path / "o", progress=False)  # fmt: skip
+    assert results.config["protocol"] == "vppo"
+    assert {n: (b.n_items, b.avg_at_k) for n, b in results.benchmarks.items()} == {
+        n: (len(load_benchmark(n, fixture_path(n))), 1.0) for n in BENCHMARK_NAMES
+    }
+    assert results.config["data"]["mmk12"]["expected_items"] == 2000

@@ -166,13 +166,6 @@ def _check_args(args: argparse.Namespace) -> None:
         )
 
 
-def count_warnings(data_info: dict[str, dict], limit: int | None) -> list[str]:
-    """One line per benchmark whose kept items differ from its release's row count (`report.count_mismatches`)."""
-    from vppo_eval.report import count_mismatches
-
-    return count_mismatches(data_info, limit)
-
-
 def protocol_deviations(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Decoding settings that differ from the protocol's: {setting: {"protocol": value, "used": value}}."""
     used = {"k": args.k, "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}
@@ -193,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         evaluate,
         load_benchmark_reports,
     )
-    from vppo_eval.report import write_report
+    from vppo_eval.report import count_mismatches, write_report
     from vppo_rollout.loading import load_policy, load_processor
 
     engine = choose_engine(args.engine)
@@ -217,7 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               + (f", dropped at load: {r.skipped}" if r.skipped else "")
               + (f"; also in {', '.join(r.also_in)} (not read: the first --data-dir wins)" if r.also_in else ""),
               file=sys.stderr)  # fmt: skip
-    for line in count_warnings({name: r.summary() for name, r in reports.items()}, args.limit):
+    # Before the model load: a copy that is not the release's (kept != its rows) is said at once, not after hours.
+    for line in count_mismatches({name: r.summary() for name, r in reports.items()}, args.limit):
         print(f"vppo-eval: warning: {line}", file=sys.stderr)
     if not args.allow_empty:
         try:  # before the model load: an empty benchmark fails in seconds
