@@ -48,7 +48,12 @@ def test_sharegpt_files_are_found_without_dataset_info_by_their_names(tmp_path):
     shutil.copytree(SHAREGPT / "images", tmp_path / "images")
     assert benchmark_source(tmp_path, "geo3k", "vppo") == tmp_path / "papo" / "hiyouga_geometry3k.json"
     assert len(load_benchmark_reports("geo3k", data_dir=tmp_path, protocol="vppo")["geo3k"].records) == 3
-    with pytest.raises(FileNotFoundError, match="the authors' sharegpt file"):
+    # a name not found: the names looked for and what the folder holds
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"no benchmark 'mmk12'.*names looked for: mmk12, PAPO_MMK12, FanqingM_MMK12 \(PAPO-Galaxy/PAPO_eval, "
+        r"2,000 rows\).*holds: papo/hiyouga_geometry3k\.json",
+    ):
         benchmark_source(tmp_path, "mmk12", "vppo")
 
 

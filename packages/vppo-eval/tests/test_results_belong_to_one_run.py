@@ -205,7 +205,7 @@ def test_a_benchmark_that_keeps_no_item_exits_non_zero_naming_the_reasons_before
 
 def test_allow_empty_reports_the_empty_benchmark_as_an_empty_row(ckpt, tmp_path):
     data = _sharegpt_dir(tmp_path)
-    (data / "papo" / "FanqingM_MMK12.json").write_text(
+    (data / "papo" / "PAPO_MMK12.json").write_text(
         json.dumps([{"messages": [{"role": "user", "content": "<image>Q"}], "images": ["images/none.png"]}])
     )
     out = tmp_path / "o"

@@ -116,7 +116,7 @@ def test_a_dataset_info_declaring_llama_factory_default_tags_is_read(tmp_path):
 def test_a_jsonl_column_mixing_numbers_and_text_is_read_as_written(tmp_path):
     """The raw form read by the same reader: an MMK12 JSON Lines copy whose answers mix letters and numbers."""
     shutil.copytree(SHAREGPT / "images", tmp_path / "images")
-    image = "images/FanqingM_MMK12/math_0_0.png"
+    image = "images/PAPO_MMK12/math_0_0.png"
     rows = [{"question": "Which? A. 1 B. 2", "answer": "B", "image": image}, {"question": "How many?", "answer": 3,
             "image": image}, {"question": "How long?", "answer": 2.5, "image": image}]  # fmt: skip
     (tmp_path / "mmk12.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
@@ -150,7 +150,7 @@ def test_a_text_field_holding_a_list_refuses_the_file_naming_it_and_the_row(tmp_
     """An answer that is a list in one row (text in the others): it has no text to grade against; it was graded
     against its Python repr "['A', 'C']", which no response matches."""
     shutil.copytree(SHAREGPT / "images", tmp_path / "images")
-    image = "images/FanqingM_MMK12/math_0_0.png"
+    image = "images/PAPO_MMK12/math_0_0.png"
     rows = [{"question": "Which?", "answer": "B", "image": image}, {"question": "Which two?", "answer": ["A", "C"],
             "image": image}]  # fmt: skip
     path = tmp_path / "mmk12.jsonl"

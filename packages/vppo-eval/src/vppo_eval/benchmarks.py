@@ -20,10 +20,12 @@ Two data forms, each tied to an evaluation protocol (``PROTOCOLS``):
 
 - ``raw`` — the benchmark's own release (hub schema, or the GitHub release form of LogicVista and DynaMath: one JSON
   object keyed by item id); vppo-eval's exact-match filter picks the items of MathVerse, MathVision and DynaMath.
-- ``vppo`` — the authors' evaluation data: LLaMA-Factory "sharegpt" files as PAPO-Eval declares them in its
-  ``data/dataset_info.json`` (``messages``: a user turn with one ``<image>`` placeholder per image, then an
-  assistant turn holding the answer; ``images``: image paths relative to the data folder), one file per benchmark
-  (``Benchmark.sharegpt_names``). The items are the authors' (already filtered); nothing is filtered here.
+- ``vppo`` — the authors' evaluation data: LLaMA-Factory "sharegpt" rows (``messages``: a user turn with one
+  ``<image>`` placeholder per image, then an assistant turn holding the answer; ``images``: image paths, in the
+  releases ``./data/images/...`` relative to the release root), one file per benchmark
+  (``Benchmark.sharegpt_names``), in the layouts the releases ship (`vppo_eval.releases`: VPPO-Eval's JSON files,
+  PAPO_eval's parquet shards and image zips, PAPO-Eval's prepared folder). The items are the authors' (already
+  filtered); nothing is filtered here.
   LLaMA-Factory's other spelling (``conversations`` / ``messages`` of ``from``/``value`` turns, human / gpt) and
   content given as a list of parts are read too; any other shape refuses the file, naming it and the row.
 
@@ -46,6 +48,7 @@ from PIL import Image
 
 from vppo_eval.datafiles import iter_rows, load_data_file, load_data_folder
 from vppo_eval.records import Record
+from vppo_eval.releases import resolve_image
 from vppo_eval.reward import choice_letters
 from vppo_rollout.images import SkipRow, decode_image
 
@@ -96,7 +99,13 @@ class Benchmark:
     normalize: ``(row, index, base_dir) -> Record``; raises ``SkipRow(reason)`` for unusable rows.
     exact_match_only: keep only items whose answer passes ``is_exact_match_answer`` (the paper's filter; DynaMath's
         own ``answer_type`` decides where a row has one).
-    sharegpt_names: file stems of this benchmark in the authors' sharegpt release (PAPO-Eval's dataset names first).
+    sharegpt_names: split names / file stems of this benchmark in the authors' release, the release's own first
+        (``PAPO_MMK12``: PAPO-Eval's split, its ``data/PAPO_MMK12-00000-of-00001.parquet`` and prepared
+        ``papo/PAPO_MMK12.json``); later ones are other spellings still read (LLaMA-Factory's dataset names in
+        PAPO-Eval's ``dataset_info.json``, vppo-eval's earlier guesses).
+    release: the hub dataset of the authors' release holding it (``PAPO-Galaxy/PAPO_eval`` or
+        ``chamber111/VPPO-Eval``); release_rows: its row count there (protocol ``vppo``: what a complete copy keeps;
+        the report warns when a run kept another number).
     subset: raw form only: a row predicate selecting a subset (rows outside it are skipped as ``not_in_subset``).
     in_table1: one of the eight columns of the paper's Table 1 (what ``"all"`` selects).
     """
@@ -110,6 +119,8 @@ class Benchmark:
     normalize: Callable[[Mapping[str, Any], int, Path | None], Record]
     exact_match_only: bool = False
     sharegpt_names: tuple[str, ...] = ()
+    release: str | None = None
+    release_rows: int | None = None
     subset: Callable[[Mapping[str, Any]], bool] | None = None
     in_table1: bool = True
 
@@ -129,6 +140,10 @@ class LoadReport:
     n_rows: int
     skipped: dict[str, int] = field(default_factory=dict)
     data_form: str = "raw"
+    # Rows of the authors' release (`Benchmark.release_rows`) when the data is in its sharegpt form, else None.
+    expected_items: int | None = None
+    # Other data dirs that also hold this benchmark and were not read (the first one given wins).
+    also_in: tuple[str, ...] = ()
 
     @property
     def n_skipped(self) -> int:
@@ -139,7 +154,9 @@ class LoadReport:
         return items_sha256(self.records)
 
     def summary(self) -> dict[str, Any]:
-        """What a result file records about the data: source, form, rows read, items kept, skips, id hash."""
+        """What a result file records about the data: source, form, rows read, items kept, skips, id hash, the
+        release's row count (``expected_items``; None outside the sharegpt form) and, when other data dirs also hold
+        the benchmark, those (``also_in``)."""
         return {
             "source": self.source,
             "data_form": self.data_form,
@@ -147,6 +164,8 @@ class LoadReport:
             "items": len(self.records),
             "skipped": dict(self.skipped),
             "items_sha256": self.items_sha256(),
+            "expected_items": self.expected_items,
+            **({"also_in": list(self.also_in)} if self.also_in else {}),
         }
 
 
@@ -203,16 +222,12 @@ def item_sha256(record: Record) -> str:
 
 
 def _resolve(value: Any, base_dir: Path | None) -> Any:
-    """A relative image path as the releases lay them out: next to the data file, in its ``images/`` folder (the
-    LogicVista and DynaMath releases), or next to its parent folder (PAPO-Eval: ``data/papo/X.json`` names
-    ``images/...`` relative to ``data/``), as an absolute path. Anything else is returned as is (a relative path
-    that is nowhere is then joined to ``base_dir`` once by the decoder and counted as ``missing_image``)."""
-    if not isinstance(value, str) or base_dir is None or not value.strip() or Path(value).is_absolute():
-        return value
-    for candidate in (base_dir / value, base_dir / "images" / value, base_dir.parent / value):
-        if candidate.is_file():
-            return str(candidate.resolve())
-    return value
+    """A relative image path as the releases lay them out (`vppo_eval.releases.resolve_image`: next to the data
+    file, in its ``images/`` folder, or under the release root the authors' ``./data/images/...`` paths are relative
+    to, or in that root's image zips), as an absolute path or the bytes read from a zip. Anything else is returned
+    as is (a relative path that is nowhere is then joined to ``base_dir`` once by the decoder and counted as
+    ``missing_image``)."""
+    return resolve_image(value, base_dir)
 
 
 def _images(values: Iterable[Any], base_dir: Path | None) -> list[Image.Image]:
@@ -598,6 +613,13 @@ def _sharegpt(row: Mapping[str, Any], index: int, base_dir: Path | None) -> Reco
     )
 
 
+# The authors' two releases (protocol "vppo"), as the public preparation code reads them (zsxm1998/
+# awesome-perception-aware-rlvr eval/prepare/{papo_eval,vppo_eval}.py; xhguo7/PAPO-Eval papo_eval/preprocess/
+# prepare_data.py): PAPO-Eval holds six of Table 1's columns and the vision-dependent MathVerse subset, VPPO-Eval the
+# two the VPPO authors added (DynaMath, MathVision). Row counts are those the preparation code checks.
+PAPO_EVAL = "PAPO-Galaxy/PAPO_eval"
+VPPO_EVAL = "chamber111/VPPO-Eval"
+
 _MATHVERSE_VISION_VERSIONS = {"Vision Intensive", "Vision Dominant", "Vision Only"}
 
 
@@ -615,6 +637,8 @@ BENCHMARKS: dict[str, Benchmark] = {
             normalize=_mathverse,
             exact_match_only=True,
             sharegpt_names=("AI4Math_MathVerse",),
+            release=PAPO_EVAL,
+            release_rows=2180,
         ),
         Benchmark(
             name="dynamath",
@@ -626,6 +650,8 @@ BENCHMARKS: dict[str, Benchmark] = {
             normalize=_dynamath,
             exact_match_only=True,
             sharegpt_names=("DynaMath_DynaMath_Sample", "DynaMath_DynaMath"),
+            release=VPPO_EVAL,
+            release_rows=3666,
         ),
         Benchmark(
             name="mmk12",
@@ -635,7 +661,9 @@ BENCHMARKS: dict[str, Benchmark] = {
             split="test",
             columns=(("question",), ("answer",), ("image", "images")),
             normalize=_mmk12,
-            sharegpt_names=("FanqingM_MMK12",),
+            sharegpt_names=("PAPO_MMK12", "FanqingM_MMK12"),
+            release=PAPO_EVAL,
+            release_rows=2000,
         ),
         Benchmark(
             name="geo3k",
@@ -646,6 +674,8 @@ BENCHMARKS: dict[str, Benchmark] = {
             columns=(("images",), ("problem",), ("answer",)),
             normalize=_geo3k,
             sharegpt_names=("hiyouga_geometry3k",),
+            release=PAPO_EVAL,
+            release_rows=601,
         ),
         Benchmark(
             name="mathvision",
@@ -657,6 +687,8 @@ BENCHMARKS: dict[str, Benchmark] = {
             normalize=_mathvision,
             exact_match_only=True,
             sharegpt_names=("MathLLMs_MathVision",),
+            release=VPPO_EVAL,
+            release_rows=2907,
         ),
         Benchmark(
             name="wemath",
@@ -666,7 +698,9 @@ BENCHMARKS: dict[str, Benchmark] = {
             split="testmini",
             columns=(("question",), ("option",), ("answer",), ("image_path", "image")),
             normalize=_wemath,
-            sharegpt_names=("We-Math_We-Math", "We_Math"),
+            sharegpt_names=("We_Math", "We-Math_We-Math"),
+            release=PAPO_EVAL,
+            release_rows=1740,
         ),
         Benchmark(
             name="logicvista",
@@ -677,6 +711,8 @@ BENCHMARKS: dict[str, Benchmark] = {
             columns=(("question",), ("answer",), ("image", "images", "imagename")),
             normalize=_logicvista,
             sharegpt_names=("lscpku_LogicVista",),
+            release=PAPO_EVAL,
+            release_rows=447,
         ),
         Benchmark(
             name="mmmu_pro",
@@ -687,6 +723,8 @@ BENCHMARKS: dict[str, Benchmark] = {
             columns=(("id",), ("question",), ("options",), ("answer",), ("image_1",)),
             normalize=_mmmu_pro,
             sharegpt_names=("MMMU_MMMU_Pro",),
+            release=PAPO_EVAL,
+            release_rows=1730,
         ),
         # Not a Table 1 column: MathVerse restricted to the problem versions whose information is (partly) only in
         # the image, PAPO-Eval's "vision-dependent" file. Our raw-form reading of that subset: the problem
@@ -701,6 +739,8 @@ BENCHMARKS: dict[str, Benchmark] = {
             normalize=_mathverse,
             exact_match_only=True,
             sharegpt_names=("AI4Math_MathVerse_vision_dependent", "AI4Math_MathVerse-vision-dependent"),
+            release=PAPO_EVAL,
+            release_rows=1308,
             subset=lambda row: row.get("problem_version") in _MATHVERSE_VISION_VERSIONS,
             in_table1=False,
         ),
@@ -910,7 +950,10 @@ def load_benchmark_report(
             skipped["not_exact_match"] += 1
             continue
         records.append(record)
-    return LoadReport(spec.name, label, _unique_ids(records), n_rows, dict(skipped), data_form=form)
+    expected = spec.release_rows if form == "sharegpt" else None
+    return LoadReport(
+        spec.name, label, _unique_ids(records), n_rows, dict(skipped), data_form=form, expected_items=expected
+    )
 
 
 def _exact_match_item(record: Record, row: Mapping[str, Any]) -> bool:

@@ -1,9 +1,10 @@
 """`vppo-eval`: avg@k of a checkpoint on the benchmarks, with the paper's Table 1 beside it.
 
-    vppo-eval --model PATH --benchmarks all --out DIR --data-dir DIR [--protocol vppo|raw] [--limit N] [--engine auto]
-              [--allow-empty]
+    vppo-eval --model PATH --benchmarks all --out DIR --data-dir DIR [--data-dir DIR2] [--protocol vppo|raw]
+              [--limit N] [--engine auto] [--allow-empty]
 
---protocol vppo (the default) scores the authors' item sets, read from their sharegpt files in --data-dir, with the
+--protocol vppo (the default) scores the authors' item sets, read from their releases in --data-dir (given once per
+release: each benchmark is read from the first folder that holds it), with the
 paper's decoding (avg@8, temperature 1.0, top-p 1.0, 2048 new tokens); --protocol raw scores the benchmarks' own
 releases with vppo-eval's exact-match filter. The result files and the report record the protocol, each
 benchmark's source, the items kept and a hash of the items (ids, questions, answers); decoding flags that differ from the protocol's are
@@ -33,9 +34,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # The decoding of both protocols (the paper's, ALGORITHMS.md §8); a run that changes one records it as a deviation.
 PROTOCOL_DECODING = {"k": 8, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 2048}
 AUTHORS_DATA = (
-    "the authors' evaluation data: chamber111/VPPO-Eval (collection chamber111/vppo-data) for the filtered MathVerse, "
-    "MathVision and DynaMath subsets, and PAPO-Galaxy/PAPO_eval (PAPO-Eval's prepare_data.py) for Geo3k, We-Math, "
-    "LogicVista, MMMU-Pro and MathVerse"
+    "the authors' evaluation data: chamber111/VPPO-Eval (collection chamber111/vppo-data) for DynaMath and "
+    "MathVision, and PAPO-Galaxy/PAPO_eval for MathVerse, MMK12, Geo3k, We-Math, LogicVista and MMMU-Pro (give "
+    "--data-dir once per release)"
 )
 
 
@@ -54,9 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "releases with vppo-eval's exact-match filter")  # fmt: skip
     p.add_argument("--k", type=int, default=PROTOCOL_DECODING["k"], help="samples per item (avg@k); default 8")
     p.add_argument("--out", required=True, help="output folder (rerunning with the same folder resumes)")
-    p.add_argument("--data-dir", default=None,
-                   help="local data: protocol vppo: the authors' sharegpt files (DATA_DIR[/papo]/<name>.json or as "
-                   "DATA_DIR/dataset_info.json declares); raw: DATA_DIR/NAME[.parquet|.json|...] (default: the hub)")  # fmt: skip
+    p.add_argument("--data-dir", action="append", default=None,
+                   help="local data; may be given more than once (each benchmark is read from the first folder that "
+                   "holds it). Protocol vppo: the authors' releases as they ship: a chamber111/VPPO-Eval snapshot "
+                   "(or its data/), a PAPO-Galaxy/PAPO_eval snapshot (parquet files, image zips extracted or not) or "
+                   "PAPO-Eval's prepared DATA folder; raw: DATA_DIR/NAME[.parquet|.json|...] (default: the hub)")  # fmt: skip
     p.add_argument("--limit", type=int, default=None, help="only the first N items of each benchmark")
     p.add_argument("--engine", choices=("auto", "vllm", "transformers"), default="auto",
                    help="auto: vLLM when it is importable and a CUDA GPU exists, else transformers; vllm: also "
@@ -86,10 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _resolve_paths(args: argparse.Namespace) -> None:
     """--model, --out and --data-dir as absolute paths (``~`` expanded), resolved once against the working folder:
     every later join and every message then names the file meant, wherever it is used."""
-    for name in ("model", "out", "data_dir"):
+    for name in ("model", "out"):
         value = getattr(args, name)
         if value is not None:
             setattr(args, name, str(Path(value).expanduser().resolve()))
+    if args.data_dir is not None:  # a list: --data-dir may be given more than once
+        args.data_dir = [str(Path(d).expanduser().resolve()) for d in args.data_dir]
 
 
 class SamplerOnFirstUse:
@@ -150,8 +155,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"vppo-eval: --dependency {args.dependency}: must be >= 0")
     if not Path(args.model).is_dir():
         raise SystemExit(f"vppo-eval: --model {args.model!r} is not a folder; pass a local Hugging Face checkpoint")
-    if args.data_dir is not None and not Path(args.data_dir).is_dir():
-        raise SystemExit(f"vppo-eval: --data-dir {args.data_dir!r} is not a folder")
+    for data_dir in args.data_dir or []:
+        if not Path(data_dir).is_dir():
+            raise SystemExit(f"vppo-eval: --data-dir {data_dir!r} is not a folder")
     if args.protocol == "vppo" and args.data_dir is None:
         raise SystemExit(
             f"vppo-eval: --protocol vppo reads {AUTHORS_DATA}, from a local folder: download them on a machine with "
@@ -180,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         evaluate,
         load_benchmark_reports,
     )
-    from vppo_eval.report import write_report
+    from vppo_eval.report import count_mismatches, write_report
     from vppo_rollout.loading import load_policy, load_processor
 
     engine = choose_engine(args.engine)
@@ -201,7 +207,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     data_info = {name: r.summary() for name, r in reports.items()}
     for name, r in reports.items():
         print(f"{name}: {len(r.records)} items from {r.source} ({r.data_form} form)"
-              + (f", dropped at load: {r.skipped}" if r.skipped else ""), file=sys.stderr)  # fmt: skip
+              + (f", dropped at load: {r.skipped}" if r.skipped else "")
+              + (f"; also in {', '.join(r.also_in)} (not read: the first --data-dir wins)" if r.also_in else ""),
+              file=sys.stderr)  # fmt: skip
+    # Before the model load: a copy that is not the release's (kept != its rows) is said at once, not after hours.
+    for line in count_mismatches({name: r.summary() for name, r in reports.items()}, args.limit):
+        print(f"vppo-eval: warning: {line}", file=sys.stderr)
     if not args.allow_empty:
         try:  # before the model load: an empty benchmark fails in seconds
             check_kept_items(data, load_skipped, data_info)

@@ -237,79 +237,142 @@ def _dataset_info_file(data_dir: Path, names: Sequence[str]) -> Path | None:
     return None
 
 
-def benchmark_source(data_dir: str | os.PathLike, name: str, protocol: str | None = None) -> Path:
-    """Where benchmark `name` lives under data_dir.
+def data_dirs(data_dir: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """``data_dir`` (one folder, or a list of them in the order to search) -> absolute folders, resolved once.
 
-    protocol "raw" (or None): ``data_dir/name`` (a folder) or ``data_dir/name.<ext>`` (a file, e.g. the
-    benchmark's own release). protocol "vppo" (or None, when no raw copy is there): the authors' sharegpt file, the
-    one ``data_dir/dataset_info.json`` declares for it if present, else ``data_dir/[papo/]<stem>.json`` for the
-    stems ``name`` and ``Benchmark.sharegpt_names`` (PAPO-Eval's layout: ``data/papo/hiyouga_geometry3k.json``).
+    Raises ValueError for an empty list.
     """
+    items = [data_dir] if isinstance(data_dir, (str, os.PathLike)) else list(data_dir)
+    if not items:
+        raise ValueError("data_dir is an empty list; pass a folder, or a list of folders to search in order")
+    return [Path(d).expanduser().resolve() for d in items]
+
+
+def _find_in(root: Path, name: str, protocol: str | None) -> tuple[Path | None, list[Path], list[str]]:
+    """Benchmark ``name`` in one data dir: (the path, or None; the paths tried; notes for the error message)."""
     from vppo_eval.benchmarks import get_benchmark
+    from vppo_eval.releases import candidate_files
 
     spec = get_benchmark(name)
-    root = Path(data_dir).expanduser().resolve()  # resolved once: every path found below is absolute
     tried: list[Path] = []
+    notes: list[str] = []
     if protocol in (None, "raw"):
         for suffix in _DATA_SUFFIXES:
             path = root / f"{name}{suffix}"
             tried.append(path)
             if path.exists():
-                return path
+                return path, tried, notes
     if protocol in (None, "vppo"):
         stems = (name, *spec.sharegpt_names)
-        declared = _dataset_info_file(root, stems)
-        if declared is not None:
-            if not declared.is_file():
-                raise FileNotFoundError(
-                    f"{root / 'dataset_info.json'} names {declared} for {name!r}; it does not exist"
-                )
-            return declared
-        for folder in (root, root / "papo"):
-            for stem in stems:
-                path = folder / f"{stem}.json"
-                tried.append(path)
-                if path.is_file():
-                    return path
+        # A LLaMA-Factory data folder's own declaration first: in data_dir, or in data/ of a release root.
+        for info_dir in (root, root / "data"):
+            declared = _dataset_info_file(info_dir, stems)
+            if declared is None:
+                continue
+            if declared.is_file():
+                return declared, tried, notes
+            # PAPO-Eval's dataset_info.json names papo/We-Math_We-Math.json, its prepare_data.py writes
+            # papo/We_Math.json: a declaration of a file that is not there falls back to the names.
+            notes.append(f"{info_dir / 'dataset_info.json'} names {declared}, which does not exist")
+        for path in candidate_files(root, stems):
+            tried.append(path)
+            if path.is_file():
+                return path, tried, notes
+    return None, tried, notes
+
+
+def benchmark_source(
+    data_dir: str | os.PathLike | Sequence[str | os.PathLike], name: str, protocol: str | None = None
+) -> Path:
+    """Where benchmark `name` lives under data_dir: one folder, or a list searched in order (the first folder that
+    holds the benchmark is read: say both releases' folders, PAPO-Eval's and VPPO-Eval's, for protocol vppo).
+
+    protocol "raw" (or None): ``data_dir/name`` (a folder) or ``data_dir/name.<ext>`` (a file, e.g. the
+    benchmark's own release). protocol "vppo" (or None, when no raw copy is there): the authors' file, the one a
+    ``dataset_info.json`` in data_dir (or its ``data/``) declares for it if that file exists, else the first of
+    `vppo_eval.releases.candidate_files` for the stems ``name`` and ``Benchmark.sharegpt_names``: a JSON file in
+    ``.``, ``papo/``, ``vppo/``, ``data/``, ``data/papo/``, ``data/vppo/`` (PAPO-Eval's prepared ``DATA/papo/
+    We_Math.json``, VPPO-Eval's ``data/vppo/MathLLMs_MathVision.json``), then the hub's parquet shard in ``data/``
+    or ``.`` (PAPO-Eval's ``data/We_Math-00000-of-00001.parquet``).
+    Raises FileNotFoundError naming the names looked for and what each folder holds.
+    """
+    from vppo_eval.benchmarks import get_benchmark
+    from vppo_eval.releases import folder_holdings
+
+    spec = get_benchmark(name)
+    roots = data_dirs(data_dir)
+    tried: list[Path] = []
+    notes: list[str] = []
+    for root in roots:
+        found, tried_here, notes_here = _find_in(root, name, protocol)
+        if found is not None:
+            return found
+        tried += tried_here
+        notes += notes_here
     what = {
         "raw": "the benchmark's own release (raw schema)",
-        "vppo": "the authors' sharegpt file (see the vppo-eval README, 'Protocols', for where to get it)",
+        "vppo": "the authors' file (see the vppo-eval README, 'Getting the authors' data')",
         None: "its data",
     }[protocol]
-    shown = ", ".join(str(p) for p in tried[:4]) + (f" (+{len(tried) - 4} more)" if len(tried) > 4 else "")
-    hint = ""
+    where = f"data_dir={str(roots[0])!r}" if len(roots) == 1 else f"none of data_dir={[str(r) for r in roots]}"
+    parts = [f"{where} has no benchmark {name!r} for protocol {protocol or 'any'}: place {what} there"]
+    if protocol in (None, "vppo"):
+        release = f"{spec.release}, {spec.release_rows:,} rows" if spec.release else "the authors' release"
+        parts.append(
+            f"names looked for: {', '.join((name, *spec.sharegpt_names))} ({release}), as <name>.json in "
+            "., papo/, vppo/, data/, data/papo/, data/vppo/ or <name>-00000-of-00001.parquet in data/ or ."
+        )
+    else:
+        parts.append(
+            "looked for: "
+            + ", ".join(str(p) for p in tried[:4])
+            + (f" (+{len(tried) - 4} more)" if len(tried) > 4 else "")
+        )
+    for root in roots:
+        held = folder_holdings(root)
+        parts.append(f"{root} holds: {', '.join(held) if held else 'no .json, .parquet or .zip file where looked'}")
+    parts += notes
     if protocol == "vppo":
-        raw = [root / f"{name}{suffix}" for suffix in _DATA_SUFFIXES if (root / f"{name}{suffix}").exists()]
-        if raw:
-            hint = f" ({raw[0]} is there: the benchmark's own release, which protocol 'raw' reads)"
-    raise FileNotFoundError(
-        f"data_dir={str(data_dir)!r} has no benchmark {name!r} for protocol {protocol or 'any'}: place {what} at one "
-        f"of {shown}{hint}, or drop data_dir to load it from the hub."
-    )
+        for root in roots:
+            raw = [root / f"{name}{suffix}" for suffix in _DATA_SUFFIXES if (root / f"{name}{suffix}").exists()]
+            if raw:
+                parts.append(f"{raw[0]} is there: the benchmark's own release, which protocol 'raw' reads")
+                break
+    raise FileNotFoundError("; ".join(parts) + ". Or drop data_dir to load it from the hub.")
 
 
 def load_benchmark_reports(
     benchmarks: str | Sequence[str],
     *,
-    data_dir: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     limit: int | None = None,
     protocol: str | None = None,
 ) -> dict[str, Any]:
     """Load registry benchmarks: ("all" | "a,b" | [names]) -> name -> LoadReport (records, skips, source, form).
 
+    data_dir: one folder or a list searched in order (`benchmark_source`); None: the hub. A benchmark also found
+    in a later folder is read from the first and the others are recorded (``LoadReport.also_in``).
     Unknown names and missing files raise before anything is loaded; protocol: see `load_benchmark_report`.
     """
     from vppo_eval.benchmarks import load_benchmark_report, resolve_benchmark_names
 
     names = resolve_benchmark_names(benchmarks)
-    sources = {name: benchmark_source(data_dir, name, protocol) if data_dir is not None else None for name in names}
-    return {name: load_benchmark_report(name, sources[name], limit, protocol=protocol) for name in names}
+    roots = data_dirs(data_dir) if data_dir is not None else None
+    sources = {name: benchmark_source(roots, name, protocol) if roots is not None else None for name in names}
+    reports = {name: load_benchmark_report(name, sources[name], limit, protocol=protocol) for name in names}
+    for name, report in reports.items():
+        if roots is not None and len(roots) > 1:
+            first = next(i for i, root in enumerate(roots) if _find_in(root, name, protocol)[0] is not None)
+            report.also_in = tuple(
+                str(path) for root in roots[first + 1 :] if (path := _find_in(root, name, protocol)[0]) is not None
+            )
+    return reports
 
 
 def load_benchmarks(
     benchmarks: str | Sequence[str],
     *,
-    data_dir: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     limit: int | None = None,
     protocol: str | None = None,
 ) -> tuple[dict[str, list[Any]], dict[str, dict[str, int]]]:
@@ -536,7 +599,7 @@ def evaluate(
     max_new_tokens: int = 2048,
     limit: int | None = None,
     out_dir: str | os.PathLike | None = None,
-    data_dir: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     batch_size: int = 16,
     seed: int = 0,
     format_weight: float = 0.1,
@@ -558,7 +621,8 @@ def evaluate(
     processor: the model's processor, used to build the chat prompts (vppo_rollout.build_prompt).
     limit: evaluate only the first `limit` items of each benchmark.
     out_dir: where items.jsonl (resume state), eval_config.json and results.json go; None keeps nothing (no resume).
-    data_dir: load registry benchmark `name` from ``data_dir/name`` instead of the hub.
+    data_dir: with registry names, the local folder (or a list of folders, searched in order) holding them
+        (`benchmark_source`: for protocol "vppo" the authors' releases as they ship); None loads from the hub.
     batch_size: items per sampler call (k responses each); also the resume granularity.
     seed: base seed; each sampler call gets a seed derived from it and the call's first item.
     multiple_choice: also accept option-letter answers (`vppo_eval.reward.grade`); False grades exactly like the

@@ -185,14 +185,52 @@ def comparison_table(results: EvalResults, *, run_name: str = "this run") -> dic
     if deviations:
         changed = ", ".join(f"{k} {v['used']} (protocol: {v['protocol']})" for k, v in deviations.items())
         note += f" This run deviates from its protocol's decoding: {changed}."
+    data = results.config.get("data") or {}
     return {
         "k": results.k,
         "columns": names,
         "rows": rows,
         "note": note,
         "protocol": results.config.get("protocol"),
-        "data": results.config.get("data") or {},
+        "data": data,
+        "count_warnings": count_mismatches(data, limit),
     }
+
+
+def count_mismatches(data: Mapping[str, Mapping[str, Any]], limit: int | None = None) -> list[str]:
+    """One warning per benchmark whose kept items differ from its release's row count.
+
+    data: benchmark -> what the result records of its data (`LoadReport.summary()` plus the scored ``items``), with
+        ``expected_items`` the release's rows (None: no expectation, e.g. the raw form or records passed in).
+    limit: the run's ``--limit``: then the expectation is min(limit, rows), so a partial run warns only when it kept
+        fewer than its limit explains.
+    """
+    lines = []
+    for name, d in data.items():
+        expected, kept = d.get("expected_items"), d.get("items")
+        if expected is None or kept is None:
+            continue
+        wanted = expected if limit is None else min(limit, expected)
+        if kept == wanted:
+            continue
+        release = _release_of(name)
+        lines.append(
+            f"{display_name(name)}: {kept} item(s) kept, the authors' release{f' ({release})' if release else ''} has "
+            f"{expected:,}{f' (the first {limit}: {wanted})' if limit is not None else ''}; the paper's numbers are "
+            "only comparable on the same items (an incomplete or other copy of the file, or rows skipped at load: "
+            "see the skip counts)"
+        )
+    return lines
+
+
+def _release_of(name: str) -> str | None:
+    """The hub dataset of registry benchmark ``name``'s authors' release, or None (not a registry name)."""
+    from vppo_eval.benchmarks import get_benchmark
+
+    try:
+        return get_benchmark(name).release
+    except ValueError:
+        return None
 
 
 def _fmt(x: float | None) -> str:
@@ -222,16 +260,26 @@ def format_markdown(table: Mapping[str, Any]) -> str:
             f"Protocol of this run: **{table.get('protocol') or 'unnamed'}**. Two numbers are comparable only when "
             "their protocol, and for the same benchmark their item hash, agree.",
             "",
-            "| Benchmark | Source | Form | Items | Items' sha256 (id, question, answer; first 16) |",
+            "| Benchmark | Source | Form | Items kept / expected | Items' sha256 (id, question, answer; first 16) |",
             "|---|---|---|---|---|",
         ]
         for n in names:
             d = data.get(n, {})
+            expected = d.get("expected_items")
+            kept = f"{d.get('items', '?')} / {'–' if expected is None else f'{expected:,}'}"
             data_lines.append(
-                f"| {display_name(n)} | {d.get('source', '?')} | {d.get('data_form') or '?'} | {d.get('items', '?')} | "
+                f"| {display_name(n)} | {d.get('source', '?')} | {d.get('data_form') or '?'} | {kept} | "
                 f"`{str(d.get('items_sha256', '?'))[:16]}` |"
             )
         data_lines.append("")
+        data_lines.append(
+            "Expected: the rows of the authors' release (protocol vppo: PAPO-Galaxy/PAPO_eval, chamber111/VPPO-Eval); "
+            "– where there is none (the raw form)."
+        )
+        data_lines.append("")
+        warnings = table.get("count_warnings") or []
+        if warnings:
+            data_lines += [*(f"**Warning:** {w}." for w in warnings), ""]
     repro = [r for r in table["rows"] if r["source"] == "reproduction"]
     repro_lines = [f"- {r['model']}: {r['reference']}." for r in repro]
     return "\n".join(
