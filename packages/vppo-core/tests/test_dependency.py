@@ -185,6 +185,18 @@ def test_sampled_estimator_is_unbiased_for_the_exact_kl():
             ),
             "hidden_alt has shape",
         ),
+        (
+            lambda: exact_token_dependency_from_hidden(
+                torch.zeros(1, 2, 3), torch.zeros(1, 2, 3).double(), torch.zeros(5, 3), torch.ones(1, 2)
+            ),
+            "hidden_alt is torch.float64, expected hidden's torch.float32",
+        ),
+        (
+            lambda: exact_token_dependency_from_hidden(
+                torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), torch.zeros(5, 3).double(), torch.ones(1, 2)
+            ),
+            "weight .* must share one dtype",
+        ),
     ],
 )
 def test_bad_input_raises_value_error_naming_argument(call, match):

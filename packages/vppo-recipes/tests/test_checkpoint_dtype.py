@@ -147,14 +147,14 @@ def test_restore_master_weights_refuses_a_model_not_loaded_from_the_export(tiny,
 
 
 def test_checkpoint_dtype_is_schema_checked_and_defaults_to_the_training_dtype():
-    from vppo_recipes.distributed import checkpoint_dtype
+    from vppo_recipes.distributed import checkpoint_dtype, training_dtype
 
     cfg, _ = _cfg("tiny_dapo")
-    assert cfg.checkpoint.dtype is None and checkpoint_dtype(cfg) == torch.float32
+    assert cfg.checkpoint.dtype is None and checkpoint_dtype(cfg) == training_dtype(cfg) == torch.float32
     cfg, _ = _cfg("tiny_dapo", **{"model.dtype": "bfloat16"})
-    assert checkpoint_dtype(cfg) == torch.bfloat16
+    assert checkpoint_dtype(cfg) == training_dtype(cfg) == torch.bfloat16
     cfg, _ = _cfg("tiny_dapo", **{"model.dtype": "bfloat16", "checkpoint.dtype": "float32"})
-    assert checkpoint_dtype(cfg) == torch.float32
+    assert checkpoint_dtype(cfg) == torch.float32 and training_dtype(cfg) == torch.bfloat16
     with pytest.raises(ConfigError, match=r"'checkpoint.dtype' is 'float16'; allowed values: 'float32', 'bfloat16'"):
         _cfg("tiny_dapo", **{"checkpoint.dtype": "float16"})
     assert validate_config(cfg, "rl").checkpoint.dtype == "float32"

@@ -179,6 +179,25 @@ def exact_token_dependency(
     )
 
 
+def _check_hidden_and_weight(hidden: torch.Tensor, weight: torch.Tensor, *others: tuple[str, torch.Tensor]) -> None:
+    """Check hidden [B, L, H] float, each named other view (e.g. ``("hidden_alt", t)``) against it (same shape and
+    dtype), and the LM-head weight [V, H] (same H and dtype); raise ValueError naming the argument."""
+    for name, t in (("hidden", hidden), *others):
+        if not isinstance(t, torch.Tensor) or t.ndim != 3 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor [B, L, H], got {getattr(t, 'shape', type(t))}")
+        if t.shape != hidden.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected hidden's {tuple(hidden.shape)}")
+        if t.dtype != hidden.dtype:
+            raise ValueError(f"{name} is {t.dtype}, expected hidden's {hidden.dtype} (the views share one dtype)")
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(
+            f"weight must be the LM-head weight [V, H] with H = {hidden.shape[2]}, "
+            f"got {getattr(weight, 'shape', type(weight))}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share one dtype")
+
+
 @torch.no_grad()
 def exact_token_dependency_from_hidden(
     hidden: torch.Tensor,
@@ -201,20 +220,7 @@ def exact_token_dependency_from_hidden(
     Returns:
         S: [B, L] float32 (float64 for float64 inputs), >= 0, no gradient.
     """
-    for name, t in (("hidden", hidden), ("hidden_alt", hidden_alt)):
-        if not isinstance(t, torch.Tensor) or t.ndim != 3 or not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating tensor [B, L, H], got {getattr(t, 'shape', type(t))}")
-    if hidden_alt.shape != hidden.shape:
-        raise ValueError(f"hidden_alt has shape {tuple(hidden_alt.shape)}, expected hidden's {tuple(hidden.shape)}")
-    if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or weight.shape[1] != hidden.shape[2]:
-        raise ValueError(
-            f"weight must be the LM-head weight [V, H] with H = {hidden.shape[2]}, "
-            f"got {getattr(weight, 'shape', type(weight))}"
-        )
-    if weight.dtype != hidden.dtype or hidden_alt.dtype != hidden.dtype:
-        raise ValueError(
-            f"hidden ({hidden.dtype}), hidden_alt ({hidden_alt.dtype}) and weight ({weight.dtype}) must share one dtype"
-        )
+    _check_hidden_and_weight(hidden, weight, ("hidden_alt", hidden_alt))
     temperature = check_temperature(temperature)
     dtype = compute_dtype(hidden.dtype)
     # Contiguous [B·L, H] rows: each chunk is then a contiguous 2-D operand of the matmul. A strided 3-D slice
@@ -251,23 +257,6 @@ def abs_log_ratio(lp: torch.Tensor, lp_alt: torch.Tensor, mask: torch.Tensor) ->
     valid, dtype = _check_logprob_pair(lp, lp_alt, mask)
     s = (lp.to(dtype) - lp_alt.to(dtype)).abs()
     return torch.where(valid, s, torch.zeros((), dtype=dtype, device=s.device))
-
-
-def _check_hidden_and_weight(hidden: torch.Tensor, weight: torch.Tensor, *others: tuple[str, torch.Tensor]) -> None:
-    for name, t in (("hidden", hidden), *others):
-        if not isinstance(t, torch.Tensor) or t.ndim != 3 or not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating tensor [B, L, H], got {getattr(t, 'shape', type(t))}")
-        if t.shape != hidden.shape or t.dtype != hidden.dtype:
-            raise ValueError(
-                f"{name} is {t.dtype} {tuple(t.shape)}, expected hidden's {hidden.dtype} {tuple(hidden.shape)}"
-            )
-    if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or weight.shape[1] != hidden.shape[2]:
-        raise ValueError(
-            f"weight must be the LM-head weight [V, H] with H = {hidden.shape[2]}, "
-            f"got {getattr(weight, 'shape', type(weight))}"
-        )
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share one dtype")
 
 
 def _row_log_softmax(hidden_rows: torch.Tensor, weight: torch.Tensor, temperature: float, dtype) -> torch.Tensor:

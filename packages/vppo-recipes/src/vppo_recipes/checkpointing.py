@@ -87,6 +87,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 __all__ = [
+    "DTYPES",
     "FORMAT_VERSION",
     "CheckpointWriteError",
     "apply_optimizer_settings",
@@ -118,7 +119,9 @@ CONFIG_FILE = "training_config.yaml"
 OPTIMIZER_FILE = "optimizer.pt"
 OPTIMIZER_SHARD_FILE = "optimizer_rank{rank}.pt"
 MASTER_LOW_BITS_FILE = "master_weights_low16.safetensors"
-EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # checkpoint.dtype's values
+# The config's dtype names (model.dtype, checkpoint.dtype) -> torch dtypes: the one map both recipes read
+# (`distributed.training_dtype`, `distributed.checkpoint_dtype`).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Quantized optimizer-state tensor subclasses a sharded optimizer file may name (rebuilt from their parts).
 _STATE_SUBCLASSES = {
     "torchao.optim.subclass_8bit.OptimState8bit",
@@ -423,8 +426,8 @@ def _export(full_sd: dict[str, torch.Tensor], dtype: torch.dtype | None):
     """
     if dtype is None:
         return dict(full_sd), {}
-    if dtype not in EXPORT_DTYPES.values():
-        raise ValueError(f"checkpoint dtype must be one of {sorted(EXPORT_DTYPES)}, got {dtype}")
+    if dtype not in DTYPES.values():
+        raise ValueError(f"checkpoint dtype must be one of {sorted(DTYPES)}, got {dtype}")
     exported, low_bits = {}, {}
     converted: dict[tuple, torch.Tensor] = {}  # a source tensor's memory and layout -> its export
     for name in list(full_sd):

@@ -1,4 +1,5 @@
-"""What both recipes do the same way before training: join (or create) the process group, load the policy, shard it.
+"""What both recipes do the same way: join (or create) the process group, load the policy, shard it, the dtypes their
+config names, and the checkpoint they save.
 
 Each recipe still reads top to bottom in its own file; these are the steps whose every line is the same for RL and
 SFT, kept in one place so the two cannot drift.
@@ -8,12 +9,13 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from vppo_recipes.checkpointing import EXPORT_DTYPES, restore_master_weights
+from vppo_recipes.checkpointing import DTYPES, restore_master_weights, save_checkpoint
 from vppo_recipes.sharding import mixed_precision, policy_mesh, shard_policy
 from vppo_rollout.loading import checkpoint_arch, load_policy
 
@@ -77,4 +79,36 @@ def shard_and_place(
 def checkpoint_dtype(cfg: DictConfig) -> torch.dtype:
     """The dtype checkpoints write the HF weights in: `checkpoint.dtype`, or the training dtype `model.dtype` when
     that is null (the default)."""
-    return EXPORT_DTYPES[cfg.checkpoint.dtype or cfg.model.dtype]
+    return DTYPES[cfg.checkpoint.dtype or cfg.model.dtype]
+
+
+def training_dtype(cfg: DictConfig) -> torch.dtype:
+    """The dtype the policy computes in under FSDP2's mixed precision: `model.dtype` (the master weights stay
+    float32)."""
+    return DTYPES[cfg.model.dtype]
+
+
+def save_run_checkpoint(
+    cfg: DictConfig,
+    output_dir: str | os.PathLike,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    training_state: dict,
+) -> Path:
+    """`checkpointing.save_checkpoint` as both recipes call it: `<output_dir>/checkpoints/step_N` with the HF-format
+    model in `checkpoint_dtype(cfg)`, the processor files of `model.path`, `model.arch`, the config (a resumed run
+    compares its own against it) and the recipe's `training_state`. Collective: every rank calls it; returns the
+    checkpoint folder."""
+    return save_checkpoint(
+        output_dir,
+        step,
+        model=model,
+        optimizer=optimizer,
+        processor_source=cfg.model.path,
+        training_state=training_state,
+        arch=cfg.model.arch,
+        config=cfg,
+        dtype=checkpoint_dtype(cfg),
+    )

@@ -136,6 +136,35 @@ def check_n(n) -> int:
     return n
 
 
+def check_sample_arguments(
+    prompts: Iterable[Prompt], n: int, sampling: SamplingConfig, checkpoint_eos: Sequence[int]
+) -> tuple[list[Prompt], int, list[int]]:
+    """The arguments of `GroupSampler.sample`, checked alike by every engine -> (prompts as a list, n, stop ids).
+
+    Args:
+        prompts: the prompts of the call (any iterable; an empty one is refused).
+        n: responses per prompt (`check_n`).
+        sampling: a `SamplingConfig` (a dict of its fields is refused: build the dataclass, which checks them).
+        checkpoint_eos: the checkpoint's EOS ids, the stop ids when `sampling.stop_token_ids` is None; may be
+            empty, which is refused only when the stop ids would come from it.
+
+    Returns:
+        (prompts, n, stop token ids): the ids that end a response, kept as its last token.
+    """
+    n = check_n(n)
+    if not isinstance(sampling, SamplingConfig):
+        raise ValueError(f"sampling: expected a SamplingConfig, got {type(sampling).__name__}")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts: empty list")
+    stop = list(sampling.stop_token_ids) if sampling.stop_token_ids else list(checkpoint_eos)
+    if not stop:
+        raise ValueError(
+            "stop_token_ids: the checkpoint defines no EOS token; pass SamplingConfig(stop_token_ids=[...])"
+        )
+    return prompts, n, stop
+
+
 @runtime_checkable
 class GroupSampler(Protocol):
     """What a recipe needs from a rollout engine; `TransformersSampler` and `VLLMSampler` implement it."""

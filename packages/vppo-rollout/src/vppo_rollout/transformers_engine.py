@@ -16,7 +16,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from vppo_rollout.collate import encode_prompts
 from vppo_rollout.prompts import Prompt
-from vppo_rollout.sampling import Rollouts, SamplingConfig, check_n, response_decoder
+from vppo_rollout.sampling import Rollouts, SamplingConfig, check_sample_arguments, response_decoder
 
 # Prefixes that wrappers add to parameter names on the trainer side (activation checkpointing, torch.compile,
 # DDP's leading `module.`); FSDP2's fully_shard keeps the names. Stripped before looking a name up.
@@ -69,16 +69,13 @@ def placeholder_token_ids(model) -> list[int]:
 
 
 def default_stop_token_ids(model, processor) -> list[int]:
-    """The checkpoint's EOS ids (generation_config, e.g. [<|im_end|>, <|endoftext|>]) plus the tokenizer's EOS."""
+    """The checkpoint's EOS ids (generation_config, e.g. [<|im_end|>, <|endoftext|>]) plus the tokenizer's EOS;
+    empty when it defines none (`check_sample_arguments` refuses that unless the caller gives stop ids)."""
     ids = model.generation_config.eos_token_id
     ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
     tok_eos = processor.tokenizer.eos_token_id
     if tok_eos is not None and tok_eos not in ids:
         ids.append(tok_eos)
-    if not ids:
-        raise ValueError(
-            "stop_token_ids: the checkpoint defines no EOS token; pass SamplingConfig(stop_token_ids=[...])"
-        )
     return ids
 
 
@@ -168,16 +165,8 @@ class TransformersSampler:
 
     def sample(self, prompts: Sequence[Prompt], n: int, sampling: SamplingConfig) -> Rollouts:
         """n responses per prompt with one batched `generate` per chunk of prompts; see `GroupSampler`."""
-        n = check_n(n)
-        if not isinstance(sampling, SamplingConfig):
-            raise ValueError(f"sampling: expected a SamplingConfig, got {type(sampling).__name__}")
-        prompts = list(prompts)
-        if not prompts:
-            raise ValueError("prompts: empty list")
-        stop_ids = (
-            list(sampling.stop_token_ids)
-            if sampling.stop_token_ids
-            else default_stop_token_ids(self.model, self.processor)
+        prompts, n, stop_ids = check_sample_arguments(
+            prompts, n, sampling, default_stop_token_ids(self.model, self.processor)
         )
         gen_config = self._generation_config(sampling, n, stop_ids)
         chunk = max(1, self.batch_size // n)

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from vppo_rollout.prompts import Prompt
-from vppo_rollout.sampling import Rollouts, SamplingConfig, check_n, response_decoder
+from vppo_rollout.sampling import Rollouts, SamplingConfig, check_n, check_sample_arguments, response_decoder
 from vppo_rollout.transformers_engine import _strip_wrappers
 from vppo_rollout.vllm_worker import encode_weights
 
@@ -407,19 +407,9 @@ class VLLMSampler:
     # -- sampling -------------------------------------------------------------------------------------------
     def sample(self, prompts: Sequence[Prompt], n: int, sampling: SamplingConfig) -> Rollouts:
         """n responses per prompt in one `llm.generate` call; see `GroupSampler`."""
-        n = check_n(n)
-        if not isinstance(sampling, SamplingConfig):
-            raise ValueError(f"sampling: expected a SamplingConfig, got {type(sampling).__name__}")
-        prompts = list(prompts)
-        if not prompts:
-            raise ValueError("prompts: empty list")
+        prompts, n, stop = check_sample_arguments(prompts, n, sampling, self.stop_token_ids)
         if self._asleep:
             self.wake_up()
-        stop = list(sampling.stop_token_ids) if sampling.stop_token_ids else self.stop_token_ids
-        if not stop:
-            raise ValueError(
-                "stop_token_ids: the checkpoint defines no EOS token; pass SamplingConfig(stop_token_ids=[...])"
-            )
         requests = vllm_requests(prompts, max_images=self.max_images)
         # vLLM refuses n > 1 with greedy decoding: send each prompt n times with n = 1 (the prefix cache shares them).
         per_request = 1 if sampling.greedy else n

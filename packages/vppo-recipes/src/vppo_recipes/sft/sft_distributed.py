@@ -51,7 +51,6 @@ from vppo_recipes.checkpointing import (
     final_checkpoint_line,
     find_resumable_checkpoint,
     load_training_state,
-    save_checkpoint,
 )
 from vppo_recipes.config_schema import check_paths, check_world_size, validate_config
 from vppo_recipes.data import (
@@ -63,7 +62,13 @@ from vppo_recipes.data import (
     prompt_or_skip,
     rank_slice,
 )
-from vppo_recipes.distributed import checkpoint_dtype, init_distributed, load_training_policy, shard_and_place
+from vppo_recipes.distributed import (
+    init_distributed,
+    load_training_policy,
+    save_run_checkpoint,
+    shard_and_place,
+    training_dtype,
+)
 from vppo_recipes.lifecycle import StopRequest, claim_output_dir, stopped_message
 from vppo_recipes.lr_schedule import constant_with_warmup
 from vppo_recipes.metric_logging import build_metric_logger
@@ -73,7 +78,6 @@ from vppo_rollout.collate import collate_rollout, model_inputs
 from vppo_rollout.loading import load_processor
 from vppo_rollout.prompts import Prompt
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 END_OF_TURN = "<|im_end|>"  # Qwen chat format: ends the assistant turn; the RL sampler stops on it
 
 
@@ -129,7 +133,7 @@ class SFTRecipeDistributed:
                 f"batch.batch_size={self.batch_size} must be a multiple of the world size {self.world} "
                 "(every rank trains on an equal share)"
             )
-        self.dtype = _DTYPES[cfg.model.dtype]
+        self.dtype = training_dtype(cfg)
         torch.manual_seed(self.seed)
 
         self.step = 0  # optimizer steps attempted (skipped non-finite ones included)
@@ -304,16 +308,13 @@ class SFTRecipeDistributed:
 
     def save_checkpoint(self) -> None:
         """`<output_dir>/checkpoints/step_N`: HF-format model + processor files, optimizer, data position."""
-        save_checkpoint(
+        save_run_checkpoint(
+            self._cfg,
             self.output_dir,
             self.step,
             model=self.model,
             optimizer=self.optimizer,
-            processor_source=self._cfg.model.path,
             training_state=self._recipe_state(),
-            arch=self._cfg.model.arch,
-            config=self._cfg,
-            dtype=checkpoint_dtype(self._cfg),
         )
 
     def load_checkpoint(self, ckpt_dir) -> None:
