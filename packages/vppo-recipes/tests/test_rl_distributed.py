@@ -444,7 +444,6 @@ def test_each_phase_returns_frozen_values_that_no_later_phase_changes(tmp_path, 
     """rl_step's phases hand frozen dataclasses to each other, and no phase writes into an earlier one's tensors
     in place: every tensor a phase returned is bitwise what it was when returned, after the whole step."""
     import vppo_recipes.rl.rl_distributed as rl
-
     from vppo_recipes.methods import records
 
     for cls in (rl.Draw, rl.Group, rl.Rollouts, rl.UpdateResult, records.MicroBatch, records.NoGradPass,

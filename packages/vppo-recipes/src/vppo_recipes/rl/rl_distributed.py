@@ -87,12 +87,17 @@ from vppo_recipes.checkpointing import (
     find_resumable_checkpoint,
     holds_master_weights,
     load_training_state,
-    save_checkpoint,
 )
 from vppo_recipes.collectives import all_reduce_list
 from vppo_recipes.config_schema import check_paths, check_world_size, validate_config
 from vppo_recipes.data import Example, ExampleStream, SkipRow, VisualQADataset, prompt_or_skip, rank_slice
-from vppo_recipes.distributed import checkpoint_dtype, init_distributed, load_training_policy, shard_and_place
+from vppo_recipes.distributed import (
+    init_distributed,
+    load_training_policy,
+    save_run_checkpoint,
+    shard_and_place,
+    training_dtype,
+)
 from vppo_recipes.forward import exact_dependency_in_root, response_pass
 from vppo_recipes.lifecycle import StopRequest, claim_output_dir, stopped_message
 from vppo_recipes.lr_schedule import constant_with_warmup
@@ -108,7 +113,6 @@ from vppo_rollout.loading import load_processor
 from vppo_rollout.prompts import Prompt
 from vppo_rollout.sampling import SamplingConfig
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # |lp_sampler - lp_old| above this counts as a disagreeing token (rollout/logprob_frac_above_1e-3)
 AGREEMENT_THRESHOLD = 1e-3
 
@@ -235,7 +239,7 @@ class RLRecipeDistributed:
         self.is_rank_zero = self.rank == 0
         check_world_size(cfg, self.world)
         check_batch_sizes(cfg, self.world)
-        self.dtype = _DTYPES[cfg.model.dtype]
+        self.dtype = training_dtype(cfg)
         torch.manual_seed(self.seed)
 
         # Progress (restored by load_checkpoint): RL steps done, optimizer steps done, usable examples drawn.
@@ -950,17 +954,10 @@ class RLRecipeDistributed:
 
         Written atomically by `vppo_recipes.checkpointing` (collective: every rank calls it).
         """
-        save_checkpoint(
-            self.output_dir,
-            self.step,
-            model=self.model,
-            optimizer=self.optimizer,
-            processor_source=self._cfg.model.path,
+        save_run_checkpoint(
+            self._cfg, self.output_dir, self.step, model=self.model, optimizer=self.optimizer,
             training_state=self._recipe_state(),
-            arch=self._cfg.model.arch,
-            config=self._cfg,
-            dtype=checkpoint_dtype(self._cfg),
-        )
+        )  # fmt: skip
 
     def load_checkpoint(self, ckpt_dir) -> None:
         """Restore optimizer, data position and counters (the weights were loaded from `ckpt_dir` in setup)."""
