@@ -16,6 +16,7 @@ from vppo_recipes.methods.base import Method, MethodContext, param
 from vppo_recipes.methods.baselines import DAPO, GRPO
 from vppo_recipes.methods.cfpo import CFPO
 from vppo_recipes.methods.cgpo import CGPO
+from vppo_recipes.methods.composed import Composed
 from vppo_recipes.methods.dvrp import DVRP
 from vppo_recipes.methods.papo import PAPO
 from vppo_recipes.methods.pepo import PEPO
@@ -26,6 +27,7 @@ from vppo_recipes.methods.vppo import VPPO
 
 __all__ = [
     "BUILTIN_METHODS",
+    "Composed",
     "Method",
     "MethodContext",
     "build_method",
@@ -95,6 +97,10 @@ def method_settings(cls: type[Method]) -> list[tuple[str, type, dataclasses.Fiel
 
 def build_method(section: Mapping[str, Any]) -> Method:
     """The method a (validated) `algorithm` section names, with its settings."""
+    if not isinstance(section, dict):  # a DictConfig: plain values, so blocks get lists and dicts
+        from omegaconf import OmegaConf
+
+        section = OmegaConf.to_container(section, resolve=True)
     cls = method_class(section)
     return cls(**{k: v for k, v in section.items() if k not in CHOOSING_KEYS})
 

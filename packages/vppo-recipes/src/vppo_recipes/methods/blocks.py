@@ -1,4 +1,7 @@
-"""Building blocks several methods share: settings declared once, and the auxiliary KL term to an altered view.
+"""Building blocks several methods share: settings declared once, and the blocks a method is composed of (the
+altered views are in `views.py`): a token selection (`TopDependentTokens`), an advantage scaling
+(`TrajectoryScaling`), an auxiliary loss term (`KLToView`). The built-in methods are written with them, and
+`composed.Composed` combines them from YAML.
 
 A setting two methods read (PAPO's and DVRP's `mask_prob`, PAPO's and CFPO's `visual_kl_coef`, VPPO's and PGPO's
 `dependency`) is one function here, so its default, bounds and doc are written once.
@@ -6,12 +9,16 @@ A setting two methods read (PAPO's and DVRP's `mask_prob`, PAPO's and CFPO's `vi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from vppo_core.losses import kl_penalty
-from vppo_recipes.methods.base import param
+from vppo_core.masking import tgf_mask
+from vppo_core.shaping import tas_scale, tas_scale_reference
+from vppo_recipes.collectives import all_gather_cat
+from vppo_recipes.methods.base import DEPENDENT_TOKEN_FRACTION, MethodContext, param
 from vppo_recipes.methods.records import MicroStep
 
 
@@ -30,7 +37,55 @@ def visual_kl_coef_param():
     return param(0.02, low=0.0, doc="γ: loss − γ·k3(altered view ‖ policy); PAPO-G / CFPO-G 0.02, -D 0.01")
 
 
-def kl_to_view(step: MicroStep, new: Mapping[str, torch.Tensor], view: int, coef: float) -> tuple[float, torch.Tensor]:
-    """An auxiliary term coef · k3(view ‖ π_θ) per token (ALGORITHMS.md §9.1): the view's log-probs were scored once
-    before the update (no gradient through them); π_θ is the gradient pass. coef < 0 rewards the divergence."""
-    return coef, kl_penalty(new["lp"], step.no_grad.lp_views[view], "k3")
+# --------------------------------------------------------------------------------------------------------------------
+# Blocks as components: a selection, a scaling, an auxiliary term (views are in views.py). The built-in methods are
+# written with them, and `composed.Composed` combines them from YAML.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TopDependentTokens:
+    """Token selection: only each response's ceil(ρ·n) most dependent tokens carry the policy gradient (VPPO's TGF,
+    ALGORITHMS.md §4): weights 1 on them, 0 elsewhere."""
+
+    fraction: float = DEPENDENT_TOKEN_FRACTION
+
+    def weights(self, step: MicroStep) -> torch.Tensor:
+        """[b, L] in lp_old's dtype."""
+        return tgf_mask(step.no_grad.S, step.batch.mask, fraction=self.fraction).to(step.no_grad.lp_old.dtype)
+
+
+@dataclass(frozen=True)
+class TrajectoryScaling:
+    """Advantage scaling: each response's advantage times α_i from its mean dependency S̄_i (VPPO's TAS,
+    ALGORITHMS.md §3), with m, M and mean(n) over the global mini-batch ("global") or per rank and micro-batch as the
+    official code ("reference")."""
+
+    beta_min: float = 0.9
+    statistics: str = "global"
+
+    def alphas(self, ctx: MethodContext, mini: Sequence[MicroStep]) -> list[torch.Tensor]:
+        """One [b] α per micro-batch of one mini-batch (collective under "global": every rank calls it)."""
+        traj = torch.cat([s.no_grad.traj_dep for s in mini])
+        valid = torch.cat([s.batch.mask.sum(1) > 0 for s in mini])
+        if self.statistics == "global":
+            # m, M and mean(n) over the GLOBAL mini-batch: gather S̄ of every rank (same length on each).
+            all_traj, all_valid = all_gather_cat(traj), all_gather_cat(valid.to(traj.dtype)).bool()
+            alpha = tas_scale(all_traj, beta_min=self.beta_min, valid=all_valid)
+            alpha = alpha[ctx.rank * traj.numel() : (ctx.rank + 1) * traj.numel()]
+        else:  # the official code: per-rank mini-batch min/max, per-micro-batch mean(n)
+            alpha = tas_scale_reference(traj, ctx.micro_batch_size, beta_min=self.beta_min, valid=valid)
+        return list(alpha.split([s.no_grad.traj_dep.numel() for s in mini]))
+
+
+@dataclass(frozen=True)
+class KLToView:
+    """Auxiliary term coef · k3(view ‖ π_θ) per token (ALGORITHMS.md §9.1): the view's log-probs were scored once
+    before the update (no gradient through them); π_θ is the gradient pass. coef < 0 rewards the divergence
+    (PAPO's, CFPO's and DVRP's necessity term), coef > 0 penalises it (DVRP's robustness term)."""
+
+    view: int = 0
+    coef: float = -0.02
+
+    def term(self, step: MicroStep, new: Mapping[str, torch.Tensor]) -> tuple[float, torch.Tensor]:
+        return self.coef, kl_penalty(new["lp"], step.no_grad.lp_views[self.view], "k3")

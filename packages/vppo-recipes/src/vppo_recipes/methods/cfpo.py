@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vppo_recipes.methods.base import Method, param
-from vppo_recipes.methods.blocks import kl_to_view, visual_kl_coef_param
+from vppo_recipes.methods.blocks import KLToView, visual_kl_coef_param
 from vppo_recipes.methods.views import CounterfactualAttention
 
 
@@ -21,4 +21,4 @@ class CFPO(Method):
         return (CounterfactualAttention(self.cfpo_std_multiplier),)
 
     def aux_terms(self, ctx, step, new):
-        return {"visual_kl": kl_to_view(step, new, 0, -1.0 * self.visual_kl_coef)}
+        return {"visual_kl": KLToView(0, -1.0 * self.visual_kl_coef).term(step, new)}

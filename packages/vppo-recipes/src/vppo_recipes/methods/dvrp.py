@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vppo_recipes.methods.base import Method, param
-from vppo_recipes.methods.blocks import kl_to_view, mask_prob_param
+from vppo_recipes.methods.blocks import KLToView, mask_prob_param
 from vppo_recipes.methods.views import DiffusionNoise, PerturbedPixels
 
 
@@ -29,8 +29,8 @@ class DVRP(Method):
 
     def aux_terms(self, ctx, step, new):
         return {
-            "necessity_kl": kl_to_view(step, new, 0, -1.0 * self.necessity_kl_coef),
-            "robustness_kl": kl_to_view(step, new, 1, 1.0 * self.robustness_kl_coef),
+            "necessity_kl": KLToView(0, -1.0 * self.necessity_kl_coef).term(step, new),
+            "robustness_kl": KLToView(1, 1.0 * self.robustness_kl_coef).term(step, new),
         }
 
     def metrics(self, ctx, steps):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vppo_recipes.methods.base import Method
-from vppo_recipes.methods.blocks import kl_to_view, mask_prob_param, visual_kl_coef_param
+from vppo_recipes.methods.blocks import KLToView, mask_prob_param, visual_kl_coef_param
 from vppo_recipes.methods.views import PerturbedPixels
 
 
@@ -21,4 +21,4 @@ class PAPO(Method):
         return (PerturbedPixels("blacken", self.mask_prob, per_response=False),)
 
     def aux_terms(self, ctx, step, new):
-        return {"visual_kl": kl_to_view(step, new, 0, -1.0 * self.visual_kl_coef)}
+        return {"visual_kl": KLToView(0, -1.0 * self.visual_kl_coef).term(step, new)}

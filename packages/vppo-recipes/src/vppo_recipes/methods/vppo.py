@@ -11,12 +11,9 @@ from typing import Any
 
 import torch
 
-from vppo_core.masking import tgf_mask
 from vppo_core.perturb import IMAGE_PERTURBATIONS
-from vppo_core.shaping import tas_scale, tas_scale_reference
-from vppo_recipes.collectives import all_gather_cat
 from vppo_recipes.methods.base import DEPENDENT_TOKEN_FRACTION, Method, MethodContext, param
-from vppo_recipes.methods.blocks import dependency_param
+from vppo_recipes.methods.blocks import TopDependentTokens, TrajectoryScaling, dependency_param
 from vppo_recipes.methods.records import MicroStep, Shaping
 from vppo_recipes.methods.views import PerturbedPixels
 
@@ -53,28 +50,17 @@ class VPPO(Method):
         return []
 
     def shape(self, ctx: MethodContext, steps: Sequence[Sequence[MicroStep]]) -> list[list[Shaping]]:
-        return [self._shape_mini_batch(ctx, mini) for mini in steps]
-
-    def _shape_mini_batch(self, ctx: MethodContext, mini: Sequence[MicroStep]) -> list[Shaping]:
-        passes = [s.no_grad for s in mini]
-        alphas = [torch.ones_like(s.batch.advantages) for s in mini]
-        if self.tas:
-            traj = torch.cat([p.traj_dep for p in passes])
-            valid = torch.cat([s.batch.mask.sum(1) > 0 for s in mini])
-            if self.tas_statistics == "global":
-                # m, M and mean(n) over the GLOBAL mini-batch: gather S̄ of every rank (same length on each).
-                all_traj, all_valid = all_gather_cat(traj), all_gather_cat(valid.to(traj.dtype)).bool()
-                alpha = tas_scale(all_traj, beta_min=self.beta_min, valid=all_valid)
-                alpha = alpha[ctx.rank * traj.numel() : (ctx.rank + 1) * traj.numel()]
-            else:  # the official code: per-rank mini-batch min/max, per-micro-batch mean(n)
-                alpha = tas_scale_reference(traj, ctx.micro_batch_size, beta_min=self.beta_min, valid=valid)
-            alphas = list(alpha.split([p.traj_dep.numel() for p in passes]))
+        scaling = TrajectoryScaling(self.beta_min, self.tas_statistics) if self.tas else None
+        selection = TopDependentTokens(self.tgf_fraction) if self.tgf else None
         out = []
-        for s, alpha in zip(mini, alphas):
-            weights = None
-            if self.tgf:
-                weights = tgf_mask(s.no_grad.S, s.batch.mask, fraction=self.tgf_fraction).to(s.no_grad.lp_old.dtype)
-            out.append(Shaping(s.batch.advantages * alpha, weights, {"alpha": alpha}))
+        for mini in steps:
+            alphas = scaling.alphas(ctx, mini) if scaling else [torch.ones_like(s.batch.advantages) for s in mini]
+            out.append(
+                [
+                    Shaping(s.batch.advantages * alpha, selection.weights(s) if selection else None, {"alpha": alpha})
+                    for s, alpha in zip(mini, alphas)
+                ]
+            )
         return out
 
     def metrics(self, ctx: MethodContext, steps: Sequence[MicroStep]) -> dict[str, float]:
