@@ -21,8 +21,12 @@ from vppo_recipes.seeding import mix_seed
 CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[1] / "src" / "vppo_recipes" / "configs"
 
 
-def _cfg(name: str = "tiny_vppo", **overrides):
+def _cfg(name: str = "tiny_vppo", algorithm: dict | None = None, **overrides):
+    """A shipped tiny config with `overrides` (dotted keys), its `algorithm` section replaced when given; returns
+    (validated, raw)."""
     raw = OmegaConf.load(CONFIGS / f"{name}.yaml")
+    if algorithm is not None:
+        raw.algorithm = algorithm
     raw = OmegaConf.merge(raw, OmegaConf.from_dotlist([f"{k}={v}" for k, v in overrides.items()]))
     return validate_config(raw, "rl"), raw
 
@@ -284,7 +288,7 @@ def test_finalize_averages_the_loss_shares_over_the_steps_updates():
     assert got["loss"] == pytest.approx(1.25) and got["entropy"] == pytest.approx(2.0)
 
 
-def _one_rl_step_in_process(tmp_path, config: str, overrides: dict, inspect=None) -> dict:
+def _one_rl_step_in_process(tmp_path, config: str, overrides: dict, inspect=None, algorithm=None) -> dict:
     """Build the recipe in this process (a 1-rank gloo group) on a random tiny model and run one `rl_step`;
     then `inspect(recipe)`, if given, while the process group is still up. Returns the step's metrics."""
     import torch.distributed as dist
@@ -308,7 +312,7 @@ def _one_rl_step_in_process(tmp_path, config: str, overrides: dict, inspect=None
         "batch.micro_batch_size": 2,
         "metric_logger.log_dir": tmp_path / "logs",
     }
-    cfg, _ = _cfg(config, output_dir=tmp_path / "run", **{**small, **overrides})
+    cfg, _ = _cfg(config, algorithm, output_dir=tmp_path / "run", **{**small, **overrides})
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         recipe = rl.RLRecipeDistributed(cfg)
