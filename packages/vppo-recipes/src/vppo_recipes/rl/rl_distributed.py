@@ -56,14 +56,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import os
 import sys
 import time
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -73,12 +72,8 @@ from torch.distributed.tensor import DTensor
 from torchtune import config
 from tqdm import tqdm
 
-from vppo_core.advantages import group_advantages, keep_groups
 from vppo_core.dependency import token_dependency, trajectory_dependency
 from vppo_core.losses import policy_loss, truncated_is_weights
-from vppo_eval.evaluate import evaluate
-from vppo_eval.records import Record
-from vppo_eval.reward import compute_rewards
 from vppo_recipes.checkpointing import (
     apply_optimizer_settings,
     check_checkpoint_matches,
@@ -88,9 +83,8 @@ from vppo_recipes.checkpointing import (
     holds_master_weights,
     load_training_state,
 )
-from vppo_recipes.collectives import all_reduce_list
 from vppo_recipes.config_schema import check_paths, check_world_size, validate_config
-from vppo_recipes.data import Example, ExampleStream, SkipRow, VisualQADataset, prompt_or_skip, rank_slice
+from vppo_recipes.data import Example, ExampleStream, VisualQADataset, prompt_or_skip
 from vppo_recipes.distributed import (
     init_distributed,
     load_training_policy,
@@ -104,14 +98,22 @@ from vppo_recipes.lr_schedule import constant_with_warmup
 from vppo_recipes.methods import MethodContext, build_method, diagnostic_view
 from vppo_recipes.methods.records import MicroBatch, MicroStep, NoGradPass, Shaped, ViewInputs
 from vppo_recipes.metric_logging import build_metric_logger
+from vppo_recipes.rl.rollouts import (
+    Draw,
+    Group,
+    Rollouts,
+    chunk_ranges,
+    deal_minibatches,
+    keeps_group,
+    sample_groups,
+)
 from vppo_recipes.rl.step_metrics import accumulate_loss_metrics, step_metrics
-from vppo_recipes.seeding import mix_seed
+from vppo_recipes.rl.validation import held_out_records, validate
 from vppo_recipes.sharding import call_in_root_forward
 from vppo_recipes.update_guard import clip_and_check_update
 from vppo_rollout.collate import collate_rollout, model_inputs
 from vppo_rollout.loading import load_processor
 from vppo_rollout.prompts import Prompt
-from vppo_rollout.sampling import SamplingConfig
 
 # |lp_sampler - lp_old| above this counts as a disagreeing token (rollout/logprob_frac_above_1e-3)
 AGREEMENT_THRESHOLD = 1e-3
@@ -120,11 +122,6 @@ AGREEMENT_THRESHOLD = 1e-3
 # --------------------------------------------------------------------------------------------------------------------
 # Small pure helpers (tested in test_rl_distributed.py)
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def chunk_ranges(n: int, size: int) -> list[slice]:
-    """Consecutive slices of at most `size` covering range(n) (the last may be shorter)."""
-    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
 
 def check_batch_sizes(cfg: DictConfig, world: int) -> None:
@@ -141,50 +138,6 @@ def check_batch_sizes(cfg: DictConfig, world: int) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 # What each phase of a step returns (frozen: a phase reads its inputs and returns new values, never writes into them)
 # --------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Draw:
-    """One usable example of this step, prepared on every rank (all ranks draw the same examples)."""
-
-    uid: int  # number of the example among the run's usable examples (seeds its sampling and perturbations)
-    row: int  # dataset row
-    prompt: Prompt
-    answer: str
-
-
-@dataclass(frozen=True)
-class Group:
-    """The G graded responses of one prompt, with their group advantages and the prompt to rebuild the inputs."""
-
-    uid: int
-    row: int
-    answer: str
-    token_ids: list[list[int]]
-    texts: list[str]
-    finish_reasons: list[str]
-    sampler_logprobs: list[list[float]]  # the engine's raw log-prob of every sampled token
-    reward: list[float]
-    accuracy: list[float]
-    format: list[float]
-    advantages: list[float]  # GRPO advantage of each response: group_advantages(reward) (before TAS)
-    prompt: Prompt = field(compare=False, repr=False)  # this rank's own copy: never sent to other ranks
-
-    def payload(self) -> dict[str, Any]:
-        """Everything but the prompt, as a plain dict: what `all_gather_object` sends. Plain dicts, because a plain
-        `tune run` executes this file as `__main__` without registering it, so a pickled Group could not be looked
-        up by class ("attribute lookup Group on __main__ failed"); without the prompt, because its images are large
-        and every rank has built the same prompt from the same draw."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "prompt"}
-
-
-@dataclass(frozen=True)
-class Rollouts:
-    """The rollout phase's result: this rank's share of the kept groups, ordered by mini-batch."""
-
-    groups: list[Group]
-    counts: dict[str, float]  # filter/*: computed on the gathered groups, so already global
-    seconds: dict[str, float]  # "sample", "reward"
 
 
 @dataclass(frozen=True)
@@ -281,7 +234,8 @@ class RLRecipeDistributed:
             self._sync_sampler()
         self.optimizer, self.lr_scheduler = self._setup_optimizer(cfg)
         self._setup_data(cfg)
-        self._setup_validation(cfg)
+        # held-out rows for avg@k every `validation.every_n_steps` steps; each rank scores its strided share
+        self.val_records = held_out_records(cfg, self.rank, self.world)
         if self.resume_from is not None:
             self.load_checkpoint(self.resume_from)
 
@@ -350,81 +304,12 @@ class RLRecipeDistributed:
         if self.is_rank_zero:
             print(line, file=sys.stderr, flush=True)
 
-    def _setup_validation(self, cfg: DictConfig) -> None:
-        """Held-out rows for avg@k every `validation.every_n_steps` steps; each rank scores its strided share."""
-        v = cfg.validation
-        self.val_records: list[Record] = []
-        self.val_skipped: dict[str, int] = defaultdict(int)
-        if not v.every_n_steps:
-            return
-        try:
-            ds = VisualQADataset.from_source(v.source, v.split, dict(cfg.data.columns))
-        except ValueError as e:  # the loader names data.*; say which section it was
-            raise ValueError(f"validation (source={v.source!r}, split={v.split!r}): {e}") from e
-        records = []
-        for row in range(len(ds)):
-            if v.limit is not None and len(records) >= v.limit:
-                break
-            try:
-                ex = ds.example(row)
-            except SkipRow as skip:  # counted, never scored as 0
-                self.val_skipped[skip.reason] += 1
-                continue
-            records.append(Record(id=str(row), question=ex.question, images=ex.images, answer=ex.answer))
-        if not records:
-            raise ValueError(
-                f"validation.source={v.source!r} split {v.split!r} has no usable row: {dict(self.val_skipped)}"
-            )
-        self.val_records = records[self.rank :: self.world]
-
     def validate(self) -> dict[str, float]:
         """avg@k (ALGORITHMS.md §8: temperature 1.0, top-p 1.0) of the current policy on the held-out rows."""
-        v = self._cfg.validation
-        total, n, fmt = 0.0, 0, 0.0
-        acc: dict[tuple[str, str], float] = {}
-        if self.val_records:
-            self.sampler.wake_up()
-            res = evaluate(
-                self.sampler,
-                {"validation": self.val_records},
-                processor=self.processor,
-                k=int(v.k),
-                temperature=1.0,
-                top_p=1.0,
-                max_new_tokens=int(self._cfg.rollout.max_new_tokens),
-                seed=mix_seed(self.seed, self.step, 0x7A1),
-                format_weight=float(self._cfg.reward.format_weight),
-                multiple_choice=bool(self._cfg.reward.multiple_choice),
-                progress=False,
-                allow_empty=True,  # one rank's share may be all skipped: the counts are all-reduced below
-            )
-            self.sampler.sleep()
-            acc = res.item_accuracy()
-            total, n = sum(acc.values()), len(acc)
-            b = res.benchmarks["validation"]
-            fmt = 0.0 if math.isnan(b.format_rate) else b.format_rate * n
-        total, n, fmt = all_reduce_list([total, n, fmt])
-        self._write_validation_items({item_id: a for (_, item_id), a in acc.items()})
-        return {
-            f"validation/avg@{int(v.k)}": total / n if n else math.nan,
-            "validation/format_rate": fmt / n if n else math.nan,
-            "validation/items": n,
-        }
-
-    def _write_validation_items(self, acc: dict[str, float]) -> None:
-        """Append {"step", "k", "items": {row id: accuracy over the k samples}} of all ranks to
-        `output_dir/logs/validation_items.jsonl` (rank 0 writes), for paired item-level comparisons between runs.
-        A resumed run may append a step again; readers keep the last line of each step."""
-        gathered: list[dict[str, float] | None] = [None] * self.world
-        dist.all_gather_object(gathered, acc)
-        if not self.is_rank_zero:
-            return
-        items = {key: value for part in gathered for key, value in (part or {}).items()}
-        items = dict(sorted(items.items(), key=lambda kv: int(kv[0])))
-        path = os.path.join(self.output_dir, "logs", "validation_items.jsonl")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "a") as fh:
-            fh.write(json.dumps({"step": self.step, "k": int(self._cfg.validation.k), "items": items}) + "\n")
+        return validate(
+            self.sampler, self.processor, self.val_records, cfg=self._cfg, step=self.step, seed=self.seed,
+            rank=self.rank, world=self.world, output_dir=self.output_dir,
+        )  # fmt: skip
 
     # ---------------------------------------------------------------- the RL step, in data-flow order
 
@@ -500,65 +385,6 @@ class RLRecipeDistributed:
         self.examples_drawn += len(draws)
         return draws
 
-    def _sample_groups(self, mine: list[Draw]) -> tuple[list[Group], float, float]:
-        """Sample G responses for each of this rank's draws, grade them, and compute the group advantages.
-
-        Returns (groups, sampling seconds, grading seconds).
-        """
-        cfg = self._cfg.rollout
-
-        def sampling(seed: int) -> SamplingConfig:
-            return SamplingConfig(
-                temperature=cfg.temperature,
-                top_p=cfg.top_p,
-                top_k=cfg.top_k,
-                max_new_tokens=cfg.max_new_tokens,
-                seed=seed,
-                logprobs=True,  # raw (temperature 1) log-probs: the trainer-sampler agreement and rollout_is_cap
-            )
-
-        t = time.perf_counter()
-        results = []
-        if cfg.engine == "transformers":
-            # One call per prompt, seeded by the prompt's uid: the responses do not depend on how prompts are
-            # spread over ranks or batched, so runs are world-size independent and resume exactly.
-            for d in mine:
-                r = self.sampler.sample([d.prompt], self.group_size, sampling(mix_seed(self.seed, d.uid)))
-                results.append(_group_lists(r, 0, self.group_size))
-        elif mine:
-            # vLLM: one batched call per rank (GroupSampler takes one SamplingConfig, so one seed per call).
-            r = self.sampler.sample(
-                [d.prompt for d in mine], self.group_size, sampling(mix_seed(self.seed, mine[0].uid, self.rank))
-            )
-            results = [_group_lists(r, i, self.group_size) for i in range(len(mine))]
-        sample_s = time.perf_counter() - t
-
-        t = time.perf_counter()
-        groups = []
-        for d, r in zip(mine, results):
-            rw = compute_rewards(
-                r["texts"],
-                [d.answer] * self.group_size,
-                format_weight=self._cfg.reward.format_weight,
-                multiple_choice=self._cfg.reward.multiple_choice,
-            )
-            # per group: ranks own whole groups, so the advantages need nothing from other ranks
-            advantages = group_advantages(torch.tensor(rw["reward"], dtype=torch.float32), self.group_size)
-            group = Group(
-                uid=d.uid,
-                row=d.row,
-                answer=d.answer,
-                token_ids=r["token_ids"],
-                texts=r["texts"],
-                finish_reasons=r["finish_reasons"],
-                sampler_logprobs=r["logprobs"],
-                **rw,
-                advantages=advantages.tolist(),
-                prompt=d.prompt,
-            )
-            groups.append(group)
-        return groups, sample_s, time.perf_counter() - t
-
     def generate_rollouts(self) -> Rollouts:
         """Fill the rollout batch: draw `batch_prompts` prompts at a time, sample, grade, filter (DAPO dynamic
         sampling), until `batch_prompts` groups are kept globally or `max_filter_draws` extra draws are spent.
@@ -576,7 +402,9 @@ class RLRecipeDistributed:
             if not drawn:
                 break
             draws += 1
-            local, sample_s, reward_s = self._sample_groups(drawn[self.rank :: self.world])
+            local, sample_s, reward_s = sample_groups(
+                self.sampler, drawn[self.rank :: self.world], cfg=self._cfg, seed=self.seed, rank=self.rank
+            )
             seconds["sample"] += sample_s
             seconds["reward"] += reward_s
             gathered: list[list[dict]] = [None] * self.world  # type: ignore[list-item]
@@ -586,30 +414,15 @@ class RLRecipeDistributed:
                 (Group(**g, prompt=prompts[g["uid"]]) for part in gathered for g in part), key=lambda g: g.uid
             )
             counts["filter/groups_sampled"] += len(groups)
-            for g in groups:
-                if self.online_filter:
-                    if not bool(keep_groups(torch.tensor(g.accuracy, dtype=torch.float32), self.group_size)[0]):
-                        counts["filter/groups_dropped"] += 1
-                        continue
-                elif len(set(g.reward)) == 1:
-                    counts["filter/zero_advantage_groups"] += 1  # kept; its advantage is exactly 0
-                kept.append(g)
+            kept += [g for g in groups if keeps_group(g, online_filter=self.online_filter, counts=counts)]
             if not self.online_filter:
                 break
         self.sampler.sleep()
         counts["filter/draws"] += draws
-        kept = kept[: self.batch_prompts]
-        usable = len(kept) // self.world * self.world
-        counts["filter/groups_kept"] += usable
-        counts["filter/groups_unused"] += len(kept) - usable
-        if usable < self.batch_prompts:
-            counts["filter/underfilled_steps"] += 1
-        # Global mini-batch j is kept[j*U : (j+1)*U] whatever the world size; each rank takes an equal contiguous
-        # share of every mini-batch, so the optimizer sees the same batches as a single-process run.
-        mine = []
-        for mini in chunk_ranges(usable, self.update_prompts):
-            part = kept[mini]
-            mine += part[rank_slice(len(part), self.rank, self.world)]
+        mine = deal_minibatches(
+            kept, batch_prompts=self.batch_prompts, update_prompts=self.update_prompts, rank=self.rank,
+            world=self.world, counts=counts,
+        )  # fmt: skip
         return Rollouts(mine, dict(counts), seconds)
 
     # ---------------------------------------------------------------- inputs
@@ -1013,17 +826,6 @@ def no_update_warning(steps: int, optimizer_steps: int, totals: Mapping[str, flo
             "rollout.max_filter_draws, or start from a checkpoint whose answers are sometimes right."
         )
     return said
-
-
-def _group_lists(r, i: int, n: int) -> dict[str, list]:
-    """The i-th group (n responses) of a `Rollouts` as plain lists (responses are ordered group by group)."""
-    sl = slice(i * n, (i + 1) * n)
-    return {
-        "token_ids": r.token_ids[sl],
-        "texts": r.texts[sl],
-        "finish_reasons": r.finish_reasons[sl],
-        "logprobs": r.logprobs[sl],
-    }
 
 
 @config.parse

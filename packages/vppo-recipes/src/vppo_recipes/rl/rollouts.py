@@ -1,0 +1,171 @@
+"""The rollout phase of the RL recipe: sampling G responses per prompt, grading them, the online filter, and
+dealing the kept groups out to the ranks by mini-batch. Plain functions; the recipe's `generate_rollouts` runs
+them in its draw loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from vppo_core.advantages import group_advantages, keep_groups
+from vppo_eval.reward import compute_rewards
+from vppo_recipes.data import rank_slice
+from vppo_recipes.seeding import mix_seed
+from vppo_rollout.prompts import Prompt
+from vppo_rollout.sampling import SamplingConfig
+
+
+def chunk_ranges(n: int, size: int) -> list[slice]:
+    """Consecutive slices of at most `size` covering range(n) (the last may be shorter)."""
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One usable example of this step, prepared on every rank (all ranks draw the same examples)."""
+
+    uid: int  # number of the example among the run's usable examples (seeds its sampling and perturbations)
+    row: int  # dataset row
+    prompt: Prompt
+    answer: str
+
+
+@dataclass(frozen=True)
+class Group:
+    """The G graded responses of one prompt, with their group advantages and the prompt to rebuild the inputs."""
+
+    uid: int
+    row: int
+    answer: str
+    token_ids: list[list[int]]
+    texts: list[str]
+    finish_reasons: list[str]
+    sampler_logprobs: list[list[float]]  # the engine's raw log-prob of every sampled token
+    reward: list[float]
+    accuracy: list[float]
+    format: list[float]
+    advantages: list[float]  # GRPO advantage of each response: group_advantages(reward) (before TAS)
+    prompt: Prompt = field(compare=False, repr=False)  # this rank's own copy: never sent to other ranks
+
+    def payload(self) -> dict[str, Any]:
+        """Everything but the prompt, as a plain dict: what `all_gather_object` sends (plain data, so the receiving
+        side needs no class lookup); without the prompt, because its images are large and every rank has built the
+        same prompt from the same draw."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "prompt"}
+
+
+@dataclass(frozen=True)
+class Rollouts:
+    """The rollout phase's result: this rank's share of the kept groups, ordered by mini-batch."""
+
+    groups: list[Group]
+    counts: dict[str, float]  # filter/*: computed on the gathered groups, so already global
+    seconds: dict[str, float]  # "sample", "reward"
+
+
+def sample_groups(
+    sampler, mine: list[Draw], *, cfg: DictConfig, seed: int, rank: int
+) -> tuple[list[Group], float, float]:
+    """Sample G responses for each of this rank's draws, grade them, and compute the group advantages.
+
+    cfg: the run's config (rollout.*, reward.*). Returns (groups, sampling seconds, grading seconds).
+    """
+    reward_cfg, cfg = cfg.reward, cfg.rollout
+    group_size = int(cfg.group_size)
+
+    def sampling(seed: int) -> SamplingConfig:
+        return SamplingConfig(
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+            max_new_tokens=cfg.max_new_tokens,
+            seed=seed,
+            logprobs=True,  # raw (temperature 1) log-probs: the trainer-sampler agreement and rollout_is_cap
+        )
+
+    t = time.perf_counter()
+    results = []
+    if cfg.engine == "transformers":
+        # One call per prompt, seeded by the prompt's uid: the responses do not depend on how prompts are
+        # spread over ranks or batched, so runs are world-size independent and resume exactly.
+        for d in mine:
+            r = sampler.sample([d.prompt], group_size, sampling(mix_seed(seed, d.uid)))
+            results.append(_group_lists(r, 0, group_size))
+    elif mine:
+        # vLLM: one batched call per rank (GroupSampler takes one SamplingConfig, so one seed per call).
+        r = sampler.sample([d.prompt for d in mine], group_size, sampling(mix_seed(seed, mine[0].uid, rank)))
+        results = [_group_lists(r, i, group_size) for i in range(len(mine))]
+    sample_s = time.perf_counter() - t
+
+    t = time.perf_counter()
+    groups = []
+    for d, r in zip(mine, results):
+        rw = compute_rewards(
+            r["texts"],
+            [d.answer] * group_size,
+            format_weight=reward_cfg.format_weight,
+            multiple_choice=reward_cfg.multiple_choice,
+        )
+        # per group: ranks own whole groups, so the advantages need nothing from other ranks
+        advantages = group_advantages(torch.tensor(rw["reward"], dtype=torch.float32), group_size)
+        group = Group(
+            uid=d.uid,
+            row=d.row,
+            answer=d.answer,
+            token_ids=r["token_ids"],
+            texts=r["texts"],
+            finish_reasons=r["finish_reasons"],
+            sampler_logprobs=r["logprobs"],
+            **rw,
+            advantages=advantages.tolist(),
+            prompt=d.prompt,
+        )
+        groups.append(group)
+    return groups, sample_s, time.perf_counter() - t
+
+
+def _group_lists(r, i: int, n: int) -> dict[str, list]:
+    """The i-th group (n responses) of a sampler's result as plain lists (responses are ordered group by group)."""
+    sl = slice(i * n, (i + 1) * n)
+    return {
+        "token_ids": r.token_ids[sl],
+        "texts": r.texts[sl],
+        "finish_reasons": r.finish_reasons[sl],
+        "logprobs": r.logprobs[sl],
+    }
+
+
+def keeps_group(group: Group, *, online_filter: bool, counts: dict[str, float]) -> bool:
+    """Whether the online filter (DAPO dynamic sampling: 0.01 < mean accuracy < 0.99) keeps a graded group; counts
+    filter/groups_dropped, or without the filter filter/zero_advantage_groups (kept: its advantage is exactly 0)."""
+    if online_filter:
+        if not bool(keep_groups(torch.tensor(group.accuracy, dtype=torch.float32), len(group.accuracy))[0]):
+            counts["filter/groups_dropped"] += 1
+            return False
+    elif len(set(group.reward)) == 1:
+        counts["filter/zero_advantage_groups"] += 1
+    return True
+
+
+def deal_minibatches(
+    kept: list[Group], *, batch_prompts: int, update_prompts: int, rank: int, world: int, counts: dict[str, float]
+) -> list[Group]:
+    """This rank's share of the kept groups (the first `batch_prompts`, a multiple of the world size), ordered by
+    mini-batch: global mini-batch j is kept[j*U : (j+1)*U] whatever the world size and each rank takes an equal
+    contiguous share of it, so the optimizer sees the same batches as a single-process run. Adds filter/* counts."""
+    kept = kept[:batch_prompts]
+    usable = len(kept) // world * world
+    counts["filter/groups_kept"] += usable
+    counts["filter/groups_unused"] += len(kept) - usable
+    if usable < batch_prompts:
+        counts["filter/underfilled_steps"] += 1
+    mine = []
+    for mini in chunk_ranges(usable, update_prompts):
+        part = kept[mini]
+        mine += part[rank_slice(len(part), rank, world)]
+    return mine
