@@ -6,7 +6,7 @@ from __future__ import annotations
 def alternate_rewards(monkeypatch) -> None:
     """Replace the RL recipe's rewards by 0, 1, 0, 1, ... over each batch's responses (the grader's other outputs
     kept): the random model earns 0 everywhere, so every advantage, gradient and update would otherwise be 0."""
-    import vppo_recipes.rl.rl_distributed as rl
+    import vppo_recipes.rl.rollouts as rl  # where the recipe grades its groups
 
     graded = rl.compute_rewards
 

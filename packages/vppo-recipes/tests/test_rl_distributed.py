@@ -43,7 +43,7 @@ def test_every_shipped_rl_config_passes_the_one_config_layer_and_its_record_vali
     cfg, _ = _cfg(name)
     again = validate_config(OmegaConf.create(OmegaConf.to_yaml(cfg)), "rl")  # what logs/config.yaml holds
     assert again == cfg
-    if cfg.algorithm.name in ("dapo", "grpo"):
+    if cfg.algorithm.get("name") in ("dapo", "grpo"):
         assert set(cfg.algorithm) == {"name"}  # the record shows no setting the algorithm does not read
 
 
@@ -476,7 +476,7 @@ def test_each_phase_returns_frozen_values_that_no_later_phase_changes(tmp_path, 
 @pytest.mark.parametrize("multiple_choice", [False, True])
 def test_the_recipe_grades_with_the_configured_reward(tmp_path, monkeypatch, multiple_choice):
     """`reward.multiple_choice` reaches the reward of every rollout (the paper's reward is false, the default)."""
-    import vppo_recipes.rl.rl_distributed as rl
+    import vppo_recipes.rl.rollouts as rollouts
     from vppo_eval.reward import compute_rewards
 
     assert _cfg("tiny_vppo")[0].reward.multiple_choice is False
@@ -486,7 +486,7 @@ def test_the_recipe_grades_with_the_configured_reward(tmp_path, monkeypatch, mul
         seen.append(kwargs["multiple_choice"])
         return compute_rewards(*args, **kwargs)
 
-    monkeypatch.setattr(rl, "compute_rewards", recording)
+    monkeypatch.setattr(rollouts, "compute_rewards", recording)
     _one_rl_step_in_process(tmp_path, "tiny_vppo", {"reward.multiple_choice": str(multiple_choice).lower()})
     assert seen and set(seen) == {multiple_choice}
 
