@@ -118,3 +118,50 @@ def test_the_recipe_tests_no_method_name():
         ]
         names = {n.value for n in compared if isinstance(n, ast.Constant) and n.value in BUILTIN_METHODS}
         assert not names, f"{path.name} names methods {names}"
+
+
+@pytest.mark.parametrize("config", ["tiny_vppo", "tiny_tor", "tiny_cgpo", "tiny_vepo", "tiny_pepo"])
+def test_shaping_syncs_with_the_host_a_fixed_number_of_times_whatever_the_micro_batches(tmp_path, monkeypatch, config):
+    """The shaping phase and the policy-gradient-share diagnostic move values to the host a fixed number of times
+    per step in vppo_recipes code, not once per micro-batch (the batch-level token sets' counts, VEPO's count ratio
+    and the diagnostic's sums were one transfer per micro-batch): 4 micro-batches of 1 response and 1 of 4 make the
+    same conversions. vppo-core's own input checks (one per call) are not counted."""
+    from _rl_rewards import alternate_rewards
+
+    import vppo_recipes.rl.rl_distributed as rl
+    import vppo_recipes.rl.step_metrics as step_metrics
+
+    alternate_rewards(monkeypatch)
+    shape, share = rl.RLRecipeDistributed.shape, step_metrics.pg_share_on_dependent_tokens
+    conversions = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+    counts = {}
+    for micro in (1, 4):
+        calls: list[str] = []
+
+        def recording(original, calls=calls):
+            def method(self, *a, **k):
+                frame = sys._getframe(1)
+                if "vppo_recipes" in frame.f_code.co_filename:
+                    calls.append(f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno}")
+                return original(self, *a, **k)
+
+            return method
+
+        def counted(fn):
+            def wrapper(*args, **kwargs):
+                with pytest.MonkeyPatch.context() as mp:
+                    for name in conversions:
+                        mp.setattr(torch.Tensor, name, recording(getattr(torch.Tensor, name)))
+                    return fn(*args, **kwargs)
+
+            return wrapper
+
+        monkeypatch.setattr(rl.RLRecipeDistributed, "shape", counted(shape))
+        monkeypatch.setattr(step_metrics, "pg_share_on_dependent_tokens", counted(share))
+        _one_rl_step_in_process(
+            tmp_path / f"micro{micro}",
+            config,
+            {"rollout.online_filter": "false", "rollout.group_size": 4, "batch.micro_batch_size": micro},
+        )
+        counts[micro] = calls
+    assert len(counts[1]) == len(counts[4]), counts
