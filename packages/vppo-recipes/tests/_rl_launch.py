@@ -37,18 +37,22 @@ SMALL = [
 TIMING = ("time/", "throughput/", "memory/")
 
 
-def command(assets, algo: str, out: Path, nproc: int, steps: int, extra=()) -> list[str]:
+def command(assets, algo: str, out: Path, nproc: int, steps: int, extra=(), config: Path | None = None) -> list[str]:
+    """`tune run` of the RL recipe on `config` (default: the shipped `tiny_{algo}.yaml`) with the SMALL sizes."""
     tune = str(Path(sys.executable).parent / "tune")
+    config = config or CONFIGS / f"tiny_{algo}.yaml"
     return [
-        tune, "run", "--nproc_per_node", str(nproc), RECIPE, "--config", str(CONFIGS / f"tiny_{algo}.yaml"),
+        tune, "run", "--nproc_per_node", str(nproc), RECIPE, "--config", str(config),
         f"output_dir={out}", f"model.path={assets['warm']}", f"data.source={assets['task']}",
         f"world.nproc_per_node={nproc}", f"training.max_steps={steps}", f"validation.source={assets['task']}",
         *SMALL, *extra,
     ]  # fmt: skip
 
 
-def run(assets, algo: str, out: Path, *, nproc: int, steps: int, extra=()) -> subprocess.CompletedProcess:
-    cmd = command(assets, algo, out, nproc, steps, extra)
+def run(
+    assets, algo: str, out: Path, *, nproc: int, steps: int, extra=(), config: Path | None = None
+) -> subprocess.CompletedProcess:
+    cmd = command(assets, algo, out, nproc, steps, extra, config)
     proc = subprocess.run(
         cmd, cwd=assets["root"], env={**os.environ, **ENV}, capture_output=True, text=True, timeout=900
     )

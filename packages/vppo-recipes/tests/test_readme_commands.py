@@ -19,6 +19,7 @@ import io
 import re
 import shlex
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,8 @@ import pytest
 from vppo_recipes import cli
 
 ROOT = Path(__file__).resolve().parents[3]
-READMES = [ROOT / "README.md", *sorted(ROOT.glob("packages/*/README.md"))]
+# The examples' READMEs too: a reader runs them from the checkout's root, as the others
+READMES = [ROOT / "README.md", *sorted(ROOT.glob("packages/*/README.md")), *sorted(ROOT.glob("examples/*/README.md"))]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 # The commands the READMEs may name; anything else in a bash block is an error (a command nobody checks).
 COMMANDS = ("vppo-recipes", "vppo-eval", "nox", "tune", "python", "python3", "pip", "pytest", "tensorboard")
@@ -60,6 +62,18 @@ def shell_commands(text: str) -> list[list[str]]:
         if re.match(r"nox -s \w+", span) or re.match(r"python -m [\w.]+ --help$", span):
             out.append(shlex.split(span))
     return out
+
+
+def pythonpath_entries(text: str) -> list[str]:
+    """The folders that the commands of fenced bash blocks put on `PYTHONPATH=...` before them (the examples' own
+    modules), in order, as written (relative to the reader's directory)."""
+    entries = []
+    for lang, body in _blocks(text):
+        if lang in ("bash", "sh"):
+            for line in body.replace("\\\n", " ").splitlines():
+                for setting in re.findall(r"^\s*PYTHONPATH=(\S+)\s", line):
+                    entries += setting.split(":")
+    return entries
 
 
 def python_snippets(text: str) -> list[str]:
@@ -189,15 +203,27 @@ def tiny_runs(tmp_path_factory) -> Path:
     return root / "runs"
 
 
+@pytest.fixture
+def forget_modules_of(tmp_path):
+    """After the test: the modules imported from `tmp_path` (an example's own) leave `sys.modules`."""
+    yield
+    for name, module in list(sys.modules.items()):
+        if str(getattr(module, "__file__", None) or "").startswith(str(tmp_path)):
+            del sys.modules[name]
+
+
 @pytest.mark.parametrize("readme", READMES, ids=[str(p.relative_to(ROOT)) for p in READMES])
 def test_every_readme_command_parses_and_names_what_exists_and_every_snippet_runs(
-    readme, tiny_runs, tmp_path, monkeypatch, capsys
+    readme, tiny_runs, tmp_path, monkeypatch, capsys, forget_modules_of
 ):
     """Before: `pip install vppo-recipes` (not on an index), tiny runs needing folders no command wrote, a vppo-eval
     snippet with an undefined `path`, a vppo-rollout one with an undefined `image`."""
     shutil.copytree(tiny_runs, tmp_path / "runs")
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")  # what a checkout's root holds besides the packages
     monkeypatch.chdir(tmp_path)
     text = readme.read_text()
+    for entry in pythonpath_entries(text):  # what the commands' `PYTHONPATH=` gives the config check
+        monkeypatch.syspath_prepend(str(tmp_path / entry))
     sessions, extras = nox_sessions(), set()
     report = []
     for argv in shell_commands(text):
