@@ -126,11 +126,6 @@ def test_a_component_that_is_no_method_class_is_refused_with_the_reason(
     assert reason in _refusal(component)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="methods.method_class accepts a Method subclass without @dataclass (is_dataclass and the frozen flag are "
-    "inherited from Method), so its `param` settings are silently no settings: 'unknown key'",
-)
 def test_a_method_subclass_without_its_dataclass_decorator_is_refused(example_on_path, tmp_path, monkeypatch):
     (tmp_path / "not_methods.py").write_text(NOT_METHODS)
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -84,8 +84,13 @@ def method_class(section: Mapping[str, Any]) -> type[Method]:
             f"'algorithm._component_' = {path!r} is not a method class: it must be a dataclass subclassing "
             "vppo_recipes.methods.Method (see examples/custom_method)"
         )
-    if not cls.__dataclass_params__.frozen:
-        raise ValueError(f"'algorithm._component_' = {path!r}: declare it @dataclass(frozen=True) (settings are fixed)")
+    if "__dataclass_params__" not in vars(cls) or not cls.__dataclass_params__.frozen:
+        # a subclass without its own decorator inherits is_dataclass from Method, but its `param` fields are no
+        # settings (their keys would be refused as unknown, and left out they would be dataclasses.Field objects)
+        raise ValueError(
+            f"'algorithm._component_' = {path!r}: declare the class @dataclass(frozen=True), so that its fields are "
+            "its settings"
+        )
     return cls
 
 

@@ -156,7 +156,7 @@ class UpdateResult:
 
 
 class RLRecipeDistributed:
-    """The RL algorithms of `ALGORITHMS` with FSDP2 on a Qwen2.5-VL / Qwen3-VL policy (see the module docstring).
+    """Any method of `vppo_recipes.methods` with FSDP2 on a Qwen2.5-VL / Qwen3-VL policy (see the module docstring).
 
     cfg: a config already checked by `validate_config(cfg, "rl")` (recipe_main does it before anything else).
     """
@@ -709,7 +709,12 @@ class RLRecipeDistributed:
     # ---------------------------------------------------------------- loop, checkpoints, cleanup
 
     def train(self) -> None:
-        pbar = tqdm(total=self.max_steps, initial=self.step, disable=not self.is_rank_zero, desc=self.method.name)
+        pbar = tqdm(
+            total=self.max_steps,
+            initial=self.step,
+            disable=not self.is_rank_zero,
+            desc=self.method.name or type(self.method).__name__,
+        )
         saved_at = self.step  # a resumed step is saved; step 0 (nothing trained) needs no checkpoint
         while self.step < self.max_steps:
             self.stopped_by = self.stop_request.agreed()  # collective: every rank stops at the same step
