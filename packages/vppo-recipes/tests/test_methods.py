@@ -107,6 +107,16 @@ def test_the_algorithm_section_is_the_chosen_methods_dataclass():
             _cfg("tiny_vppo", algorithm)
 
 
+def test_a_config_without_a_method_is_refused_naming_what_chooses_one():
+    raw = OmegaConf.load(SRC / "configs" / "tiny_vppo.yaml")
+    del raw["algorithm"]
+    with pytest.raises(ConfigError, match=r"missing section 'algorithm' \(needs: name.*or _component_"):
+        validate_config(raw, "rl")
+    raw.algorithm = 3
+    with pytest.raises(ConfigError, match=r"'algorithm' must be a section \(mapping\), got int"):
+        validate_config(raw, "rl")
+
+
 def test_the_recipe_tests_no_method_name():
     """No comparison with a method's name anywhere in the recipe or the schema (`self.algorithm == "vppo"` was in
     23 places): a method is one file."""

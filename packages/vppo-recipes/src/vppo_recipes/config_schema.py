@@ -17,10 +17,13 @@ arguments: each extra key is checked against the signature of the named class (`
 `optimizer.weight_decy` is caught here rather than as a `TypeError` deep inside setup.
 
 The schema is data (the `COMMON`, `RL_ONLY`, `SFT_ONLY` tables below): one schema per recipe, sharing the common
-sections. A key a recipe reads must be listed here, or configs that use it are rejected. This is the only config
-layer: the RL recipe's rules that span keys (`_rl_rules`: an algorithm setting the chosen algorithm does not use,
-sampling that cannot work, ...) are checked here too, before any model or data is loaded, and the allowed values of
-the loss and perturbation options are vppo-core's own tuples.
+sections. A key a recipe reads must be listed here, or configs that use it are rejected. The RL recipe's `algorithm`
+section is the chosen method's: `algorithm.name` (a built-in method) or `algorithm._component_` (any method class)
+chooses it, and the section's other keys are that class's dataclass fields (`vppo_recipes.methods`: defaults,
+bounds, allowed values, declared once there); a setting of another built-in method is named as such. This is the
+only config layer: the RL recipe's rules that span keys (`_rl_rules`: the method's own `config_errors`, sampling that
+cannot work, ...) are checked here too, before any model or data is loaded, and the allowed values of the loss
+options are vppo-core's own tuples.
 """
 
 from __future__ import annotations
@@ -591,8 +594,13 @@ def _choose_method(plain: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]
     as such (the fix is to remove it, or to choose that method); an unknown or missing method is one error, and its
     settings are then not checked."""
     section = plain.get("algorithm")
+    if section is None:
+        return {**plain, "algorithm": {}}, [
+            "missing section 'algorithm' (needs: name, one of the built-in methods, or _component_, the import path "
+            "of a method class)"
+        ]
     if not isinstance(section, Mapping):
-        return dict(plain), []  # missing or not a mapping: the generic check says so
+        return {**plain, "algorithm": {}}, [f"'algorithm' must be a section (mapping), got {type(section).__name__}"]
     try:
         cls = method_class(section)
     except ValueError as e:
