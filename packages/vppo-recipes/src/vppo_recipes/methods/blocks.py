@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -19,7 +20,7 @@ from vppo_core.masking import tgf_mask
 from vppo_core.shaping import tas_scale, tas_scale_reference
 from vppo_recipes.collectives import all_gather_cat
 from vppo_recipes.methods.base import DEPENDENT_TOKEN_FRACTION, MethodContext, param
-from vppo_recipes.methods.records import MicroStep
+from vppo_recipes.methods.records import MicroStep, Shaping
 
 
 def dependency_param():
@@ -89,3 +90,21 @@ class KLToView:
 
     def term(self, step: MicroStep, new: Mapping[str, torch.Tensor]) -> tuple[float, torch.Tensor]:
         return self.coef, kl_penalty(new["lp"], step.no_grad.lp_views[self.view], "k3")
+
+
+def scaled_and_selected(
+    ctx: MethodContext, steps: Sequence[Sequence[MicroStep]], *, scaling: Any | None, selection: Any | None
+) -> list[list[Shaping]]:
+    """The shaping of a step from an advantage scaling and a token selection (either may be None: α = 1, every
+    token weighted 1): per micro-batch, A·α with α logged as output "alpha", and the selection's weights. [mini][micro].
+    """
+    out = []
+    for mini in steps:
+        alphas = scaling.alphas(ctx, mini) if scaling else [torch.ones_like(s.batch.advantages) for s in mini]
+        out.append(
+            [
+                Shaping(s.batch.advantages * alpha, selection.weights(s) if selection else None, {"alpha": alpha})
+                for s, alpha in zip(mini, alphas)
+            ]
+        )
+    return out

@@ -27,10 +27,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from vppo_recipes.methods.base import DEPENDENT_TOKEN_FRACTION, Method, MethodContext, param
-from vppo_recipes.methods.blocks import dependency_param
+from vppo_recipes.methods.blocks import dependency_param, scaled_and_selected
 from vppo_recipes.methods.records import MicroStep, Shaping
 
 
@@ -111,16 +109,7 @@ class Composed(Method):
 
     def shape(self, ctx: MethodContext, steps: Sequence[Sequence[MicroStep]]) -> list[list[Shaping]]:
         scaling, selection = self._blocks("advantage_scaling"), self._blocks("token_selection")
-        out = []
-        for mini in steps:
-            alphas = scaling.alphas(ctx, mini) if scaling else [torch.ones_like(s.batch.advantages) for s in mini]
-            out.append(
-                [
-                    Shaping(s.batch.advantages * alpha, selection.weights(s) if selection else None, {"alpha": alpha})
-                    for s, alpha in zip(mini, alphas)
-                ]
-            )
-        return out
+        return scaled_and_selected(ctx, steps, scaling=scaling, selection=selection)
 
     def aux_terms(self, ctx, step, new):
         terms = [instantiate_block(spec) for spec in self.loss_terms]

@@ -9,11 +9,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from vppo_core.perturb import IMAGE_PERTURBATIONS
 from vppo_recipes.methods.base import DEPENDENT_TOKEN_FRACTION, Method, MethodContext, param
-from vppo_recipes.methods.blocks import TopDependentTokens, TrajectoryScaling, dependency_param
+from vppo_recipes.methods.blocks import TopDependentTokens, TrajectoryScaling, dependency_param, scaled_and_selected
 from vppo_recipes.methods.records import MicroStep, Shaping
 from vppo_recipes.methods.views import PerturbedPixels
 
@@ -52,16 +50,7 @@ class VPPO(Method):
     def shape(self, ctx: MethodContext, steps: Sequence[Sequence[MicroStep]]) -> list[list[Shaping]]:
         scaling = TrajectoryScaling(self.beta_min, self.tas_statistics) if self.tas else None
         selection = TopDependentTokens(self.tgf_fraction) if self.tgf else None
-        out = []
-        for mini in steps:
-            alphas = scaling.alphas(ctx, mini) if scaling else [torch.ones_like(s.batch.advantages) for s in mini]
-            out.append(
-                [
-                    Shaping(s.batch.advantages * alpha, selection.weights(s) if selection else None, {"alpha": alpha})
-                    for s, alpha in zip(mini, alphas)
-                ]
-            )
-        return out
+        return scaled_and_selected(ctx, steps, scaling=scaling, selection=selection)
 
     def metrics(self, ctx: MethodContext, steps: Sequence[MicroStep]) -> dict[str, float]:
         alpha = ctx.gathered([s.shaped.outputs["alpha"][s.batch.mask.sum(1) > 0] for s in steps])
