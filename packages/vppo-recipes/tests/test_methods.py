@@ -7,12 +7,14 @@ import ast
 import dataclasses
 import sys
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from vppo_recipes.config_schema import ConfigError, validate_config
+from vppo_recipes.methods import Method as _Method
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_rl_distributed import _cfg, _one_rl_step_in_process
@@ -175,3 +177,80 @@ def test_shaping_syncs_with_the_host_a_fixed_number_of_times_whatever_the_micro_
         )
         counts[micro] = calls
     assert len(counts[1]) == len(counts[4]), counts
+
+
+@dataclasses.dataclass(frozen=True)
+class ListSettings(_Method):
+    """A user's method with settings of every shape a dataclass allows (for the tests below)."""
+
+    weights: list[float] = dataclasses.field(default_factory=lambda: [1.0, 2.0])
+    scales: tuple[float, ...] = (0.5,)
+    mode: Literal["a", "b"] = "a"
+    limit: float | None = None
+    strict: bool = False
+
+    def __post_init__(self):
+        if self.strict and self.limit is None:
+            raise ValueError("strict needs a limit")
+
+
+def test_a_user_method_with_list_optional_literal_and_factory_settings_validates_and_refuses_clearly():
+    path = f"{__name__}.ListSettings"
+    cfg, _ = _cfg("tiny_vppo", {"_component_": path})
+    assert (list(cfg.algorithm.weights), list(cfg.algorithm.scales), cfg.algorithm.mode) == ([1.0, 2.0], [0.5], "a")
+    validate_config(OmegaConf.create(OmegaConf.to_container(cfg)), "rl")  # the record validates again
+    for algorithm, message in [
+        ({"_component_": path, "mode": "c"}, r"'algorithm\.mode' is 'c'; allowed values: 'a', 'b'"),
+        ({"_component_": path, "weights": [1.0, float("nan")]}, r"'algorithm\.weights\[1\]' is nan"),
+        ({"_component_": path, "strict": True}, r"refuses its settings: ValueError: strict needs a limit"),
+        ({"name": ["vppo"]}, r"'algorithm\.name' is \['vppo'\]"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            _cfg("tiny_vppo", algorithm)
+
+
+def test_a_composed_method_resumes_its_own_config_and_validates_it_twice():
+    """Its list settings default to tuples in the class; the config (and the checkpoint's record) holds lists, so a
+    resume compares equal values (it used to refuse every restart: [..] != (..,))."""
+    import yaml
+
+    from vppo_recipes.config_schema import config_changes
+
+    cfg, _ = _cfg("tiny_composed")
+    again = validate_config(OmegaConf.create(OmegaConf.to_container(cfg)), "rl")
+    saved = yaml.safe_load(OmegaConf.to_yaml(cfg))  # what a checkpoint's training_config.yaml holds
+    assert config_changes(saved, OmegaConf.to_container(again)) == []
+
+
+@pytest.mark.parametrize(
+    ("block", "message"),
+    [
+        ({"altered_views": [{"_component_": f"{VIEWS}.PerturbedPixels", "prob": float("nan")}]}, r"is nan"),
+        ({"token_selection": {"_component_": f"{BLOCKS}.TopDependentTokens", "fraction": 7.0}}, r"must be in \(0, 1\]"),
+        ({"advantage_scaling": {"_component_": f"{BLOCKS}.TrajectoryScaling", "statistics": "globl"}}, r"'global' or"),
+        ({"loss_terms": [{"_component_": f"{BLOCKS}.KLToView", "view": -1}]}, r"view=-1: the index \(>= 0\)"),
+    ],
+)
+def test_a_composed_methods_blocks_refuse_bad_arguments_by_name(block, message):
+    algorithm = {**AS_COMPOSITIONS["tiny_papo"], **block}
+    with pytest.raises(ConfigError, match=message):
+        _cfg("tiny_vppo", algorithm)
+
+
+def test_a_shape_hook_returning_the_wrong_structure_is_refused_naming_the_method():
+    from vppo_recipes.methods.records import MicroBatch, MicroStep, Shaping, check_aux_terms, check_shapings
+
+    def step(b: int, L: int) -> MicroStep:
+        mb = MicroBatch({}, torch.zeros(b, L, dtype=torch.long), torch.ones(b, L), 3, torch.zeros(b), [0] * b,
+                        list(range(b)), [1] * b, torch.zeros(b, L))  # fmt: skip
+        return MicroStep(mb)
+
+    steps = [[step(2, 5), step(2, 5)]]
+    good = [[Shaping(torch.zeros(2), torch.ones(2, 5)), Shaping(torch.zeros(2))]]
+    check_shapings("mine", steps, good)
+    with pytest.raises(ValueError, match=r"method mine: shape\(\) must return one Shaping per micro-batch"):
+        check_shapings("mine", steps, [good[0][:1]])
+    with pytest.raises(ValueError, match=r"method mine: shape\(\) gave advantages \(2,\) and token weights"):
+        check_shapings("mine", steps, [[Shaping(torch.zeros(2), torch.ones(2, 1)), good[0][1]]])
+    with pytest.raises(ValueError, match=r"aux_terms\(\)\['kl'\] must be \(coefficient, a \[b, L\]"):
+        check_aux_terms("mine", {"kl": (0.1, torch.ones(2, 1))}, torch.ones(2, 5))

@@ -250,7 +250,17 @@ def check_run_config(recipe: str, flags: list[str], recipe_args: list[str]) -> N
 
     kind = _recipe_kind(recipe, Path(recipe_args[1]))
     cfg = load_run_config(recipe_args)
-    cfg = validate_config(cfg, kind)
+    # What the ranks can import, this check can import too (an `algorithm._component_` method next to the launch
+    # or to a recipe file of your own): the ranks run `python -m` from the cwd, with a recipe file's folder on
+    # PYTHONPATH (`build_run_command`).
+    folders = [os.getcwd()] + ([str(Path(recipe).resolve().parent)] if recipe.endswith(".py") else [])
+    added = [f for f in folders if f not in sys.path]
+    sys.path[:0] = added
+    try:
+        cfg = validate_config(cfg, kind)
+    finally:
+        for f in added:
+            sys.path.remove(f)
     problems = []
     try:
         check_paths(cfg)

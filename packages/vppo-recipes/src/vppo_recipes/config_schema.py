@@ -298,10 +298,21 @@ def _setting_field(typ: Any, f: dataclasses.Field) -> Field:
     if typing.get_origin(typ) in (typing.Union, types.UnionType):
         args = [t for t in typing.get_args(typ) if t is not type(None)]
         nullable, typ = len(args) < len(typing.get_args(typ)), args[0]
-    meta = f.metadata
-    default = f.default if f.default is not dataclasses.MISSING else _MISSING
+    meta, choices = f.metadata, f.metadata.get("choices")
+    if typing.get_origin(typ) is typing.Literal:  # Literal["a", "b"]: a str setting with those choices
+        choices, typ = choices or typing.get_args(typ), type(typing.get_args(typ)[0])
+    typ = typing.get_origin(typ) or typ  # list[float] -> list
+    typ = list if typ is tuple else typ  # YAML has lists
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        default = _MISSING
+    if isinstance(default, tuple):  # an immutable default of a list setting: the config holds (and saves) a list
+        default = list(default)
     return Field(
-        types=(typ,), choices=meta.get("choices"), default=default, nullable=nullable, low=meta.get("low"),
+        types=(typ,), choices=choices, default=default, nullable=nullable, low=meta.get("low"),
         high=meta.get("high"), low_open=bool(meta.get("low_open")), high_open=bool(meta.get("high_open")),
         doc=meta.get("doc", ""),
     )  # fmt: skip
@@ -390,7 +401,8 @@ def _check_value(path: str, value: Any, field: Field) -> str | None:
     if value is None:
         return None if field.nullable else f"'{path}' is null; expected {_type_name(field.types, False)}"
     numeric = float in field.types or int in field.types
-    if numeric and field.finite and (msg := _nonfinite(path, value)):  # before the type: an int key says so too
+    nested = list in field.types or dict in field.types  # e.g. a Composed method's blocks and their arguments
+    if (numeric or nested) and field.finite and (msg := _nonfinite(path, value)):  # before the type check
         return msg
     ok = False
     for t in field.types:
@@ -634,7 +646,11 @@ def _common_rules(cfg: Mapping[str, Any]) -> list[str]:
 def _rl_rules(cfg: Mapping[str, Any]) -> list[str]:
     """The RL recipe's rules that span keys, the chosen method's own (`Method.config_errors`) first. `cfg`: with
     defaults filled in."""
-    errors = build_method(cfg["algorithm"]).config_errors(cfg)
+    try:
+        errors = build_method(cfg["algorithm"]).config_errors(cfg)
+    except Exception as e:  # a method's own __post_init__ / config_errors refusing its settings
+        chosen = cfg["algorithm"].get("name") or cfg["algorithm"].get("_component_")
+        errors = [f"the method {chosen} refuses its settings: {type(e).__name__}: {e}"]
     rollout, loss = cfg["rollout"], cfg["loss"]
     if rollout["temperature"] <= 0:
         errors.append(

@@ -63,7 +63,7 @@ def method_class(section: Mapping[str, Any]) -> type[Method]:
                 f"missing key 'algorithm.name' (one of {', '.join(BUILTIN_METHODS)}), or 'algorithm._component_' "
                 "(the import path of a method class)"
             )
-        if name not in BUILTIN_METHODS:
+        if not isinstance(name, str) or name not in BUILTIN_METHODS:
             import difflib
 
             close = difflib.get_close_matches(str(name), list(BUILTIN_METHODS), n=1, cutoff=0.6)

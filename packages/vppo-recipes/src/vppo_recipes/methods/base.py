@@ -11,9 +11,17 @@ those fields, so no default or bound is written anywhere else. Its hooks, each w
                          shape_micro_batch(...) on each; override `shape` for statistics that span the rollout
                          batch (all ranks) or a mini-batch
     update_entropy       whether the gradient pass also returns the analytic entropy (ClassVar)
-    aux_terms(...)       extra per-token loss terms {name: (coefficient, value [b, L])} added to the policy loss
-    metrics(...)         its own metrics, over all ranks
+    aux_terms(...)       extra per-token loss terms {name: (coefficient, value [b, L])}, each added to the policy
+                         loss as coefficient · the loss's aggregation of the value (`loss.aggregation`, global
+                         counts: `vppo_core.policy_loss(aux_terms=)`), logged as actor/aux/<name>
+    metrics(...)         its own metrics, over all ranks (also called with no steps when a step kept no group)
     config_errors(cfg)   rules that span keys, checked with the whole config before anything loads
+
+Collectives. `shape`, `metrics` and `scores` run on every rank, the same number of times, in the same order; so must
+every collective a hook makes: `ctx.gathered`, `gathered_with_offset`, `batch_top_fraction`, `all_reduce_` and
+`ctx.in_root` (an FSDP root forward: an all-gather of the LM head). Never make one conditional on this rank's data
+(`if mask.any(): ctx.gathered(...)`, an early return on empty `steps`): the other ranks would wait for ever. The
+recipe checks what `shape` and `aux_terms` return (one `Shaping` per micro-batch, shapes `[b]` and `[b, L]`).
 
 The recipe calls them in its phase order (generate_rollouts -> prepare_minibatches -> no_grad_passes -> shape ->
 update) and never tests a method's name. A method of your own is named in YAML by its import path:
@@ -153,7 +161,8 @@ class Method:
     Subclasses are frozen dataclasses; their fields are the method's `algorithm.*` settings (`param`).
     """
 
-    name: ClassVar[str] = ""  # the `algorithm.name` of a built-in method; the metrics' prefix
+    name: ClassVar[str] = ""  # the `algorithm.name` of a built-in method (and the progress bar's label; the class
+    # name when empty); by convention the prefix of the method's own metrics
     clean_entropy: ClassVar[bool] = False  # the clean no-grad pass also returns the analytic entropy [b, L]
     clean_prior: ClassVar[bool] = False  # ... and PEPO's visual prior [b, L] (every layer's hidden state)
     update_entropy: ClassVar[bool] = False  # the gradient pass also returns the entropy (with gradient)
@@ -197,8 +206,9 @@ class Method:
         self, ctx: MethodContext, step: MicroStep, new: Mapping[str, torch.Tensor]
     ) -> dict[str, tuple[float, torch.Tensor]]:
         """Extra loss terms of one micro-batch: {name: (coefficient, per-token value [b, L])}, added to the policy
-        loss as coefficient · mean(value) (`vppo_core.policy_loss(aux_terms=)`). new: the gradient pass ({"lp",
-        "entropy" when `update_entropy`})."""
+        loss as coefficient · its aggregation over the tokens (`loss.aggregation`, with the same global counts as the
+        policy term: `vppo_core.policy_loss(aux_terms=)`). new: the gradient pass ({"lp", "entropy" when
+        `update_entropy`})."""
         return {}
 
     def metrics(self, ctx: MethodContext, steps: Sequence[MicroStep]) -> dict[str, float]:

@@ -9,6 +9,7 @@ A setting two methods read (PAPO's and DVRP's `mask_prob`, PAPO's and CFPO's `vi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,10 @@ class TopDependentTokens:
 
     fraction: float = DEPENDENT_TOKEN_FRACTION
 
+    def __post_init__(self):
+        if not 0.0 < self.fraction <= 1.0:  # NaN fails too
+            raise ValueError(f"TopDependentTokens fraction={self.fraction!r}: must be in (0, 1]")
+
     def weights(self, step: MicroStep) -> torch.Tensor:
         """[b, L] in lp_old's dtype."""
         return tgf_mask(step.no_grad.S, step.batch.mask, fraction=self.fraction).to(step.no_grad.lp_old.dtype)
@@ -64,6 +69,12 @@ class TrajectoryScaling:
 
     beta_min: float = 0.9
     statistics: str = "global"
+
+    def __post_init__(self):
+        if not 0.0 <= self.beta_min <= 1.0:  # NaN fails too
+            raise ValueError(f"TrajectoryScaling beta_min={self.beta_min!r}: must be in [0, 1]")
+        if self.statistics not in ("global", "reference"):
+            raise ValueError(f"TrajectoryScaling statistics={self.statistics!r}: 'global' or 'reference'")
 
     def alphas(self, ctx: MethodContext, mini: Sequence[MicroStep]) -> list[torch.Tensor]:
         """One [b] α per micro-batch of one mini-batch (collective under "global": every rank calls it)."""
@@ -87,6 +98,12 @@ class KLToView:
 
     view: int = 0
     coef: float = -0.02
+
+    def __post_init__(self):
+        if not (isinstance(self.view, int) and self.view >= 0):
+            raise ValueError(f"KLToView view={self.view!r}: the index (>= 0) of one of the method's views")
+        if not math.isfinite(self.coef):
+            raise ValueError(f"KLToView coef={self.coef!r}: must be a finite number")
 
     def term(self, step: MicroStep, new: Mapping[str, torch.Tensor]) -> tuple[float, torch.Tensor]:
         return self.coef, kl_penalty(new["lp"], step.no_grad.lp_views[self.view], "k3")

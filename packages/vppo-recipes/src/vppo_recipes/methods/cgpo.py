@@ -13,7 +13,6 @@ from vppo_core.shaping import cgpo_response_factors
 from vppo_recipes.methods.base import Method, param, weight_stats
 from vppo_recipes.methods.records import Shaping
 from vppo_recipes.methods.views import RegionsFilled
-from vppo_rollout.regions import region_token_mask
 
 
 @dataclass(frozen=True)
@@ -40,6 +39,8 @@ class CGPO(Method):
         )
         perception = ctx.batch_top_fraction(steps, [s.no_grad.S for s in flat], self.cgpo_perception_fraction, 1)
         if self.cgpo_region_tokens:  # the tokens of the response's <region> spans join the perception set
+            from vppo_rollout.regions import region_token_mask  # (imports transformers: not at config check)
+
             regions = [region_token_mask(mb.responses, mb.mask, ctx.processor.tokenizer) for mb in mbs]
             perception = [q | r for q, r in zip(perception, regions)]
         traj = torch.cat([s.no_grad.traj_dep for s in flat])

@@ -15,8 +15,8 @@ KL term with VPPO's token filter, which no built-in method has:
 S (the token dependency) is measured under the first view; a selection and a scaling read it, so they need one.
 The blocks' interfaces: a view has `inputs(ctx, mb, index) -> ViewInputs`, a selection `weights(step) -> [b, L]`,
 a scaling `alphas(ctx, mini) -> [b] per micro-batch`, an auxiliary loss term `term(step, new) -> (coef, [b, L])`.
-With altered_views [PerturbedPixels()] (VPPO's), TopDependentTokens() and TrajectoryScaling() it is VPPO, bit for bit (a
-test checks it).
+With altered_views [PerturbedPixels()] (VPPO's), TopDependentTokens() and TrajectoryScaling() it trains as VPPO, bit
+for bit (a test checks it); its own metrics are named composed/* (alpha_min, alpha_max, the selected fraction).
 """
 
 from __future__ import annotations

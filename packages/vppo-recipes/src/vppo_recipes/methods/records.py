@@ -7,13 +7,14 @@ lists zipped together.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vppo_rollout.prompts import Prompt
+if TYPE_CHECKING:  # vppo_rollout imports transformers: kept out of the config check's imports
+    from vppo_rollout.prompts import Prompt
 
 
 @dataclass(frozen=True)
@@ -83,3 +84,38 @@ class MicroStep:
     batch: MicroBatch
     no_grad: NoGradPass | None = None
     shaped: Shaped | None = None
+
+
+def check_shapings(method_name: str, steps: Sequence[Sequence[MicroStep]], shapings: Sequence[Sequence[Shaping]]):
+    """A method's `shape` result: one `Shaping` per micro-batch ([mini][micro], as `steps`), advantages [b] and token
+    weights [b, L] floating or None. Shapes only (no host sync); raises ValueError naming the method. A missing
+    micro-batch would have this rank run fewer forwards than the others (FSDP hangs) or lose its data."""
+    if len(shapings) != len(steps) or any(len(a) != len(b) for a, b in zip(steps, shapings)):
+        raise ValueError(
+            f"method {method_name}: shape() must return one Shaping per micro-batch, [mini][micro] = "
+            f"{[len(m) for m in steps]}; got {[len(m) for m in shapings]}"
+        )
+    for mini, mini_shapings in zip(steps, shapings):
+        for s, sh in zip(mini, mini_shapings):
+            b, L = s.batch.responses.shape
+            weights = sh.token_weights
+            if tuple(sh.advantages.shape) != (b,) or (
+                weights is not None and (tuple(weights.shape) != (b, L) or not weights.is_floating_point())
+            ):
+                raise ValueError(
+                    f"method {method_name}: shape() gave advantages {tuple(sh.advantages.shape)} and token weights "
+                    f"{None if weights is None else (tuple(weights.shape), weights.dtype)}; expected [b]=({b},) and "
+                    f"[b, L]=({b}, {L}) floating or None"
+                )
+
+
+def check_aux_terms(method_name: str, terms: Mapping[str, Any], mask: torch.Tensor) -> None:
+    """A method's `aux_terms` result: {name: (coefficient, per-token value [b, L] floating)}; shapes only."""
+    for name, item in terms.items():
+        ok = isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], (int, float))
+        if not ok or not isinstance(item[1], torch.Tensor) or item[1].shape != mask.shape:
+            got = [getattr(x, "shape", type(x).__name__) for x in item] if isinstance(item, tuple) else type(item)
+            raise ValueError(
+                f"method {method_name}: aux_terms()[{name!r}] must be (coefficient, a [b, L]={tuple(mask.shape)} "
+                f"tensor); got {got}"
+            )

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 import torch
 
 from vppo_core.attention import text_only_attention
-from vppo_core.perturb import diffusion_noise_level, perturb_pixels
+from vppo_core.perturb import IMAGE_PERTURBATIONS, diffusion_noise_level, perturb_pixels
 from vppo_recipes.counterfactual import cross_modal_value_mean
 from vppo_recipes.methods.base import MethodContext
 from vppo_recipes.methods.records import MicroBatch, ViewInputs
 from vppo_recipes.seeding import mix_seed
-from vppo_rollout.collate import collate_rollout, model_inputs
-from vppo_rollout.prompts import prompt_without_images
-from vppo_rollout.regions import filled_region_images
+
+# vppo_rollout (collation, prompts, regions) is imported where a view is built: it imports transformers, which the
+# config check (`validate_config` reads the methods' settings) does not need.
 
 # Salt of the per-response (or per-prompt) seed of the pixel views.
 PIXEL_SEED_SALT = 0x9E7
@@ -70,6 +70,12 @@ class PerturbedPixels:
     prob: float = 0.5
     per_response: bool = True
 
+    def __post_init__(self):
+        if self.mode not in IMAGE_PERTURBATIONS:
+            raise ValueError(f"PerturbedPixels mode={self.mode!r}: one of {', '.join(IMAGE_PERTURBATIONS)}")
+        if not 0.0 <= self.prob <= 1.0:  # NaN fails too
+            raise ValueError(f"PerturbedPixels prob={self.prob!r}: must be in [0, 1]")
+
     def inputs(self, ctx: MethodContext, mb: MicroBatch, index: int) -> ViewInputs:
         return _perturbed_pixels(ctx, mb, index, self.per_response, mode=self.mode, prob=self.prob)
 
@@ -83,6 +89,13 @@ class DiffusionNoise:
     gamma: float
     t_max: float
     per_response: bool = False
+
+    def __post_init__(self):
+        if not (self.t_init >= 0 and self.gamma >= 0 and 0 < self.t_max <= 1000):  # NaN fails too
+            raise ValueError(
+                f"DiffusionNoise t_init={self.t_init!r}, gamma={self.gamma!r}, t_max={self.t_max!r}: t_init and gamma "
+                "must be >= 0, t_max in (0, 1000]"
+            )
 
     def level(self, step: int, max_steps: int) -> float:
         """The noise level of RL step `step` (0-based) of `max_steps`."""
@@ -99,6 +112,10 @@ class GaussianNoise:
 
     std: float
     per_response: bool = False
+
+    def __post_init__(self):
+        if not self.std >= 0:  # NaN fails too
+            raise ValueError(f"GaussianNoise std={self.std!r}: must be >= 0")
 
     def inputs(self, ctx: MethodContext, mb: MicroBatch, index: int) -> ViewInputs:
         return _perturbed_pixels(ctx, mb, index, self.per_response, mode="gaussian", noise_std=self.std)
@@ -138,6 +155,8 @@ class CounterfactualAttention:
 
 def _recollated(ctx: MethodContext, mb: MicroBatch, prompts) -> ViewInputs:
     """mb's responses after other prompts, collated afresh (the prompt length may change)."""
+    from vppo_rollout.collate import collate_rollout, model_inputs
+
     ids = [row[: int(n)].tolist() for row, n in zip(mb.responses, mb.mask.sum(1))]
     batch = collate_rollout(ctx.processor, prompts, ids, config=ctx.model_config)
     inputs = {k: v.to(ctx.device) for k, v in model_inputs(batch).items()}
@@ -149,6 +168,8 @@ class NoImage:
     """The prompt without its image parts (ToR)."""
 
     def inputs(self, ctx: MethodContext, mb: MicroBatch, index: int) -> ViewInputs:
+        from vppo_rollout.prompts import prompt_without_images
+
         return _recollated(ctx, mb, [prompt_without_images(p, ctx.processor) for p in mb.prompts])
 
 
@@ -158,6 +179,8 @@ class RegionsFilled:
     image (CGPO)."""
 
     def inputs(self, ctx: MethodContext, mb: MicroBatch, index: int) -> ViewInputs:
+        from vppo_rollout.regions import filled_region_images
+
         prompts = [
             dataclasses.replace(p, images=filled_region_images(p.images, text)) for p, text in zip(mb.prompts, mb.texts)
         ]

@@ -96,7 +96,15 @@ from vppo_recipes.forward import exact_dependency_in_root, response_pass
 from vppo_recipes.lifecycle import StopRequest, claim_output_dir, stopped_message
 from vppo_recipes.lr_schedule import constant_with_warmup
 from vppo_recipes.methods import MethodContext, build_method, diagnostic_view
-from vppo_recipes.methods.records import MicroBatch, MicroStep, NoGradPass, Shaped, ViewInputs
+from vppo_recipes.methods.records import (
+    MicroBatch,
+    MicroStep,
+    NoGradPass,
+    Shaped,
+    ViewInputs,
+    check_aux_terms,
+    check_shapings,
+)
 from vppo_recipes.metric_logging import build_metric_logger
 from vppo_recipes.rl.rollouts import (
     Draw,
@@ -165,6 +173,7 @@ class RLRecipeDistributed:
         self._cfg = cfg
         self.seed = int(cfg.seed)
         self.method = build_method(cfg.algorithm)  # the method's settings and hooks (vppo_recipes.methods)
+        self.method_name = self.method.name or type(self.method).__name__
         self.output_dir = str(cfg.output_dir)
         self.group_size = int(cfg.rollout.group_size)
         self.batch_prompts = int(cfg.rollout.batch_prompts)
@@ -569,6 +578,7 @@ class RLRecipeDistributed:
         truncated importance weights (loss.rollout_is_cap) applied on top. Returns the steps with `shaped` set."""
         cap = self._cfg.loss.rollout_is_cap
         shapings = self.method.shape(self.method_context(), steps)
+        check_shapings(self.method_name, steps, shapings)
         out = []
         for mini, mini_shapings in zip(steps, shapings):
             shaped = []
@@ -615,8 +625,9 @@ class RLRecipeDistributed:
 
         Host syncs: two per mini-batch (the token count, and the loss with the grad norms before and after clipping
         for the skip decision, `clip_and_check_update`), however many micro-batches it has. The micro-batch loop
-        runs vppo-core with `validate=False` (its inputs were made and checked by this recipe; a non-finite value
-        shows up in the loss and skips the step) and keeps its metrics as tensors (`accumulate_loss_metrics`),
+        runs vppo-core with `validate=False` (its inputs were made by this recipe, the method's token weights and
+        terms checked for shape by `check_shapings` / `check_aux_terms`; a non-finite value shows up in the loss and
+        skips the step) and keeps its metrics as tensors (`accumulate_loss_metrics`),
         moved to the host once per step in `step_metrics`.
         """
         L = self._cfg.loss
@@ -632,6 +643,8 @@ class RLRecipeDistributed:
         for s in mini:
             mb, p, sh = s.batch, s.no_grad, s.shaped
             new = self._pass(mb, mb.inputs, mb.prompt_length, validate=False, entropy=self.method.update_entropy)
+            aux = self.method.aux_terms(ctx, s, new)  # the method's extra terms (ALGORITHMS.md §9.1)
+            check_aux_terms(self.method_name, aux, mb.mask)
             loss, metrics = policy_loss(
                 new["lp"],
                 p.lp_old,
@@ -644,7 +657,7 @@ class RLRecipeDistributed:
                 dual_clip=L.dual_clip,
                 entropy_coef=L.entropy_coef,
                 aggregation=L.aggregation,
-                aux_terms=self.method.aux_terms(ctx, s, new),  # the method's extra terms (ALGORITHMS.md §9.1)
+                aux_terms=aux,
                 validate=False,
                 **norm,
             )
@@ -713,7 +726,7 @@ class RLRecipeDistributed:
             total=self.max_steps,
             initial=self.step,
             disable=not self.is_rank_zero,
-            desc=self.method.name or type(self.method).__name__,
+            desc=self.method_name,
         )
         saved_at = self.step  # a resumed step is saved; step 0 (nothing trained) needs no checkpoint
         while self.step < self.max_steps:
