@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 
 from vppo_recipes.config_schema import validate_config
 from vppo_recipes.forward import response_logprobs
-from vppo_recipes.rl.rl_distributed import check_batch_sizes, chunk_ranges
+from vppo_recipes.rl.rl_distributed import check_batch_sizes
+from vppo_recipes.rl.rollouts import chunk_ranges
 from vppo_recipes.rl.step_metrics import accumulate_loss_metrics, finalize_loss_metrics, masked_quantiles
 from vppo_recipes.seeding import mix_seed
 

@@ -110,22 +110,17 @@ from vppo_recipes.rl.rollouts import (
     Draw,
     Group,
     Rollouts,
-    chunk_ranges,
+    collate_minibatches,
     deal_minibatches,
     keeps_group,
     sample_groups,
 )
-from vppo_recipes.rl.step_metrics import accumulate_loss_metrics, step_metrics
+from vppo_recipes.rl.step_metrics import accumulate_loss_metrics, sampler_agreement, step_metrics
 from vppo_recipes.rl.validation import held_out_records, validate
 from vppo_recipes.sharding import call_in_root_forward
 from vppo_recipes.update_guard import clip_and_check_update
-from vppo_rollout.collate import collate_rollout, model_inputs
 from vppo_rollout.loading import load_processor
 from vppo_rollout.prompts import Prompt
-
-# |lp_sampler - lp_old| above this counts as a disagreeing token (rollout/logprob_frac_above_1e-3)
-AGREEMENT_THRESHOLD = 1e-3
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # Small pure helpers (tested in test_rl_distributed.py)
@@ -350,7 +345,7 @@ class RLRecipeDistributed:
         steps, pass_seconds = self.no_grad_passes(minis)
 
         # 5b. trainer-sampler agreement on the first mini-batch (the same weights, before any update)
-        agreement = self.sampler_agreement(steps[0])
+        agreement = sampler_agreement(steps[0], self.temperature)
 
         # 6. the method's advantages and token weights (| truncated importance weights)
         t = time.perf_counter()
@@ -441,40 +436,10 @@ class RLRecipeDistributed:
 
         Returns (minis, counts); counts has this rank's skipped/empty_responses (summed over ranks later).
         """
-        per_rank = self.update_prompts // self.world
-        empty = 0
-        minis = []
-        for mini in chunk_ranges(len(groups), per_rank):
-            rows = [(g, j) for g in groups[mini] for j in range(self.group_size)]
-            micro = []
-            for sl in chunk_ranges(len(rows), self.micro_batch_size):
-                part = rows[sl]
-                prompts = [g.prompt for g, _ in part]
-                ids = [g.token_ids[j] for g, j in part]
-                empty += sum(len(x) == 0 for x in ids)  # all-zero mask rows
-                batch = collate_rollout(self.processor, prompts, ids, config=self.model_config)
-                lp_sampler = torch.zeros(batch["responses"].shape, dtype=torch.float32)
-                for i, (g, j) in enumerate(part):
-                    lp_sampler[i, : len(g.sampler_logprobs[j])] = torch.tensor(g.sampler_logprobs[j])
-                micro.append(
-                    MicroBatch(
-                        inputs={k: v.to(self.device) for k, v in model_inputs(batch).items()},
-                        responses=batch["responses"].to(self.device),
-                        mask=batch["response_mask"].to(self.device),
-                        prompt_length=int(batch["prompt_length"]),
-                        advantages=torch.tensor([g.advantages[j] for g, j in part], dtype=torch.float32).to(
-                            self.device
-                        ),
-                        uids=[g.uid for g, _ in part],
-                        response_index=[j for _, j in part],
-                        images_per_row=[len(p.images) for p in prompts],
-                        lp_sampler=lp_sampler.to(self.device),
-                        prompts=prompts,
-                        texts=[g.texts[j] for g, j in part],
-                    )
-                )
-            minis.append(micro)
-        return minis, {"skipped/empty_responses": float(empty)}
+        return collate_minibatches(
+            groups, self.processor, self.model_config, per_rank=self.update_prompts // self.world,
+            group_size=self.group_size, micro_batch_size=self.micro_batch_size, device=self.device,
+        )  # fmt: skip
 
     def method_context(self) -> MethodContext:
         """What the method's hooks read during this step (`vppo_recipes.methods.MethodContext`)."""
@@ -553,23 +518,6 @@ class RLRecipeDistributed:
                     mini_steps.append(MicroStep(mb, no_grad))
                 steps.append(mini_steps)
         return steps, seconds
-
-    def sampler_agreement(self, mini: list[MicroStep]) -> list[float]:
-        """|lp_sampler − lp_old| over one mini-batch's valid tokens: [sum, tokens, tokens above the threshold, max].
-
-        Both are temperature-1 log-probs only when rollout.temperature is 1; otherwise all zeros (not logged).
-        """
-        agreement = [0.0, 0.0, 0.0, 0.0]
-        if self.temperature != 1.0:
-            return agreement
-        for s in mini:
-            diff = (s.no_grad.lp_old.float() - s.batch.lp_sampler).abs()[s.batch.mask > 0]
-            if diff.numel():
-                agreement[0] += float(diff.sum())
-                agreement[1] += diff.numel()
-                agreement[2] += float((diff > AGREEMENT_THRESHOLD).sum())
-                agreement[3] = max(agreement[3], float(diff.max()))
-        return agreement
 
     # ---------------------------------------------------------------- 6. shaping
 

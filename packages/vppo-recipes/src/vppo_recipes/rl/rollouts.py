@@ -1,5 +1,5 @@
-"""The rollout phase of the RL recipe: sampling G responses per prompt, grading them, the online filter, and
-dealing the kept groups out to the ranks by mini-batch. Plain functions; the recipe's `generate_rollouts` runs
+"""The rollout phase of the RL recipe: sampling G responses per prompt, grading them, the online filter, dealing
+the kept groups out to the ranks by mini-batch, and collating each rank's share into micro-batches. Plain functions; the recipe's `generate_rollouts` runs
 them in its draw loop."""
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from omegaconf import DictConfig
 from vppo_core.advantages import group_advantages, keep_groups
 from vppo_eval.reward import compute_rewards
 from vppo_recipes.data import rank_slice
+from vppo_recipes.methods.records import MicroBatch
 from vppo_recipes.seeding import mix_seed
+from vppo_rollout.collate import collate_rollout, model_inputs
 from vppo_rollout.prompts import Prompt
 from vppo_rollout.sampling import SamplingConfig
 
@@ -169,3 +171,44 @@ def deal_minibatches(
         part = kept[mini]
         mine += part[rank_slice(len(part), rank, world)]
     return mine
+
+
+def collate_minibatches(
+    groups: list[Group], processor: Any, model_config: Any, *, per_rank: int, group_size: int, micro_batch_size: int,
+    device: torch.device,
+) -> tuple[list[list[MicroBatch]], dict[str, float]]:  # fmt: skip
+    """This rank's groups -> mini-batches (`per_rank` groups each) -> micro-batches of collated tensors on `device`.
+
+    Returns (minis [mini][micro], counts); counts has this rank's skipped/empty_responses (summed over ranks later).
+    """
+    empty = 0
+    minis = []
+    for mini in chunk_ranges(len(groups), per_rank):
+        rows = [(g, j) for g in groups[mini] for j in range(group_size)]
+        micro = []
+        for sl in chunk_ranges(len(rows), micro_batch_size):
+            part = rows[sl]
+            prompts = [g.prompt for g, _ in part]
+            ids = [g.token_ids[j] for g, j in part]
+            empty += sum(len(x) == 0 for x in ids)  # all-zero mask rows
+            batch = collate_rollout(processor, prompts, ids, config=model_config)
+            lp_sampler = torch.zeros(batch["responses"].shape, dtype=torch.float32)
+            for i, (g, j) in enumerate(part):
+                lp_sampler[i, : len(g.sampler_logprobs[j])] = torch.tensor(g.sampler_logprobs[j])
+            micro.append(
+                MicroBatch(
+                    inputs={k: v.to(device) for k, v in model_inputs(batch).items()},
+                    responses=batch["responses"].to(device),
+                    mask=batch["response_mask"].to(device),
+                    prompt_length=int(batch["prompt_length"]),
+                    advantages=torch.tensor([g.advantages[j] for g, j in part], dtype=torch.float32).to(device),
+                    uids=[g.uid for g, _ in part],
+                    response_index=[j for _, j in part],
+                    images_per_row=[len(p.images) for p in prompts],
+                    lp_sampler=lp_sampler.to(device),
+                    prompts=prompts,
+                    texts=[g.texts[j] for g, j in part],
+                )
+            )
+        minis.append(micro)
+    return minis, {"skipped/empty_responses": float(empty)}

@@ -83,6 +83,28 @@ def masked_quantiles(values: torch.Tensor, qs: tuple[float, ...]) -> list[float]
     return out
 
 
+# |lp_sampler - lp_old| above this counts as a disagreeing token (rollout/logprob_frac_above_1e-3)
+AGREEMENT_THRESHOLD = 1e-3
+
+
+def sampler_agreement(mini: Sequence[MicroStep], temperature: float) -> list[float]:
+    """|lp_sampler − lp_old| over one mini-batch's valid tokens: [sum, tokens, tokens above the threshold, max].
+
+    Both are temperature-1 log-probs only when rollout.temperature is 1; otherwise all zeros (not logged).
+    """
+    agreement = [0.0, 0.0, 0.0, 0.0]
+    if temperature != 1.0:
+        return agreement
+    for s in mini:
+        diff = (s.no_grad.lp_old.float() - s.batch.lp_sampler).abs()[s.batch.mask > 0]
+        if diff.numel():
+            agreement[0] += float(diff.sum())
+            agreement[1] += diff.numel()
+            agreement[2] += float((diff > AGREEMENT_THRESHOLD).sum())
+            agreement[3] = max(agreement[3], float(diff.max()))
+    return agreement
+
+
 # The phases whose seconds are logged as time/<phase>_s (the slowest rank's)
 PHASES = ("sample", "reward", "old_logprob", "alt_logprob", "shaping", "update", "weight_sync")
 
