@@ -1,6 +1,6 @@
 """Checkpoints in the training dtype (issue 24): a bf16 run writes a bf16 Hugging Face model whose config.json says
 so, half the bytes of a float32 one, and still resumes exactly, because the float32 master weights come back bit for
-bit from the export plus their low 16 bits (`checkpointing.split_float32`)."""
+bit from the export plus their low 16 bits (`checkpoint_weights.split_float32`)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from vppo_recipes.checkpointing import (
-    join_float32,
-    load_training_state,
-    restore_master_weights,
-    save_checkpoint,
-    split_float32,
-)
+from vppo_recipes.checkpoint_weights import join_float32, restore_master_weights, split_float32
+from vppo_recipes.checkpointing import load_training_state, save_checkpoint
 from vppo_recipes.config_schema import ConfigError, validate_config
 from vppo_rollout.loading import load_policy, load_processor
 from vppo_rollout.tiny import build_tiny_checkpoint

@@ -344,7 +344,7 @@ def test_checkpoint_of_another_size_is_an_error_naming_the_fields(tiny, tmp_path
 def test_quantized_optimizer_state_round_trips_through_weights_only_plain_data(name, tmp_path, monkeypatch):
     import torchao.optim
 
-    from vppo_recipes.checkpointing import load_sharded_optimizer_state, sharded_optimizer_state
+    from vppo_recipes.checkpoint_optimizer import load_sharded_optimizer_state, sharded_optimizer_state
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
 
@@ -384,7 +384,7 @@ def test_quantized_optimizer_state_round_trips_through_weights_only_plain_data(n
 
 
 def test_sharded_optimizer_file_naming_an_unknown_type_is_refused():
-    from vppo_recipes.checkpointing import load_sharded_optimizer_state, sharded_optimizer_state
+    from vppo_recipes.checkpoint_optimizer import load_sharded_optimizer_state, sharded_optimizer_state
 
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters())
@@ -453,7 +453,7 @@ def _full_optim_state(model, optimizer) -> dict:
 def _comparable_optim_state(model, optimizer, kind: str) -> dict:
     """The state to compare before save / after load: the full one for AdamW; this rank's shard, as plain parts,
     for the quantized torchao states (which cannot be gathered)."""
-    from vppo_recipes.checkpointing import sharded_optimizer_state
+    from vppo_recipes.checkpoint_optimizer import sharded_optimizer_state
 
     return _full_optim_state(model, optimizer) if kind == "adamw" else sharded_optimizer_state(model, optimizer)
 
@@ -488,7 +488,7 @@ def _worker(tiny_dir: str, out_dir: str, kind: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from vppo_recipes.checkpointing import gather_full_state_dict
+    from vppo_recipes.checkpoint_weights import gather_full_state_dict
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()

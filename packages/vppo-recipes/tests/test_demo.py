@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from vppo_eval.records import Record
-from vppo_recipes.demo import DemoSettings, RunResult, main, summarize, verdict
+from vppo_recipes.demo import main
+from vppo_recipes.demo_report import RunResult, summarize, verdict
+from vppo_recipes.demo_settings import DemoSettings
 
 K = 4
 
@@ -101,7 +103,8 @@ def test_a_run_without_every_item_scored_is_refused():
 def test_a_run_without_an_optimizer_step_is_flagged_on_stderr_and_in_the_summary_and_json_is_strict(tmp_path, capsys):
     """A run that never updated is shown as a loud warning (not only as flat numbers), and the written JSON holds
     null, never a bare NaN, for a statistic without data."""
-    from vppo_recipes.demo import summary_markdown, untrained_runs, write_outputs
+    from vppo_recipes.demo import write_outputs
+    from vppo_recipes.demo_report import summary_markdown, untrained_runs
 
     scores = {2: [0.5, 0.5, 0.5, 0.5], 4: [0.5, 0.5, 0.5, 0.5]}
     runs = {
@@ -151,7 +154,8 @@ def test_diagnostics_are_a_grid_of_the_logged_metrics_under_one_legend_naming_ev
 ):
     import matplotlib.pyplot as plt
 
-    from vppo_recipes.demo import DIAGNOSTICS, diagnostics_figure, plot_diagnostics
+    from vppo_recipes.demo_plots import diagnostics_figure, plot_diagnostics
+    from vppo_recipes.demo_report import DIAGNOSTICS
 
     def logged(run, keys):
         return RunResult([{**r, **{k: 0.1 * r["step"] for k in keys}} for r in run.rows], run.items)
@@ -307,7 +311,7 @@ def test_committed_demo_summary_and_readme_table_are_what_the_code_writes():
     import subprocess
     from pathlib import Path
 
-    from vppo_recipes.demo import results_tables, summary_markdown
+    from vppo_recipes.demo_report import results_tables, summary_markdown
 
     root = Path(__file__).resolve().parents[3]
     docs = root / "docs" / "demo"

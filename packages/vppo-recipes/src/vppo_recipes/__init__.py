@@ -33,7 +33,7 @@ _EXPORTS: dict[str, str] = {
     "checkpoint_dir": "checkpointing",
     "find_latest_checkpoint": "checkpointing",
     "find_resumable_checkpoint": "checkpointing",
-    "gather_full_state_dict": "checkpointing",
+    "gather_full_state_dict": "checkpoint_weights",
     "load_training_state": "checkpointing",
     "restore_rng_state": "checkpointing",
     "save_checkpoint": "checkpointing",

@@ -30,16 +30,8 @@ format-2 manifest missing a field or a file entry is damaged (never read as form
 manifest) are accepted unverified, and a format this code does not know is refused.
 
 Weights' dtype: the HF weights are written in `dtype` (the recipes pass `checkpoint.dtype`, by default the training
-dtype `model.dtype`), so a bf16 run's checkpoint is a bf16 model (half the bytes of float32) and an engine loading it
-with `dtype="auto"` gets bf16. The recipes train float32 master weights, though, and resuming from their bf16
-rounding would not continue the run exactly. So a float32 tensor exported in bfloat16 is *split*, bit for bit:
-the export holds its upper half rounded to nearest (ties away from zero, `split_float32`), and
-`master_weights_low16.safetensors` its low 16 bits; `restore_master_weights` (which `load_training_policy` calls on
-every folder it trains from) joins them back into the exact float32 value. The export plus the low bits take as many
-bytes as the float32 export did; the optimizer state stays float32 as before. Round to nearest-even (what
-`tensor.to(torch.bfloat16)` does) would not do: for an even bf16 value, 65,537 float32 values round to it, one more
-than 16 bits can tell apart. The export therefore differs from `.to(torch.bfloat16)` in exact ties only (about 1 in
-65,536 values, by one bf16 ulp, both roundings being equally near).
+dtype `model.dtype`); float32 master weights exported in bfloat16 are split bit for bit into the export and
+`master_weights_low16.safetensors`, and joined back by `restore_master_weights` (`vppo_recipes.checkpoint_weights`).
 
 Everything is saved with plain tensors / Python containers and read back with `torch.load(weights_only=True)`.
 The optimizer state is the *full* state dict keyed by parameter FQN (`get_optimizer_state_dict(full_state_dict=
@@ -62,7 +54,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import importlib
 import json
 import os
 import random
@@ -80,14 +71,22 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_model_state_dict,
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.tensor import DTensor
 
+from vppo_recipes.checkpoint_optimizer import _is_state_subclass, load_sharded_optimizer_state, sharded_optimizer_state
+from vppo_recipes.checkpoint_weights import (
+    MASTER_LOW_BITS_FILE,
+    _export,
+    _set_config_dtype,
+    gather_full_state_dict,
+    holds_master_weights,
+)
+
+# The weights' export and master weights are in vppo_recipes.checkpoint_weights, the sharded optimizer state in
+# vppo_recipes.checkpoint_optimizer; holds_master_weights is named here too because the RL recipe imports it from here.
 __all__ = [
-    "DTYPES",
     "FORMAT_VERSION",
     "CheckpointWriteError",
     "apply_optimizer_settings",
@@ -98,17 +97,11 @@ __all__ = [
     "final_checkpoint_line",
     "find_latest_checkpoint",
     "find_resumable_checkpoint",
-    "gather_full_state_dict",
     "holds_master_weights",
-    "join_float32",
-    "load_sharded_optimizer_state",
     "load_training_state",
     "model_type_of",
-    "restore_master_weights",
     "restore_rng_state",
     "save_checkpoint",
-    "sharded_optimizer_state",
-    "split_float32",
     "verify_checkpoint",
 ]
 
@@ -118,16 +111,6 @@ TRAINING_STATE_FILE = "training_state.pt"
 CONFIG_FILE = "training_config.yaml"
 OPTIMIZER_FILE = "optimizer.pt"
 OPTIMIZER_SHARD_FILE = "optimizer_rank{rank}.pt"
-MASTER_LOW_BITS_FILE = "master_weights_low16.safetensors"
-# The config's dtype names (model.dtype, checkpoint.dtype) -> torch dtypes: the one map both recipes read
-# (`distributed.training_dtype`, `distributed.checkpoint_dtype`).
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# Quantized optimizer-state tensor subclasses a sharded optimizer file may name (rebuilt from their parts).
-_STATE_SUBCLASSES = {
-    "torchao.optim.subclass_8bit.OptimState8bit",
-    "torchao.optim.subclass_4bit.OptimState4bit",
-    "torchao.optim.subclass_fp8.OptimStateFp8",
-}
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Files of a model folder that describe the tokenizer / processor (copied into every checkpoint).
 _NOT_PROCESSOR_FILES = {"config.json", "generation_config.json", META_FILE}
@@ -368,150 +351,6 @@ def _write_failure(err: BaseException, where: Path) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def gather_full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Full (unsharded) model state dict on CPU, on rank 0; `{}` on the other ranks. Collective.
-
-    Works for an FSDP2 (`fully_shard`) model and for a plain one (then every rank gets the full dict).
-    """
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def _to_int16(values: torch.Tensor) -> torch.Tensor:
-    """int64 holding 16-bit patterns (0 .. 0xFFFF, or any value: taken mod 2**16) -> int16 with those bits."""
-    return (((values & 0xFFFF) ^ 0x8000) - 0x8000).to(torch.int16)
-
-
-def split_float32(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split a float32 tensor into (bfloat16 rounded to nearest with ties away from zero, int16 low 16 bits) such
-    that `join_float32(*split_float32(t))` is `t` bit for bit.
-
-    t: float32, any shape. Returns (high [same shape] bfloat16, low [same shape] int16). Round-to-nearest-even is
-    not invertible this way (module docstring); ties away from zero is: the upper half is incremented exactly when
-    the low half is >= 0x8000. NaNs are exported as torch's bfloat16 NaN and come back NaN (not the same payload);
-    a finite value just below float32's largest bf16-representable magnitude may round to inf in the export and
-    still comes back exact.
-    """
-    if t.dtype != torch.float32:
-        raise ValueError(f"split_float32 takes float32 tensors, got {t.dtype}")
-    bits = t.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    low = bits & 0xFFFF
-    high = (bits >> 16) + (low >= 0x8000).to(torch.int64)
-    high = _to_int16(high).view(torch.bfloat16)
-    high = torch.where(torch.isnan(t), t.to(torch.bfloat16), high)
-    return high, _to_int16(low)
-
-
-def join_float32(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-    """Inverse of `split_float32`: high [*] bfloat16, low [*] int16 -> float32 [*]."""
-    if high.dtype != torch.bfloat16 or low.dtype != torch.int16 or high.shape != low.shape:
-        raise ValueError(
-            f"join_float32 takes a bfloat16 and an int16 tensor of one shape, got {high.dtype} {tuple(high.shape)} "
-            f"and {low.dtype} {tuple(low.shape)}"
-        )
-    h = high.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
-    lo = low.to(torch.int64) & 0xFFFF
-    upper = (h - (lo >= 0x8000).to(torch.int64)) & 0xFFFF
-    bits = (upper << 16) | lo
-    return (((bits ^ 0x80000000) - 0x80000000).to(torch.int32)).view(torch.float32)
-
-
-def _export(full_sd: dict[str, torch.Tensor], dtype: torch.dtype | None):
-    """(tensors to save_pretrained in `dtype`, low 16 bits of the float32 ones exported in bfloat16 ({} if none)).
-
-    dtype None keeps every tensor's own dtype; otherwise floating tensors are cast to it (float32 -> bfloat16 by
-    `split_float32`, so the float32 value can be restored exactly), others kept. Empties `full_sd` as it goes, so
-    each gathered float32 tensor is freed once converted: rank 0 holds the model's bytes once, not twice.
-    Tied weights (one tensor under two names) stay one tensor in the export, which save_pretrained then writes
-    once, and have their low bits under the first name only.
-    """
-    if dtype is None:
-        return dict(full_sd), {}
-    if dtype not in DTYPES.values():
-        raise ValueError(f"checkpoint dtype must be one of {sorted(DTYPES)}, got {dtype}")
-    exported, low_bits = {}, {}
-    converted: dict[tuple, torch.Tensor] = {}  # a source tensor's memory and layout -> its export
-    for name in list(full_sd):
-        t = full_sd.pop(name)
-        key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) if t.numel() else None
-        if key is not None and key in converted:
-            exported[name] = converted[key]
-        elif t.dtype == torch.float32 and dtype == torch.bfloat16:
-            exported[name], low_bits[name] = split_float32(t)
-        elif t.is_floating_point():
-            exported[name] = t.to(dtype)
-        else:
-            exported[name] = t
-        converted[key] = exported[name]
-    return exported, low_bits
-
-
-def _set_config_dtype(folder: Path, dtype: torch.dtype) -> None:
-    """Make `<folder>/config.json` name the exported weights' dtype: `dtype` at the top and in every sub-config
-    (text_config, vision_config) that has one. transformers' `save_pretrained` writes the dtype of the model's own
-    parameters (the float32 master weights), not of the state dict it saved."""
-    name = str(dtype).removeprefix("torch.")
-
-    def rewrite(node: dict[str, Any], top: bool) -> None:
-        for key in ("dtype", "torch_dtype"):
-            if key in node or (top and key == "dtype"):
-                node[key] = name
-        for value in node.values():
-            if isinstance(value, dict):
-                rewrite(value, False)
-
-    path = folder / "config.json"
-    cfg = json.loads(path.read_text())
-    rewrite(cfg, True)
-    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-
-
-def holds_master_weights(folder: str | os.PathLike) -> bool:
-    """Whether `folder` holds the low 16 bits of float32 master weights exported in bfloat16."""
-    return (Path(folder) / MASTER_LOW_BITS_FILE).is_file()
-
-
-def restore_master_weights(model: torch.nn.Module, folder: str | os.PathLike) -> bool:
-    """Put the exact float32 master weights back into `model`, a plain (unsharded) float32 model just loaded from
-    `folder`'s bfloat16 export, when `folder` holds their low bits; returns whether it did (False: nothing to do).
-
-    Raises ValueError when the low bits name a tensor the model lacks, or a loaded value is not the export's
-    (the model was not loaded from this folder, or not in float32).
-    """
-    if not holds_master_weights(folder):
-        return False
-    from safetensors.torch import load_file
-
-    low_bits = load_file(str(Path(folder) / MASTER_LOW_BITS_FILE))
-    state = model.state_dict()
-    missing = sorted(set(low_bits) - set(state))
-    if missing:
-        raise ValueError(f"{folder}/{MASTER_LOW_BITS_FILE} names tensors the model lacks: {missing[:5]}")
-    done: set[int] = set()  # tied weights (lm_head = embed_tokens) are one tensor under two names
-    with torch.no_grad():
-        for name, low in low_bits.items():
-            target = state[name]
-            if target.data_ptr() in done:
-                continue
-            done.add(target.data_ptr())
-            high = target.to(torch.bfloat16)
-            exported = target.dtype == torch.float32 and torch.equal(  # compared as bits: NaN-safe
-                high.float().view(torch.int32), target.view(torch.int32)
-            )
-            if not exported:
-                raise ValueError(
-                    f"{name}: the loaded value is not {folder}'s bfloat16 export in float32 ({target.dtype}); load the "
-                    "model from this folder in float32 before restore_master_weights"
-                )
-            target.copy_(join_float32(high, low))
-    return True
-
-
-def _is_state_subclass(t: Any) -> bool:
-    """True for a quantized optimizer state (a tensor subclass), whether or not wrapped in a DTensor."""
-    local = t.to_local() if isinstance(t, DTensor) else t
-    return isinstance(local, torch.Tensor) and type(local) is not torch.Tensor
-
-
 def _needs_sharded_optimizer_file(optimizer: torch.optim.Optimizer) -> bool:
     """Whether any rank holds a quantized state. Collective: torchao quantizes a state only when this rank's shard
     has >= 4096 elements, so with uneven shards ranks can differ, and all must take the same path."""
@@ -521,111 +360,6 @@ def _needs_sharded_optimizer_file(optimizer: torch.optim.Optimizer) -> bool:
     flags: list[Any] = [None] * _world()
     dist.all_gather_object(flags, mine)
     return any(flags)
-
-
-def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
-    """Parameter FQNs of each param group, in the optimizer's order (FSDP2 keeps the original names)."""
-    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    try:
-        return [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
-    except KeyError:
-        raise ValueError("the optimizer holds a parameter that is not in the model") from None
-
-
-def _encode_state(value: Any) -> Any:
-    """One optimizer-state entry as weights_only-loadable plain data: this rank's shard of it, on CPU."""
-    if not isinstance(value, torch.Tensor):
-        return value
-    local = value.to_local() if isinstance(value, DTensor) else value
-    if type(local) is torch.Tensor:
-        return {"tensor": local.detach().cpu().clone(), "dtensor": isinstance(value, DTensor)}
-    cls = type(local)
-    names, attributes = local.__tensor_flatten__()
-    return {
-        "subclass": f"{cls.__module__}.{cls.__qualname__}",
-        "parts": {n: getattr(local, n).detach().cpu().clone() for n in names},
-        "attributes": [tuple(a) if isinstance(a, torch.Size) else a for a in attributes],
-        "dtensor": isinstance(value, DTensor),
-    }
-
-
-def _decode_state(entry: Any, param: torch.Tensor, where: str) -> Any:
-    """Inverse of `_encode_state`, placed like `param` (the same DTensor spec, device)."""
-    if not isinstance(entry, dict) or not ("tensor" in entry or "subclass" in entry):
-        return entry
-    device = param.device
-    if "tensor" in entry:
-        local = entry["tensor"].to(device)
-    else:
-        name = entry["subclass"]
-        if name not in _STATE_SUBCLASSES:
-            raise ValueError(f"{where}: unknown optimizer-state type {name!r} (known: {sorted(_STATE_SUBCLASSES)})")
-        module, qualname = name.rsplit(".", 1)
-        cls = getattr(importlib.import_module(module), qualname)
-        parts = {k: v.to(device) for k, v in entry["parts"].items()}
-        local = cls.__tensor_unflatten__(parts, list(entry["attributes"]), None, None)
-    if not entry["dtensor"]:
-        return local
-    if not isinstance(param, DTensor):
-        raise ValueError(f"{where}: saved from a sharded (FSDP2) model but loaded into an unsharded one")
-    want = param.to_local().shape
-    if local.shape != want:
-        raise ValueError(
-            f"{where}: this rank's saved shard has shape {tuple(local.shape)} but the parameter's shard is "
-            f"{tuple(want)}: the checkpoint was written on another mesh; resume with the same world size and "
-            "world.hsdp_replicas"
-        )
-    out = DTensor.from_local(
-        local,
-        device_mesh=param.device_mesh,
-        placements=param.placements,
-        run_check=False,
-        shape=param.shape,
-        stride=param.stride(),
-    )
-    return out.to(device)  # from_local moves to the mesh's device type; keep CPU-offloaded states on CPU
-
-
-def sharded_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """This rank's shard of the optimizer state, keyed by parameter FQN, as plain weights_only-safe data.
-
-    Tensor subclasses (torchao's quantized states) are stored as their parts (`__tensor_flatten__`), DTensors as
-    their local shard. Not collective. Returns `{"state": {fqn: {key: entry}}, "param_groups": [...]}` where each
-    group's "params" lists FQNs.
-    """
-    names = _param_names(model, optimizer)
-    sd = optimizer.state_dict()
-    index_to_name = {}
-    for group, group_names in zip(sd["param_groups"], names):
-        index_to_name.update(zip(group["params"], group_names))
-    state = {index_to_name[i]: {k: _encode_state(v) for k, v in st.items()} for i, st in sd["state"].items()}
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": n} for g, n in zip(sd["param_groups"], names)]
-    return {"state": state, "param_groups": groups}
-
-
-def load_sharded_optimizer_state(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, payload: Mapping[str, Any], *, where: str = "optimizer"
-) -> None:
-    """Inverse of `sharded_optimizer_state` on the same mesh; ValueError naming the entry on any mismatch."""
-    names = _param_names(model, optimizer)
-    saved_names = [list(g["params"]) for g in payload["param_groups"]]
-    if saved_names != names:
-        raise ValueError(f"{where}: saved for parameters {saved_names[:1]}... but the optimizer has {names[:1]}...")
-    params = {n: p for g, gn in zip(optimizer.param_groups, names) for p, n in zip(g["params"], gn)}
-    # Hyperparameters (and torchao's tensor lr) through the regular path, states placed by hand: load_state_dict
-    # would cast every state to the parameter's dtype, which a quantized state cannot take.
-    index = 0
-    groups = []
-    for g in payload["param_groups"]:
-        groups.append({**g, "params": list(range(index, index + len(g["params"])))})
-        index += len(g["params"])
-    optimizer.load_state_dict({"state": {}, "param_groups": groups})
-    for fqn, st in payload["state"].items():
-        if fqn not in params:
-            raise ValueError(f"{where}: state for {fqn!r}, which the model does not have")
-        optimizer.state[params[fqn]] = {
-            k: _decode_state(v, params[fqn], f"{where}[{fqn!r}][{k!r}]") for k, v in st.items()
-        }
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -130,7 +130,8 @@ def cmd_init_tiny(args: argparse.Namespace) -> int:
     configs' relative paths (`./runs/...`) find them from DIR's parent."""
     from omegaconf import OmegaConf
 
-    from vppo_recipes.demo import DemoSettings, build_assets, sft_warm_start
+    from vppo_recipes.demo import build_assets, sft_warm_start
+    from vppo_recipes.demo_settings import DemoSettings
     from vppo_recipes.lifecycle import OutputDirError
 
     root = Path(args.dir).expanduser().resolve()

@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from vppo_recipes.checkpointing import DTYPES, restore_master_weights, save_checkpoint
+from vppo_recipes.checkpoint_weights import DTYPES, restore_master_weights
+from vppo_recipes.checkpointing import save_checkpoint
 from vppo_recipes.sharding import mixed_precision, policy_mesh, shard_policy
 from vppo_rollout.loading import checkpoint_arch, load_policy
 
@@ -47,7 +48,7 @@ def load_training_policy(cfg: DictConfig, weights: str) -> torch.nn.Module:
 
     weights: model.path, or a checkpoint folder being resumed (an HF folder with the same config). A vppo checkpoint
     exported in bfloat16 from float32 master weights gives back those exact master weights
-    (`checkpointing.restore_master_weights`), whether it is resumed or is the next run's model.path.
+    (`checkpoint_weights.restore_master_weights`), whether it is resumed or is the next run's model.path.
     """
     arch = checkpoint_arch(cfg.model.path)
     if arch != cfg.model.arch:
