@@ -85,7 +85,7 @@ from vppo_recipes.checkpoint_weights import (
 )
 
 # The weights' export and master weights are in vppo_recipes.checkpoint_weights, the sharded optimizer state in
-# vppo_recipes.checkpoint_optimizer; holds_master_weights is named here too because the RL recipe imports it from here.
+# vppo_recipes.checkpoint_optimizer.
 __all__ = [
     "FORMAT_VERSION",
     "CheckpointWriteError",
@@ -97,7 +97,6 @@ __all__ = [
     "final_checkpoint_line",
     "find_latest_checkpoint",
     "find_resumable_checkpoint",
-    "holds_master_weights",
     "load_training_state",
     "model_type_of",
     "restore_rng_state",

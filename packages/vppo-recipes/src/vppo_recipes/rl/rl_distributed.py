@@ -74,13 +74,13 @@ from tqdm import tqdm
 
 from vppo_core.dependency import token_dependency, trajectory_dependency
 from vppo_core.losses import policy_loss, truncated_is_weights
+from vppo_recipes.checkpoint_weights import holds_master_weights
 from vppo_recipes.checkpointing import (
     apply_optimizer_settings,
     check_checkpoint_matches,
     check_resume_config,
     final_checkpoint_line,
     find_resumable_checkpoint,
-    holds_master_weights,
     load_training_state,
 )
 from vppo_recipes.config_schema import check_paths, check_world_size, validate_config
