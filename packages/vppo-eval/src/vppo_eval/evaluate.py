@@ -198,7 +198,7 @@ _DEFAULT_TAGS = ("from", "value", "human", "gpt")  # LLaMA-Factory's, for a decl
 def _dataset_info_file(data_dir: Path, names: Sequence[str]) -> Path | None:
     """The file a LLaMA-Factory ``dataset_info.json`` in data_dir names for the first of ``names`` it declares, after
     checking the declaration is the sharegpt form this reader follows; None when there is no such entry."""
-    from vppo_eval.benchmarks import SHAREGPT_TURN_SPELLINGS as _READ_TAGS  # the turn spellings the reader reads
+    from vppo_eval.row_readers import SHAREGPT_TURN_SPELLINGS as _READ_TAGS  # the turn spellings the reader reads
 
     info_path = data_dir / "dataset_info.json"
     if not info_path.is_file():
