@@ -8,6 +8,7 @@ after, the step's metrics), loadable with `torch.load(..., weights_only=True)`.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -30,7 +31,11 @@ def main(config_path: str, out: str) -> None:
     with pytest.MonkeyPatch.context() as mp:
         captured = capture_step(recipe, mp)
     torch.save(captured, Path(out) / f"rank{dist.get_rank()}.pt")
-    recipe.cleanup()
+    recipe.cleanup()  # destroys the process group
+    # Known gloo exit-time abort (ENVIRONMENT.md): skip C++ static destructors once all work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
