@@ -17,7 +17,10 @@ __all__ = [
     "cgpo_response_factors",
     "minmax_by_response",
     "pepo_token_weights",
+    "pepo_layer_cosines",
+    "pepo_prior_mean",
     "pepo_visual_prior",
+    "pepo_visual_weights",
     "pgpo_token_weights",
     "tas_bounds",
     "tas_scale",
@@ -366,7 +369,9 @@ def pepo_visual_prior(hidden_states: Sequence[Tensor], visual_mask: Tensor) -> T
     """PEPO's perception prior (§9.4): ``v_t = mean_ℓ mean_j cos(h_t^ℓ, h_j^ℓ)`` over the row's visual tokens j.
 
     The mean of cosines to the visual tokens equals the dot product of ``h_t^ℓ / ‖h_t^ℓ‖`` with the mean of the
-    visual tokens' unit vectors, which is how it is computed here (float32, no ``[T, n_visual]`` matrix).
+    visual tokens' unit vectors, which is how it is computed here (float32, no ``[T, n_visual]`` matrix). The sum
+    over layers is `pepo_layer_cosines` added in layer order, so a caller that adds each layer's term as the forward
+    produces it (and drops the layer) gets the same bits without holding every layer.
 
     Args:
         hidden_states: the layers' hidden states, each ``[B, T, H]`` (what ``output_hidden_states=True`` returns:
@@ -384,19 +389,37 @@ def pepo_visual_prior(hidden_states: Sequence[Tensor], visual_mask: Tensor) -> T
     shape = tuple(hidden_states[0].shape)
     if len(shape) != 3:
         raise ValueError(f"hidden_states[0] must be [B, T, H], got shape {shape}")
-    visual = check_mask(visual_mask, shape[:2], "visual_mask")
-    empty = (~visual.any(dim=1)).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(f"rows {empty} have no visual token: PEPO's prior needs the image placeholder tokens")
+    weights = pepo_visual_weights(visual_mask, shape[:2])
     prior = torch.zeros(shape[:2], dtype=torch.float32, device=hidden_states[0].device)
-    weights = visual.float() / visual.sum(dim=1, keepdim=True)  # [B, T], rows sum to 1
     for i, h in enumerate(hidden_states):
         if tuple(h.shape) != shape:
             raise ValueError(f"hidden_states[{i}] has shape {tuple(h.shape)}, expected {shape}")
-        unit = F.normalize(h.detach().float(), dim=-1)
-        anchor = torch.einsum("bt,bth->bh", weights, unit)  # mean unit vector of the visual tokens
-        prior += torch.einsum("bth,bh->bt", unit, anchor)
-    prior /= len(hidden_states)
+        prior += pepo_layer_cosines(h, weights)
+    return pepo_prior_mean(prior, len(hidden_states))
+
+
+def pepo_visual_weights(visual_mask: Tensor, shape: tuple[int, int] | None = None) -> Tensor:
+    """``[B, T]`` float32: 1 / (number of visual tokens of the row) on its visual tokens, 0 elsewhere (rows sum to 1).
+
+    Raises ValueError for a row without visual tokens (named) or a mask that is not ``[B, T]`` bool of `shape`."""
+    visual = check_mask(visual_mask, tuple(shape) if shape is not None else tuple(visual_mask.shape), "visual_mask")
+    empty = (~visual.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"rows {empty} have no visual token: PEPO's prior needs the image placeholder tokens")
+    return visual.float() / visual.sum(dim=1, keepdim=True)
+
+
+def pepo_layer_cosines(hidden: Tensor, visual_weights: Tensor) -> Tensor:
+    """One layer's term of `pepo_visual_prior`: ``[B, T]`` float32 mean cosine of each position to the row's visual
+    tokens, from ``hidden`` ``[B, T, H]`` (any float dtype, detached here) and `pepo_visual_weights` ``[B, T]``."""
+    unit = F.normalize(hidden.detach().float(), dim=-1)
+    anchor = torch.einsum("bt,bth->bh", visual_weights, unit)  # mean unit vector of the visual tokens
+    return torch.einsum("bth,bh->bt", unit, anchor)
+
+
+def pepo_prior_mean(total: Tensor, n_layers: int) -> Tensor:
+    """The sum of `n_layers` layer terms ``[B, T]`` -> the prior (their mean); raises ValueError if not finite."""
+    prior = total / n_layers
     if not bool(torch.isfinite(prior).all()):
         raise ValueError("hidden_states contain NaN or inf: PEPO's prior is not finite")
     return prior

@@ -223,17 +223,18 @@ def launched_world_size(flags: list[str]) -> int | None:
 def load_run_config(recipe_args: list[str]):
     """`["--config", PATH, "key=value", ...]` -> the DictConfig the recipe's `recipe_main` will get: read by
     torchtune's own recipe parser (`TuneRecipeArgumentParser`, what `config.parse` uses) and merged with the
-    overrides by its `_merge_yaml_and_cli_args`. A malformed override or an unknown flag is a `ConfigError`."""
+    overrides as the recipe's `vppo_recipes.config_overrides.parse` does (torchtune's `_merge_yaml_and_cli_args`,
+    an override choosing another method replacing the file's `algorithm` section). A malformed override or an unknown flag is a `ConfigError`."""
     import yaml
     from omegaconf.errors import OmegaConfBaseException
     from torchtune.config._parse import TuneRecipeArgumentParser
-    from torchtune.config._utils import _merge_yaml_and_cli_args
 
+    from vppo_recipes.config_overrides import merge_config_and_overrides
     from vppo_recipes.config_schema import ConfigError
 
     try:
         yaml_args, cli_args = TuneRecipeArgumentParser().parse_known_args(recipe_args)
-        return _merge_yaml_and_cli_args(yaml_args, cli_args)
+        return merge_config_and_overrides(yaml_args, cli_args)[0]
     # a malformed override (`key` without `=`, `k=[1`, `k=${oops`), an unknown flag, a YAML file that does not parse
     except (ValueError, yaml.YAMLError, OmegaConfBaseException) as e:
         raise ConfigError(f"cannot read the config {recipe_args[1]} with its overrides: {e}") from None

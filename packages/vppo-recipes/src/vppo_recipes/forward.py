@@ -7,6 +7,9 @@ Each function that reads `model.lm_head.weight` must run through `sharding.call_
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from vppo_core.dependency import (
@@ -15,7 +18,7 @@ from vppo_core.dependency import (
     view_divergences_from_hidden,
 )
 from vppo_core.logprobs import logprobs_from_hidden
-from vppo_core.shaping import pepo_visual_prior
+from vppo_core.shaping import pepo_layer_cosines, pepo_prior_mean, pepo_visual_weights
 
 
 def response_logprobs(
@@ -77,7 +80,10 @@ def response_pass(
     with grad enabled gets a pre-backward hook, and a view's hook is lost to any later in-place op on it (FSDP2
     warns "returned a view tensor" for each): ask for them in no-grad passes only, where no hook is registered.
     """
-    out = model.model(**inputs, use_cache=False, output_hidden_states=visual_token_id is not None)
+    with contextlib.ExitStack() as stack:
+        if visual_token_id is not None:
+            layer_sums = stack.enter_context(_pepo_layer_sums(model, inputs["input_ids"] == visual_token_id))
+        out = model.model(**inputs, use_cache=False)
     L = responses.shape[1]
     span = slice(prompt_length - 1, prompt_length - 1 + L)
     hidden = out.last_hidden_state[:, span]
@@ -91,9 +97,60 @@ def response_pass(
     else:
         result["lp"] = lp
     if visual_token_id is not None:
-        prior = pepo_visual_prior(list(out.hidden_states), inputs["input_ids"] == visual_token_id)
-        result["prior"] = prior[:, prompt_length : prompt_length + L]
+        total, n_terms = layer_sums.finish(out.last_hidden_state)
+        result["prior"] = pepo_prior_mean(total, n_terms)[:, prompt_length : prompt_length + L]
     return result
+
+
+class _LayerSums:
+    """The running sum of `pepo_layer_cosines` over the hidden states a forward produces (`_pepo_layer_sums`)."""
+
+    def __init__(self, weights: torch.Tensor, n_layers: int) -> None:
+        self.weights, self.n_layers = weights, n_layers
+        self.total = torch.zeros(weights.shape, dtype=torch.float32, device=weights.device)
+        self.terms = 0
+
+    def add(self, hidden: torch.Tensor) -> None:
+        self.total += pepo_layer_cosines(hidden, self.weights)
+        self.terms += 1
+
+    def finish(self, last_hidden_state: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Add the final (normed) hidden state; returns (sum, number of terms) after checking every layer ran."""
+        if self.terms != self.n_layers:
+            raise RuntimeError(f"PEPO's prior saw {self.terms} of {self.n_layers} layer inputs: a layer hook did not run")
+        self.add(last_hidden_state)
+        return self.total, self.terms
+
+
+@contextlib.contextmanager
+def _pepo_layer_sums(model: torch.nn.Module, visual_mask: torch.Tensor) -> Iterator[_LayerSums]:
+    """PEPO's prior reduced layer by layer while the forward runs, instead of `output_hidden_states=True`.
+
+    `pepo_visual_prior` averages over what `output_hidden_states=True` returns: the input of the first decoder layer
+    (the embeddings), each decoder layer's output but the last, and the final normed hidden state (transformers
+    records each layer's output with a forward hook and replaces the last by `last_hidden_state`). Holding all of
+    them costs (layers + 1) x [B, T, H] (28 + 1 layers x 25,000 positions x 3,584 x 2 B ≈ 5 GB at 7B); here each is
+    reduced to its [B, T] float32 term by hooks on the same layers, in the same order, so the prior is bit-identical
+    (tests/test_forward_pepo.py) and the pass holds one float32 [B, T, H] at a time.
+    """
+    from vppo_recipes.sharding import find_blocks
+
+    layers = find_blocks(model)[1]
+    sums = _LayerSums(pepo_visual_weights(visual_mask), len(layers))
+
+    def first_input(module, args, kwargs):
+        sums.add(args[0] if args else kwargs["hidden_states"])
+
+    def output(module, args, kwargs, out):
+        sums.add(out[0] if isinstance(out, tuple) else out)
+
+    handles = [layers[0].register_forward_pre_hook(first_input, with_kwargs=True)]
+    handles += [layer.register_forward_hook(output, with_kwargs=True) for layer in layers[:-1]]
+    try:
+        yield sums
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def exact_dependency_in_root(

@@ -83,6 +83,7 @@ from vppo_recipes.checkpointing import (
     find_resumable_checkpoint,
     load_training_state,
 )
+from vppo_recipes.config_overrides import parse
 from vppo_recipes.config_schema import check_paths, check_world_size, validate_config
 from vppo_recipes.data import Example, ExampleStream, VisualQADataset, prompt_or_skip
 from vppo_recipes.distributed import (
@@ -794,7 +795,7 @@ def no_update_warning(steps: int, optimizer_steps: int, totals: Mapping[str, flo
     return said
 
 
-@config.parse
+@parse  # torchtune's config.parse, where an override may switch the method (config_overrides)
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point: validate the whole config before any compute, then setup / train / cleanup."""
     cfg = validate_config(cfg, "rl")
