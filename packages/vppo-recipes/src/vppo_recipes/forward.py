@@ -117,7 +117,9 @@ class _LayerSums:
     def finish(self, last_hidden_state: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Add the final (normed) hidden state; returns (sum, number of terms) after checking every layer ran."""
         if self.terms != self.n_layers:
-            raise RuntimeError(f"PEPO's prior saw {self.terms} of {self.n_layers} layer inputs: a layer hook did not run")
+            raise RuntimeError(
+                f"PEPO's prior saw {self.terms} of {self.n_layers} layer inputs: a layer hook did not run"
+            )
         self.add(last_hidden_state)
         return self.total, self.terms
 

@@ -38,7 +38,18 @@ padded shard, so it is the worst case):
                 residue (an ASSUMPTION, default 2 GiB, set with --vllm-sleep-gib: CUDA graphs and context; not
                 measured here). rollout.engine=transformers: a full model.dtype copy of the policy on every rank.
 
-peak = max(rollout phase, training phase); the check passes when peak <= (1 - margin) x GPU memory (80 GiB and a
+    scoring     the no-grad passes before the update (`RLRecipeDistributed.no_grad_passes`), one micro-batch at a
+                time: the clean pass and each altered view of the method (`Method.views()`) is a forward without
+                saved activations (working set ESTIMATED as one decoder layer's saved bytes + its input, output and
+                the final norm output, [mb, T, H] each), and every pass keeps the last hidden state at the response
+                positions, [mb, response, H] in model.dtype, until the method has scored the micro-batch: (1 +
+                views) of them at the last view. PEPO's clean pass also reduces every layer's hidden state to its
+                prior; the recipe does it layer by layer (`forward._pepo_layer_sums`), one float32 [mb, T, H] at a
+                time (holding all of them would be (layers + 1) x [mb, T, H]). `method_passes` is what the method
+                adds to this phase over DAPO (no views, no prior); the phase holds params + optimizer + the sleeping
+                sampler + transient + the passes (no gradients: zero_grad freed them).
+
+peak = max(rollout phase, training phase, scoring phase); the check passes when peak <= (1 - margin) x GPU memory (80 GiB and a
 5 % margin by default).
 """
 
@@ -46,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import sys
@@ -355,13 +367,24 @@ class Plan:
     sampler_training: int
     rollout_phase: int
     training_phase: int
+    scoring_phase: int
+    method: str
+    method_passes: int
     gpu_bytes: int
     margin: float
     notes: list[str] = field(default_factory=list)
+    pass_geometry: dict[str, int] = field(default_factory=dict)  # method_pass_bytes' keyword arguments
+
+    def with_method(self, algorithm: dict[str, Any], diagnostics: bool = False) -> Plan:
+        """This plan with another `algorithm` section: only the scoring phase depends on the method."""
+        cfg = {"algorithm": algorithm, "diagnostics": {"dependency": diagnostics}}
+        name, passes = method_pass_bytes(cfg, **self.pass_geometry)
+        scoring = self.scoring_phase - self.method_passes + passes["method"]
+        return dataclasses.replace(self, method=name, method_passes=passes["method"], scoring_phase=scoring)
 
     @property
     def peak(self) -> int:
-        return max(self.rollout_phase, self.training_phase)
+        return max(self.rollout_phase, self.training_phase, self.scoring_phase)
 
     @property
     def limit(self) -> int:
@@ -473,6 +496,12 @@ def plan_config(
     # Rollout: the trainer keeps its sharded params and optimizer states (grads are freed by zero_grad).
     rollout_phase = params + opt_state + sampler_rollout
     training_phase = params + grads + opt_state + activations + transient + sampler_training
+    geometry = dict(
+        micro=micro, seq=seq, response=int(_get(cfg, "rollout.max_new_tokens")), hidden=tc.hidden_size,
+        act_bytes=act_bytes, layer_saved=layer_saved,
+    )  # fmt: skip
+    method_name, passes = method_pass_bytes(cfg, **geometry)
+    scoring_phase = params + opt_state + sampler_training + transient + passes["base"] + passes["method"]
     world_desc = f"{nnodes} node(s) x {nproc} GPUs, " + (
         f"HSDP {replicas} replicas x {world // replicas} shards" if replicas > 1 else f"FSDP over {world}"
     )
@@ -495,6 +524,9 @@ def plan_config(
         sampler_training=sampler_training,
         rollout_phase=rollout_phase,
         training_phase=training_phase,
+        scoring_phase=scoring_phase,
+        method=method_name,
+        method_passes=passes["method"],
         gpu_bytes=gpu_bytes,
         margin=margin,
         notes=[
@@ -502,7 +534,30 @@ def plan_config(
             f"activation_checkpointing={ac}, {micro * patches_per_image} vision patches, chunk={chunk}",
             *notes,
         ],
+        pass_geometry=geometry,
     )
+
+
+def method_pass_bytes(
+    cfg: dict[str, Any], *, micro: int, seq: int, response: int, hidden: int, act_bytes: int, layer_saved: int
+) -> tuple[str, dict[str, int]]:
+    """(the method's name, {"base": what any RL step's clean no-grad pass holds, "method": what the config's method
+    adds over it}) in bytes per rank; see "scoring" in the module docstring.
+
+    The method is built from the config's `algorithm` section as the recipe builds it (`vppo_recipes.methods`), so
+    a method's own views are counted, built-in or not."""
+    from vppo_recipes.methods import build_method, method_class
+
+    section = cfg.get("algorithm") or {}
+    method = build_method(section)
+    name = section.get("name") or section.get("_component_") or method_class(section).__name__
+    kept = micro * response * hidden * act_bytes  # one pass's last hidden state at the response positions
+    base = layer_saved + 3 * micro * seq * hidden * act_bytes + kept
+    views = len(method.views()) or int(bool(_get(cfg, "diagnostics.dependency", False)))  # diagnostics: VPPO's view
+    extra = views * kept
+    if method.clean_prior:  # one float32 layer at a time, the [mb, T] running sum
+        extra += micro * seq * hidden * 4 + micro * seq * 4
+    return str(name), {"base": base, "method": extra}
 
 
 def _gib(n: float) -> str:
@@ -522,6 +577,8 @@ def render_plan(plan: Plan) -> str:
         ("= training phase", plan.training_phase, ""),
         ("sampler while sampling", plan.sampler_rollout, "config"),
         ("= rollout phase", plan.rollout_phase, "params + optimizer + sampler"),
+        (f"method's no-grad passes ({plan.method})", plan.method_passes, "estimate, over DAPO's"),
+        ("= scoring phase", plan.scoring_phase, "params + optimizer + sampler asleep + transient + passes"),
     ]
     out = [
         f"### {plan.name}: {plan.model}, {plan.world}, {plan.total_params / 1e9:.3f}B params{pub}, "
@@ -560,8 +617,9 @@ FULL_SIZE_CONFIGS = (
 )
 
 
-def plans_for(name_or_path: str, **kwargs: Any) -> list[Plan]:
-    """The plan of one config (a shipped name or a YAML path) and of its listed variants."""
+def plans_for(name_or_path: str, overrides: Sequence[str] = (), **kwargs: Any) -> list[Plan]:
+    """The plan of one config (a shipped name or a YAML path) with its `key=value` overrides (read as the recipe
+    reads them: `vppo_recipes.config_overrides`, so `algorithm.name=pepo` plans PEPO), and of its listed variants."""
     path = Path(name_or_path)
     if not path.is_file():
         stem = name_or_path[:-5] if name_or_path.endswith(".yaml") else name_or_path
@@ -572,6 +630,15 @@ def plans_for(name_or_path: str, **kwargs: Any) -> list[Plan]:
                 f"shipped full-size configs: {', '.join(FULL_SIZE_CONFIGS)}"
             )
     cfg = load_config(path)
+    if overrides:
+        from argparse import Namespace
+
+        from omegaconf import OmegaConf
+
+        from vppo_recipes.config_overrides import merge_config_and_overrides
+
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        cfg = OmegaConf.to_container(merge_config_and_overrides(Namespace(**raw), list(overrides))[0], resolve=True)
     plans = [plan_config(cfg, name=path.stem, **kwargs)]
     for label, replicas, opt in VARIANTS.get(path.stem, []):
         plans.append(plan_config(cfg, name=f"{path.stem} ({label})", hsdp_replicas=replicas, optimizer=opt, **kwargs))
@@ -579,21 +646,29 @@ def plans_for(name_or_path: str, **kwargs: Any) -> list[Plan]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`vppo-recipes plan CONFIG|all [--gpu-gib 80] [--margin 0.05] [--vllm-sleep-gib 2]`.
+    """`vppo-recipes plan CONFIG|all [key=value ...] [--gpu-gib 80] [--margin 0.05] [--vllm-sleep-gib 2]`.
 
     Exit status: 0 all fit, 1 one does not fit, 2 a config the planner cannot size (message on stderr).
     """
     ap = argparse.ArgumentParser(prog="vppo-recipes plan", description=__doc__.split("\n\n")[0])
-    ap.add_argument("configs", nargs="+", help="'all' (every shipped full-size config), shipped names or YAML paths")
+    ap.add_argument(
+        "configs", nargs="+",
+        help="'all' (every shipped full-size config), shipped names or YAML paths, then key=value overrides for "
+        "all of them (algorithm.name=pepo plans PEPO)",
+    )  # fmt: skip
     ap.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
     ap.add_argument("--margin", type=float, default=0.05, help="fraction kept free (context, NCCL, fragmentation)")
     ap.add_argument("--vllm-sleep-gib", type=float, default=2.0, help="assumed residue of a sleeping vLLM engine")
     args = ap.parse_args(argv)
-    names = list(FULL_SIZE_CONFIGS) if args.configs == ["all"] else args.configs
+    overrides = [a for a in args.configs if "=" in a]
+    names = [a for a in args.configs if "=" not in a]
+    names = list(FULL_SIZE_CONFIGS) if names == ["all"] else names
     ok = True
     for name in names:
         try:
-            plans = plans_for(name, gpu_gib=args.gpu_gib, margin=args.margin, vllm_sleep_gib=args.vllm_sleep_gib)
+            plans = plans_for(
+                name, overrides, gpu_gib=args.gpu_gib, margin=args.margin, vllm_sleep_gib=args.vllm_sleep_gib
+            )
         except ValueError as e:  # a config the planner cannot size: say why, no traceback
             print(f"vppo-recipes plan {name}: {e}", file=sys.stderr)
             return 2

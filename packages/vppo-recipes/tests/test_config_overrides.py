@@ -1,0 +1,110 @@
+"""Issue 26: any method at full size from a shipped config with one override (`algorithm.name=...` or
+`algorithm._component_=...`): the override replaces the file's algorithm section, the method gets its published
+settings (its dataclass defaults), no key of the file's method is left to refuse, and its memory plan fits."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from vppo_recipes import cli
+from vppo_recipes.config_overrides import parse, switch_method_section
+from vppo_recipes.config_schema import ConfigError, validate_config
+from vppo_recipes.methods import BUILTIN_METHODS
+from vppo_recipes.plan import CONFIG_DIR, FULL_SIZE_CONFIGS, GIB, load_config, plan_config
+
+
+def _published(cls) -> dict:
+    return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
+def _load(config: str, *overrides: str):
+    return cli.load_run_config(["--config", str(CONFIG_DIR / f"{config}.yaml"), *overrides])
+
+
+@pytest.mark.parametrize("config", FULL_SIZE_CONFIGS)
+@pytest.mark.parametrize("name", list(BUILTIN_METHODS))
+def test_every_method_runs_from_every_full_size_config_with_one_override(config, name):
+    cfg = validate_config(_load(config, f"algorithm.name={name}"), "rl")
+    assert OmegaConf.to_container(cfg.algorithm) == {"name": name, **_published(BUILTIN_METHODS[name])}
+
+
+def test_a_method_chosen_by_import_path_replaces_the_section_too():
+    cfg = validate_config(_load("qwen2_5_vl_7b_vppo", "algorithm._component_=vppo_recipes.methods.pgpo.PGPO"), "rl")
+    section = OmegaConf.to_container(cfg.algorithm)
+    assert section.pop("_component_") == "vppo_recipes.methods.pgpo.PGPO" and "name" not in section
+    assert section == _published(BUILTIN_METHODS["pgpo"])
+
+
+def test_the_override_still_sets_the_new_methods_keys_and_the_files_own_method_keeps_its_settings():
+    vepo = validate_config(_load("qwen2_5_vl_7b_vppo", "algorithm.vepo_fraction=0.3", "algorithm.name=vepo"), "rl")
+    assert vepo.algorithm.vepo_fraction == 0.3 and vepo.algorithm.name == "vepo"
+    file_section = load_config(CONFIG_DIR / "qwen2_5_vl_7b_vppo.yaml")["algorithm"]
+    same = _load("qwen2_5_vl_7b_vppo", "algorithm.name=vppo")
+    assert OmegaConf.to_container(same.algorithm) == file_section  # nothing replaced
+
+
+def test_a_key_of_the_files_method_given_with_the_switch_is_still_refused():
+    with pytest.raises(ConfigError, match=r"algorithm\.tgf_fraction. is a setting of vppo"):
+        validate_config(_load("qwen2_5_vl_7b_vppo", "algorithm.name=dapo", "algorithm.tgf_fraction=0.4"), "rl")
+
+
+def test_switch_method_section_on_plain_dicts():
+    file_keys = {"seed": 0, "algorithm": {"name": "vppo", "tgf_fraction": 0.4}}
+    kept, dropped = switch_method_section(file_keys, ["algorithm.name=pgpo", "seed=1"])
+    assert kept == {"seed": 0} and dropped == ["algorithm.name", "algorithm.tgf_fraction"]
+    assert file_keys["algorithm"]["name"] == "vppo"  # the caller's dict is untouched
+    assert switch_method_section(file_keys, ["algorithm.name=vppo"]) == (file_keys, [])
+    assert switch_method_section(file_keys, ["seed=1", "~algorithm.tgf_fraction"]) == (file_keys, [])
+    by_path = {"algorithm": {"_component_": "my.Method", "alpha": 1}}
+    assert switch_method_section(by_path, ["algorithm=other.Method"])[1] == ["algorithm._component_", "algorithm.alpha"]
+    assert switch_method_section(by_path, ["algorithm=my.Method"])[1] == []
+    assert switch_method_section(by_path, ["algorithm.name=vppo"])[1] == ["algorithm._component_", "algorithm.alpha"]
+
+
+def test_the_recipe_entry_point_says_what_the_switch_replaced(monkeypatch, capsys):
+    seen = []
+    main = parse(lambda cfg: seen.append(cfg) or 0)
+    path = str(CONFIG_DIR / "qwen2_5_vl_7b_vppo.yaml")
+    monkeypatch.setattr(sys, "argv", ["recipe", "--config", path, "algorithm.name=papo"])
+    with pytest.raises(SystemExit) as stop:
+        main()
+    assert stop.value.code == 0 and seen[0].algorithm == {"name": "papo"}  # the published settings come from the schema
+    err = capsys.readouterr().err
+    assert "chose 'papo'" in err and "algorithm.tgf_fraction" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", FULL_SIZE_CONFIGS)
+def test_every_methods_plan_at_full_size_fits_76_gib(config):
+    """The scoring phase counts each method's no-grad passes (plan.py, "scoring"); every built-in method, with and
+    without the dependency diagnostics, stays within 76 GiB per GPU at the shipped sizes."""
+    plan = plan_config(load_config(CONFIG_DIR / f"{config}.yaml"), name=config)
+    for name in BUILTIN_METHODS:
+        algorithm = OmegaConf.to_container(validate_config(_load(config, f"algorithm.name={name}"), "rl").algorithm)
+        for diagnostics in (False, True):
+            planned = plan.with_method(algorithm, diagnostics)
+            assert planned.method == name
+            assert planned.peak <= 76 * GIB, (name, diagnostics, planned.peak / GIB)
+    views = {n: len(BUILTIN_METHODS[n]().views()) for n in BUILTIN_METHODS}
+    dapo = plan.with_method({"name": "dapo"})
+    assert dapo.method_passes == 0
+    for name, n_views in views.items():
+        extra = plan.with_method({"name": name}).method_passes
+        if name == "pepo":  # one float32 layer at a time, not (layers + 1) x [mb, T, H]
+            g = plan.pass_geometry
+            assert extra == g["micro"] * g["seq"] * (g["hidden"] * 4 + 4)
+        else:
+            assert extra == n_views * plan.with_method({"name": "vppo"}).method_passes, name
+
+
+@pytest.mark.slow
+def test_vppo_recipes_plan_takes_the_method_override(capsys):
+    from vppo_recipes.plan import main
+
+    assert main(["qwen2_5_vl_7b_dapo", "algorithm.name=pepo"]) == 0
+    out = capsys.readouterr().out
+    assert "| method's no-grad passes (pepo) |   0.22 |" in out and "fits" in out
