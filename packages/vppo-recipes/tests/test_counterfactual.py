@@ -184,6 +184,25 @@ def test_default_equals_the_replaced_value_reference_and_changes_the_logits(tiny
     )
 
 
+def test_vision_markers_sampled_in_a_response_are_text_not_an_image(tiny):
+    """Found by bench_methods (issue 26): the random tiny policy sampled <|vision_start|> in a response and CFPO's
+    view raised 'unbalanced markers'. With prompt_length, only the prompt is searched for images: the run goes
+    through, the other row is untouched, and on a batch without such tokens prompt_length changes nothing. (Row 0's
+    own logits may change everywhere: CFPO's saliency statistics are over all of the row's queries.)"""
+    model, patch = tiny
+    batch = _batch(patch, 3, [(1, 8), (1, 8)])
+    prompt_length = 1 + 16 + 1 + 4  # one image, 4 text tokens; the last 4 tokens play the response
+    sampled = {**batch, "input_ids": batch["input_ids"].clone()}
+    sampled["input_ids"][0, prompt_length + 1] = VSTART  # a lone marker in row 0's response
+    with pytest.raises(ValueError, match=r"row 0: 2 vision_start token\(s\) but 1 vision_end"):
+        _cf(model, sampled)
+    got = _cf(model, sampled, prompt_length=prompt_length)
+    want = _cf(model, batch, prompt_length=prompt_length)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(_cf(model, batch, prompt_length=prompt_length), _cf(model, batch), rtol=0, atol=0)
+
+
 def test_a_rows_output_does_not_depend_on_the_other_rows(tiny):
     model, patch = tiny
     batch = _batch(patch, 2, [(1, 5), (2, 9)])  # row 0 is right-padded in the batch

@@ -133,6 +133,7 @@ def cross_modal_value_mean(
     image_pad_id: int | None = None,
     std_multiplier: float = 2.0,
     query_chunk_size: int = 1024,
+    prompt_length: int | None = None,
 ) -> Iterator[list[list[tuple[int, int]]]]:
     """Run the model's language attention with CFPO's value-mean intervention for the forward of ``input_ids``.
 
@@ -147,6 +148,9 @@ def cross_modal_value_mean(
         std_multiplier: λ >= 0 of the saliency threshold μ + λ·σ (CFPO's ``saliency_std_multiplier``, 2.0);
             ``inf`` leaves every output as plain (eager) attention.
         query_chunk_size: queries per attention score block (memory: [heads, chunk, T] float32 per block).
+        prompt_length: the images are looked for in the first `prompt_length` positions only (None: everywhere).
+            A sampled response may contain `<|vision_start|>` / `<|vision_end|>` as plain tokens (a random or
+            badly behaved policy does); they are text, not an image, and must not unbalance the spans.
 
     Yields:
         The image spans found, per row (``vppo_core.image_spans``). On exit the attention implementation of the
@@ -163,12 +167,13 @@ def cross_modal_value_mean(
             raise ValueError(f"{name} not given and model.config has no {attr}")
         return found
 
+    searched = slice(None) if prompt_length is None else slice(0, int(prompt_length))
     spans = image_spans(
-        input_ids,
+        input_ids[:, searched],
         vision_start_id=token_id(vision_start_id, "vision_start_token_id", "vision_start_id"),
         vision_end_id=token_id(vision_end_id, "vision_end_token_id", "vision_end_id"),
         image_pad_id=token_id(image_pad_id, "image_token_id", "image_pad_id"),
-        attention_mask=attention_mask,
+        attention_mask=None if attention_mask is None else attention_mask[:, searched],
     )
     # checked here rather than in the first layer
     if isinstance(std_multiplier, bool) or not isinstance(std_multiplier, (int, float)) or not std_multiplier >= 0:

@@ -148,7 +148,7 @@ class CounterfactualAttention:
         inputs = dict(mb.inputs)
         context = cross_modal_value_mean(
             ctx.model, inputs["input_ids"], attention_mask=inputs["attention_mask"],
-            std_multiplier=self.std_multiplier,
+            std_multiplier=self.std_multiplier, prompt_length=mb.prompt_length,
         )  # fmt: skip
         return ViewInputs(inputs, mb.prompt_length, context)
 
