@@ -43,6 +43,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -163,11 +164,23 @@ def run(name: str, root: Path, ckpt: Path, task: Path, *, steps: int, nproc: int
     env = {**os.environ, **ENV, COUNT_ENV: str(counts_file), "PYTHONPATH": path_env}
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:] or ["(no stderr)"]
-        return {"method": name, "error": f"exit {proc.returncode}: {tail[0][:200]}", "stderr": proc.stderr[-6000:]}
+        return {
+            "method": name,
+            "error": f"exit {proc.returncode}: {error_line(proc.stderr)}",
+            "stderr": proc.stderr[-6000:],
+        }
     metrics = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     counts = [json.loads(line) for line in counts_file.read_text().splitlines()]
     return {"method": name, "metrics": metrics[1:], "counts": counts[1:]}
+
+
+def error_line(stderr: str) -> str:
+    """The line of a failed run's stderr that names the error (the last `...Error: ...` line, else the last line),
+    without the `[rank0]: ` prefix of torchrun's workers."""
+    lines = [re.sub(r"^\[rank\d+\]:\s*", "", line).strip() for line in stderr.splitlines()]
+    lines = [line for line in lines if line]
+    named = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", line)]
+    return (named or lines or ["(no stderr)"])[-1][:200]
 
 
 def worker() -> None:
@@ -331,13 +344,14 @@ def machine() -> str:
 def report(rows: list[dict], runs: list[dict], *, steps: int, nproc: int, command: str) -> str:
     """The markdown the README holds: the command, the machine, the date, the table and what it measured."""
     dapo_s = [r["step_s"] for r in rows if r["method"] == BASELINE and "step_s" in r]
+    peak = _peak([r for r in runs if r["method"] == BASELINE and "error" not in r])
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         f"`{command}` on a {machine()}, {when}: tiny Qwen2.5-VL, {nproc} process(es), 4 prompts x G=4 per step, "
         f"max 24 new tokens, micro-batch 8, `optimizer.lr=0` (identical rollouts); {len(runs)} runs, steps "
-        f"2..{steps} of each (medians). DAPO median step: "
+        f"2..{steps} of each (medians). DAPO: median step "
         + ", ".join(f"{s:.2f} s" for s in dapo_s)
-        + " (first and last run; their ratios show the machine's drift over the run).",
+        + f" (first and last run: their ratios show the machine's drift over the run), peak memory {peak:.2f} GiB.",
         "",
         markdown_table(rows),
     ]
@@ -370,9 +384,13 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"unknown method(s) {sorted(unknown)}; built-in: {', '.join(names)}")
         names = [n for n in names if n in args.methods or n == BASELINE]
-    declared_by = {n: declared(n, args.nproc) for n in names}
+    declared_by: dict[str, dict] = {}
     planned: dict[str, float | None] = {}
     for n in names:
+        try:
+            declared_by[n] = declared(n, args.nproc)
+        except Exception as e:  # a config the recipe refuses: its run fails with the reason, in the table
+            print(f"config of {n}: {type(e).__name__}: {e}", file=sys.stderr)
         try:
             planned[n] = planned_extra_gib(n)
         except Exception as e:  # a config the planner cannot size: the column says n/a, the reason goes to stderr

@@ -113,3 +113,14 @@ def test_the_readme_section_is_replaced_between_its_markers():
     with pytest.raises(SystemExit, match="markers"):
         bench.update_readme("no markers", "new")
     assert bench.README_BEGIN in bench.README.read_text() and bench.README_END in bench.README.read_text()
+
+
+def test_a_failed_run_is_named_by_its_error_line():
+    stderr = (
+        "cfpo:  33%|###  | 1/3 [00:03<00:07]\n[rank0]: Traceback (most recent call last):\n"
+        '[rank0]:   File "x.py", line 1\n[rank0]: ValueError: input_ids row 7: 2 vision_start token(s)\n'
+        "cfpo:  33%|###  | 1/3 [00:06<00:12]\n"
+    )
+    assert bench.error_line(stderr) == "ValueError: input_ids row 7: 2 vision_start token(s)"
+    assert bench.error_line("only a progress bar\n") == "only a progress bar"
+    assert bench.error_line("") == "(no stderr)"
