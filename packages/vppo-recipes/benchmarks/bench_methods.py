@@ -25,6 +25,8 @@ Columns (per micro-batch: per forward/backward of the update, `batch.micro_batch
   hidden states (the exact dependency, ToR's top-p entropy, VEPO's view divergences), no transformer forward;
 - step, no-grad, update: median seconds of the whole step, of the no-grad phases (`time/old_logprob_s` +
   `time/alt_logprob_s`) and of `time/update_s`, each / DAPO's;
+- no-grad / own clean pass: the median over steps of the no-grad phases / the clean pass of the same step, in the
+  same run (robust to the machine's drift between runs; about 1 + the extra passes when they cost a clean pass);
 - peak memory: the largest `memory/peak_gib_rank*` of the run / DAPO's (on CPU the peak RSS of the process, which
   also holds the libraries, the sampler's copy of the model and the rollouts: a tiny model's passes barely move it);
 - 7B extra: the memory plan of `qwen2_5_vl_7b_dapo.yaml` with `algorithm.name=<name>` (`vppo_recipes.plan`):
@@ -293,6 +295,7 @@ def table_rows(runs: list[dict], declared_by: dict[str, dict], planned: dict[str
             "also": _also(d, ok),
             "step": median(_step_values(ok, lambda m: m["time/step_s"])) / base_step,
             "no_grad": median(_step_values(ok, _no_grad_s)) / base_ng,
+            "no_grad_own": median(_step_values(ok, lambda m: _no_grad_s(m) / m["time/old_logprob_s"])),
             "update": median(_step_values(ok, lambda m: m["time/update_s"])) / base_upd,
             "peak": _peak(ok) / base_peak,
             "step_s": median(_step_values(ok, lambda m: m["time/step_s"])),
@@ -313,7 +316,8 @@ def table_rows(runs: list[dict], declared_by: dict[str, dict], planned: dict[str
 
 HEADER = (
     "| method | views | extra no-grad fwd / mb (counted) | also returns | LM-head passes / mb | step / DAPO "
-    "| no-grad passes / DAPO | update / DAPO | peak memory / DAPO | planned extra at 7B (GiB) |"
+    "| no-grad passes / DAPO | no-grad / own clean pass | update / DAPO | peak memory / DAPO "
+    "| planned extra at 7B (GiB) |"
 )
 
 
@@ -323,11 +327,12 @@ def markdown_table(rows: list[dict]) -> str:
         views = "-" if r["views"] is None else str(r["views"])
         planned = _fmt(r["planned_gib"])
         if "error" in r:
-            lines.append(f"| `{r['label']}` | {views} | failed: {r['error']} | | | | | | | {planned} |")
+            lines.append(f"| `{r['label']}` | {views} | failed: {r['error']} | | | | | | | | {planned} |")
             continue
         cells = [
             f"`{r['label']}`", views, _fmt(r["extra_fwd"], ".2g"), r["also"], _fmt(r["head"], ".2g"),
-            _fmt(r["step"]), _fmt(r["no_grad"]), _fmt(r["update"]), _fmt(r["peak"]), planned,
+            _fmt(r["step"]), _fmt(r["no_grad"]), _fmt(r["no_grad_own"]), _fmt(r["update"]), _fmt(r["peak"]),
+            planned,
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -341,7 +346,9 @@ def machine() -> str:
     return f"{os.cpu_count()}-core CPU ({platform.machine()}), no GPU"
 
 
-def report(rows: list[dict], runs: list[dict], *, steps: int, nproc: int, command: str) -> str:
+def report(
+    rows: list[dict], runs: list[dict], *, steps: int, nproc: int, command: str, load: tuple[float, float]
+) -> str:
     """The markdown the README holds: the command, the machine, the date, the table and what it measured."""
     dapo_s = [r["step_s"] for r in rows if r["method"] == BASELINE and "step_s" in r]
     peak = _peak([r for r in runs if r["method"] == BASELINE and "error" not in r])
@@ -351,7 +358,8 @@ def report(rows: list[dict], runs: list[dict], *, steps: int, nproc: int, comman
         f"max 24 new tokens, micro-batch 8, `optimizer.lr=0` (identical rollouts); {len(runs)} runs, steps "
         f"2..{steps} of each (medians). DAPO: median step "
         + ", ".join(f"{s:.2f} s" for s in dapo_s)
-        + f" (first and last run: their ratios show the machine's drift over the run), peak memory {peak:.2f} GiB.",
+        + f" (first and last run: their ratios show the machine's drift over the run), peak memory {peak:.2f} GiB; "
+        f"load average {load[0]:.1f} at the start, {load[1]:.1f} at the end.",
         "",
         markdown_table(rows),
     ]
@@ -397,6 +405,7 @@ def main() -> None:
             print(f"plan of {n} at 7B: {type(e).__name__}: {e}", file=sys.stderr)
             planned[n] = None
     runs = []
+    load_start = os.getloadavg()[0]  # the 1-minute load average: how busy the machine was around the runs
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
@@ -414,7 +423,8 @@ def main() -> None:
     flags = [f for f, k in zip(flags, ("steps", "nproc", "repeats")) if getattr(args, k) != getattr(defaults, k)]
     flags += ["--methods " + " ".join(args.methods)] if args.methods else []
     command = " ".join([f"python {HERE.relative_to(ROOT)}", *flags])
-    section = report(rows, runs, steps=args.steps, nproc=args.nproc, command=command)
+    load = (load_start, os.getloadavg()[0])
+    section = report(rows, runs, steps=args.steps, nproc=args.nproc, command=command, load=load)
     print("\n" + section)
     if args.update_readme:
         README.write_text(update_readme(README.read_text(), section))

@@ -82,6 +82,7 @@ def test_the_table_divides_medians_by_the_median_over_every_dapo_step():
     assert by["vppo"]["step"] == pytest.approx(1.5)
     assert by["pepo"]["step"] == pytest.approx(1.25)
     assert by["vppo"]["no_grad"] == pytest.approx(2.0) and by["pepo"]["no_grad"] == pytest.approx(3.0)
+    assert by["vppo"]["no_grad_own"] == pytest.approx(2.0) and by["dapo (last run)"]["no_grad_own"] == 1.0
     assert by["vppo"]["update"] == pytest.approx(1.5)
     assert by["vppo"]["peak"] == pytest.approx(1.1) and by["pepo"]["peak"] == pytest.approx(1.5)  # largest rank
     # counted passes per micro-batch (per gradient pass), beyond DAPO's clean one
@@ -95,7 +96,8 @@ def test_the_table_divides_medians_by_the_median_over_every_dapo_step():
     assert table[0] == bench.HEADER and len(table) == 2 + len(rows)
     assert all(line.count("|") == table[0].count("|") for line in table)
     cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table[2:]}
-    assert cells["`vppo`"] == ["1", "1", "-", "1", "1.50", "2.00", "1.50", "1.10", "0.25"]
+    assert cells["`vppo`"] == ["1", "1", "-", "1", "1.50", "2.00", "2.00", "1.50", "1.10", "0.25"]
+    assert cells["`pepo`"][6] == "1.00"  # no altered pass: its no-grad phase is its (heavier) clean pass
     assert cells["`dapo (first run)`"][-1] == "n/a" and cells["`dapo (last run)`"][4] == "1.00"
     assert cells["`papo`"][1].startswith("failed: exit 1: boom")
 
