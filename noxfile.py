@@ -170,15 +170,15 @@ def lint(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks of every package; each prints ratios against a baseline measured in the same run.
 
-    `nox -s bench -- bench_race` runs one script (by name). The log-prob race's peers are installed here only:
-    none is a dependency of any vppo package.
+    `nox -s bench -- bench_race` runs one script (by name, with or without its `bench_` prefix: `-- methods` runs
+    bench_methods.py). The log-prob race's peers are installed here only: none is a dependency of any vppo package.
     """
     _install(session, *PACKAGES)
     session.install(*_pip_extra_args(), TORCH, *BENCH_PEERS)
     scripts = sorted(ROOT.glob("packages/*/benchmarks/bench_*.py"))
     only = set(session.posargs)
     for script in scripts:
-        if only and script.stem not in only:
+        if only and not {script.stem, script.stem.removeprefix("bench_")} & only:
             continue
         session.run("python", str(script), env=OFFLINE_ENV)
 
