@@ -19,7 +19,7 @@ Columns (per micro-batch: per forward/backward of the update, `batch.micro_batch
 - extra no-grad fwd / mb: COUNTED while the run trains: every `response_pass` the recipe makes (the model forward
   that every log-prob comes from) without gradient, per gradient pass, minus DAPO's (its clean pass for lp_old);
 - also returns: what the method asks of the clean no-grad pass (`clean_entropy`: the analytic entropy;
-  `clean_prior`: every layer's hidden states for PEPO's prior) and of the gradient pass (`update_entropy`): no
+  `clean_prior`: PEPO's prior from every layer's hidden state, reduced layer by layer) and of the gradient pass (`update_entropy`): no
   extra forward, more work and memory in the same one;
 - head / mb: counted `ctx.in_root` calls per micro-batch: full-vocabulary computations on the LM head over saved
   hidden states (the exact dependency, ToR's top-p entropy, VEPO's view divergences), no transformer forward;
@@ -260,7 +260,7 @@ def _also(d: dict, runs: list[dict]) -> str:
     parts = []
     for flag, key, what in (
         ("clean_entropy", "no_grad_entropy", "clean: entropy"),
-        ("clean_prior", "no_grad_prior", "clean: all layers (prior)"),
+        ("clean_prior", "no_grad_prior", "clean: prior over all layers"),
         ("update_entropy", "grad_entropy", "grad: entropy"),
     ):
         if d.get(flag) or _per_mb(runs, key) > 0:
