@@ -88,7 +88,7 @@ def test_the_table_divides_medians_by_the_median_over_every_dapo_step():
     # counted passes per micro-batch (per gradient pass), beyond DAPO's clean one
     assert by["vppo"]["extra_fwd"] == 1 and by["pepo"]["extra_fwd"] == 0 and by["dapo (last run)"]["extra_fwd"] == 0
     assert by["vppo"]["head"] == 1 and by["pepo"]["head"] == 0
-    assert by["pepo"]["also"] == "clean: entropy, clean: all layers (prior)" and by["vppo"]["also"] == "-"
+    assert by["pepo"]["also"] == "clean: entropy, clean: prior over all layers" and by["vppo"]["also"] == "-"
     assert by["papo"]["error"] == "exit 1: boom"
     assert by["vppo"]["planned_gib"] == 0.25 and by["dapo (first run)"]["planned_gib"] is None
 
