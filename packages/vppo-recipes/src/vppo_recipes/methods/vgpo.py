@@ -102,7 +102,9 @@ class VGPO(Method):
         for s, (psi, gate, _), al in zip(flat, parts, alpha.split([s.batch.mask.shape[0] for s in flat])):
             mask = s.batch.mask
             weights = (al[:, None] * psi * mask).to(s.no_grad.lp_old.dtype)
-            out.append(Shaping(s.batch.advantages, weights, {"weights": weights, "alpha": al, "psi": psi, "gate": gate}))
+            out.append(
+                Shaping(s.batch.advantages, weights, {"weights": weights, "alpha": al, "psi": psi, "gate": gate})
+            )
         it = iter(out)
         return [[next(it) for _ in mini] for mini in steps]
 
