@@ -187,6 +187,8 @@ def test_bf16_stochastic_rounding_is_refused_before_compute_with_the_reason():
         ("tiny_vepo", {"loss.aggregation": "seq-mean-token-sum"}, r"vepo averages the policy term"),
         ("tiny_tor", {"algorithm.tor_entropy_fraction": 0.0}, r"tor_entropy_fraction' is 0\.0; must be in \(0, 1\]"),
         ("tiny_pepo", {"algorithm.pepo_temperature": 0.0}, r"pepo_temperature' is 0\.0; must be > 0"),
+        ("tiny_vgpo", {"algorithm.vgpo_gate_start": 1.0}, r"vgpo_gate_start' is 1\.0; must be in \[0, 1\)"),
+        ("tiny_vgpo", {"algorithm.vgpo_gate_top": 0.0}, r"vgpo_gate_top' is 0\.0; must be in \(0, 1\]"),
     ],
 )
 def test_the_methods_after_vppo_refuse_settings_that_cannot_run(config, overrides, message):
@@ -199,7 +201,7 @@ def test_the_methods_after_vppo_refuse_settings_that_cannot_run(config, override
 
 
 def test_every_shipped_tiny_config_of_the_methods_after_vppo_is_valid():
-    for name in ("papo", "cfpo", "dvrp", "tor", "cgpo", "pepo", "vepo"):
+    for name in ("papo", "cfpo", "dvrp", "tor", "cgpo", "pepo", "vepo", "vgpo"):
         assert validate_config(OmegaConf.load(CONFIGS / f"tiny_{name}.yaml"), "rl").algorithm.name == name
 
 

@@ -119,6 +119,12 @@ METHOD_CHECKS = {
     # VEPO: the top 20 % of each response, each weighted N_valid / N_selected, so the weights average to 1
     "vepo": {"vepo/weight_mean": (1.0 - 1e-6, 1.0 + 1e-6), "vepo/nonzero_fraction": (0.2, 0.5),
              "actor/aux/entropy_bonus": (0.0, 20.0)},
+    # VGPO: ψ in [0.1, 2] (mean about 1 per response), α in [0.9, 2] within each prompt's responses; the gate passes
+    # about κ·γ = 10 % of the tokens (more on short responses: at least one token per tail); the clamps' bounds are
+    # float32 (0.9 is 0.89999998)
+    "vgpo": {"vgpo/token_factor_min": (0.1 - 1e-6, 1.0), "vgpo/token_factor_max": (1.0, 2.0 + 1e-6),
+             "vgpo/response_factor_min": (0.9 - 1e-6, 1.0), "vgpo/response_factor_max": (1.0, 2.0 + 1e-6),
+             "vgpo/gate_fraction": (0.02, 0.5), "vgpo/weight_min": (0.09 - 1e-6, 1.0)},
 }  # fmt: skip
 
 

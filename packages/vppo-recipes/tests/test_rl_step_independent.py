@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _warm_start import warm_assets
+from plain_vgpo import plain_vgpo_focus, plain_vgpo_weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -105,7 +106,7 @@ def capture_step(recipe, monkeypatch) -> dict:
     own_views = len(recipe.method.views())  # the loss reads them (not the diagnostics' view)
 
     def score(scores):  # the method's one per-token score, by its own name
-        return next((scores[k] for k in ("abs_log_ratio", "vepo_score", "prior") if k in scores), None)
+        return next((scores[k] for k in ("abs_log_ratio", "vepo_score", "prior", "focus") if k in scores), None)
 
     def entropy(scores):
         return next((scores[k] for k in ("top_p_entropy", "entropy") if k in scores), None)
@@ -138,6 +139,7 @@ def capture_step(recipe, monkeypatch) -> dict:
                     "lp_alt2": s.no_grad.lp_views[1] if len(s.no_grad.lp_views) > 1 else None,
                     "score": score(s.no_grad.scores),
                     "entropy": entropy(s.no_grad.scores),
+                    "uids": list(mb.uids),  # the row's prompt (VGPO's response groups)
                 }
                 for mb, s in zip(mini, mini_steps)
             ]
@@ -198,7 +200,7 @@ def _plain_visual_prior(model, inputs, prompt_length: int, length: int, image_to
     return out / len(states)
 
 
-METHODS_AFTER_VPPO = ("papo", "dvrp", "tor", "cgpo", "vepo", "pepo")
+METHODS_AFTER_VPPO = ("papo", "dvrp", "tor", "cgpo", "vepo", "pepo", "vgpo")
 
 
 def _plain_method_weights(model, cfg, minis: list[list[dict]]) -> list[list[torch.Tensor]]:
@@ -248,6 +250,9 @@ def _plain_method_weights(model, cfg, minis: list[list[dict]]) -> list[list[torc
                     model, mb["inputs"], mb["prompt_length"], L, int(model.config.image_token_id)
                 )
                 close(mb["score"], prior, mask, 1e-5, "PEPO prior")
+            if cfg.algorithm.name == "vgpo":
+                focus = plain_vgpo_focus(model, mb["inputs"], mb["prompt_length"], L, int(model.config.image_token_id))
+                close(mb["score"], focus, mask, 1e-5, "VGPO focus")
 
     def batch_set(values: list[torch.Tensor], fraction: float, which: int) -> list[torch.Tensor]:
         """The set over the whole batch in data order, ties broken by the recipe's seeded draw (step 0)."""
@@ -301,6 +306,9 @@ def _plain_method_weights(model, cfg, minis: list[list[dict]]) -> list[list[torc
                 for mb, c in zip(mini, chosen):
                     n, k = mb["mask"].sum(1, keepdim=True), c.sum(1, keepdim=True).clamp(min=1)
                     weights.append(c.float() * n / k)
+    elif name == "vgpo":  # from the recipe's focus, every row of the rollout batch at once
+        weights = plain_vgpo_weights([mb["score"] for mb in flat], [mb["mask"] for mb in flat],
+                                     [mb["uids"] for mb in flat], a)  # fmt: skip
     else:  # pepo, its schedule at this (first) step
         total = int(cfg.training.max_steps)
         progress = 1.0 if total <= 1 else 0.0
@@ -449,8 +457,9 @@ CASES = [
     ("tiny_vepo", {}),
     ("tiny_vepo", {"loss.aggregation": "seq-mean-token-mean"}),  # VEPO's per-response mean over its selection
     ("tiny_pepo", {"training.max_steps": 1}),  # a 1-step run's schedule is at λ = 1: the weights are not all 1
+    ("tiny_vgpo", {}),
 ]
-IDS = ["vppo", "pgpo", "dapo", "grpo", "gspo", "papo", "dvrp", "tor", "cgpo", "vepo", "vepo_seq", "pepo"]
+IDS = ["vppo", "pgpo", "dapo", "grpo", "gspo", "papo", "dvrp", "tor", "cgpo", "vepo", "vepo_seq", "pepo", "vgpo"]
 
 
 @pytest.mark.parametrize(("config", "overrides"), CASES, ids=IDS)

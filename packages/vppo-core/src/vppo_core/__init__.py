@@ -1,5 +1,5 @@
 """vppo-core: token-level perception-aware RL objectives as pure torch functions: VPPO, PGPO, DAPO, GRPO, and
-PAPO, CFPO, DVRP, ToR, PEPO, CGPO, VEPO (ALGORITHMS.md §9).
+PAPO, CFPO, DVRP, ToR, PEPO, CGPO, VEPO, VGPO (ALGORITHMS.md §9).
 
 Every function takes tensors and returns tensors; each docstring names the section of ALGORITHMS.md whose
 formula it implements. Runtime dependency: torch only. See README.md for the API table.
@@ -39,6 +39,10 @@ from vppo_core.shaping import (
     tas_scale,
     tas_scale_reference,
     tor_token_weights,
+    vgpo_compensated_scores,
+    vgpo_response_factors,
+    vgpo_token_factors,
+    vgpo_visual_focus,
 )
 
 __all__ = [
@@ -82,5 +86,9 @@ __all__ = [
     "truncated_is_weights",
     "value_mean_correction",
     "vepo_token_scores",
+    "vgpo_compensated_scores",
+    "vgpo_response_factors",
+    "vgpo_token_factors",
+    "vgpo_visual_focus",
     "view_divergences_from_hidden",
 ]

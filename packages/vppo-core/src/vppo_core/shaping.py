@@ -1,5 +1,5 @@
 """Advantage shaping from visual dependency: VPPO's TAS (ALGORITHMS.md §3), PGPO's token weights (§5), and the
-token credit of the methods that followed: ToR, CGPO, PEPO (§9)."""
+token credit of the methods that followed: ToR, CGPO, PEPO, VGPO (§9)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from vppo_core.validation import check_finite_where, check_mask, check_token_ten
 
 __all__ = [
     "PGPO_THRESHOLD_MODES",
+    "VGPO_RESPONSE_FACTOR_RANGE",
+    "VGPO_TOKEN_FACTOR_RANGE",
     "cgpo_response_factors",
     "minmax_by_response",
     "pepo_layer_cosines",
@@ -26,6 +28,10 @@ __all__ = [
     "tas_scale",
     "tas_scale_reference",
     "tor_token_weights",
+    "vgpo_compensated_scores",
+    "vgpo_response_factors",
+    "vgpo_token_factors",
+    "vgpo_visual_focus",
 ]
 
 # §3 fallback: a statistics set whose dependencies span no more than this gets α ≡ 1.
@@ -466,3 +472,163 @@ def pepo_token_weights(
     weights = torch.softmax(logits, dim=1).nan_to_num(0.0) * n  # empty rows: softmax of all -inf is NaN -> 0
     scheduled = 1.0 + progress * (weights - 1.0)
     return torch.where(valid, scheduled, torch.zeros_like(scheduled))
+
+
+# VGPO (§9.9): visual focus from the last hidden state, compensated, re-weighted within and across responses
+# --------------------------------------------------------------------------------------------------------------------
+
+# The clamps of the two factors in the released code (dp_actor.py `torch.clamp(..., min=0.1, max=2.0)`,
+# core_algos.py `compute_trajectory_visual_weighting(clamp_min=0.9, clamp_max=2.0)`); the paper has none.
+VGPO_TOKEN_FACTOR_RANGE = (0.1, 2.0)
+VGPO_RESPONSE_FACTOR_RANGE = (0.9, 2.0)
+# Every min-max and the position schedule of the released code add 1e-8 to the range (not a clamp).
+_VGPO_EPS = 1e-8
+
+
+def vgpo_visual_focus(hidden: Tensor, visual_mask: Tensor, positions: slice | None = None) -> Tensor:
+    """VGPO's visual focus score (§9.9, Eq. 4 before the offset): ``S_t = cos(h_t, mean_j h_j)``.
+
+    ``h`` is the last hidden state (after the final norm) and ``j`` runs over the row's visual placeholder tokens:
+    the cosine to the *mean hidden state* of the image tokens (the visual prototype), not PEPO's mean of cosines.
+
+    Args:
+        hidden: ``[B, T, H]`` the last hidden state of every position (any float dtype; computed in float32).
+        visual_mask: ``[B, T]`` bool or 0/1 — True on the row's image/video placeholder tokens.
+        positions: the positions to score (``slice(P, P + L)``: the response tokens' own positions); all if None.
+            Only these and the visual tokens are cast to float32.
+
+    Returns:
+        ``[B, T']`` float32 focus at ``positions``, detached; ``torch.nn.functional.cosine_similarity`` semantics
+        (eps 1e-8 on the product of the norms).
+
+    Raises:
+        ValueError: shape mismatches, a row without visual tokens (named), or NaN/inf hidden states.
+    """
+    if not isinstance(hidden, Tensor) or hidden.dim() != 3 or not hidden.is_floating_point():
+        shape = tuple(hidden.shape) if isinstance(hidden, Tensor) else type(hidden).__name__
+        raise ValueError(f"hidden must be a floating [B, T, H] tensor, got {shape}")
+    visual = check_mask(visual_mask, hidden.shape[:2], "visual_mask")
+    empty = (~visual.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"rows {empty} have no visual token: VGPO's focus needs the image placeholder tokens")
+    h = hidden.detach()
+    prototype = torch.stack([h[b, visual[b]].float().mean(dim=0) for b in range(h.shape[0])])  # [B, H]
+    tokens = h[:, positions if positions is not None else slice(None)].float()
+    focus = F.cosine_similarity(tokens, prototype[:, None, :].expand_as(tokens), dim=-1, eps=_VGPO_EPS)
+    if not bool(torch.isfinite(focus).all()):
+        raise ValueError("hidden contains NaN or inf: VGPO's focus is not finite")
+    return focus
+
+
+def vgpo_compensated_scores(
+    focus: Tensor, mask: Tensor, *, offset: float | Tensor = 0.0, strength: float = 0.3, gate_start: float = 0.5,
+    gate_top: float = 0.2, gated: bool = True,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """VGPO's compensated scores (§9.9, Eqs. 4-6): ``w_t = ρ_t · (1 + G_t · β · t̃)``, ``ρ_t = S_t − m``.
+
+    ``t̃ = (t − t_first) / (t_last − t_first + 1e-8) / (1 + 1e-8)`` is the token's column between the row's first
+    and last valid column (``t / (T − 1)`` for a response mask that is a prefix). The gate ``G_t`` is 1 on the tokens
+    of the tail ``[⌊n·gate_start⌋, n)`` (by rank among the row's n valid tokens) whose ρ is at least the
+    ``max(1, ⌊n_tail·κ⌋)``-th largest ρ of that tail (ties included), 0 elsewhere; ``gated=False``: ``G ≡ 1``.
+
+    Args:
+        focus: ``[B, L]`` float — `vgpo_visual_focus` at the response tokens.  mask: ``[B, L]`` bool or 0/1.
+        offset: m, a float or a 0-dim tensor. The released code min-max normalises the focus over its micro-batch,
+            padding (cosine 0) included, which for everything downstream equals ``m = min(0, smallest focus)``; the
+            paper's Eq. 4 ``(S + 1)/2`` equals ``m = −1`` (a positive scale changes nothing downstream).
+        strength: β ≥ 0 (0.3).  gate_start: in [0, 1), where the tail starts (0.5; the released
+            ``gated_visual_compensation_start_ratio``).  gate_top: κ in (0, 1] (0.2).
+
+    Returns:
+        (``w`` ``[B, L]`` float32, 0 on padding, detached; ``gate`` ``[B, L]`` bool, False on padding).
+    """
+    check_token_tensor(focus, "focus")
+    valid = check_mask(mask, focus.shape)
+    check_finite_where(focus, valid, "focus")
+    _check_real("strength", strength, strength >= 0, "a finite float ≥ 0")
+    _check_real("gate_start", gate_start, 0 <= gate_start < 1, "in [0, 1)")
+    _check_real("gate_top", gate_top, 0 < gate_top <= 1, "in (0, 1]")
+    zero = torch.zeros((), dtype=torch.float32, device=focus.device)
+    offset = torch.as_tensor(offset, dtype=torch.float32, device=focus.device)
+    rho = torch.where(valid, focus.detach().float() - offset, zero)
+    B, L = rho.shape
+    cols = torch.arange(L, device=rho.device, dtype=torch.float32).expand(B, L)
+    first = torch.where(valid, cols, torch.full_like(cols, math.inf)).amin(dim=1, keepdim=True)
+    last = torch.where(valid, cols, torch.full_like(cols, -math.inf)).amax(dim=1, keepdim=True)
+    span = torch.where(valid.any(dim=1, keepdim=True), last - first, torch.zeros_like(last)) + _VGPO_EPS
+    schedule = strength * (((cols - first) / span) / (1.0 + _VGPO_EPS))
+    if gated:
+        n = valid.sum(dim=1, keepdim=True)
+        rank = valid.long().cumsum(dim=1) - 1  # the token's index among the row's valid tokens
+        start = torch.floor(n.double() * gate_start).long()
+        tail = valid & (rank >= start)
+        n_tail = tail.sum(dim=1, keepdim=True)
+        k = torch.floor(n_tail.double() * gate_top).long().clamp(min=1)
+        ranked = torch.where(tail, rho, torch.full_like(rho, -math.inf)).sort(dim=1, descending=True).values
+        threshold = ranked.gather(1, (k - 1).clamp(max=L - 1))
+        gate = tail & (rho >= threshold) & (n_tail > 0)
+    else:
+        gate = valid
+    w = rho * (1.0 + gate.float() * schedule)
+    return torch.where(valid, w, zero), gate
+
+
+def vgpo_token_factors(scores: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """VGPO's token factor (§9.9, Eqs. 7-8): ``ψ_t = clamp(1 + ŵ_t − mean_i ŵ, 0.1, 2)``.
+
+    ``ŵ = (w − min_i) / (max_i − min_i + 1e-8)`` over each row's valid tokens (the released code's min-max, 1e-8
+    added to the range); the clamp is the released code's (``VGPO_TOKEN_FACTOR_RANGE``).
+
+    Args:
+        scores: ``[B, L]`` float — `vgpo_compensated_scores` (or the uncompensated ρ).  mask: ``[B, L]`` bool or 0/1.
+
+    Returns:
+        (``ψ`` ``[B, L]`` float32, 1 on padding; ``ŵ`` ``[B, L]`` float32 in [0, 1], 0 on padding); both detached.
+        A row whose scores are all equal has ŵ ≡ 0 and ψ ≡ 1.
+    """
+    check_token_tensor(scores, "scores")
+    valid = check_mask(mask, scores.shape)
+    check_finite_where(scores, valid, "scores")
+    w = torch.where(valid, scores.detach().float(), torch.zeros((), device=scores.device))
+    lo = torch.where(valid, w, torch.full_like(w, math.inf)).amin(dim=1, keepdim=True)
+    hi = torch.where(valid, w, torch.full_like(w, -math.inf)).amax(dim=1, keepdim=True)
+    has = valid.any(dim=1, keepdim=True)
+    lo, hi = torch.where(has, lo, torch.zeros_like(lo)), torch.where(has, hi, torch.zeros_like(hi))
+    w_hat = torch.where(valid, (w - lo) / (hi - lo + _VGPO_EPS), torch.zeros_like(w))
+    mean = w_hat.sum(dim=1, keepdim=True) / valid.sum(dim=1, keepdim=True).clamp(min=1)
+    psi = (1.0 + w_hat - mean).clamp(*VGPO_TOKEN_FACTOR_RANGE)
+    return torch.where(valid, psi, torch.ones_like(psi)), w_hat
+
+
+def vgpo_response_factors(traj_score: Tensor, group: Tensor) -> Tensor:
+    """VGPO's response factor (§9.9, Eqs. 10-11): ``α_i = clamp(1 + ŝ_i − mean_g ŝ, 0.9, 2)``.
+
+    ``ŝ_i = (s_i − min_g) / (max_g − min_g + 1e-8)`` over the responses of i's group g (the responses to the same
+    prompt: pass the whole rollout batch, gathered from every rank); the clamp is the released code's
+    (``VGPO_RESPONSE_FACTOR_RANGE``). A group of one response gets α = 1.
+
+    Args:
+        traj_score: ``[B]`` float — each response's visual accumulation ϕ_i (``ŵ.sum(1)`` in the released code).
+        group: ``[B]`` integer — the group (prompt) of each response, any ids, in any order.
+
+    Returns:
+        ``[B]`` float32 α in [0.9, 2], detached.
+    """
+    if not isinstance(traj_score, Tensor) or traj_score.dim() != 1 or not traj_score.is_floating_point():
+        shape = tuple(traj_score.shape) if isinstance(traj_score, Tensor) else type(traj_score).__name__
+        raise ValueError(f"traj_score must be a float tensor of shape [B] (one ϕ_i per response), got {shape}")
+    if not isinstance(group, Tensor) or tuple(group.shape) != tuple(traj_score.shape) or group.is_floating_point():
+        shape = tuple(group.shape) if isinstance(group, Tensor) else type(group).__name__
+        raise ValueError(f"group must be an integer tensor of shape {tuple(traj_score.shape)}, got {shape}")
+    check_finite_where(traj_score, torch.ones_like(traj_score, dtype=torch.bool), "traj_score")
+    s = traj_score.detach().float()
+    if s.numel() == 0:
+        return s.clone()
+    _, index = torch.unique(group, return_inverse=True)
+    n_groups = int(index.max()) + 1
+    lo = torch.full((n_groups,), math.inf, device=s.device).scatter_reduce(0, index, s, "amin")
+    hi = torch.full((n_groups,), -math.inf, device=s.device).scatter_reduce(0, index, s, "amax")
+    s_hat = (s - lo[index]) / (hi[index] - lo[index] + _VGPO_EPS)
+    total = torch.zeros(n_groups, device=s.device).index_add(0, index, s_hat)
+    size = torch.zeros(n_groups, device=s.device).index_add(0, index, torch.ones_like(s_hat))
+    return (1.0 + s_hat - (total / size)[index]).clamp(*VGPO_RESPONSE_FACTOR_RANGE)
