@@ -116,6 +116,7 @@ def declared(name: str, nproc: int) -> dict:
         "views": len(m.views()),
         "clean_entropy": bool(m.clean_entropy),
         "clean_prior": bool(m.clean_prior),
+        "clean_full_hidden": bool(m.clean_full_hidden),
         "update_entropy": bool(m.update_entropy),
         "exact_dependency": bool(m.exact_dependency),
     }
@@ -205,6 +206,7 @@ def worker() -> None:
         counts[kind] += 1
         counts[f"{kind}_entropy"] += bool(kwargs.get("entropy"))
         counts[f"{kind}_prior"] += kwargs.get("visual_token_id") is not None
+        counts[f"{kind}_full_hidden"] += bool(kwargs.get("full_hidden"))
         return response_pass(*args, **kwargs)
 
     def counted_in_root(*args, **kwargs):
@@ -261,6 +263,7 @@ def _also(d: dict, runs: list[dict]) -> str:
     for flag, key, what in (
         ("clean_entropy", "no_grad_entropy", "clean: entropy"),
         ("clean_prior", "no_grad_prior", "clean: prior over all layers"),
+        ("clean_full_hidden", "no_grad_full_hidden", "clean: whole last hidden state"),
         ("update_entropy", "grad_entropy", "grad: entropy"),
     ):
         if d.get(flag) or _per_mb(runs, key) > 0:

@@ -94,9 +94,11 @@ def test_every_methods_plan_at_full_size_fits_76_gib(config):
     assert dapo.method_passes == 0
     for name, n_views in views.items():
         extra = plan.with_method({"name": name}).method_passes
+        g = plan.pass_geometry
         if name == "pepo":  # one float32 layer at a time, not (layers + 1) x [mb, T, H]
-            g = plan.pass_geometry
             assert extra == g["micro"] * g["seq"] * (g["hidden"] * 4 + 4)
+        elif name == "vgpo":  # the clean pass's whole last hidden state, a float32 copy of the response positions
+            assert extra == g["micro"] * g["hidden"] * (g["seq"] * g["act_bytes"] + g["response"] * 4)
         else:
             assert extra == n_views * plan.with_method({"name": "vppo"}).method_passes, name
 

@@ -66,6 +66,7 @@ def response_pass(
     visual_token_id: int | None = None,
     validate: bool = True,
     with_hidden: bool = True,
+    full_hidden: bool = False,
 ) -> dict[str, torch.Tensor]:
     """`response_logprobs` with what the methods of ALGORITHMS.md §9 also read from the same forward.
 
@@ -92,6 +93,8 @@ def response_pass(
         return_entropy=entropy,
     )  # fmt: skip
     result = {"hidden": hidden} if with_hidden else {}
+    if full_hidden:  # [B, P + L, H] after the final norm (Method.clean_full_hidden)
+        result["full_hidden"] = out.last_hidden_state
     if entropy:
         result["lp"], result["entropy"] = lp
     else:

@@ -45,7 +45,8 @@ padded shard, so it is the worst case):
                 positions, [mb, response, H] in model.dtype, until the method has scored the micro-batch: (1 +
                 views) of them at the last view. PEPO's clean pass also reduces every layer's hidden state to its
                 prior; the recipe does it layer by layer (`forward._pepo_layer_sums`), one float32 [mb, T, H] at a
-                time (holding all of them would be (layers + 1) x [mb, T, H]). `method_passes` is what the method
+                time (holding all of them would be (layers + 1) x [mb, T, H]). A method that asks the clean pass for
+                the whole last hidden state (VGPO) keeps [mb, T, H] in model.dtype and a float32 [mb, response, H]. `method_passes` is what the method
                 adds to this phase over DAPO (no views, no prior); the phase holds params + optimizer + the sleeping
                 sampler + transient + the passes (no gradients: zero_grad freed them).
 
@@ -557,6 +558,8 @@ def method_pass_bytes(
     extra = views * kept
     if method.clean_prior:  # one float32 layer at a time, the [mb, T] running sum
         extra += micro * seq * hidden * 4 + micro * seq * 4
+    if method.clean_full_hidden:  # the whole last hidden state, and a float32 copy of its response positions
+        extra += micro * seq * hidden * act_bytes + micro * response * hidden * 4
     return str(name), {"base": base, "method": extra}
 
 

@@ -5,7 +5,7 @@ published default, bounds, allowed values, doc); `validate_config` builds the `a
 those fields, so no default or bound is written anywhere else. Its hooks, each with a default that does nothing:
 
     views()              the altered no-grad views it scores the responses under (`views.py`), in order
-    clean_entropy/prior  what the clean no-grad pass must also return (ClassVars)
+    clean_entropy/prior/full_hidden  what the clean no-grad pass must also return (ClassVars)
     scores(...)          per-token scores of one micro-batch from its no-grad passes (no gradient)
     shape(...)           the step's shaping: advantages and token weights of every micro-batch; the default calls
                          shape_micro_batch(...) on each; override `shape` for statistics that span the rollout
@@ -165,6 +165,8 @@ class Method:
     # name when empty); by convention the prefix of the method's own metrics
     clean_entropy: ClassVar[bool] = False  # the clean no-grad pass also returns the analytic entropy [b, L]
     clean_prior: ClassVar[bool] = False  # ... and PEPO's visual prior [b, L] (every layer's hidden state)
+    clean_full_hidden: ClassVar[bool] = False  # ... and the whole last hidden state [b, P + L, H] (after the final
+    # norm: image tokens and the tokens' own positions too), kept until the method has scored the micro-batch
     update_entropy: ClassVar[bool] = False  # the gradient pass also returns the entropy (with gradient)
 
     def views(self) -> tuple[Any, ...]:

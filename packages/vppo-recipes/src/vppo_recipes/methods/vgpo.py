@@ -2,10 +2,9 @@
 hidden state of the image tokens), compensated late in the response, re-weights the advantage within the response
 (ψ_t) and across the responses to the same prompt (α_i): token advantage A_i·α_i·ψ_t.
 
-The focus needs the last hidden state at the prompt's image tokens and at the response tokens' own positions; the
-clean no-grad pass hands methods only the positions that predict the response tokens, so `scores` runs its own
-no-grad forward of the rollout policy (`_focus_in_root`): one extra forward per micro-batch that keeps the
-``[b, P + L, H]`` last hidden state until the ``[b, L]`` focus is computed from it.
+The focus needs the last hidden state at the prompt's image tokens and at the response tokens' own positions: the
+clean no-grad pass (the one that gives lp_old) returns the whole ``[b, P + L, H]`` last hidden state
+(`clean_full_hidden`), kept until the ``[b, L]`` focus is computed from it. No extra forward.
 """
 
 from __future__ import annotations
@@ -20,16 +19,10 @@ from vppo_recipes.methods.base import Method, param, weight_stats
 from vppo_recipes.methods.records import Shaping
 
 
-def _focus_in_root(model, inputs, positions: slice, image_token_id: int, *, temperature, chunk_size):
-    """VGPO's focus [b, L] at `positions` from one forward's last hidden state (after the final norm); run through
-    `ctx.in_root` (the root unit's parameters must be gathered for `model.model`)."""
-    hidden = model.model(**inputs, use_cache=False).last_hidden_state
-    return vgpo_visual_focus(hidden, inputs["input_ids"] == image_token_id, positions)
-
-
 @dataclass(frozen=True)
 class VGPO(Method):
     name = "vgpo"
+    clean_full_hidden = True
 
     vgpo_compensation_strength: float = param(0.3, low=0.0, doc="β of the compensation 1 + G·β·t/(T − 1); 0: none")
     vgpo_gate_start: float = param(
@@ -50,7 +43,8 @@ class VGPO(Method):
 
     def scores(self, ctx, mb, clean, lp_old, altered):
         positions = slice(mb.prompt_length, mb.prompt_length + mb.responses.shape[1])  # the tokens' own positions
-        return {"focus": ctx.in_root(_focus_in_root, mb.inputs, positions, ctx.image_token_id)}
+        visual = mb.inputs["input_ids"] == ctx.image_token_id
+        return {"focus": vgpo_visual_focus(clean["full_hidden"], visual, positions)}
 
     def _offset(self, ctx, flat) -> torch.Tensor | float:
         """m: min(0, the smallest focus of the rollout batch, every rank), kept on the device; −1 for the paper."""

@@ -495,6 +495,7 @@ class RLRecipeDistributed:
                     clean = self._pass(
                         mb, mb.inputs, mb.prompt_length, entropy=method.clean_entropy,
                         visual_token_id=self.image_token_id if method.clean_prior else None,
+                        full_hidden=method.clean_full_hidden,
                     )  # fmt: skip
                     lp_old = clean["lp"]
                     seconds["old_logprob"] += time.perf_counter() - t
