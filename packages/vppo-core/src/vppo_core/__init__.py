@@ -26,8 +26,10 @@ from vppo_core.perturb import (
     PERTURBATION_MODES,
     blacken_image_blocks,
     diffusion_noise_level,
+    noisyrollout_noise_step,
     patch_positions,
     perturb_pixels,
+    vp_diffusion_image,
 )
 from vppo_core.shaping import (
     cgpo_response_factors,
@@ -61,6 +63,7 @@ __all__ = [
     "kl_penalty",
     "logprobs_from_hidden",
     "minmax_by_response",
+    "noisyrollout_noise_step",
     "patch_positions",
     "pepo_token_weights",
     "pepo_visual_prior",
@@ -83,4 +86,5 @@ __all__ = [
     "value_mean_correction",
     "vepo_token_scores",
     "view_divergences_from_hidden",
+    "vp_diffusion_image",
 ]
