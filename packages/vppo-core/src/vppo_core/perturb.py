@@ -453,7 +453,7 @@ def vp_diffusion_image(image: torch.Tensor, t: int, *, generator: torch.Generato
     tensor (one draw per pixel and channel, the layout and order of the official ``torch.randn_like`` on
     ``ToTensor(image)``), ``ᾱ = cumprod(1 − β)`` float32 on ``β_j = sigmoid(linspace(−6, 6, 1000))_j·(5e-3 −
     1e-5) + 1e-5`` (the schedule of :func:`diffusion_noise_level`); ``out = uint8(clamp(x', 0, 1)·255)``, the
-    truncation of ``ToPILImage``. ``t = 0`` still adds the first step's noise (std ≈ 0.0032), as the official code.
+    truncation of ``ToPILImage``. ``t = 0`` still adds the first step's noise (std ≈ 0.0047), as the official code.
 
     Args:
         image: [H, W, C] uint8 (a PIL image as an array, the layout of :func:`blacken_image_blocks`).
