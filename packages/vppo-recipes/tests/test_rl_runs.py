@@ -125,6 +125,9 @@ METHOD_CHECKS = {
     "vgpo": {"vgpo/token_factor_min": (0.1 - 1e-6, 1.0), "vgpo/token_factor_max": (1.0, 2.0 + 1e-6),
              "vgpo/response_factor_min": (0.9 - 1e-6, 1.0), "vgpo/response_factor_max": (1.0, 2.0 + 1e-6),
              "vgpo/gate_fraction": (0.02, 0.5), "vgpo/weight_min": (0.09 - 1e-6, 1.0)},
+    # NoisyRollout at step 1 of 2: x = 30·(1/2 − 2/3) = −5, int(500·(1 − σ(−5))) = int(496.65) = 496 (std ≈ 0.50)
+    "noisyrollout": {"noisyrollout/noise_step": (496.0, 496.0), "noisyrollout/noise_std": (0.45, 0.55),
+                     "actor/aux/entropy_bonus": (0.0, 20.0)},
 }  # fmt: skip
 
 
@@ -134,8 +137,9 @@ def test_every_method_after_vppo_trains_two_steps_on_two_ranks_like_one(assets, 
     config, logs its own metrics, and its first step equals a single-process run's (the batch-level sets of ToR /
     CGPO and VEPO's selected-token count are gathered over ranks, so the ranks must not change them)."""
     two, one = assets["root"] / f"{algo}_2proc", assets["root"] / f"{algo}_1proc"
-    # DVRP's noise and PEPO's weights follow a schedule over training.max_steps: the same number of steps on both
-    one_steps = 2 if algo in ("dvrp", "pepo") else 1
+    # DVRP's and NoisyRollout's noise and PEPO's weights follow a schedule over training.max_steps: the same number
+    # of steps on both
+    one_steps = 2 if algo in ("dvrp", "pepo", "noisyrollout") else 1
     _run(assets, algo, two, nproc=2, steps=2)
     _run(assets, algo, one, nproc=1, steps=one_steps)
     m2, m1 = _metrics(two), _metrics(one)

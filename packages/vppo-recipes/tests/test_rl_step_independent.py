@@ -200,7 +200,9 @@ def _plain_visual_prior(model, inputs, prompt_length: int, length: int, image_to
     return out / len(states)
 
 
-METHODS_AFTER_VPPO = ("papo", "dvrp", "tor", "cgpo", "vepo", "pepo", "vgpo")
+METHODS_AFTER_VPPO = ("papo", "dvrp", "tor", "cgpo", "vepo", "pepo", "vgpo", "noisyrollout")
+# methods without token weights of their own (their terms are added to the loss, or only the sampling changes)
+UNWEIGHTED = ("papo", "dvrp", "noisyrollout")
 
 
 def _plain_method_weights(model, cfg, minis: list[list[dict]]) -> list[list[torch.Tensor]]:
@@ -274,7 +276,7 @@ def _plain_method_weights(model, cfg, minis: list[list[dict]]) -> list[list[torc
         return out
 
     name = cfg.algorithm.name
-    if name in ("papo", "dvrp"):
+    if name in UNWEIGHTED:
         weights = [None] * len(flat)
     elif name == "tor":
         reasoning = batch_set([mb["entropy"] for mb in flat], a.tor_entropy_fraction, 0)
@@ -388,7 +390,7 @@ def plain_step(cfg, warm: Path, before: dict, ranks: list[dict]) -> tuple[dict[s
                 weights = pgpo_token_weights(S, mask, tau=a.pgpo_tau, beta=a.pgpo_beta)
         aux = {}
         if name in METHODS_AFTER_VPPO:
-            weights = _cat(method_weights[i]) if name not in ("papo", "dvrp") else None
+            weights = _cat(method_weights[i]) if name not in UNWEIGHTED else None
             z = [_plain_logits(model, mb["inputs"], mb["prompt_length"], mb["responses"].shape[1], T) for mb in mini]
             new = _cat([F.log_softmax(x, -1).gather(-1, mb["responses"][..., None])[..., 0] for x, mb in zip(z, mini)])
             if name in ("papo", "dvrp"):  # k3 of each altered view against the policy, the views constant
@@ -399,6 +401,8 @@ def plain_step(cfg, warm: Path, before: dict, ranks: list[dict]) -> tuple[dict[s
                 aux["robustness_kl"] = (a.robustness_kl_coef, kl_penalty(new, _cat([mb["lp_alt2"] for mb in mini])))
             if name == "vepo":
                 aux["entropy_bonus"] = (-a.vepo_entropy_bonus, _cat([_plain_entropy(x) for x in z]))
+            if name == "noisyrollout":  # on the clean images: the micro-batches' inputs (checked in test_noisyrollout)
+                aux["entropy_bonus"] = (-a.noisyrollout_entropy_bonus, _cat([_plain_entropy(x) for x in z]))
         else:
             new = _cat([_plain_logprobs(model, mb["inputs"], mb["responses"], mb["prompt_length"], T) for mb in mini])
         loss, m = policy_loss(
@@ -458,8 +462,10 @@ CASES = [
     ("tiny_vepo", {"loss.aggregation": "seq-mean-token-mean"}),  # VEPO's per-response mean over its selection
     ("tiny_pepo", {"training.max_steps": 1}),  # a 1-step run's schedule is at λ = 1: the weights are not all 1
     ("tiny_vgpo", {}),
+    ("tiny_noisyrollout", {}),  # G = 4: 2 responses on the clean image, 2 on its noised copy, one group
 ]
-IDS = ["vppo", "pgpo", "dapo", "grpo", "gspo", "papo", "dvrp", "tor", "cgpo", "vepo", "vepo_seq", "pepo", "vgpo"]
+IDS = ["vppo", "pgpo", "dapo", "grpo", "gspo", "papo", "dvrp", "tor", "cgpo", "vepo", "vepo_seq", "pepo"]
+IDS += ["vgpo", "noisyrollout"]
 
 
 @pytest.mark.parametrize(("config", "overrides"), CASES, ids=IDS)

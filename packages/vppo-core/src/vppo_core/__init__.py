@@ -26,8 +26,10 @@ from vppo_core.perturb import (
     PERTURBATION_MODES,
     blacken_image_blocks,
     diffusion_noise_level,
+    noisyrollout_noise_step,
     patch_positions,
     perturb_pixels,
+    vp_diffusion_image,
 )
 from vppo_core.shaping import (
     cgpo_response_factors,
@@ -65,6 +67,7 @@ __all__ = [
     "kl_penalty",
     "logprobs_from_hidden",
     "minmax_by_response",
+    "noisyrollout_noise_step",
     "patch_positions",
     "pepo_token_weights",
     "pepo_visual_prior",
@@ -91,4 +94,5 @@ __all__ = [
     "vgpo_token_factors",
     "vgpo_visual_focus",
     "view_divergences_from_hidden",
+    "vp_diffusion_image",
 ]

@@ -66,8 +66,10 @@ __all__ = [
     "PERTURBATION_MODES",
     "blacken_image_blocks",
     "diffusion_noise_level",
+    "noisyrollout_noise_step",
     "patch_positions",
     "perturb_pixels",
+    "vp_diffusion_image",
 ]
 
 PERTURBATION_MODES = ("blacken", "noise", "blur", "grey", "gaussian", "vp_diffusion")
@@ -411,3 +413,64 @@ def diffusion_noise_level(
     betas = torch.sigmoid(torch.linspace(-6, 6, DIFFUSION_STEPS)) * (5e-3 - 1e-5) + 1e-5
     alpha_bar = torch.cumprod(1 - betas, dim=0)
     return 1.0 - float(alpha_bar[min(int(t), DIFFUSION_STEPS - 1)])
+
+
+def noisyrollout_noise_step(
+    step: int, total_steps: int, *, t_init: float = 500.0, gamma: float = 30.0, mid_fraction: float = 2.0 / 3.0
+) -> int:
+    """NoisyRollout's annealed diffusion step for training step ``step`` (1-based) of ``total_steps``
+    (ALGORITHMS.md §9.10, the paper's Eq. 3).
+
+    ``x = γ·(step/N − mid_fraction)``, ``decay = 1 − 1/(1 + exp(−x))`` (that is, ``sigmoid(−x)``), and the step is
+    ``int(t_init·decay)``: about ``t_init`` early, 0 late, half way at ``step = mid_fraction·N``. The arithmetic is
+    the official code's (``ImageAugmenter.augment`` with ``decay_mode="sigmoid"``, ``mid = decay_sig_mid_step``
+    steps, so ``mid_fraction = decay_sig_mid_step / N``), in float64, truncated toward zero; where ``exp(−x)``
+    would overflow (``x < −700``) the decay is 1 (the official code raises there). Not clamped to the step range,
+    as the official code: ``step > N`` keeps annealing.
+
+    Returns:
+        t, an int in [0, t_init]: the index into the 1,000-step schedule of :func:`vp_diffusion_image`.
+    """
+    for name, value in (("t_init", t_init), ("gamma", gamma), ("mid_fraction", mid_fraction)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if t_init > DIFFUSION_STEPS - 1:
+        raise ValueError(f"t_init must be <= {DIFFUSION_STEPS - 1} (an index into the schedule), got {t_init!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or isinstance(total_steps, bool):
+        raise ValueError(f"step and total_steps must be ints, got {step!r}, {total_steps!r}")
+    if not isinstance(total_steps, int) or total_steps <= 0:
+        raise ValueError(f"total_steps must be an int > 0, got {total_steps!r}")
+    x = gamma * (step / total_steps - mid_fraction)
+    decay = 1.0 if x < -700.0 else 1.0 - (1 / (1 + math.exp(-x)))
+    return int(t_init * decay)
+
+
+def vp_diffusion_image(image: torch.Tensor, t: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """NoisyRollout's noised copy of one image (ALGORITHMS.md §9.10): step ``t`` of the variance-preserving forward
+    diffusion on the [0, 1] pixels, clipped, back to 8 bits by truncation.
+
+    ``x = image/255``; ``x' = sqrt(ᾱ_t)·x + sqrt(1 − ᾱ_t)·ε`` with ε ~ N(0, 1) drawn as a ``[C, H, W]`` float32
+    tensor (one draw per pixel and channel, the layout and order of the official ``torch.randn_like`` on
+    ``ToTensor(image)``), ``ᾱ = cumprod(1 − β)`` float32 on ``β_j = sigmoid(linspace(−6, 6, 1000))_j·(5e-3 −
+    1e-5) + 1e-5`` (the schedule of :func:`diffusion_noise_level`); ``out = uint8(clamp(x', 0, 1)·255)``, the
+    truncation of ``ToPILImage``. ``t = 0`` still adds the first step's noise (std ≈ 0.0047), as the official code.
+
+    Args:
+        image: [H, W, C] uint8 (a PIL image as an array, the layout of :func:`blacken_image_blocks`).
+        t: the diffusion step, an int in [0, 999] (:func:`noisyrollout_noise_step`).
+        generator: torch.Generator for ε (CPU), for reproducible runs.
+
+    Returns:
+        [H, W, C] uint8, the noised image.
+    """
+    if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8 or image.ndim != 3:
+        raise ValueError(f"image must be an [H, W, C] uint8 tensor, got {getattr(image, 'shape', type(image))}")
+    if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < DIFFUSION_STEPS:
+        raise ValueError(f"t must be an int in [0, {DIFFUSION_STEPS - 1}], got {t!r}")
+    betas = torch.sigmoid(torch.linspace(-6, 6, DIFFUSION_STEPS)) * (0.5e-2 - 1e-5) + 1e-5
+    alpha_bar = torch.cumprod(1 - betas, dim=0)
+    x = image.permute(2, 0, 1).float().div(255)  # [C, H, W] on [0, 1]
+    gen_device = generator.device if generator is not None else x.device
+    noise = torch.randn(x.shape, generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
+    noised = torch.sqrt(alpha_bar)[t] * x + torch.sqrt(1 - alpha_bar)[t] * noise
+    return noised.clamp(0.0, 1.0).mul(255).to(torch.uint8).permute(1, 2, 0).contiguous()

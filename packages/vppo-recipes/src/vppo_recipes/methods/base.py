@@ -4,6 +4,10 @@ A method is a frozen dataclass whose fields are its `algorithm.*` settings, each
 published default, bounds, allowed values, doc); `validate_config` builds the `algorithm` section's schema from
 those fields, so no default or bound is written anywhere else. Its hooks, each with a default that does nothing:
 
+    rollout_images(...)  what each response of a group is SAMPLED on: per response slot, images replacing the
+                         prompt's (NoisyRollout's noised copies), or None (the default: every response on the
+                         prompt's own); the micro-batches, the no-grad passes and the update always use the clean
+                         prompt
     views()              the altered no-grad views it scores the responses under (`views.py`), in order
     clean_entropy/prior/full_hidden  what the clean no-grad pass must also return (ClassVars)
     scores(...)          per-token scores of one micro-batch from its no-grad passes (no gradient)
@@ -23,7 +27,7 @@ every collective a hook makes: `ctx.gathered`, `gathered_with_offset`, `batch_to
 (`if mask.any(): ctx.gathered(...)`, an early return on empty `steps`): the other ranks would wait for ever. The
 recipe checks what `shape` and `aux_terms` return (one `Shaping` per micro-batch, shapes `[b]` and `[b, L]`).
 
-The recipe calls them in its phase order (generate_rollouts -> prepare_minibatches -> no_grad_passes -> shape ->
+The recipe calls them in its phase order (generate_rollouts [rollout_images] -> prepare_minibatches -> no_grad_passes -> shape ->
 update) and never tests a method's name. A method of your own is named in YAML by its import path:
 `algorithm._component_: my_package.my_method.MyMethod` (torchtune's convention); its fields are validated like
 ours.
@@ -168,6 +172,21 @@ class Method:
     clean_full_hidden: ClassVar[bool] = False  # ... and the whole last hidden state [b, P + L, H] (after the final
     # norm: image tokens and the tokens' own positions too), kept until the method has scored the micro-batch
     update_entropy: ClassVar[bool] = False  # the gradient pass also returns the entropy (with gradient)
+
+    def rollout_images(
+        self, ctx: MethodContext, uid: int, images: Sequence[Any], group_size: int
+    ) -> Sequence[Sequence[Any] | None] | None:
+        """The images each of the group's `group_size` responses is sampled on (the rollout phase, every engine).
+
+        uid: the prompt's number among the run's usable examples (seed from it and ctx.seed, ctx.step, never from
+        the rank or the batching); images: the prompt's own (RGB PIL, already on the processor's patch grid).
+        Returns None (the default) to sample every response on the prompt's own images, or one entry per response
+        slot: a list of images replacing the prompt's (same count and sizes), or None for the prompt's own. Slots
+        that return the same list object are sampled together; the recipe samples each run of equal consecutive
+        slots as one call. Only what is sampled changes: the group, its micro-batches, every no-grad pass and the
+        update keep the clean prompt. Called on the rank that samples the prompt, without collectives.
+        """
+        return None
 
     def views(self) -> tuple[Any, ...]:
         """The altered no-grad views (`vppo_recipes.methods.views`), each one extra forward without gradient."""

@@ -408,8 +408,9 @@ class RLRecipeDistributed:
                 break
             draws += 1
             local, sample_s, reward_s = sample_groups(
-                self.sampler, drawn[self.rank :: self.world], cfg=self._cfg, seed=self.seed, rank=self.rank
-            )
+                self.sampler, drawn[self.rank :: self.world], cfg=self._cfg, seed=self.seed, rank=self.rank,
+                method=self.method, ctx=self.method_context(),
+            )  # fmt: skip
             seconds["sample"] += sample_s
             seconds["reward"] += reward_s
             gathered: list[list[dict]] = [None] * self.world  # type: ignore[list-item]

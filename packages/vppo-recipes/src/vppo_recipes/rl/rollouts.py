@@ -71,11 +71,13 @@ class Rollouts:
 
 
 def sample_groups(
-    sampler, mine: list[Draw], *, cfg: DictConfig, seed: int, rank: int
+    sampler, mine: list[Draw], *, cfg: DictConfig, seed: int, rank: int, method=None, ctx=None
 ) -> tuple[list[Group], float, float]:
     """Sample G responses for each of this rank's draws, grade them, and compute the group advantages.
 
-    cfg: the run's config (rollout.*, reward.*). Returns (groups, sampling seconds, grading seconds).
+    cfg: the run's config (rollout.*, reward.*). method, ctx: the method and its `MethodContext`; where its
+    `rollout_images` hook returns images for some response slots, those responses are sampled on them
+    (`_sample_split`); the groups keep the clean prompts. Returns (groups, sampling seconds, grading seconds).
     """
     reward_cfg, cfg = cfg.reward, cfg.rollout
     group_size = int(cfg.group_size)
@@ -92,7 +94,10 @@ def sample_groups(
 
     t = time.perf_counter()
     results = []
-    if cfg.engine == "transformers":
+    slots = [method.rollout_images(ctx, d.uid, d.prompt.images, group_size) for d in mine] if method else []
+    if any(s is not None for s in slots):  # some responses are sampled on other images (NoisyRollout)
+        results = _sample_split(sampler, mine, slots, group_size, sampling, engine=cfg.engine, seed=seed, rank=rank)
+    elif cfg.engine == "transformers":
         # One call per prompt, seeded by the prompt's uid: the responses do not depend on how prompts are
         # spread over ranks or batched, so runs are world-size independent and resume exactly.
         for d in mine:
@@ -129,6 +134,44 @@ def sample_groups(
         )
         groups.append(group)
     return groups, sample_s, time.perf_counter() - t
+
+
+def _sample_split(sampler, mine: list[Draw], slots, group_size: int, sampling, *, engine: str, seed: int, rank: int):
+    """Each draw's group sampled in parts: a run of consecutive response slots that `rollout_images` gave the same
+    images (the same object, or None: the prompt's own) is one part, sampled on a copy of the prompt holding those
+    images. transformers: one call per part, seeded by (seed, uid, part); vLLM: one batched call per part size,
+    seeded by (seed, first uid, rank, size). Returns one `_group_lists` dict per draw, responses in slot order."""
+    parts = []  # (draw index, part number in its group, prompt to sample, slots)
+    for i, (d, chosen) in enumerate(zip(mine, slots)):
+        chosen = [None] * group_size if chosen is None else list(chosen)
+        if len(chosen) != group_size:
+            raise ValueError(f"rollout_images returned {len(chosen)} entries for a group of {group_size}")
+        runs: list[tuple[Any, list[int]]] = []
+        for j, images in enumerate(chosen):
+            if runs and runs[-1][0] is images:
+                runs[-1][1].append(j)
+            else:
+                runs.append((images, [j]))
+        for k, (images, js) in enumerate(runs):
+            prompt = d.prompt if images is None else dataclasses.replace(d.prompt, images=list(images))
+            parts.append((i, k, prompt, js))
+    out = [{k: [None] * group_size for k in ("token_ids", "texts", "finish_reasons", "logprobs")} for _ in mine]
+
+    def place(batch, r):
+        for b, (i, _, _, js) in enumerate(batch):
+            for k, v in _group_lists(r, b, len(js)).items():
+                for j, x in zip(js, v):
+                    out[i][k][j] = x
+
+    if engine == "transformers":
+        for part in parts:
+            i, k, prompt, js = part
+            place([part], sampler.sample([prompt], len(js), sampling(mix_seed(seed, mine[i].uid, k))))
+    else:
+        for size in dict.fromkeys(len(p[3]) for p in parts):
+            batch = [p for p in parts if len(p[3]) == size]
+            place(batch, sampler.sample([p[2] for p in batch], size, sampling(mix_seed(seed, mine[0].uid, rank, size))))
+    return out
 
 
 def _group_lists(r, i: int, n: int) -> dict[str, list]:
