@@ -28,7 +28,12 @@ def _load(config: str, *overrides: str):
 @pytest.mark.parametrize("config", FULL_SIZE_CONFIGS)
 @pytest.mark.parametrize("name", list(BUILTIN_METHODS))
 def test_every_method_runs_from_every_full_size_config_with_one_override(config, name):
-    cfg = validate_config(_load(config, f"algorithm.name={name}"), "rl")
+    if name == "noisyrollout" and config == "qwen2_5_vl_7b_pgpo":  # PGPO's published G = 5 cannot be halved
+        with pytest.raises(ConfigError, match=r"noisy_fraction=0.5 of rollout.group_size=5 is 2.5 responses"):
+            validate_config(_load(config, f"algorithm.name={name}"), "rl")
+        cfg = validate_config(_load(config, f"algorithm.name={name}", "rollout.group_size=6"), "rl")
+    else:
+        cfg = validate_config(_load(config, f"algorithm.name={name}"), "rl")
     assert OmegaConf.to_container(cfg.algorithm) == {"name": name, **_published(BUILTIN_METHODS[name])}
 
 
@@ -84,7 +89,10 @@ def test_every_methods_plan_at_full_size_fits_76_gib(config):
     without the dependency diagnostics, stays within 76 GiB per GPU at the shipped sizes."""
     plan = plan_config(load_config(CONFIG_DIR / f"{config}.yaml"), name=config)
     for name in BUILTIN_METHODS:
-        algorithm = OmegaConf.to_container(validate_config(_load(config, f"algorithm.name={name}"), "rl").algorithm)
+        even = ["rollout.group_size=6"] if name == "noisyrollout" and config == "qwen2_5_vl_7b_pgpo" else []
+        algorithm = OmegaConf.to_container(
+            validate_config(_load(config, f"algorithm.name={name}", *even), "rl").algorithm
+        )
         for diagnostics in (False, True):
             planned = plan.with_method(algorithm, diagnostics)
             assert planned.method == name
