@@ -10,9 +10,9 @@ Read from the local snapshot of the repository at commit ``4ef2db64336e87e44c63f
 "fix:readme"), with ``git show HEAD:<path>``:
 
 - ``verl/trainer/ppo/core_algos.py``, ``compute_TRM_outcome_advantage`` (registered as the ``trm`` advantage
-  estimator, lines 1096-1180): the GRPO advantage, then ``scores − |scores|·penalty_percentage`` where the penalty
+  estimator, lines 1097-1181): the GRPO advantage, then ``scores − |scores|·penalty_percentage`` where the penalty
   mask is set.
-- ``verl/trainer/ppo/ray_trainer.py``, ``create_penalty_mask_vectorized`` (lines 207-245) and its call in
+- ``verl/trainer/ppo/ray_trainer.py``, ``create_penalty_mask_vectorized`` (lines 207-244) and its call in
   ``compute_advantage`` (``AdvantageEstimator.TRM``, lines 306-324).
 - ``verl/workers/reward_manager/trm.py``, ``pad_nested_list`` (the ragged per-response span lists padded with -100).
 - ``verl/utils/reward_score/hallu_token_reward_vstar.py``, ``SerialTokenPositionFinder._find_single_substring``,

@@ -138,6 +138,8 @@ def capture_step(recipe, monkeypatch) -> dict:
                     "lp_alt2": s.no_grad.lp_views[1] if len(s.no_grad.lp_views) > 1 else None,
                     "score": score(s.no_grad.scores),
                     "entropy": entropy(s.no_grad.scores),
+                    "texts": list(mb.texts),  # what a scorer reads (Perceval)
+                    "questions": [p.question for p in mb.prompts],
                 }
                 for mb, s in zip(mini, mini_steps)
             ]
@@ -378,6 +380,10 @@ def plain_step(cfg, warm: Path, before: dict, ranks: list[dict]) -> tuple[dict[s
                     weights = tgf_mask(S, mask, fraction=a.tgf_fraction).float()
             else:
                 weights = pgpo_token_weights(S, mask, tau=a.pgpo_tau, beta=a.pgpo_beta)
+        if name == "perceval":  # Â − α·|Â| on the flagged tokens, as [B, L] advantages, no token weights
+            from plain_perceval import plain_perceval_advantages
+
+            adv = plain_perceval_advantages(cfg, warm, adv, mini)
         aux = {}
         if name in METHODS_AFTER_VPPO:
             weights = _cat(method_weights[i]) if name not in ("papo", "dvrp") else None
@@ -449,8 +455,9 @@ CASES = [
     ("tiny_vepo", {}),
     ("tiny_vepo", {"loss.aggregation": "seq-mean-token-mean"}),  # VEPO's per-response mean over its selection
     ("tiny_pepo", {"training.max_steps": 1}),  # a 1-step run's schedule is at λ = 1: the weights are not all 1
+    ("tiny_perceval", {}),  # the stand-in scorer's flags (ALGORITHMS.md §9.14)
 ]
-IDS = ["vppo", "pgpo", "dapo", "grpo", "gspo", "papo", "dvrp", "tor", "cgpo", "vepo", "vepo_seq", "pepo"]
+IDS = ["vppo", "pgpo", "dapo", "grpo", "gspo", "papo", "dvrp", "tor", "cgpo", "vepo", "vepo_seq", "pepo", "perceval"]
 
 
 @pytest.mark.parametrize(("config", "overrides"), CASES, ids=IDS)
