@@ -56,7 +56,14 @@ def test_a_method_without_a_tiny_config_runs_tiny_dapo_switched_to_it():
 def test_every_method_config_takes_the_shared_sizes_and_declares_its_passes(name):
     d = bench.declared(name, nproc=1)
     assert isinstance(d["views"], int) and d["views"] >= 0
-    assert set(d) == {"views", "clean_entropy", "clean_prior", "clean_full_hidden", "update_entropy", "exact_dependency"}
+    assert set(d) == {
+        "views",
+        "clean_entropy",
+        "clean_prior",
+        "clean_full_hidden",
+        "update_entropy",
+        "exact_dependency",
+    }
 
 
 def test_the_table_divides_medians_by_the_median_over_every_dapo_step():

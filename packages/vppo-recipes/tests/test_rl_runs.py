@@ -128,6 +128,11 @@ METHOD_CHECKS = {
     # NoisyRollout at step 1 of 2: x = 30·(1/2 − 2/3) = −5, int(500·(1 − σ(−5))) = int(496.65) = 496 (std ≈ 0.50)
     "noisyrollout": {"noisyrollout/noise_step": (496.0, 496.0), "noisyrollout/noise_std": (0.45, 0.55),
                      "actor/aux/entropy_bonus": (0.0, 20.0)},
+    # Perceval with the stand-in scorer (ALGORITHMS.md §9.14): weights 1 − 0.1·sign(A) on the flagged tokens, 1
+    # elsewhere, so in [0.9, 1.1] (float32: 1 − 0.1 = 0.89999998); the stand-in flags about 30 % of the clauses
+    "perceval": {"perceval/weight_min": (0.9 - 1e-6, 0.9 + 1e-6), "perceval/weight_max": (1.1 - 1e-6, 1.1 + 1e-6),
+                 "perceval/flagged_token_fraction": (0.05, 0.8), "perceval/flags_found_fraction": (1.0, 1.0),
+                 "perceval/stand_in_scorer": (1.0, 1.0)},
 }  # fmt: skip
 
 

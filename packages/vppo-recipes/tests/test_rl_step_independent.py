@@ -140,6 +140,8 @@ def capture_step(recipe, monkeypatch) -> dict:
                     "score": score(s.no_grad.scores),
                     "entropy": entropy(s.no_grad.scores),
                     "uids": list(mb.uids),  # the row's prompt (VGPO's response groups)
+                    "texts": list(mb.texts),  # what a scorer reads (Perceval)
+                    "questions": [p.question for p in mb.prompts],
                 }
                 for mb, s in zip(mini, mini_steps)
             ]
@@ -388,6 +390,10 @@ def plain_step(cfg, warm: Path, before: dict, ranks: list[dict]) -> tuple[dict[s
                     weights = tgf_mask(S, mask, fraction=a.tgf_fraction).float()
             else:
                 weights = pgpo_token_weights(S, mask, tau=a.pgpo_tau, beta=a.pgpo_beta)
+        if name == "perceval":  # Â − α·|Â| on the flagged tokens, as [B, L] advantages, no token weights
+            from plain_perceval import plain_perceval_advantages
+
+            adv = plain_perceval_advantages(cfg, warm, adv, mini)
         aux = {}
         if name in METHODS_AFTER_VPPO:
             weights = _cat(method_weights[i]) if name not in UNWEIGHTED else None
@@ -463,9 +469,10 @@ CASES = [
     ("tiny_pepo", {"training.max_steps": 1}),  # a 1-step run's schedule is at λ = 1: the weights are not all 1
     ("tiny_vgpo", {}),
     ("tiny_noisyrollout", {}),  # G = 4: 2 responses on the clean image, 2 on its noised copy, one group
+    ("tiny_perceval", {}),  # the stand-in scorer's flags (ALGORITHMS.md §9.14)
 ]
 IDS = ["vppo", "pgpo", "dapo", "grpo", "gspo", "papo", "dvrp", "tor", "cgpo", "vepo", "vepo_seq", "pepo"]
-IDS += ["vgpo", "noisyrollout"]
+IDS += ["vgpo", "noisyrollout", "perceval"]
 
 
 @pytest.mark.parametrize(("config", "overrides"), CASES, ids=IDS)

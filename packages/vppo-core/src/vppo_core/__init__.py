@@ -1,5 +1,5 @@
 """vppo-core: token-level perception-aware RL objectives as pure torch functions: VPPO, PGPO, DAPO, GRPO, and
-PAPO, CFPO, DVRP, ToR, PEPO, CGPO, VEPO, VGPO (ALGORITHMS.md §9).
+PAPO, CFPO, DVRP, ToR, PEPO, CGPO, VEPO, VGPO, NoisyRollout, Perceval (ALGORITHMS.md §9).
 
 Every function takes tensors and returns tensors; each docstring names the section of ALGORITHMS.md whose
 formula it implements. Runtime dependency: torch only. See README.md for the API table.
@@ -33,9 +33,13 @@ from vppo_core.perturb import (
 )
 from vppo_core.shaping import (
     cgpo_response_factors,
+    flagged_token_spans,
     minmax_by_response,
     pepo_token_weights,
     pepo_visual_prior,
+    perceval_penalty_mask,
+    perceval_token_advantages,
+    perceval_token_weights,
     pgpo_token_weights,
     tas_bounds,
     tas_scale,
@@ -61,6 +65,7 @@ __all__ = [
     "diffusion_noise_level",
     "exact_token_dependency",
     "exact_token_dependency_from_hidden",
+    "flagged_token_spans",
     "group_advantages",
     "image_spans",
     "keep_groups",
@@ -71,6 +76,9 @@ __all__ = [
     "patch_positions",
     "pepo_token_weights",
     "pepo_visual_prior",
+    "perceval_penalty_mask",
+    "perceval_token_advantages",
+    "perceval_token_weights",
     "perturb_pixels",
     "pgpo_token_weights",
     "policy_gradient_share",

@@ -1,5 +1,5 @@
 """Advantage shaping from visual dependency: VPPO's TAS (ALGORITHMS.md §3), PGPO's token weights (§5), and the
-token credit of the methods that followed: ToR, CGPO, PEPO, VGPO (§9)."""
+token credit of the methods that followed: ToR, CGPO, PEPO, VGPO, Perceval (§9)."""
 
 from __future__ import annotations
 
@@ -17,12 +17,16 @@ __all__ = [
     "VGPO_RESPONSE_FACTOR_RANGE",
     "VGPO_TOKEN_FACTOR_RANGE",
     "cgpo_response_factors",
+    "flagged_token_spans",
     "minmax_by_response",
     "pepo_layer_cosines",
     "pepo_prior_mean",
     "pepo_token_weights",
     "pepo_visual_prior",
     "pepo_visual_weights",
+    "perceval_penalty_mask",
+    "perceval_token_advantages",
+    "perceval_token_weights",
     "pgpo_token_weights",
     "tas_bounds",
     "tas_scale",
@@ -632,3 +636,144 @@ def vgpo_response_factors(traj_score: Tensor, group: Tensor) -> Tensor:
     total = torch.zeros(n_groups, device=s.device).index_add(0, index, s_hat)
     size = torch.zeros(n_groups, device=s.device).index_add(0, index, torch.ones_like(s_hat))
     return (1.0 + s_hat - (total / size)[index]).clamp(*VGPO_RESPONSE_FACTOR_RANGE)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Perceval (§9.14): token penalties on the spans a perception process reward model flags
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def flagged_token_spans(
+    text: str, substrings: Sequence[str], offsets: Sequence[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """Token spans ``[start, end)`` of the substrings a perception PRM flagged in a response (§9.14).
+
+    Each substring is located at its **first** occurrence in ``text`` (``str.find``), characters ``[c0, c1)``, and
+    mapped to tokens through ``offsets`` (the tokenizer's ``offset_mapping`` of ``text``, one ``(char_start,
+    char_end)`` per token, ``add_special_tokens=False``), as Perceval's official `SerialTokenPositionFinder` does:
+    ``start`` is the first token with ``s ≤ c0 < e``; scanning the tokens in order, ``end`` is ``i + 1`` at the first
+    token with ``s < c1 ≤ e`` or ``i`` at the first with ``s == c1`` (the scan stops there); a start not found is the
+    first token with ``s ≥ c0`` (else the token count), an end not found the first with ``s ≥ c1`` (else the count).
+    A substring that does not occur, or whose span would end before it starts, is dropped (the official code drops
+    both: status ``not_found`` / ``error``).
+
+    Args:
+        text: the response text the PRM read (decoded without special tokens).
+        substrings: the PRM's flagged sub-sentences, in its order.
+        offsets: ``[(char_start, char_end)]`` per token of ``text``.
+
+    Returns:
+        ``[(start, end)]``, one per substring found, in the order given (duplicates kept).
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a str, got {type(text).__name__}")
+    if isinstance(substrings, str) or not all(isinstance(x, str) for x in substrings):
+        raise ValueError("substrings must be a sequence of str (the PRM's flagged sub-sentences)")
+    n = len(offsets)
+    spans = []
+    for sub in substrings:
+        c0 = text.find(sub)
+        if c0 < 0:
+            continue
+        c1 = c0 + len(sub)
+        start = end = None
+        for i, (s, e) in enumerate(offsets):
+            if start is None and s <= c0 < e:
+                start = i
+            if s < c1 <= e or s == c1:
+                end = i + 1 if s < c1 else i
+                break
+        if start is None:
+            start = next((i for i, (s, _) in enumerate(offsets) if s >= c0), n)
+        if end is None:
+            end = next((i for i, (s, _) in enumerate(offsets) if s >= c1), n)
+        if start <= end:
+            spans.append((start, end))
+    return spans
+
+
+def perceval_penalty_mask(
+    spans: Sequence[Sequence[tuple[int, int]]], length: int, *, device: torch.device | str | None = None
+) -> Tensor:
+    """``[B, L]`` bool: ``m[i, t]`` is True iff ``start ≤ t < end`` for one of response i's flagged token spans
+    (§9.14; the official ``create_penalty_mask_vectorized``). A span starting at or after ``L`` marks nothing, one
+    ending after it is cut at ``L``, an empty one (``end ≤ start``) marks nothing.
+
+    Args:
+        spans: per response, its ``[(start, end)]`` token spans (`flagged_token_spans`), ``start ≥ 0``.
+        length: ``L``, the padded response length of the batch.
+        device: where the mask is made.
+
+    Returns:
+        ``[B, L]`` bool (padding positions may be marked; `perceval_token_advantages` zeroes them).
+    """
+    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+        raise ValueError(f"length must be an int ≥ 0, got {length!r}")
+    out = torch.zeros(len(spans), length, dtype=torch.bool)
+    for i, row in enumerate(spans):
+        for span in row:
+            start, end = (int(x) for x in span)
+            if start < 0:
+                raise ValueError(f"spans[{i}] has the span {tuple(span)}: token positions must be ≥ 0")
+            if start < length and end > start:
+                out[i, start : min(end, length)] = True
+    return out.to(device) if device is not None else out
+
+
+def _check_perceval(
+    advantages: Tensor, flagged: Tensor, mask: Tensor, penalty: float, high: float
+) -> tuple[Tensor, Tensor]:
+    if not isinstance(advantages, Tensor) or advantages.dim() != 1 or not advantages.is_floating_point():
+        shape = tuple(advantages.shape) if isinstance(advantages, Tensor) else type(advantages).__name__
+        raise ValueError(f"advantages must be a float tensor of shape [B] (one A_i per response), got {shape}")
+    if not isinstance(mask, Tensor) or mask.dim() != 2 or mask.shape[0] != advantages.shape[0]:
+        raise ValueError(
+            f"mask must be a [B, L] tensor with B = {advantages.shape[0]}, got "
+            f"{getattr(mask, 'shape', type(mask).__name__)}"
+        )
+    valid = check_mask(mask, tuple(mask.shape))
+    m = check_mask(flagged, valid.shape, "flagged")
+    _check_real("penalty", penalty, 0.0 <= penalty <= high, f"a finite float in [0, {high:g}]")
+    if not bool(torch.isfinite(advantages).all()):
+        raise ValueError("advantages contain NaN or inf")
+    return valid, m
+
+
+def perceval_token_advantages(advantages: Tensor, flagged: Tensor, mask: Tensor, *, penalty: float = 0.1) -> Tensor:
+    """Perceval's token advantages (§9.14, the paper's Eq. 3): ``Â'_{i,t} = Â_i − α·m_{i,t}·|Â_i|``.
+
+    Flagged tokens of a response with ``Â_i > 0`` get ``(1 − α)·Â_i``, of one with ``Â_i < 0`` get ``(1 + α)·Â_i``;
+    every other valid token keeps ``Â_i``.
+
+    Args:
+        advantages: ``[B]`` float — the GRPO group advantage of each response.
+        flagged: ``[B, L]`` bool or 0/1 — `perceval_penalty_mask`.
+        mask: ``[B, L]`` bool or 0/1.
+        penalty: α ≥ 0 (published 0.1).
+
+    Returns:
+        ``[B, L]`` float32 (float64 for float64 advantages), 0 on padding.
+    """
+    valid, m = _check_perceval(advantages, flagged, mask, penalty, math.inf)
+    dtype = torch.float64 if advantages.dtype == torch.float64 else torch.float32
+    a = torch.where(valid, advantages.detach().to(dtype)[:, None], torch.zeros((), dtype=dtype, device=valid.device))
+    return torch.where(m, a - penalty * a.abs(), a)
+
+
+def perceval_token_weights(advantages: Tensor, flagged: Tensor, mask: Tensor, *, penalty: float = 0.1) -> Tensor:
+    """Perceval's Eq. 3 as token weights on the group advantage: ``w_{i,t} = 1 − α·m_{i,t}·sign(Â_i)``, so that
+    ``Â_i·w_{i,t}`` is `perceval_token_advantages`. With ``α ≤ 1`` every weight is ≥ 0, and a weight multiplying the
+    clipped term ``ℓ(Â_i)`` equals the clipped term of ``Â_i·w`` (ℓ is positively homogeneous in A, §9).
+
+    Args:
+        advantages: ``[B]`` float.  flagged: ``[B, L]`` bool or 0/1.  mask: ``[B, L]`` bool or 0/1.
+        penalty: α in [0, 1] (published 0.1).
+
+    Returns:
+        ``[B, L]`` float32: ``1 − α`` on the flagged tokens of a response with ``Â_i > 0``, ``1 + α`` with ``Â_i < 0``,
+        1 on every other valid token (and on every token of a response with ``Â_i = 0``), 0 on padding.
+    """
+    valid, m = _check_perceval(advantages, flagged, mask, penalty, 1.0)
+    sign = torch.sign(advantages.detach().float())[:, None].expand(valid.shape)
+    w = torch.where(m, 1.0 - penalty * sign, torch.ones_like(sign))
+    return torch.where(valid, w, torch.zeros_like(w))

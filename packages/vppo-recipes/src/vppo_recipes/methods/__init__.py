@@ -21,6 +21,7 @@ from vppo_recipes.methods.dvrp import DVRP
 from vppo_recipes.methods.noisyrollout import NoisyRollout
 from vppo_recipes.methods.papo import PAPO
 from vppo_recipes.methods.pepo import PEPO
+from vppo_recipes.methods.perceval import Perceval
 from vppo_recipes.methods.pgpo import PGPO
 from vppo_recipes.methods.tor import ToR
 from vppo_recipes.methods.vepo import VEPO
@@ -41,7 +42,8 @@ __all__ = [
 
 # `algorithm.name` -> class, in the order the docs list them
 BUILTIN_METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (VPPO, PGPO, DAPO, GRPO, PAPO, CFPO, DVRP, ToR, CGPO, PEPO, VEPO, VGPO, NoisyRollout)
+    cls.name: cls
+    for cls in (VPPO, PGPO, DAPO, GRPO, PAPO, CFPO, DVRP, ToR, CGPO, PEPO, VEPO, VGPO, NoisyRollout, Perceval)
 }
 # The keys of the `algorithm` section that choose the method rather than set it
 CHOOSING_KEYS = ("name", "_component_")
