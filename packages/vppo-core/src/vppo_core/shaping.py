@@ -1,5 +1,5 @@
 """Advantage shaping from visual dependency: VPPO's TAS (ALGORITHMS.md §3), PGPO's token weights (§5), and the
-token credit of the methods that followed: ToR, CGPO, PEPO (§9)."""
+token credit of the methods that followed: ToR, CGPO, PEPO, DyCo-RL (§9)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from vppo_core.validation import check_finite_where, check_mask, check_token_ten
 __all__ = [
     "PGPO_THRESHOLD_MODES",
     "cgpo_response_factors",
+    "dyco_advantage_weights",
+    "dyco_response_scores",
     "minmax_by_response",
     "pepo_token_weights",
     "pepo_visual_prior",
@@ -443,3 +445,71 @@ def pepo_token_weights(
     weights = torch.softmax(logits, dim=1).nan_to_num(0.0) * n  # empty rows: softmax of all -inf is NaN -> 0
     scheduled = 1.0 + progress * (weights - 1.0)
     return torch.where(valid, scheduled, torch.zeros_like(scheduled))
+
+
+def dyco_response_scores(
+    image_ratio: Tensor, text_ratio: Tensor, fr_image: Tensor, fr_text: Tensor, valid: Tensor, *, tau: float = 0.05
+) -> dict[str, Tensor]:
+    """DyCo-RL's per-response alignment score from its attention signals (ALGORITHMS.md §9.13, Eq. 6-9).
+
+    image_ratio, text_ratio, fr_image, fr_text: [B, L] (`vppo_core.dyco_attention_signals`, step t aligned with the
+    response token it predicts). valid: [B, L] the steps that count (bool or 0/1; the official code counts every
+    decoding step, vppo the response's own tokens after the first). tau >= 0: the margin of a text-role token.
+
+    Relative ratios ``r̃^vis = r^vis / max(r^vis + r^txt, 1e-8)``, ``r̃^txt`` alike; roles from the distances
+    ``d_t = FR^img_t − FR^txt_t``: perception (``d_t > 0``), reasoning (``d_t < −tau``), else neutral; the token
+    score ``s_t = r̃^vis·[perception] + r̃^txt·[reasoning]``; the response's score ``σ(mean of s_t over its
+    perception and reasoning tokens)``, 0.5 when it has none.
+
+    Returns {"score": [B] float32 in (0, 1), "perception": [B, L] bool, "reasoning": [B, L] bool}.
+    """
+    check_token_tensor(image_ratio, "image_ratio")
+    mask = check_mask(valid, image_ratio.shape, "valid")
+    for name, x in (("text_ratio", text_ratio), ("fr_image", fr_image), ("fr_text", fr_text)):
+        if not isinstance(x, Tensor) or x.shape != image_ratio.shape:
+            raise ValueError(f"{name} must have the shape of image_ratio {tuple(image_ratio.shape)}")
+    _check_real("tau", tau, tau >= 0, ">= 0")
+    total = (image_ratio.float() + text_ratio.float()).clamp(min=1e-8)
+    r_vis, r_txt = image_ratio.float() / total, text_ratio.float() / total
+    d = fr_image.float() - fr_text.float()
+    perception, reasoning = mask & (d > 0), mask & (d < -tau)
+    s = r_vis * perception + r_txt * reasoning
+    active = perception | reasoning
+    n = active.sum(1)
+    mean = (s * active).sum(1) / n.clamp(min=1)
+    score = torch.where(n > 0, torch.sigmoid(mean), torch.full_like(mean, 0.5))
+    return {"score": score, "perception": perception, "reasoning": reasoning}
+
+
+def dyco_advantage_weights(
+    score: Tensor, group: Tensor, length: Tensor, *, min_length: int = 150, alpha: float = 0.2,
+    low: float = 0.8, high: float = 1.2,
+) -> dict[str, Tensor]:  # fmt: skip
+    """DyCo-RL's advantage factor of each response (ALGORITHMS.md §9.13).
+
+    score: [N] the responses' alignment scores (`dyco_response_scores`). group: [N] integer ids, the responses of
+    one prompt share one. length: [N] response lengths in tokens.
+
+    Within each group, ``z = tanh((score − mean) / std)`` (unbiased std; 0 for the whole group when its std is not
+    above 1e-8, or it has one response); then ``z = −1`` where ``length < min_length``; the factor
+    ``w = clamp(1 + alpha·z, low, high)``, which multiplies the response's advantage.
+
+    Returns {"weight": [N] float32, "z": [N] float32}.
+    """
+    if not isinstance(score, Tensor) or score.dim() != 1 or not score.is_floating_point():
+        raise ValueError(f"score must be a float tensor [N], got {getattr(score, 'shape', type(score))}")
+    if tuple(group.shape) != tuple(score.shape) or tuple(length.shape) != tuple(score.shape):
+        raise ValueError(f"group and length must be [N] = {tuple(score.shape)}")
+    _check_real("alpha", alpha, alpha >= 0, ">= 0")
+    _check_real("low", low, low <= high, "<= high")
+    x = score.float()
+    _, inverse, counts = torch.unique(group, return_inverse=True, return_counts=True)
+    k = counts.numel()
+    mean = torch.zeros(k, device=x.device).index_add_(0, inverse, x) / counts
+    sq = torch.zeros(k, device=x.device).index_add_(0, inverse, (x - mean[inverse]) ** 2)
+    std = (sq / (counts - 1).clamp(min=1)).sqrt()
+    spread = (counts > 1) & (std > 1e-8)
+    z = torch.tanh((x - mean[inverse]) / std[inverse].clamp(min=1e-30))
+    z = torch.where(spread[inverse], z, torch.zeros_like(x))
+    z = torch.where(length.to(x.device) < min_length, torch.full_like(z, -1.0), z)
+    return {"weight": (1.0 + alpha * z).clamp(low, high), "z": z}
