@@ -87,13 +87,13 @@ _ROW_EPS = 1e-8
 
 
 def fisher_rao_distance(p: torch.Tensor, q: torch.Tensor, support: torch.Tensor | None = None) -> torch.Tensor:
-    """Fisher–Rao geodesic distance between two distributions: ``2·arccos(Σ_i sqrt(p̂_i·q̂_i))``.
+    """Fisher–Rao geodesic distance between two distributions: ``2·arccos(Σ_i sqrt(p̂_i·q̂_i))`` (ALGORITHMS.md §9.13).
 
-    p, q: [..., N] non-negative weights (float). support: [..., N] bool (broadcastable), the entries that belong to
+    p, q: [B, ..., N] non-negative weights (float). support: [B, ..., N] bool (broadcastable), the entries that belong to
     the distributions (None: all). Inside the support each weight is floored at 1e-12 and the vector divided by its
     sum (floored at 1e-12): p̂, q̂. The Bhattacharyya coefficient is clamped to [0, 1] before the arccos, and a
     non-finite distance is 0 (as DyCo-RL's ``_batched_M_FR``). An empty support gives π (coefficient 0).
-    Returns [...] float32, in [0, π].
+    Returns [B, ...] float32, in [0, π].
     """
     if not isinstance(p, torch.Tensor) or not isinstance(q, torch.Tensor) or p.shape != q.shape:
         raise ValueError(

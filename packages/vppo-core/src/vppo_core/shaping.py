@@ -487,19 +487,19 @@ def dyco_advantage_weights(
 ) -> dict[str, Tensor]:  # fmt: skip
     """DyCo-RL's advantage factor of each response (ALGORITHMS.md §9.13).
 
-    score: [N] the responses' alignment scores (`dyco_response_scores`). group: [N] integer ids, the responses of
-    one prompt share one. length: [N] response lengths in tokens.
+    score: [B] the responses' alignment scores (`dyco_response_scores`). group: [B] integer ids, the responses of
+    one prompt share one. length: [B] response lengths in tokens.
 
     Within each group, ``z = tanh((score − mean) / std)`` (unbiased std; 0 for the whole group when its std is not
     above 1e-8, or it has one response); then ``z = −1`` where ``length < min_length``; the factor
     ``w = clamp(1 + alpha·z, low, high)``, which multiplies the response's advantage.
 
-    Returns {"weight": [N] float32, "z": [N] float32}.
+    Returns {"weight": [B] float32, "z": [B] float32}.
     """
     if not isinstance(score, Tensor) or score.dim() != 1 or not score.is_floating_point():
-        raise ValueError(f"score must be a float tensor [N], got {getattr(score, 'shape', type(score))}")
+        raise ValueError(f"score must be a float tensor [B], got {getattr(score, 'shape', type(score))}")
     if tuple(group.shape) != tuple(score.shape) or tuple(length.shape) != tuple(score.shape):
-        raise ValueError(f"group and length must be [N] = {tuple(score.shape)}")
+        raise ValueError(f"group and length must be [B] = {tuple(score.shape)}")
     _check_real("alpha", alpha, alpha >= 0, ">= 0")
     _check_real("low", low, low <= high, "<= high")
     x = score.float()
