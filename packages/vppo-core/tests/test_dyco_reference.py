@@ -11,6 +11,8 @@ averaged over heads and queries, zero beyond its keys). Deliberate differences (
 * steps counted: vppo counts the response's own steps (`valid`); the official code counts every decoding step of
   the call, also those after a response ended (padding). Shown: equal on full-length responses, and a shorter
   response's score = the official one of its own steps.
+* precision: the score and the z-score in float64 (official float32); z agrees to float32 rounding divided by the
+  group's std (`_z_atol`).
 * the short-response bound is the setting `min_length` (official: 150 when the model has more than 5e9 parameters,
   else 60); shown for both.
 * image region per row (the official code takes row 0's first and last image pad for the whole batch); the rows come
@@ -35,6 +37,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from dyco_reference import batched_m_fr, reweighted_advantages, sample_scores
 
 N_RANDOM = 200
+
+
+def _z_atol(raw: torch.Tensor) -> float:
+    """How far the official float32 z-score can be from vppo's float64 one: a few float32 ulps of the scores
+    (~1e-7 at 0.7) divided by the group's std (z = tanh((x − mean)/std), tanh' ≤ 1)."""
+    std = float(raw.double().std()) if raw.numel() > 1 else 1.0
+    return 1e-5 + 1e-6 / max(std, 1e-12)
 
 
 def _random_case(g: torch.Generator):
@@ -77,7 +86,7 @@ def test_side_by_side_with_the_official_code_on_random_decoding_runs():
         B, P, T, img, qs, steps = _random_case(g)
         raw = _vppo_scores(steps, P, T, img, qs)["score"]
         official_raw = sample_scores(steps, img, qs, zscore=False)
-        assert torch.allclose(raw, official_raw, atol=1e-5), case
+        assert torch.allclose(raw.float(), official_raw, atol=1e-5), case
         # the published layout: the generate call's batch is one group
         lengths = torch.randint(40, 200, (B,), generator=g)
         mask = (torch.arange(200)[None] < lengths[:, None]).int()
@@ -86,9 +95,10 @@ def test_side_by_side_with_the_official_code_on_random_decoding_runs():
         for params, min_length in ((7e9, 150), (3e9, 60)):
             w = dyco_advantage_weights(raw, torch.zeros(B, dtype=torch.long), lengths, min_length=min_length)
             want = reweighted_advantages(adv, official, mask, params)
-            worst = max(worst, float((adv * w["weight"] - want).abs().max()))
-            assert torch.allclose(adv * w["weight"], want, atol=1e-5), case
-    assert worst < 1e-5
+            gap = float((adv * w["weight"] - want).abs().max())
+            worst = max(worst, gap)
+            assert gap <= 0.2 * float(adv.abs().max()) * _z_atol(raw), case
+    assert worst < 1e-3
 
 
 def test_fisher_rao_equals_the_official_helper_on_random_vectors():
@@ -116,7 +126,8 @@ def test_groups_are_z_scored_apart_as_the_official_code_does_per_generate_call()
         group = torch.cat([torch.full((r.numel(),), i) for i, r in enumerate(raws)])
         length = torch.full_like(group, 500)
         z = dyco_advantage_weights(torch.cat(raws), group, length)["z"]
-        assert torch.allclose(z, torch.cat(officials), atol=1e-5), case
+        for i, raw in enumerate(raws):
+            assert torch.allclose(z[group == i], officials[i], atol=_z_atol(raw)), case
 
 
 def test_a_shorter_response_scores_its_own_steps_only():
@@ -132,7 +143,7 @@ def test_a_shorter_response_scores_its_own_steps_only():
         valid[0, n:] = False
         ours = _vppo_scores(steps, P, T, img, qs, valid)["score"][0]
         own = [s[:1] for s in steps[:n]]
-        assert torch.allclose(ours, sample_scores(own, img, qs, zscore=False)[0], atol=1e-5), case
+        assert torch.allclose(ours.float(), sample_scores(own, img, qs, zscore=False)[0], atol=1e-5), case
 
 
 def test_hand_worked_fisher_rao():

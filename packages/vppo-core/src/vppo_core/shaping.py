@@ -461,7 +461,7 @@ def dyco_response_scores(
     score ``s_t = r̃^vis·[perception] + r̃^txt·[reasoning]``; the response's score ``σ(mean of s_t over its
     perception and reasoning tokens)``, 0.5 when it has none.
 
-    Returns {"score": [B] float32 in (0, 1), "perception": [B, L] bool, "reasoning": [B, L] bool}.
+    Returns {"score": [B] float64 in (0, 1), "perception": [B, L] bool, "reasoning": [B, L] bool}.
     """
     check_token_tensor(image_ratio, "image_ratio")
     mask = check_mask(valid, image_ratio.shape, "valid")
@@ -469,9 +469,11 @@ def dyco_response_scores(
         if not isinstance(x, Tensor) or x.shape != image_ratio.shape:
             raise ValueError(f"{name} must have the shape of image_ratio {tuple(image_ratio.shape)}")
     _check_real("tau", tau, tau >= 0, ">= 0")
-    total = (image_ratio.float() + text_ratio.float()).clamp(min=1e-8)
-    r_vis, r_txt = image_ratio.float() / total, text_ratio.float() / total
-    d = fr_image.float() - fr_text.float()
+    # float64: a group's scores can lie within 1e-4 of each other, where float32 rounding (1e-7) would move the
+    # z-score of `dyco_advantage_weights` by 1e-3
+    total = (image_ratio.double() + text_ratio.double()).clamp(min=1e-8)
+    r_vis, r_txt = image_ratio.double() / total, text_ratio.double() / total
+    d = fr_image.double() - fr_text.double()
     perception, reasoning = mask & (d > 0), mask & (d < -tau)
     s = r_vis * perception + r_txt * reasoning
     active = perception | reasoning
@@ -502,14 +504,14 @@ def dyco_advantage_weights(
         raise ValueError(f"group and length must be [B] = {tuple(score.shape)}")
     _check_real("alpha", alpha, alpha >= 0, ">= 0")
     _check_real("low", low, low <= high, "<= high")
-    x = score.float()
+    x = score.double()  # float64 statistics (see dyco_response_scores)
     _, inverse, counts = torch.unique(group, return_inverse=True, return_counts=True)
     k = counts.numel()
-    mean = torch.zeros(k, device=x.device).index_add_(0, inverse, x) / counts
-    sq = torch.zeros(k, device=x.device).index_add_(0, inverse, (x - mean[inverse]) ** 2)
+    mean = torch.zeros(k, dtype=x.dtype, device=x.device).index_add_(0, inverse, x) / counts
+    sq = torch.zeros(k, dtype=x.dtype, device=x.device).index_add_(0, inverse, (x - mean[inverse]) ** 2)
     std = (sq / (counts - 1).clamp(min=1)).sqrt()
     spread = (counts > 1) & (std > 1e-8)
     z = torch.tanh((x - mean[inverse]) / std[inverse].clamp(min=1e-30))
     z = torch.where(spread[inverse], z, torch.zeros_like(x))
     z = torch.where(length.to(x.device) < min_length, torch.full_like(z, -1.0), z)
-    return {"weight": (1.0 + alpha * z).clamp(low, high), "z": z}
+    return {"weight": (1.0 + alpha * z).clamp(low, high).float(), "z": z.float()}
