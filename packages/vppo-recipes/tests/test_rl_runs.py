@@ -119,6 +119,9 @@ METHOD_CHECKS = {
     # VEPO: the top 20 % of each response, each weighted N_valid / N_selected, so the weights average to 1
     "vepo": {"vepo/weight_mean": (1.0 - 1e-6, 1.0 + 1e-6), "vepo/nonzero_fraction": (0.2, 0.5),
              "actor/aux/entropy_bonus": (0.0, 20.0)},
+    # DyCo-RL: per-response factors 1 + 0.2·tanh(group z-score) in [0.8, 1.2], above and below 1 within a group
+    "dyco": {"dyco/weight_min": (0.8, 1.0 - 1e-3), "dyco/weight_max": (1.0 + 1e-3, 1.2),
+             "dyco/weight_mean": (0.85, 1.15), "dyco/score_mean": (0.5, 0.7311)},
 }  # fmt: skip
 
 

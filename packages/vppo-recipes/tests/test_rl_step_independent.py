@@ -138,6 +138,8 @@ def capture_step(recipe, monkeypatch) -> dict:
                     "lp_alt2": s.no_grad.lp_views[1] if len(s.no_grad.lp_views) > 1 else None,
                     "score": score(s.no_grad.scores),
                     "entropy": entropy(s.no_grad.scores),
+                    "scores": dict(s.no_grad.scores),
+                    "uids": list(mb.uids),
                 }
                 for mb, s in zip(mini, mini_steps)
             ]
@@ -354,6 +356,10 @@ def plain_step(cfg, warm: Path, before: dict, ranks: list[dict]) -> tuple[dict[s
                           for mb in mini] for mini in minis]  # fmt: skip
 
     method_weights = _plain_method_weights(model, cfg, minis) if name in METHODS_AFTER_VPPO else None
+    if name == "dyco":  # its advantage factors, from transformers' eager attention (plain_dyco.py)
+        from plain_dyco import dyco_factors
+
+        factors = dyco_factors(model, cfg, minis)
 
     losses, mini_metrics = [], []
     for i, mini in enumerate(minis):
@@ -364,6 +370,8 @@ def plain_step(cfg, warm: Path, before: dict, ranks: list[dict]) -> tuple[dict[s
         old = _cat([mb["lp_old"] for mb in mini])
         assert torch.allclose(_cat(plain_old[i]) * mask, old * mask, atol=2e-5), "lp_old differs from the full logits"
         adv = group_advantages(torch.tensor(rewards[i]), G)
+        if name == "dyco":
+            adv = adv * factors[i]
         weights = None
         if name in ("vppo", "pgpo"):
             alt = _cat([mb["lp_alt"] for mb in mini])
@@ -449,8 +457,9 @@ CASES = [
     ("tiny_vepo", {}),
     ("tiny_vepo", {"loss.aggregation": "seq-mean-token-mean"}),  # VEPO's per-response mean over its selection
     ("tiny_pepo", {"training.max_steps": 1}),  # a 1-step run's schedule is at λ = 1: the weights are not all 1
+    ("tiny_dyco", {}),
 ]
-IDS = ["vppo", "pgpo", "dapo", "grpo", "gspo", "papo", "dvrp", "tor", "cgpo", "vepo", "vepo_seq", "pepo"]
+IDS = ["vppo", "pgpo", "dapo", "grpo", "gspo", "papo", "dvrp", "tor", "cgpo", "vepo", "vepo_seq", "pepo", "dyco"]
 
 
 @pytest.mark.parametrize(("config", "overrides"), CASES, ids=IDS)
