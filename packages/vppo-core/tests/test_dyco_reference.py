@@ -15,7 +15,8 @@ averaged over heads and queries, zero beyond its keys). Deliberate differences (
   group's std (`_z_atol`).
 * the short-response bound is the setting `min_length` (official: 150 when the model has more than 5e9 parameters,
   else 60); shown for both.
-* image region per row (the official code takes row 0's first and last image pad for the whole batch); the rows come
+* image region per row (the official code takes the batch's first image pad of its first row and last image pad
+  of its last row for every row; equal on the published one-prompt batches); the rows come
   from a teacher-forced forward (step 0: the causal mean over the real prompt queries; official: its patched flash
   forward's unmasked softmax over every prompt query and key, padding included), in float32 (official: bf16
   weights). These are outside vppo-core's functions: the recorder is checked against transformers' eager attention
