@@ -39,6 +39,7 @@ SECTIONED += ["policy_loss"]
 SECTIONED += ["top_fraction_mask", "tor_token_weights", "cgpo_response_factors", "pepo_visual_prior"]
 SECTIONED += ["pepo_token_weights", "vepo_token_scores", "view_divergences_from_hidden", "top_p_entropy_from_hidden"]
 SECTIONED += ["abs_log_ratio", "minmax_by_response"]
+SECTIONED += ["fisher_rao_distance", "dyco_attention_signals", "dyco_response_scores", "dyco_advantage_weights"]
 
 SCRIPT = Path(__file__).with_name("check_runtime_deps.py")
 

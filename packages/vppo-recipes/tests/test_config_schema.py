@@ -189,6 +189,7 @@ def test_bf16_stochastic_rounding_is_refused_before_compute_with_the_reason():
         ("tiny_pepo", {"algorithm.pepo_temperature": 0.0}, r"pepo_temperature' is 0\.0; must be > 0"),
         ("tiny_vgpo", {"algorithm.vgpo_gate_start": 1.0}, r"vgpo_gate_start' is 1\.0; must be in \[0, 1\)"),
         ("tiny_vgpo", {"algorithm.vgpo_gate_top": 0.0}, r"vgpo_gate_top' is 0\.0; must be in \(0, 1\]"),
+        ("tiny_dyco", {"algorithm.dyco_weight_low": 1.3}, r"dyco_weight_low must be <= algorithm\.dyco_weight_high"),
     ],
 )
 def test_the_methods_after_vppo_refuse_settings_that_cannot_run(config, overrides, message):
@@ -201,7 +202,7 @@ def test_the_methods_after_vppo_refuse_settings_that_cannot_run(config, override
 
 
 def test_every_shipped_tiny_config_of_the_methods_after_vppo_is_valid():
-    for name in ("papo", "cfpo", "dvrp", "tor", "cgpo", "pepo", "vepo", "vgpo", "noisyrollout", "perceval"):
+    for name in ("papo", "cfpo", "dvrp", "tor", "cgpo", "pepo", "vepo", "vgpo", "noisyrollout", "perceval", "dyco"):
         assert validate_config(OmegaConf.load(CONFIGS / f"tiny_{name}.yaml"), "rl").algorithm.name == name
 
 

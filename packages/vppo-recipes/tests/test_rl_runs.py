@@ -133,6 +133,9 @@ METHOD_CHECKS = {
     "perceval": {"perceval/weight_min": (0.9 - 1e-6, 0.9 + 1e-6), "perceval/weight_max": (1.1 - 1e-6, 1.1 + 1e-6),
                  "perceval/flagged_token_fraction": (0.05, 0.8), "perceval/flags_found_fraction": (1.0, 1.0),
                  "perceval/stand_in_scorer": (1.0, 1.0)},
+    # DyCo-RL: per-response factors 1 + 0.2·tanh(group z-score) in [0.8, 1.2], above and below 1 within a group
+    "dyco": {"dyco/weight_min": (0.8, 1.0 - 1e-3), "dyco/weight_max": (1.0 + 1e-3, 1.2),
+             "dyco/weight_mean": (0.85, 1.15), "dyco/score_mean": (0.5, 0.7311)},
 }  # fmt: skip
 
 

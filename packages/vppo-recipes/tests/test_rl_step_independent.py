@@ -139,9 +139,10 @@ def capture_step(recipe, monkeypatch) -> dict:
                     "lp_alt2": s.no_grad.lp_views[1] if len(s.no_grad.lp_views) > 1 else None,
                     "score": score(s.no_grad.scores),
                     "entropy": entropy(s.no_grad.scores),
-                    "uids": list(mb.uids),  # the row's prompt (VGPO's response groups)
+                    "uids": list(mb.uids),  # the row's prompt (VGPO's response groups, DyCo's z-score groups)
                     "texts": list(mb.texts),  # what a scorer reads (Perceval)
                     "questions": [p.question for p in mb.prompts],
+                    "scores": dict(s.no_grad.scores),
                 }
                 for mb, s in zip(mini, mini_steps)
             ]
@@ -366,6 +367,10 @@ def plain_step(cfg, warm: Path, before: dict, ranks: list[dict]) -> tuple[dict[s
                           for mb in mini] for mini in minis]  # fmt: skip
 
     method_weights = _plain_method_weights(model, cfg, minis) if name in METHODS_AFTER_VPPO else None
+    if name == "dyco":  # its advantage factors, from transformers' eager attention (plain_dyco.py)
+        from plain_dyco import dyco_factors
+
+        factors = dyco_factors(model, cfg, minis)
 
     losses, mini_metrics = [], []
     for i, mini in enumerate(minis):
@@ -376,6 +381,8 @@ def plain_step(cfg, warm: Path, before: dict, ranks: list[dict]) -> tuple[dict[s
         old = _cat([mb["lp_old"] for mb in mini])
         assert torch.allclose(_cat(plain_old[i]) * mask, old * mask, atol=2e-5), "lp_old differs from the full logits"
         adv = group_advantages(torch.tensor(rewards[i]), G)
+        if name == "dyco":
+            adv = adv * factors[i]
         weights = None
         if name in ("vppo", "pgpo"):
             alt = _cat([mb["lp_alt"] for mb in mini])
@@ -470,9 +477,10 @@ CASES = [
     ("tiny_vgpo", {}),
     ("tiny_noisyrollout", {}),  # G = 4: 2 responses on the clean image, 2 on its noised copy, one group
     ("tiny_perceval", {}),  # the stand-in scorer's flags (ALGORITHMS.md §9.14)
+    ("tiny_dyco", {}),
 ]
 IDS = ["vppo", "pgpo", "dapo", "grpo", "gspo", "papo", "dvrp", "tor", "cgpo", "vepo", "vepo_seq", "pepo"]
-IDS += ["vgpo", "noisyrollout", "perceval"]
+IDS += ["vgpo", "noisyrollout", "perceval", "dyco"]
 
 
 @pytest.mark.parametrize(("config", "overrides"), CASES, ids=IDS)

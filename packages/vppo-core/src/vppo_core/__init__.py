@@ -1,12 +1,12 @@
 """vppo-core: token-level perception-aware RL objectives as pure torch functions: VPPO, PGPO, DAPO, GRPO, and
-PAPO, CFPO, DVRP, ToR, PEPO, CGPO, VEPO, VGPO, NoisyRollout, Perceval (ALGORITHMS.md §9).
+PAPO, CFPO, DVRP, ToR, PEPO, CGPO, VEPO, VGPO, NoisyRollout, Perceval, DyCo-RL (ALGORITHMS.md §9).
 
 Every function takes tensors and returns tensors; each docstring names the section of ALGORITHMS.md whose
 formula it implements. Runtime dependency: torch only. See README.md for the API table.
 """
 
 from vppo_core.advantages import group_advantages, keep_groups
-from vppo_core.attention import text_only_attention
+from vppo_core.attention import dyco_attention_signals, fisher_rao_distance, text_only_attention
 from vppo_core.counterfactual import cross_modal_value_mean_attention, image_spans, value_mean_correction
 from vppo_core.dependency import (
     abs_log_ratio,
@@ -33,6 +33,8 @@ from vppo_core.perturb import (
 )
 from vppo_core.shaping import (
     cgpo_response_factors,
+    dyco_advantage_weights,
+    dyco_response_scores,
     flagged_token_spans,
     minmax_by_response,
     pepo_token_weights,
@@ -63,8 +65,12 @@ __all__ = [
     "cgpo_response_factors",
     "cross_modal_value_mean_attention",
     "diffusion_noise_level",
+    "dyco_advantage_weights",
+    "dyco_attention_signals",
+    "dyco_response_scores",
     "exact_token_dependency",
     "exact_token_dependency_from_hidden",
+    "fisher_rao_distance",
     "flagged_token_spans",
     "group_advantages",
     "image_spans",

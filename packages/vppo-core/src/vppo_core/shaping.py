@@ -1,5 +1,5 @@
 """Advantage shaping from visual dependency: VPPO's TAS (ALGORITHMS.md §3), PGPO's token weights (§5), and the
-token credit of the methods that followed: ToR, CGPO, PEPO, VGPO, Perceval (§9)."""
+token credit of the methods that followed: ToR, CGPO, PEPO, VGPO, Perceval, DyCo-RL (§9)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ __all__ = [
     "VGPO_RESPONSE_FACTOR_RANGE",
     "VGPO_TOKEN_FACTOR_RANGE",
     "cgpo_response_factors",
+    "dyco_advantage_weights",
+    "dyco_response_scores",
     "flagged_token_spans",
     "minmax_by_response",
     "pepo_layer_cosines",
@@ -777,3 +779,73 @@ def perceval_token_weights(advantages: Tensor, flagged: Tensor, mask: Tensor, *,
     sign = torch.sign(advantages.detach().float())[:, None].expand(valid.shape)
     w = torch.where(m, 1.0 - penalty * sign, torch.ones_like(sign))
     return torch.where(valid, w, torch.zeros_like(w))
+
+
+def dyco_response_scores(
+    image_ratio: Tensor, text_ratio: Tensor, fr_image: Tensor, fr_text: Tensor, valid: Tensor, *, tau: float = 0.05
+) -> dict[str, Tensor]:
+    """DyCo-RL's per-response alignment score from its attention signals (ALGORITHMS.md §9.13, Eq. 6-9).
+
+    image_ratio, text_ratio, fr_image, fr_text: [B, L] (`vppo_core.dyco_attention_signals`, step t aligned with the
+    response token it predicts). valid: [B, L] the steps that count (bool or 0/1; the official code counts every
+    decoding step, vppo the response's own tokens after the first). tau >= 0: the margin of a text-role token.
+
+    Relative ratios ``r̃^vis = r^vis / max(r^vis + r^txt, 1e-8)``, ``r̃^txt`` alike; roles from the distances
+    ``d_t = FR^img_t − FR^txt_t``: perception (``d_t > 0``), reasoning (``d_t < −tau``), else neutral; the token
+    score ``s_t = r̃^vis·[perception] + r̃^txt·[reasoning]``; the response's score ``σ(mean of s_t over its
+    perception and reasoning tokens)``, 0.5 when it has none.
+
+    Returns {"score": [B] float64 in (0, 1), "perception": [B, L] bool, "reasoning": [B, L] bool}.
+    """
+    check_token_tensor(image_ratio, "image_ratio")
+    mask = check_mask(valid, image_ratio.shape, "valid")
+    for name, x in (("text_ratio", text_ratio), ("fr_image", fr_image), ("fr_text", fr_text)):
+        if not isinstance(x, Tensor) or x.shape != image_ratio.shape:
+            raise ValueError(f"{name} must have the shape of image_ratio {tuple(image_ratio.shape)}")
+    _check_real("tau", tau, tau >= 0, ">= 0")
+    # float64: a group's scores can lie within 1e-4 of each other, where float32 rounding (1e-7) would move the
+    # z-score of `dyco_advantage_weights` by 1e-3
+    total = (image_ratio.double() + text_ratio.double()).clamp(min=1e-8)
+    r_vis, r_txt = image_ratio.double() / total, text_ratio.double() / total
+    d = fr_image.double() - fr_text.double()
+    perception, reasoning = mask & (d > 0), mask & (d < -tau)
+    s = r_vis * perception + r_txt * reasoning
+    active = perception | reasoning
+    n = active.sum(1)
+    mean = (s * active).sum(1) / n.clamp(min=1)
+    score = torch.where(n > 0, torch.sigmoid(mean), torch.full_like(mean, 0.5))
+    return {"score": score, "perception": perception, "reasoning": reasoning}
+
+
+def dyco_advantage_weights(
+    score: Tensor, group: Tensor, length: Tensor, *, min_length: int = 150, alpha: float = 0.2,
+    low: float = 0.8, high: float = 1.2,
+) -> dict[str, Tensor]:  # fmt: skip
+    """DyCo-RL's advantage factor of each response (ALGORITHMS.md §9.13).
+
+    score: [B] the responses' alignment scores (`dyco_response_scores`). group: [B] integer ids, the responses of
+    one prompt share one. length: [B] response lengths in tokens.
+
+    Within each group, ``z = tanh((score − mean) / std)`` (unbiased std; 0 for the whole group when its std is not
+    above 1e-8, or it has one response); then ``z = −1`` where ``length < min_length``; the factor
+    ``w = clamp(1 + alpha·z, low, high)``, which multiplies the response's advantage.
+
+    Returns {"weight": [B] float32, "z": [B] float32}.
+    """
+    if not isinstance(score, Tensor) or score.dim() != 1 or not score.is_floating_point():
+        raise ValueError(f"score must be a float tensor [B], got {getattr(score, 'shape', type(score))}")
+    if tuple(group.shape) != tuple(score.shape) or tuple(length.shape) != tuple(score.shape):
+        raise ValueError(f"group and length must be [B] = {tuple(score.shape)}")
+    _check_real("alpha", alpha, alpha >= 0, ">= 0")
+    _check_real("low", low, low <= high, "<= high")
+    x = score.double()  # float64 statistics (see dyco_response_scores)
+    _, inverse, counts = torch.unique(group, return_inverse=True, return_counts=True)
+    k = counts.numel()
+    mean = torch.zeros(k, dtype=x.dtype, device=x.device).index_add_(0, inverse, x) / counts
+    sq = torch.zeros(k, dtype=x.dtype, device=x.device).index_add_(0, inverse, (x - mean[inverse]) ** 2)
+    std = (sq / (counts - 1).clamp(min=1)).sqrt()
+    spread = (counts > 1) & (std > 1e-8)
+    z = torch.tanh((x - mean[inverse]) / std[inverse].clamp(min=1e-30))
+    z = torch.where(spread[inverse], z, torch.zeros_like(x))
+    z = torch.where(length.to(x.device) < min_length, torch.full_like(z, -1.0), z)
+    return {"weight": (1.0 + alpha * z).clamp(low, high).float(), "z": z.float()}
