@@ -560,6 +560,7 @@ def method_pass_bytes(
         extra += micro * seq * hidden * 4 + micro * seq * 4
     if method.clean_full_hidden:  # the whole last hidden state, and a float32 copy of its response positions
         extra += micro * seq * hidden * act_bytes + micro * response * hidden * 4
+    extra += method.scoring_bytes(micro=micro, seq=seq, response=response, hidden=hidden, act_bytes=act_bytes)
     return str(name), {"base": base, "method": extra}
 
 

@@ -35,6 +35,7 @@ ours.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
@@ -207,12 +208,29 @@ class Method:
         filled in); each a message naming the keys and the fix."""
         return []
 
+    def clean_pass_context(
+        self, ctx: MethodContext, mb: MicroBatch
+    ) -> contextlib.AbstractContextManager[Mapping[str, torch.Tensor]]:
+        """A context the clean no-grad pass of `mb` runs in, for what a method records DURING that forward (DyCo-RL:
+        the last layer's attention rows) instead of running a forward of its own. It yields a dict that is filled
+        by the time the context exits; its entries join the clean pass's results that `scores` receives. Default:
+        nothing recorded."""
+        return contextlib.nullcontext({})
+
+    def scoring_bytes(self, *, micro: int, seq: int, response: int, hidden: int, act_bytes: int) -> int:
+        """Bytes per rank the method's own scoring work holds at its peak beyond its views and the clean pass's
+        declared outputs (its recordings, its temporaries), for `vppo-recipes plan` (the "scoring" phase); an
+        estimate at micro-batch `micro`, `seq` = prompt + response positions, `response` positions, `hidden` size,
+        `act_bytes` per model-dtype element. Default 0."""
+        return 0
+
     def scores(
         self, ctx: MethodContext, mb: MicroBatch, clean: Mapping[str, torch.Tensor], lp_old: torch.Tensor,
         altered: Sequence[Mapping[str, torch.Tensor]],
     ) -> dict[str, torch.Tensor]:  # fmt: skip
         """Per-token scores of one micro-batch, without gradient. clean: the clean pass ({"lp", "hidden" [b, L, H],
-        "entropy" / "prior" when declared}); altered: the same ({"lp", "hidden"}) per view. Returns {name: [b, L]}."""
+        "entropy" / "prior" / "full_hidden" when declared, and what `clean_pass_context` recorded}); altered: the
+        same ({"lp", "hidden"}) per view. Returns {name: [b, L]}."""
         return {}
 
     def shape(self, ctx: MethodContext, steps: Sequence[Sequence[MicroStep]]) -> list[list[Shaping]]:

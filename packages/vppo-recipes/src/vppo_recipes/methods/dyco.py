@@ -5,8 +5,9 @@ whose image attention moves more are perception tokens, those whose text attenti
 tokens; a response scores the mean share of the modality its tokens' role calls for, z-scored within its group.
 
 The official code records these rows while sampling (a patched generation loop); the same rows come from one
-teacher-forced forward over prompt and response, so DyCo-RL needs no rollout change: `scores` runs one extra no-grad
-forward of the policy (no LM head) with the last layer's attention recorded (`last_layer_attention_signals`).
+teacher-forced forward over prompt and response, so DyCo-RL needs no rollout change: the clean no-grad pass (the one
+that gives lp_old) runs with the last layer's attention recorded (`clean_pass_context`,
+`last_layer_attention_signals`), so no extra forward either.
 """
 
 from __future__ import annotations
@@ -137,19 +138,6 @@ def last_layer_attention_signals(
         _ACTIVE.reset(token)
 
 
-def dyco_signals_in_root(
-    model: torch.nn.Module, inputs: dict[str, torch.Tensor], prompt_length: int, length: int, image_token_id: int,
-    **_: Any,
-) -> dict[str, torch.Tensor]:  # fmt: skip
-    """One no-grad forward of the language model (no LM head) with the signals recorded; run through
-    `MethodContext.in_root` (the root's vision merger and embeddings are all-gathered there)."""
-    with last_layer_attention_signals(
-        model, inputs["input_ids"], inputs["attention_mask"], prompt_length, length, image_token_id
-    ) as signals:
-        model.model(**inputs, use_cache=False)
-    return signals
-
-
 @dataclass(frozen=True)
 class DyCo(Method):
     name = "dyco"
@@ -166,10 +154,19 @@ class DyCo(Method):
             return ["algorithm.dyco_weight_low must be <= algorithm.dyco_weight_high"]
         return []
 
-    def scores(self, ctx, mb, clean, lp_old, altered):
+    def clean_pass_context(self, ctx, mb):
         L = mb.responses.shape[1]
-        signals = ctx.in_root(dyco_signals_in_root, mb.inputs, mb.prompt_length, L, ctx.image_token_id)
-        return {f"dyco_{k}": v for k, v in signals.items()}
+        return last_layer_attention_signals(
+            ctx.model, mb.inputs["input_ids"], mb.inputs["attention_mask"], mb.prompt_length, L, ctx.image_token_id
+        )
+
+    def scoring_bytes(self, *, micro, seq, response, hidden, act_bytes):
+        # one row at a time: its float32 query and key states (at most [heads, seq, head_dim] each, hidden-sized),
+        # the [response, seq] float32 rows with ~10 temporaries of that size, ~3 live score blocks of the softmax
+        return 2 * seq * hidden * 4 + 10 * response * seq * 4 + 3 * _BLOCK_ELEMENTS * 4
+
+    def scores(self, ctx, mb, clean, lp_old, altered):
+        return {f"dyco_{k}": clean[k] for k in (*SIGNALS, "has_image")}
 
     def shape(self, ctx, steps):
         flat = [s for mini in steps for s in mini]

@@ -493,11 +493,13 @@ class RLRecipeDistributed:
                 mini_steps = []
                 for mb in mini:
                     t = time.perf_counter()
-                    clean = self._pass(
-                        mb, mb.inputs, mb.prompt_length, entropy=method.clean_entropy,
-                        visual_token_id=self.image_token_id if method.clean_prior else None,
-                        full_hidden=method.clean_full_hidden,
-                    )  # fmt: skip
+                    with method.clean_pass_context(ctx, mb) as recorded:
+                        clean = self._pass(
+                            mb, mb.inputs, mb.prompt_length, entropy=method.clean_entropy,
+                            visual_token_id=self.image_token_id if method.clean_prior else None,
+                            full_hidden=method.clean_full_hidden,
+                        )  # fmt: skip
+                    clean = {**clean, **recorded}
                     lp_old = clean["lp"]
                     seconds["old_logprob"] += time.perf_counter() - t
                     t = time.perf_counter()
