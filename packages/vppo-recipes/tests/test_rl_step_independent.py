@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _warm_start import warm_assets
+from plain_cppo import plain_cppo_term
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -138,6 +139,7 @@ def capture_step(recipe, monkeypatch) -> dict:
                     "lp_alt2": s.no_grad.lp_views[1] if len(s.no_grad.lp_views) > 1 else None,
                     "score": score(s.no_grad.scores),
                     "entropy": entropy(s.no_grad.scores),
+                    "entropy_alt": s.no_grad.scores.get("entropy_alt"),  # CPPO's negative view
                 }
                 for mb, s in zip(mini, mini_steps)
             ]
@@ -198,7 +200,7 @@ def _plain_visual_prior(model, inputs, prompt_length: int, length: int, image_to
     return out / len(states)
 
 
-METHODS_AFTER_VPPO = ("papo", "dvrp", "tor", "cgpo", "vepo", "pepo")
+METHODS_AFTER_VPPO = ("papo", "dvrp", "tor", "cgpo", "vepo", "pepo", "cppo")
 
 
 def _plain_method_weights(model, cfg, minis: list[list[dict]]) -> list[list[torch.Tensor]]:
@@ -225,7 +227,7 @@ def _plain_method_weights(model, cfg, minis: list[list[dict]]) -> list[list[torc
                 assert torch.equal(span[mask > 0], mb["responses"][mask > 0]), f"view {j} holds other responses"
                 alt = _plain_logprobs(model, inputs, mb["responses"], prompt_length, T)
                 close(mb["lp_alt" if j == 0 else "lp_alt2"], alt, mask, 2e-5, f"altered view {j}")
-            if cfg.algorithm.name in ("tor", "cgpo", "vepo", "pepo"):
+            if cfg.algorithm.name in ("tor", "cgpo", "vepo", "pepo", "cppo"):
                 z = _plain_logits(model, mb["inputs"], mb["prompt_length"], L, T)
             if cfg.algorithm.name == "tor":
                 close(mb["entropy"], _plain_top_p_entropy(z, a.tor_entropy_top_p), mask, 1e-4, "top-p entropy")
@@ -243,6 +245,11 @@ def _plain_method_weights(model, cfg, minis: list[list[dict]]) -> list[list[torc
                     1e-3,
                     "VEPO",
                 )
+            if cfg.algorithm.name == "cppo":  # both entropies of the perception-token mask
+                inputs, prompt_length = mb["views"][1]
+                close(mb["entropy"], _plain_entropy(z), mask, 1e-4, "CPPO clean entropy")
+                zb = _plain_logits(model, inputs, prompt_length, L, T)
+                close(mb["entropy_alt"], _plain_entropy(zb), mask, 1e-4, "CPPO negative-view entropy")
             if cfg.algorithm.name == "pepo":
                 prior = _plain_visual_prior(
                     model, mb["inputs"], mb["prompt_length"], L, int(model.config.image_token_id)
@@ -269,7 +276,7 @@ def _plain_method_weights(model, cfg, minis: list[list[dict]]) -> list[list[torc
         return out
 
     name = cfg.algorithm.name
-    if name in ("papo", "dvrp"):
+    if name in ("papo", "dvrp", "cppo"):
         weights = [None] * len(flat)
     elif name == "tor":
         reasoning = batch_set([mb["entropy"] for mb in flat], a.tor_entropy_fraction, 0)
@@ -380,7 +387,7 @@ def plain_step(cfg, warm: Path, before: dict, ranks: list[dict]) -> tuple[dict[s
                 weights = pgpo_token_weights(S, mask, tau=a.pgpo_tau, beta=a.pgpo_beta)
         aux = {}
         if name in METHODS_AFTER_VPPO:
-            weights = _cat(method_weights[i]) if name not in ("papo", "dvrp") else None
+            weights = _cat(method_weights[i]) if name not in ("papo", "dvrp", "cppo") else None
             z = [_plain_logits(model, mb["inputs"], mb["prompt_length"], mb["responses"].shape[1], T) for mb in mini]
             new = _cat([F.log_softmax(x, -1).gather(-1, mb["responses"][..., None])[..., 0] for x, mb in zip(z, mini)])
             if name in ("papo", "dvrp"):  # k3 of each altered view against the policy, the views constant
@@ -389,6 +396,8 @@ def plain_step(cfg, warm: Path, before: dict, ranks: list[dict]) -> tuple[dict[s
                 aux[key] = (-coef, kl_penalty(new, _cat([mb["lp_alt"] for mb in mini]), "k3"))
             if name == "dvrp":
                 aux["robustness_kl"] = (a.robustness_kl_coef, kl_penalty(new, _cat([mb["lp_alt2"] for mb in mini])))
+            if name == "cppo":  # from the recipe's entropies and views (the mask as for TGF), the rest plain
+                aux["cpl"] = (a.cpl_coef, plain_cppo_term(new, mini, adv, a, L_.aggregation))
             if name == "vepo":
                 aux["entropy_bonus"] = (-a.vepo_entropy_bonus, _cat([_plain_entropy(x) for x in z]))
         else:
@@ -449,8 +458,26 @@ CASES = [
     ("tiny_vepo", {}),
     ("tiny_vepo", {"loss.aggregation": "seq-mean-token-mean"}),  # VEPO's per-response mean over its selection
     ("tiny_pepo", {"training.max_steps": 1}),  # a 1-step run's schedule is at λ = 1: the weights are not all 1
+    # CPPO's published coefficient 0.01 moves the tiny model too little to tell a wrong term from a right one
+    ("tiny_cppo", {"algorithm.cpl_coef": 1.0}),
+    ("tiny_cppo", {"algorithm.cpl_coef": 1.0, "loss.aggregation": "seq-mean-token-mean"}),
 ]
-IDS = ["vppo", "pgpo", "dapo", "grpo", "gspo", "papo", "dvrp", "tor", "cgpo", "vepo", "vepo_seq", "pepo"]
+IDS = [
+    "vppo",
+    "pgpo",
+    "dapo",
+    "grpo",
+    "gspo",
+    "papo",
+    "dvrp",
+    "tor",
+    "cgpo",
+    "vepo",
+    "vepo_seq",
+    "pepo",
+    "cppo",
+    "cppo_seq",
+]
 
 
 @pytest.mark.parametrize(("config", "overrides"), CASES, ids=IDS)
