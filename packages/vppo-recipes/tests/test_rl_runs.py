@@ -119,6 +119,10 @@ METHOD_CHECKS = {
     # VEPO: the top 20 % of each response, each weighted N_valid / N_selected, so the weights average to 1
     "vepo": {"vepo/weight_mean": (1.0 - 1e-6, 1.0 + 1e-6), "vepo/nonzero_fraction": (0.2, 0.5),
              "actor/aux/entropy_bonus": (0.0, 20.0)},
+    # CPPO: softplus of a margin of two k3 (each in [0, 10]) over τ = 0.1, a mean over the selected tokens; the
+    # perception tokens are at most about half of each response's entropy-rising ones, the gate keeps A > 0 only
+    "cppo": {"actor/aux/cpl": (0.0, 100.0), "cppo/perception_fraction": (0.01, 0.75),
+             "cppo/selected_fraction": (0.0, 0.75)},
 }  # fmt: skip
 
 
