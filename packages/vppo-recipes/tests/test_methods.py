@@ -132,7 +132,7 @@ def test_the_recipe_tests_no_method_name():
         assert not names, f"{path.name} names methods {names}"
 
 
-@pytest.mark.parametrize("config", ["tiny_vppo", "tiny_tor", "tiny_cgpo", "tiny_vepo", "tiny_pepo"])
+@pytest.mark.parametrize("config", ["tiny_vppo", "tiny_tor", "tiny_cgpo", "tiny_vepo", "tiny_pepo", "tiny_cppo"])
 def test_shaping_syncs_with_the_host_a_fixed_number_of_times_whatever_the_micro_batches(tmp_path, monkeypatch, config):
     """The shaping phase and the policy-gradient-share diagnostic move values to the host a fixed number of times
     per step in vppo_recipes code, not once per micro-batch (the batch-level token sets' counts, VEPO's count ratio
