@@ -46,9 +46,8 @@ def plain_cppo_term(new, mini: list[dict], advantages, algorithm, aggregation: s
         cat("entropy").float(), cat("entropy_alt").float(), mask, advantages, fraction=algorithm.cpl_top_fraction,
         use_mask=algorithm.cpl_perception_mask, gating=algorithm.cpl_advantage_gating,
     )  # fmt: skip
-    cpl = F.softplus(
-        (_k3(new, cat("lp_alt").to(new.dtype)) - _k3(new, cat("lp_alt2").to(new.dtype))) / algorithm.cpl_tau
-    )
+    negative, positive = cat("lp_alt").to(new.dtype), cat("lp_alt2").to(new.dtype)  # the method's views, in order
+    cpl = F.softplus((_k3(new, positive) - _k3(new, negative)) / algorithm.cpl_tau)
     weights = chosen.to(new.dtype)
     if aggregation == "token-mean":  # a mean over the chosen tokens of the mini-batch
         n = weights.sum()

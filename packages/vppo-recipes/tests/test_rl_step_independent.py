@@ -246,7 +246,7 @@ def _plain_method_weights(model, cfg, minis: list[list[dict]]) -> list[list[torc
                     "VEPO",
                 )
             if cfg.algorithm.name == "cppo":  # both entropies of the perception-token mask
-                inputs, prompt_length = mb["views"][1]
+                inputs, prompt_length = mb["views"][0]  # the negative view
                 close(mb["entropy"], _plain_entropy(z), mask, 1e-4, "CPPO clean entropy")
                 zb = _plain_logits(model, inputs, prompt_length, L, T)
                 close(mb["entropy_alt"], _plain_entropy(zb), mask, 1e-4, "CPPO negative-view entropy")

@@ -135,12 +135,13 @@ class CPPO(Method):
     cpl_advantage_gating: bool = param(True, doc="only responses with a positive advantage carry the CPL")
 
     def views(self):
-        return (AugmentedImages("preserving"), AugmentedImages("removing"))  # positive, negative
+        # negative first: the recipe's dependency S and its diagnostics read view 0, the image without its information
+        return (AugmentedImages("removing"), AugmentedImages("preserving"))
 
     def scores(self, ctx, mb, clean, lp_old, altered):
         if not self.cpl_perception_mask:
             return {}
-        d = ctx.in_root(view_divergences_in_root, clean["hidden"], altered[1]["hidden"], mb.mask)
+        d = ctx.in_root(view_divergences_in_root, clean["hidden"], altered[0]["hidden"], mb.mask)
         return {"entropy": d["entropy"], "entropy_alt": d["entropy_alt"]}
 
     def _selected(self, s) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,7 +190,7 @@ class CPPO(Method):
         ]
 
     def aux_terms(self, ctx, step, new):
-        positive, negative = step.no_grad.lp_views
+        negative, positive = step.no_grad.lp_views
         cpl = cppo_contrastive_loss(new["lp"], positive, negative, tau=self.cpl_tau)
         return {"cpl": (float(self.cpl_coef), cpl * step.shaped.outputs["cpl_weights"].to(cpl.dtype))}
 
