@@ -202,7 +202,8 @@ def test_the_methods_after_vppo_refuse_settings_that_cannot_run(config, override
 
 
 def test_every_shipped_tiny_config_of_the_methods_after_vppo_is_valid():
-    for name in ("papo", "cfpo", "dvrp", "tor", "cgpo", "pepo", "vepo", "vgpo", "noisyrollout", "perceval", "dyco"):
+    names = ("papo", "cfpo", "dvrp", "tor", "cgpo", "pepo", "vepo", "vgpo", "noisyrollout", "cppo", "dyco", "perceval")
+    for name in names:
         assert validate_config(OmegaConf.load(CONFIGS / f"tiny_{name}.yaml"), "rl").algorithm.name == name
 
 

@@ -133,7 +133,7 @@ def test_the_recipe_tests_no_method_name():
 
 
 @pytest.mark.parametrize(
-    "config", ["tiny_vppo", "tiny_tor", "tiny_cgpo", "tiny_vepo", "tiny_pepo", "tiny_vgpo", "tiny_dyco"]
+    "config", ["tiny_vppo", "tiny_tor", "tiny_cgpo", "tiny_vepo", "tiny_pepo", "tiny_vgpo", "tiny_dyco", "tiny_cppo"]
 )
 def test_shaping_syncs_with_the_host_a_fixed_number_of_times_whatever_the_micro_batches(tmp_path, monkeypatch, config):
     """The shaping phase and the policy-gradient-share diagnostic move values to the host a fixed number of times

@@ -136,6 +136,10 @@ METHOD_CHECKS = {
     # DyCo-RL: per-response factors 1 + 0.2·tanh(group z-score) in [0.8, 1.2], above and below 1 within a group
     "dyco": {"dyco/weight_min": (0.8, 1.0 - 1e-3), "dyco/weight_max": (1.0 + 1e-3, 1.2),
              "dyco/weight_mean": (0.85, 1.15), "dyco/score_mean": (0.5, 0.7311)},
+    # CPPO: softplus of a margin of two k3 (each in [0, 10]) over τ = 0.1, a mean over the selected tokens; the
+    # perception tokens are at most about half of each response's entropy-rising ones, the gate keeps A > 0 only
+    "cppo": {"actor/aux/cpl": (0.0, 100.0), "cppo/perception_fraction": (0.01, 0.75),
+             "cppo/selected_fraction": (0.0, 0.75)},
 }  # fmt: skip
 
 

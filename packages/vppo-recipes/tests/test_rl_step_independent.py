@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _warm_start import warm_assets
+from plain_cppo import plain_cppo_term
 from plain_vgpo import plain_vgpo_focus, plain_vgpo_weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -143,6 +144,7 @@ def capture_step(recipe, monkeypatch) -> dict:
                     "texts": list(mb.texts),  # what a scorer reads (Perceval)
                     "questions": [p.question for p in mb.prompts],
                     "scores": dict(s.no_grad.scores),
+                    "entropy_alt": s.no_grad.scores.get("entropy_alt"),  # CPPO's negative view
                 }
                 for mb, s in zip(mini, mini_steps)
             ]
@@ -203,9 +205,9 @@ def _plain_visual_prior(model, inputs, prompt_length: int, length: int, image_to
     return out / len(states)
 
 
-METHODS_AFTER_VPPO = ("papo", "dvrp", "tor", "cgpo", "vepo", "pepo", "vgpo", "noisyrollout")
+METHODS_AFTER_VPPO = ("papo", "dvrp", "tor", "cgpo", "vepo", "pepo", "vgpo", "noisyrollout", "cppo")
 # methods without token weights of their own (their terms are added to the loss, or only the sampling changes)
-UNWEIGHTED = ("papo", "dvrp", "noisyrollout")
+UNWEIGHTED = ("papo", "dvrp", "noisyrollout", "cppo")
 
 
 def _plain_method_weights(model, cfg, minis: list[list[dict]]) -> list[list[torch.Tensor]]:
@@ -232,7 +234,7 @@ def _plain_method_weights(model, cfg, minis: list[list[dict]]) -> list[list[torc
                 assert torch.equal(span[mask > 0], mb["responses"][mask > 0]), f"view {j} holds other responses"
                 alt = _plain_logprobs(model, inputs, mb["responses"], prompt_length, T)
                 close(mb["lp_alt" if j == 0 else "lp_alt2"], alt, mask, 2e-5, f"altered view {j}")
-            if cfg.algorithm.name in ("tor", "cgpo", "vepo", "pepo"):
+            if cfg.algorithm.name in ("tor", "cgpo", "vepo", "pepo", "cppo"):
                 z = _plain_logits(model, mb["inputs"], mb["prompt_length"], L, T)
             if cfg.algorithm.name == "tor":
                 close(mb["entropy"], _plain_top_p_entropy(z, a.tor_entropy_top_p), mask, 1e-4, "top-p entropy")
@@ -250,6 +252,11 @@ def _plain_method_weights(model, cfg, minis: list[list[dict]]) -> list[list[torc
                     1e-3,
                     "VEPO",
                 )
+            if cfg.algorithm.name == "cppo":  # both entropies of the perception-token mask
+                inputs, prompt_length = mb["views"][0]  # the negative view
+                close(mb["entropy"], _plain_entropy(z), mask, 1e-4, "CPPO clean entropy")
+                zb = _plain_logits(model, inputs, prompt_length, L, T)
+                close(mb["entropy_alt"], _plain_entropy(zb), mask, 1e-4, "CPPO negative-view entropy")
             if cfg.algorithm.name == "pepo":
                 prior = _plain_visual_prior(
                     model, mb["inputs"], mb["prompt_length"], L, int(model.config.image_token_id)
@@ -412,6 +419,8 @@ def plain_step(cfg, warm: Path, before: dict, ranks: list[dict]) -> tuple[dict[s
                 aux[key] = (-coef, kl_penalty(new, _cat([mb["lp_alt"] for mb in mini]), "k3"))
             if name == "dvrp":
                 aux["robustness_kl"] = (a.robustness_kl_coef, kl_penalty(new, _cat([mb["lp_alt2"] for mb in mini])))
+            if name == "cppo":  # from the recipe's entropies and views (the mask as for TGF), the rest plain
+                aux["cpl"] = (a.cpl_coef, plain_cppo_term(new, mini, adv, a, L_.aggregation))
             if name == "vepo":
                 aux["entropy_bonus"] = (-a.vepo_entropy_bonus, _cat([_plain_entropy(x) for x in z]))
             if name == "noisyrollout":  # on the clean images: the micro-batches' inputs (checked in test_noisyrollout)
@@ -478,9 +487,12 @@ CASES = [
     ("tiny_noisyrollout", {}),  # G = 4: 2 responses on the clean image, 2 on its noised copy, one group
     ("tiny_perceval", {}),  # the stand-in scorer's flags (ALGORITHMS.md §9.14)
     ("tiny_dyco", {}),
+    # CPPO's published coefficient 0.01 moves the tiny model too little to tell a wrong term from a right one
+    ("tiny_cppo", {"algorithm.cpl_coef": 1.0}),
+    ("tiny_cppo", {"algorithm.cpl_coef": 1.0, "loss.aggregation": "seq-mean-token-mean"}),
 ]
 IDS = ["vppo", "pgpo", "dapo", "grpo", "gspo", "papo", "dvrp", "tor", "cgpo", "vepo", "vepo_seq", "pepo"]
-IDS += ["vgpo", "noisyrollout", "perceval", "dyco"]
+IDS += ["vgpo", "noisyrollout", "perceval", "dyco", "cppo", "cppo_seq"]
 
 
 @pytest.mark.parametrize(("config", "overrides"), CASES, ids=IDS)

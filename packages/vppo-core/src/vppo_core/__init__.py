@@ -1,5 +1,5 @@
 """vppo-core: token-level perception-aware RL objectives as pure torch functions: VPPO, PGPO, DAPO, GRPO, and
-PAPO, CFPO, DVRP, ToR, PEPO, CGPO, VEPO, VGPO, NoisyRollout, Perceval, DyCo-RL (ALGORITHMS.md §9).
+PAPO, CFPO, DVRP, ToR, PEPO, CGPO, VEPO, VGPO, NoisyRollout, CPPO, DyCo-RL, Perceval (ALGORITHMS.md §9).
 
 Every function takes tensors and returns tensors; each docstring names the section of ALGORITHMS.md whose
 formula it implements. Runtime dependency: torch only. See README.md for the API table.
@@ -19,8 +19,16 @@ from vppo_core.dependency import (
     view_divergences_from_hidden,
 )
 from vppo_core.logprobs import logprobs_from_hidden, token_logprobs
-from vppo_core.losses import AGGREGATIONS, KL_ESTIMATORS, LOSS_TYPES, kl_penalty, policy_loss, truncated_is_weights
-from vppo_core.masking import SELECTION_SCOPES, policy_gradient_share, tgf_mask, top_fraction_mask
+from vppo_core.losses import (
+    AGGREGATIONS,
+    KL_ESTIMATORS,
+    LOSS_TYPES,
+    cppo_contrastive_loss,
+    kl_penalty,
+    policy_loss,
+    truncated_is_weights,
+)
+from vppo_core.masking import SELECTION_SCOPES, cppo_perception_mask, policy_gradient_share, tgf_mask, top_fraction_mask
 from vppo_core.perturb import (
     IMAGE_PERTURBATIONS,
     PERTURBATION_MODES,
@@ -63,6 +71,8 @@ __all__ = [
     "abs_log_ratio",
     "blacken_image_blocks",
     "cgpo_response_factors",
+    "cppo_contrastive_loss",
+    "cppo_perception_mask",
     "cross_modal_value_mean_attention",
     "diffusion_noise_level",
     "dyco_advantage_weights",

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from vppo_core.validation import check_finite_where, check_mask, check_token_tensor
 
-__all__ = ["AGGREGATIONS", "KL_ESTIMATORS", "LOSS_TYPES", "kl_penalty", "policy_loss"]
+__all__ = ["AGGREGATIONS", "KL_ESTIMATORS", "LOSS_TYPES", "cppo_contrastive_loss", "kl_penalty", "policy_loss"]
 
 LOSS_TYPES = ("dapo", "gspo")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
@@ -54,6 +54,32 @@ def kl_penalty(lp: Tensor, ref_lp: Tensor, estimator: Literal["k1", "k2", "k3"] 
         return 0.5 * x.square()
     x = x.clamp(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
     return (torch.exp(x) - x - 1.0).clamp(max=_K3_MAX)
+
+
+def cppo_contrastive_loss(lp: Tensor, lp_pos: Tensor, lp_neg: Tensor, *, tau: float = 0.1) -> Tensor:
+    """CPPO's per-token contrastive perception loss (ALGORITHMS.md §9.11).
+
+    ``softplus((k3(lp, lp_pos) − k3(lp, lp_neg)) / τ)`` with ``k3 = kl_penalty(·, ·, "k3")`` (verl's
+    ``low_var_kl``): small when the policy's token stays close to the information-preserving view (positive) and
+    far from the information-removing one (negative). Aggregate it over the perception tokens
+    (``cppo_perception_mask``, gated to positive advantages) with the loss's aggregation.
+
+    Args:
+        lp: ``[B, L]`` float — log-probs of the sampled tokens under the policy being trained (the gradient).
+        lp_pos: ``[B, L]`` float — the same tokens under the information-preserving view (constant).
+        lp_neg: ``[B, L]`` float — the same tokens under the information-removing view (constant).
+        tau: temperature τ > 0 (the published 0.1).
+
+    Returns:
+        ``[B, L]`` per-token loss, no masking.
+    """
+    check_token_tensor(lp_neg, "lp_neg")
+    if lp_neg.shape != lp.shape:
+        raise ValueError(f"lp_neg has shape {tuple(lp_neg.shape)}, expected the shape of lp {tuple(lp.shape)}")
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
+    margin = kl_penalty(lp, lp_pos, "k3") - kl_penalty(lp, lp_neg, "k3")
+    return torch.nn.functional.softplus(margin / float(tau))
 
 
 def truncated_is_weights(lp_old: Tensor, lp_rollout: Tensor, mask: Tensor, *, cap: float) -> Tensor:

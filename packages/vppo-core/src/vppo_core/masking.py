@@ -1,5 +1,5 @@
-"""Token selection: VPPO's Token-level Gradient Filtering (TGF, ALGORITHMS.md §4) and the top-fraction sets of
-ToR, CGPO and VEPO (§9)."""
+"""Token selection: VPPO's Token-level Gradient Filtering (TGF, ALGORITHMS.md §4), the top-fraction sets of
+ToR, CGPO and VEPO (§9) and CPPO's perception tokens (§9.11)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import Tensor
 
 from vppo_core.validation import check_finite_where, check_mask, check_token_tensor
 
-__all__ = ["SELECTION_SCOPES", "policy_gradient_share", "tgf_mask", "top_fraction_mask"]
+__all__ = ["SELECTION_SCOPES", "cppo_perception_mask", "policy_gradient_share", "tgf_mask", "top_fraction_mask"]
 
 # ρ·n is computed in float64 and shrunk by this relative amount before the ceiling: ρ = 0.4 is stored as
 # 0.40000000000000002, so 0.4 * 5 == 2.0000000000000004 and a bare ceil would give 3 instead of 2. The float
@@ -130,3 +130,44 @@ def policy_gradient_share(
     g = advantages.to(torch.float64).abs()[:, None] * (1.0 - lp_old.to(torch.float64).exp())
     g = torch.where(valid, g, torch.zeros_like(g))
     return torch.stack([(g * top).sum(), g.sum()])
+
+
+def cppo_perception_mask(
+    entropy: Tensor, entropy_alt: Tensor, mask: Tensor, *, fraction: float = 0.5, eps: float = 1e-6
+) -> Tensor:
+    """CPPO's perception tokens (ALGORITHMS.md §9.11): per response, the tokens whose entropy rises most, relative
+    to the altered view's entropy, when the image loses its information.
+
+    With ``Δ_t = H_alt,t − H_t`` and ``r_t = max(Δ_t, 0) / (H_alt,t + eps)``: among the valid tokens with Δ > 0
+    (``n⁺_i`` of them), ``k_i = max(1, floor(fraction · n⁺_i))`` (the product in float32, as the official code),
+    and a token is kept iff Δ > 0 and ``r_t ≥`` the k-th largest r of its response. Ties at the threshold are all
+    kept (so more than k_i may be); a response without a positive Δ keeps nothing.
+
+    Args:
+        entropy: ``[B, L]`` float — the analytic entropy of the policy on the clean image.
+        entropy_alt: ``[B, L]`` float — the same under the information-removing view (CPPO's negative view).
+        mask: ``[B, L]`` bool or 0/1 — 1 on real response tokens.
+        fraction: in (0, 1] (the published 0.5).
+        eps: added to ``H_alt`` in the denominator (1e-6 in the official code).
+
+    Returns:
+        ``[B, L]`` bool, never a padding position.
+    """
+    check_token_tensor(entropy, "entropy")
+    check_token_tensor(entropy_alt, "entropy_alt")
+    if entropy_alt.shape != entropy.shape:
+        raise ValueError(f"entropy_alt has shape {tuple(entropy_alt.shape)}, expected {tuple(entropy.shape)}")
+    valid = check_mask(mask, entropy.shape)
+    _check_fraction(fraction)
+    if not (isinstance(eps, (int, float)) and eps >= 0):
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    check_finite_where(entropy, valid, "entropy")
+    check_finite_where(entropy_alt, valid, "entropy_alt")
+    delta = entropy_alt - entropy
+    positive = (delta > 0) & valid
+    ratio = torch.relu(delta) / (entropy_alt + eps)
+    keyed = torch.where(positive, ratio, torch.full_like(ratio, -math.inf))
+    ordered = torch.sort(keyed, dim=1, descending=True).values
+    k = (positive.sum(dim=1).to(torch.float32) * float(fraction)).clamp(min=1).to(torch.long)
+    threshold = ordered.gather(1, (k - 1)[:, None])  # -inf for a response without a positive Δ
+    return positive & (ratio >= threshold)

@@ -17,6 +17,7 @@ from vppo_recipes.methods.baselines import DAPO, GRPO
 from vppo_recipes.methods.cfpo import CFPO
 from vppo_recipes.methods.cgpo import CGPO
 from vppo_recipes.methods.composed import Composed
+from vppo_recipes.methods.cppo import CPPO
 from vppo_recipes.methods.dvrp import DVRP
 from vppo_recipes.methods.dyco import DyCo
 from vppo_recipes.methods.noisyrollout import NoisyRollout
@@ -44,7 +45,24 @@ __all__ = [
 # `algorithm.name` -> class, in the order the docs list them
 BUILTIN_METHODS: dict[str, type[Method]] = {
     cls.name: cls
-    for cls in (VPPO, PGPO, DAPO, GRPO, PAPO, CFPO, DVRP, ToR, CGPO, PEPO, VEPO, VGPO, NoisyRollout, Perceval, DyCo)
+    for cls in (
+        VPPO,
+        PGPO,
+        DAPO,
+        GRPO,
+        PAPO,
+        CFPO,
+        DVRP,
+        ToR,
+        CGPO,
+        PEPO,
+        VEPO,
+        VGPO,
+        NoisyRollout,
+        CPPO,
+        DyCo,
+        Perceval,
+    )
 }
 # The keys of the `algorithm` section that choose the method rather than set it
 CHOOSING_KEYS = ("name", "_component_")
