@@ -161,15 +161,15 @@ def anchor_decisions(hidden: Tensor, weight: Tensor, yes_ids: Sequence[int], no_
     ``allowed_token_ids`` with temperature 0: every other logit −inf, then argmax; a tie goes to the smaller token
     id), True where it is a yes token.
 
-    hidden: ``[N, H]`` the last hidden state at each query's last position. weight: ``[V, H]`` the LM-head weight
-    (only the allowed rows are read: ``[N, |allowed|]`` logits, never ``[N, V]``). Returns ``[N]`` bool.
+    hidden: ``[B, H]`` the last hidden state at each query's last position. weight: ``[V, H]`` the LM-head weight
+    (only the allowed rows are read: ``[B, |allowed|]`` logits, never ``[B, V]``). Returns ``[B]`` bool.
     The temperature does not change an argmax, so none is taken.
     """
     yes, no = [int(i) for i in yes_ids], [int(i) for i in no_ids]
     if not yes or not no or set(yes) & set(no):
         raise ValueError(f"yes_ids and no_ids must be non-empty and disjoint, got {yes} and {no}")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden must be [N, H] and weight [V, H], got {tuple(hidden.shape)}, {tuple(weight.shape)}")
+        raise ValueError(f"hidden must be [B, H] and weight [V, H], got {tuple(hidden.shape)}, {tuple(weight.shape)}")
     allowed = sorted(set(yes) | set(no))  # ascending ids: argmax's first maximum is the smallest id
     ids = torch.tensor(allowed, device=weight.device)
     logits = hidden.float() @ weight.index_select(0, ids).float().T
@@ -181,13 +181,13 @@ def anchor_perception_score(correct: Tensor, positions: Tensor, lengths: Tensor,
     """VAPO's perception score per response (§9.12, the paper's Eq. 4 and the chance rescaling of its reward code):
     ``s = Σ_j c_j·e^{β·p_j/ℓ} / Σ_j e^{β·p_j/ℓ}``, returned as ``max((s − 0.5)/0.5, 0)`` in [0, 1].
 
-    correct: ``[N, K]`` bool / 0-1, the policy's verdict on anchor j agrees with the claim's label. positions:
-    ``[N, K]`` the anchors' character positions. lengths: ``[N]`` the responses' character lengths (> 0).
-    K = 0 gives 0 (no anchor). Returns ``[N]`` float64.
+    correct: ``[B, K]`` bool / 0-1, the policy's verdict on anchor j agrees with the claim's label. positions:
+    ``[B, K]`` the anchors' character positions. lengths: ``[B]`` the responses' character lengths (> 0).
+    K = 0 gives 0 (no anchor). Returns ``[B]`` float64.
     """
     if correct.dim() != 2 or positions.shape != correct.shape or lengths.shape != correct.shape[:1]:
         raise ValueError(
-            f"correct and positions must be [N, K] and lengths [N]; got {tuple(correct.shape)}, "
+            f"correct and positions must be [B, K] and lengths [B]; got {tuple(correct.shape)}, "
             f"{tuple(positions.shape)}, {tuple(lengths.shape)}"
         )
     if correct.shape[1] == 0:
@@ -202,11 +202,11 @@ def anchor_perception_score(correct: Tensor, positions: Tensor, lengths: Tensor,
 def vapo_rewards(
     accuracy: Tensor, format: Tensor, perception: Tensor, *, format_weight: float = 0.1, anchor_weight: float = 0.1
 ) -> Tensor:
-    """VAPO's reward (§9.12): ``(1 − w_f − w_a)·acc + w_f·format + w_a·1[acc = 1]·perception``, all ``[N]``; the
-    perception term counts only for correct responses. Returns ``[N]`` float64 (the group advantages take it)."""
+    """VAPO's reward (§9.12): ``(1 − w_f − w_a)·acc + w_f·format + w_a·1[acc = 1]·perception``, all ``[B]``; the
+    perception term counts only for correct responses. Returns ``[B]`` float64 (the group advantages take it)."""
     if not (accuracy.shape == format.shape == perception.shape) or accuracy.dim() != 1:
         raise ValueError(
-            f"accuracy, format and perception must all be [N]; got {tuple(accuracy.shape)}, {tuple(format.shape)}, "
+            f"accuracy, format and perception must all be [B]; got {tuple(accuracy.shape)}, {tuple(format.shape)}, "
             f"{tuple(perception.shape)}"
         )
     acc = accuracy.double()
