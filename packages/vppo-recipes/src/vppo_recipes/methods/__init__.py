@@ -22,6 +22,7 @@ from vppo_recipes.methods.papo import PAPO
 from vppo_recipes.methods.pepo import PEPO
 from vppo_recipes.methods.pgpo import PGPO
 from vppo_recipes.methods.tor import ToR
+from vppo_recipes.methods.vapo import VAPO
 from vppo_recipes.methods.vepo import VEPO
 from vppo_recipes.methods.vppo import VPPO
 
@@ -39,7 +40,7 @@ __all__ = [
 
 # `algorithm.name` -> class, in the order the docs list them
 BUILTIN_METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (VPPO, PGPO, DAPO, GRPO, PAPO, CFPO, DVRP, ToR, CGPO, PEPO, VEPO)
+    cls.name: cls for cls in (VPPO, PGPO, DAPO, GRPO, PAPO, CFPO, DVRP, ToR, CGPO, PEPO, VEPO, VAPO)
 }
 # The keys of the `algorithm` section that choose the method rather than set it
 CHOOSING_KEYS = ("name", "_component_")
