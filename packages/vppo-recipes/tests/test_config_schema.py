@@ -187,6 +187,10 @@ def test_bf16_stochastic_rounding_is_refused_before_compute_with_the_reason():
         ("tiny_vepo", {"loss.aggregation": "seq-mean-token-sum"}, r"vepo averages the policy term"),
         ("tiny_tor", {"algorithm.tor_entropy_fraction": 0.0}, r"tor_entropy_fraction' is 0\.0; must be in \(0, 1\]"),
         ("tiny_pepo", {"algorithm.pepo_temperature": 0.0}, r"pepo_temperature' is 0\.0; must be > 0"),
+        # each anchor asks another claim; VAPO's reward replaces the recipe's, whose format weight it must share
+        ("tiny_vapo", {"algorithm.vapo_anchors": 21}, r"vapo_anchors=21 > algorithm\.vapo_claims=20"),
+        ("tiny_vapo", {"reward.format_weight": 0.2}, r"vapo_format_weight=0\.1 differs from reward\.format_weight"),
+        ("tiny_vapo", {"algorithm.vapo_anchor_weight": 0.95}, r"vapo_format_weight \+ vapo_anchor_weight must be"),
     ],
 )
 def test_the_methods_after_vppo_refuse_settings_that_cannot_run(config, overrides, message):
@@ -199,7 +203,7 @@ def test_the_methods_after_vppo_refuse_settings_that_cannot_run(config, override
 
 
 def test_every_shipped_tiny_config_of_the_methods_after_vppo_is_valid():
-    for name in ("papo", "cfpo", "dvrp", "tor", "cgpo", "pepo", "vepo"):
+    for name in ("papo", "cfpo", "dvrp", "tor", "cgpo", "pepo", "vepo", "vapo"):
         assert validate_config(OmegaConf.load(CONFIGS / f"tiny_{name}.yaml"), "rl").algorithm.name == name
 
 

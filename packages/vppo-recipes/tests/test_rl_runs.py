@@ -119,6 +119,8 @@ METHOD_CHECKS = {
     # VEPO: the top 20 % of each response, each weighted N_valid / N_selected, so the weights average to 1
     "vepo": {"vepo/weight_mean": (1.0 - 1e-6, 1.0 + 1e-6), "vepo/nonzero_fraction": (0.2, 0.5),
              "actor/aux/entropy_bonus": (0.0, 20.0)},
+    # VAPO: its reward (0.8·acc + 0.1·format + 0.1·[acc = 1]·P), P and the verdicts' agreement with the claims
+    "vapo": {"vapo/reward_mean": (0.0, 1.0), "vapo/perception_mean": (0.0, 1.0), "vapo/anchor_agreement": (0.0, 1.0)},
 }  # fmt: skip
 
 
