@@ -148,6 +148,22 @@ def test_every_method_after_vppo_trains_two_steps_on_two_ranks_like_one(assets, 
     assert (two / "checkpoints" / "step_000002" / "model.safetensors").is_file()
 
 
+def test_vapo_without_its_anchor_weight_trains_like_dapo_bit_for_bit(assets):
+    """`algorithm.vapo_anchor_weight=0` is what VAPO's released scripts train (their anchor step is commented out,
+    ALGORITHMS.md §9.12): no probe, and VAPO's reward 0.9·acc + 0.1·format is the recipe's, so two steps on two
+    ranks equal DAPO's without its entropy term, bit for bit (VAPO's own advantages go through `shape`)."""
+    released, dapo = assets["root"] / "vapo_released", assets["root"] / "dapo_no_entropy"
+    _run(assets, "vapo", released, nproc=2, steps=2, extra=["algorithm.vapo_anchor_weight=0"])
+    _run(assets, "dapo", dapo, nproc=2, steps=2, extra=["loss.entropy_coef=0.0"])
+    mv, md = _metrics(released), _metrics(dapo)
+    assert [m["step"] for m in mv] == [1, 2] and mv[0]["filter/groups_kept"] == 4
+    for a, b in zip(mv, md):
+        for key in ("loss", "grad_norm", "reward/mean", "actor/entropy", "actor/clipfrac_high"):
+            assert _same(a[key], b[key]), (key, a[key], b[key])
+        assert a["vapo/reward_mean"] == pytest.approx(a["reward/mean"], abs=1e-6) and a["vapo/perception_mean"] == 0
+    _assert_same_weights(released / "checkpoints" / "step_000002", dapo / "checkpoints" / "step_000002", atol=0)
+
+
 def test_dependency_diagnostics_leave_the_baselines_training_unchanged_and_items_are_written(assets):
     """diagnostics.dependency=true on DAPO: the extra perturbed pass is logged only; every loss, grad norm and weight
     is bit-identical to the run without it. Validation writes each held-out item's accuracy."""
