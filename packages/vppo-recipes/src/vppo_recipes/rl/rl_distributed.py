@@ -374,8 +374,8 @@ class RLRecipeDistributed:
     # ---------------------------------------------------------------- 1-3. rollout
 
     def _prepare_example(self, example: Example) -> tuple[int, Prompt, str, dict]:
-        """ExampleStream's `prepare`: (row, chat prompt, answer, the method's data columns); a row whose prompt cannot be built (over
-        data.max_prompt_length, two <image> placeholders for one image, ...) is skipped and counted."""
+        """ExampleStream's `prepare`: (row, chat prompt, answer, the method's data columns); a row whose prompt cannot
+        be built (over data.max_prompt_length, two <image> placeholders for one image, ...) is skipped and counted."""
         prompt = prompt_or_skip(self.processor, example, max_prompt_length=self._cfg.data.max_prompt_length)
         return example.row, prompt, example.answer, example.extra
 
