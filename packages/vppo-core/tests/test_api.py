@@ -40,6 +40,8 @@ SECTIONED += ["top_fraction_mask", "tor_token_weights", "cgpo_response_factors",
 SECTIONED += ["pepo_token_weights", "vepo_token_scores", "view_divergences_from_hidden", "top_p_entropy_from_hidden"]
 SECTIONED += ["abs_log_ratio", "minmax_by_response"]
 SECTIONED += ["fisher_rao_distance", "dyco_attention_signals", "dyco_response_scores", "dyco_advantage_weights"]
+# VAPO's tensor functions (issue 26); its text functions (anchor_cutoffs, ...) name §9.12 but take no tensors
+SECTIONED += ["anchor_decisions", "anchor_perception_score", "vapo_rewards"]
 
 SCRIPT = Path(__file__).with_name("check_runtime_deps.py")
 

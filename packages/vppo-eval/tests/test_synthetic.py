@@ -246,3 +246,29 @@ def test_plain_build_is_unchanged_by_the_new_options(tmp_path):
 def test_hint_and_reasoning_arguments_are_checked(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         build_visual_task(tmp_path, n_train=4, n_test=0, **kwargs)
+
+
+def test_claim_columns_are_true_or_false_statements_about_the_scene_and_change_no_other_column(tmp_path):
+    """`claims=n` (VAPO's columns): claim_j / label_j pairs whose label is what the image shows, about half of them
+    CORRECT; every other column byte for byte as without them."""
+    import pyarrow.parquet as pq
+
+    from vppo_eval.synthetic import cell_claim
+
+    build_visual_task(tmp_path / "plain", n_train=40, n_test=2, seed=3)
+    dsd = build_visual_task(tmp_path / "claims", n_train=40, n_test=2, seed=3, claims=5)
+    plain = pq.read_table(tmp_path / "plain" / "data" / "train-00000-of-00001.parquet")
+    full = pq.read_table(tmp_path / "claims" / "data" / "train-00000-of-00001.parquet")
+    assert full.column_names == plain.column_names + [f"{k}_{j}" for j in range(1, 6) for k in ("claim", "label")]
+    assert all(full[c].equals(plain[c]) for c in plain.column_names)
+    labels = [r[f"label_{j}"] for r in _rows(dsd["train"]) for j in range(1, 6)]
+    assert set(labels) == {"CORRECT", "WRONG"} and 0.3 < labels.count("CORRECT") / len(labels) < 0.7
+    import random
+
+    scene = {(0, 0): ("circle", "red")}  # top-left red circle, the rest empty
+    for seed in range(200):
+        claim, label = cell_claim(scene, random.Random(seed), grid=2)
+        true = claim in ("The top-left cell holds a red circle.",) or (
+            claim.endswith("is empty.") and not claim.startswith("The top-left")
+        )
+        assert (label == "CORRECT") == true, claim

@@ -16,11 +16,13 @@ the phases the recipe logs (the slowest rank's seconds).
 Columns (per micro-batch: per forward/backward of the update, `batch.micro_batch_size` responses):
 - views: `len(method.views())`, the altered no-grad passes the method declares (the recipe adds VPPO's view for a
   method without one under `diagnostics.dependency: true`, off here);
-- extra no-grad fwd / mb: COUNTED while the run trains: every `response_pass` the recipe makes (the model forward
-  that every log-prob comes from) without gradient, per gradient pass, minus DAPO's (its clean pass for lp_old);
+- extra no-grad fwd / mb: COUNTED while the run trains: every forward of the policy's decoder without gradient (the
+  recipe's passes and any a method runs itself, e.g. VAPO's probes), per forward with gradient, minus DAPO's (its
+  clean pass for lp_old);
 - also returns: what the method asks of the clean no-grad pass (`clean_entropy`: the analytic entropy;
-  `clean_prior`: PEPO's prior from every layer's hidden state, reduced layer by layer) and of the gradient pass (`update_entropy`): no
-  extra forward, more work and memory in the same one;
+  `clean_prior`: PEPO's prior from every layer's hidden state, reduced layer by layer; `clean_full_hidden`: the
+  whole last hidden state) and of the gradient pass (`update_entropy`): no extra forward, more work and memory in
+  the same one;
 - head / mb: counted `ctx.in_root` calls per micro-batch: full-vocabulary computations on the LM head over saved
   hidden states (the exact dependency, ToR's top-p entropy, VEPO's view divergences), no transformer forward;
 - step, no-grad, update: median seconds of the whole step, of the no-grad phases (`time/old_logprob_s` +
@@ -189,8 +191,9 @@ def error_line(stderr: str) -> str:
 def worker() -> None:
     """This script as the recipe (`tune run` from `run`): `recipe_main` with counters on its forward passes.
 
-    Counts, per RL step, on rank 0: every `response_pass` with and without gradient (and what it was asked to
-    return besides the log-probs), and every `ctx.in_root` computation of a method; appended as a JSON line to the
+    Counts, per RL step, on rank 0: every forward of the policy's decoder with and without gradient (the recipe's
+    passes and a method's own), what the `response_pass` calls were asked to return besides the log-probs, and every
+    `ctx.in_root` computation of a method; appended as a JSON line to the
     file named by $VPPO_BENCH_PASS_COUNTS."""
     import torch
 
@@ -203,7 +206,6 @@ def worker() -> None:
 
     def counted_pass(*args, **kwargs):
         kind = "grad" if torch.is_grad_enabled() else "no_grad"
-        counts[kind] += 1
         counts[f"{kind}_entropy"] += bool(kwargs.get("entropy"))
         counts[f"{kind}_prior"] += kwargs.get("visual_token_id") is not None
         counts[f"{kind}_full_hidden"] += bool(kwargs.get("full_hidden"))
@@ -221,6 +223,21 @@ def worker() -> None:
                 f.write(json.dumps(dict(counts)) + "\n")
         return metrics
 
+    setup = recipe.RLRecipeDistributed.setup
+
+    def counted_setup(self, cfg):
+        """Count every transformer forward of the policy (its first decoder layer running), with and without
+        gradient: a method's own forwards in a hook (VAPO's probes) count as well as the recipe's passes. The
+        sampler's copy of the model is made before this hook, so sampling is not counted."""
+        setup(self, cfg)
+        from vppo_recipes.sharding import find_blocks
+
+        def count(module, args):
+            counts["grad" if torch.is_grad_enabled() else "no_grad"] += 1
+
+        find_blocks(self.model)[1][0].register_forward_pre_hook(count)
+
+    recipe.RLRecipeDistributed.setup = counted_setup
     recipe.response_pass, base.call_in_root_forward = counted_pass, counted_in_root
     recipe.RLRecipeDistributed.rl_step = counted_step
     recipe._HARD_EXIT = True  # as when the recipe runs as a script (it leaves by os._exit after its cleanup)

@@ -49,11 +49,12 @@ def warm_start(ckpt: Path, task: Path, out: Path, *, steps: int, thought: str) -
 
 def warm_assets(root: Path, **size_overrides) -> dict[str, Path]:
     """A tiny Qwen2.5-VL (seed 0, `size_overrides` for vppo_rollout.build_tiny_checkpoint), the synthetic task's
-    left/right family (32 train / 4 test rows) and the 60-step warm start: {"root", "warm", "task"}."""
+    left/right family (32 train / 4 test rows, with 20 claim columns) and the 60-step warm start: {"root", "warm", "task"}."""
     from vppo_eval.synthetic import build_visual_task
     from vppo_rollout.tiny import build_tiny_checkpoint
 
     ckpt = build_tiny_checkpoint(root / "tiny", "qwen2_5_vl", seed=0, **size_overrides)
-    build_visual_task(root / "task", n_train=32, n_test=4, seed=0, tasks=("side",))
+    # with VAPO's claim columns (tiny_vapo reads them; their own random stream: the other columns are unchanged)
+    build_visual_task(root / "task", n_train=32, n_test=4, seed=0, tasks=("side",), claims=20)
     warm = warm_start(ckpt, root / "task", root / "warm", steps=60, thought="I see")
     return {"root": root, "warm": warm, "task": root / "task"}

@@ -260,10 +260,14 @@ def test_run_passes_a_signal_on_to_the_run_and_waits_for_it_to_stop(tmp_path, si
 def test_init_tiny_without_warm_start_writes_what_tiny_sft_reads(tmp_path, monkeypatch, capsys):
     """`vppo-recipes init-tiny runs --no-warm-start` from a fresh directory: tiny_sft's ./runs/tiny_ckpt and
     ./runs/visual_task exist and its launch passes the launcher's checks. No documented command wrote them before."""
+    from vppo_recipes.data import load_source
+
     monkeypatch.chdir(tmp_path)
     assert cli.main(["init-tiny", "runs", "--no-warm-start"]) == 0
     assert (tmp_path / "runs" / "tiny_ckpt" / "config.json").is_file()
     assert (tmp_path / "runs" / "visual_task").is_dir() and not (tmp_path / "runs" / "tiny_sft").exists()
+    claims = tmp_path / "runs" / "visual_task_claims"  # tiny_vapo's: the same rows with VAPO's claim columns
+    assert {"claim_20", "label_20"} <= set(load_source(claims, "train").column_names)
     assert "the tiny RL configs (tiny_vppo, tiny_dapo, ...) need it" in capsys.readouterr().out
     cli.check_run_config(
         "sft_distributed", ["--nproc_per_node", "2"], ["--config", str(cli.resolve_config("tiny_sft"))]

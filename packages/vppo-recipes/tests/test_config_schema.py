@@ -190,6 +190,10 @@ def test_bf16_stochastic_rounding_is_refused_before_compute_with_the_reason():
         ("tiny_vgpo", {"algorithm.vgpo_gate_start": 1.0}, r"vgpo_gate_start' is 1\.0; must be in \[0, 1\)"),
         ("tiny_vgpo", {"algorithm.vgpo_gate_top": 0.0}, r"vgpo_gate_top' is 0\.0; must be in \(0, 1\]"),
         ("tiny_dyco", {"algorithm.dyco_weight_low": 1.3}, r"dyco_weight_low must be <= algorithm\.dyco_weight_high"),
+        # each anchor asks another claim; VAPO's reward replaces the recipe's, whose format weight it must share
+        ("tiny_vapo", {"algorithm.vapo_anchors": 21}, r"vapo_anchors=21 > algorithm\.vapo_claims=20"),
+        ("tiny_vapo", {"reward.format_weight": 0.2}, r"vapo_format_weight=0\.1 differs from reward\.format_weight"),
+        ("tiny_vapo", {"algorithm.vapo_anchor_weight": 0.95}, r"vapo_format_weight \+ vapo_anchor_weight must be"),
     ],
 )
 def test_the_methods_after_vppo_refuse_settings_that_cannot_run(config, overrides, message):
@@ -202,7 +206,8 @@ def test_the_methods_after_vppo_refuse_settings_that_cannot_run(config, override
 
 
 def test_every_shipped_tiny_config_of_the_methods_after_vppo_is_valid():
-    names = ("papo", "cfpo", "dvrp", "tor", "cgpo", "pepo", "vepo", "vgpo", "noisyrollout", "cppo", "dyco", "perceval")
+    names = ("papo", "cfpo", "dvrp", "tor", "cgpo", "pepo", "vepo", "vgpo", "noisyrollout", "cppo", "vapo", "dyco")
+    names += ("perceval",)
     for name in names:
         assert validate_config(OmegaConf.load(CONFIGS / f"tiny_{name}.yaml"), "rl").algorithm.name == name
 

@@ -105,6 +105,20 @@ def test_missing_column_names_the_columns_present_and_the_key_to_set():
     assert VisualQADataset(ds, {"question": "question"}).example(0).question == "How many? 0"
 
 
+def test_a_methods_extra_columns_reach_each_example_and_a_missing_one_is_named():
+    """`Method.data_columns` (VAPO's claims): kept per row as the dataset holds them; a dataset without one is refused
+    naming the column, who needs it, the columns present and the fix."""
+    ds = _dataset(2).add_column("claim_1", ["a", "b"]).add_column("label_1", ["CORRECT", "WRONG"])
+    example = VisualQADataset(ds, extra_columns=("claim_1", "label_1")).example(1)
+    assert example.extra == {"claim_1": "b", "label_1": "WRONG"}
+    assert VisualQADataset(ds).example(1).extra == {}  # none asked: none kept
+    with pytest.raises(ValueError) as info:
+        VisualQADataset(_dataset(2), extra_columns=("claim_1", "label_1"), needed_by="algorithm vapo", source="x")
+    msg = str(info.value)
+    assert "algorithm vapo needs the dataset column 'claim_1' (and 1 more of the 2 it reads), which x lacks" in msg
+    assert "columns present: ['problem', 'answer', 'images']" in msg and "Use a dataset with those columns" in msg
+
+
 @pytest.mark.parametrize(("row", "reason"), [(6, "missing_image"), (7, "undecodable_image"), (8, "empty_answer")])
 def test_bad_row_raises_skiprow_with_its_reason(row, reason):
     with pytest.raises(SkipRow) as info:

@@ -140,6 +140,8 @@ METHOD_CHECKS = {
     # perception tokens are at most about half of each response's entropy-rising ones, the gate keeps A > 0 only
     "cppo": {"actor/aux/cpl": (0.0, 100.0), "cppo/perception_fraction": (0.01, 0.75),
              "cppo/selected_fraction": (0.0, 0.75)},
+    # VAPO: its reward (0.8·acc + 0.1·format + 0.1·[acc = 1]·P), P and the verdicts' agreement with the claims
+    "vapo": {"vapo/reward_mean": (0.0, 1.0), "vapo/perception_mean": (0.0, 1.0), "vapo/anchor_agreement": (0.0, 1.0)},
 }  # fmt: skip
 
 
@@ -166,6 +168,22 @@ def test_every_method_after_vppo_trains_two_steps_on_two_ranks_like_one(assets, 
         assert low <= a[key] <= high, (key, a[key])
         assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
     assert (two / "checkpoints" / "step_000002" / "model.safetensors").is_file()
+
+
+def test_vapo_without_its_anchor_weight_trains_like_dapo_bit_for_bit(assets):
+    """`algorithm.vapo_anchor_weight=0` is what VAPO's released scripts train (their anchor step is commented out,
+    ALGORITHMS.md §9.12): no probe, and VAPO's reward 0.9·acc + 0.1·format is the recipe's, so two steps on two
+    ranks equal DAPO's without its entropy term, bit for bit (VAPO's own advantages go through `shape`)."""
+    released, dapo = assets["root"] / "vapo_released", assets["root"] / "dapo_no_entropy"
+    _run(assets, "vapo", released, nproc=2, steps=2, extra=["algorithm.vapo_anchor_weight=0"])
+    _run(assets, "dapo", dapo, nproc=2, steps=2, extra=["loss.entropy_coef=0.0"])
+    mv, md = _metrics(released), _metrics(dapo)
+    assert [m["step"] for m in mv] == [1, 2] and mv[0]["filter/groups_kept"] == 4
+    for a, b in zip(mv, md):
+        for key in ("loss", "grad_norm", "reward/mean", "actor/entropy", "actor/clipfrac_high"):
+            assert _same(a[key], b[key]), (key, a[key], b[key])
+        assert a["vapo/reward_mean"] == pytest.approx(a["reward/mean"], abs=1e-6) and a["vapo/perception_mean"] == 0
+    _assert_same_weights(released / "checkpoints" / "step_000002", dapo / "checkpoints" / "step_000002", atol=0)
 
 
 def test_dependency_diagnostics_leave_the_baselines_training_unchanged_and_items_are_written(assets):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).parent))
+import plain_vapo
 from _warm_start import warm_assets
 from plain_cppo import plain_cppo_term
 from plain_vgpo import plain_vgpo_focus, plain_vgpo_weights
@@ -76,7 +77,8 @@ def _full_state(model) -> dict[str, torch.Tensor]:
 def capture_step(recipe, monkeypatch) -> dict:
     """Run one `rl_step` of a set-up recipe; return what it saw, as plain data (tensors, lists, dicts).
 
-    {"before", "after": full state dicts, "metrics", "rewards": [mini][response] of this rank's groups,
+    {"before", "after": full state dicts, "metrics", "reward" / "accuracy" / "format": [mini][response] of this
+     rank's groups,
      "minis": [mini][micro] -> {"inputs", "altered" (or None), "responses", "mask", "prompt_length", "lp_old",
      "lp_alt" (or None)}}. Every rank calls it (gathering the full weights is collective).
     """
@@ -116,9 +118,13 @@ def capture_step(recipe, monkeypatch) -> dict:
         "before": before,
         "after": after,
         "metrics": metrics,
-        "rewards": [
-            [r for g in groups[i * per_mini : (i + 1) * per_mini] for r in g.reward] for i in range(len(minis))
-        ],
+        **{
+            key: [
+                [r for g in groups[i * per_mini : (i + 1) * per_mini] for r in getattr(g, key)]
+                for i in range(len(minis))
+            ]
+            for key in ("reward", "accuracy", "format")
+        },
         "minis": [
             [
                 {
@@ -145,6 +151,7 @@ def capture_step(recipe, monkeypatch) -> dict:
                     "questions": [p.question for p in mb.prompts],
                     "scores": dict(s.no_grad.scores),
                     "entropy_alt": s.no_grad.scores.get("entropy_alt"),  # CPPO's negative view
+                    "vapo": plain_vapo.capture(recipe, mb, s.no_grad.scores),  # VAPO's probe, else None
                 }
                 for mb, s in zip(mini, mini_steps)
             ]
@@ -362,7 +369,15 @@ def plain_step(cfg, warm: Path, before: dict, ranks: list[dict]) -> tuple[dict[s
     n_minis = len(ranks[0]["minis"])
     # global mini-batch i = every rank's share of it (ranks own whole groups)
     minis = [[mb for r in ranks for mb in r["minis"][i]] for i in range(n_minis)]
-    rewards = [[x for r in ranks for x in r["rewards"][i]] for i in range(n_minis)]
+    rewards = [[x for r in ranks for x in r["reward"][i]] for i in range(n_minis)]
+    if name == "vapo":  # VAPO's own reward, from the plain perception score of every response
+        rewards = [
+            plain_vapo.rewards(
+                a, [x for r in ranks for x in r["accuracy"][i]], [x for r in ranks for x in r["format"][i]],
+                [p for mb in minis[i] for p in plain_vapo.perception(model, a, mb["vapo"])],
+            )
+            for i in range(n_minis)
+        ]  # fmt: skip
 
     # lp_old (and the altered pass) of every micro-batch, before any update
     with torch.no_grad():
@@ -490,9 +505,10 @@ CASES = [
     # CPPO's published coefficient 0.01 moves the tiny model too little to tell a wrong term from a right one
     ("tiny_cppo", {"algorithm.cpl_coef": 1.0}),
     ("tiny_cppo", {"algorithm.cpl_coef": 1.0, "loss.aggregation": "seq-mean-token-mean"}),
+    ("tiny_vapo", {}),  # its own reward (the policy's verdicts on the task's claims): its own group advantages
 ]
 IDS = ["vppo", "pgpo", "dapo", "grpo", "gspo", "papo", "dvrp", "tor", "cgpo", "vepo", "vepo_seq", "pepo"]
-IDS += ["vgpo", "noisyrollout", "perceval", "dyco", "cppo", "cppo_seq"]
+IDS += ["vgpo", "noisyrollout", "perceval", "dyco", "cppo", "cppo_seq", "vapo"]
 
 
 @pytest.mark.parametrize(("config", "overrides"), CASES, ids=IDS)

@@ -1,11 +1,23 @@
 """vppo-core: token-level perception-aware RL objectives as pure torch functions: VPPO, PGPO, DAPO, GRPO, and
-PAPO, CFPO, DVRP, ToR, PEPO, CGPO, VEPO, VGPO, NoisyRollout, CPPO, DyCo-RL, Perceval (ALGORITHMS.md §9).
+PAPO, CFPO, DVRP, ToR, PEPO, CGPO, VEPO, VGPO, NoisyRollout, CPPO, DyCo-RL, Perceval, and VAPO's perception reward
+(ALGORITHMS.md §9).
 
 Every function takes tensors and returns tensors; each docstring names the section of ALGORITHMS.md whose
 formula it implements. Runtime dependency: torch only. See README.md for the API table.
 """
 
-from vppo_core.advantages import group_advantages, keep_groups
+from vppo_core.advantages import (
+    ANCHOR_SEPARATORS,
+    anchor_cutoffs,
+    anchor_decisions,
+    anchor_perception_score,
+    anchor_positions,
+    anchor_query,
+    anchor_think_span,
+    group_advantages,
+    keep_groups,
+    vapo_rewards,
+)
 from vppo_core.attention import dyco_attention_signals, fisher_rao_distance, text_only_attention
 from vppo_core.counterfactual import cross_modal_value_mean_attention, image_spans, value_mean_correction
 from vppo_core.dependency import (
@@ -63,12 +75,19 @@ from vppo_core.shaping import (
 
 __all__ = [
     "AGGREGATIONS",
+    "ANCHOR_SEPARATORS",
     "IMAGE_PERTURBATIONS",
     "KL_ESTIMATORS",
     "LOSS_TYPES",
     "PERTURBATION_MODES",
     "SELECTION_SCOPES",
     "abs_log_ratio",
+    "anchor_cutoffs",
+    "anchor_decisions",
+    "anchor_perception_score",
+    "anchor_positions",
+    "anchor_query",
+    "anchor_think_span",
     "blacken_image_blocks",
     "cgpo_response_factors",
     "cppo_contrastive_loss",
@@ -112,6 +131,7 @@ __all__ = [
     "trajectory_dependency",
     "truncated_is_weights",
     "value_mean_correction",
+    "vapo_rewards",
     "vepo_token_scores",
     "vgpo_compensated_scores",
     "vgpo_response_factors",

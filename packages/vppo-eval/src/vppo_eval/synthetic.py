@@ -30,6 +30,11 @@ Written as a ``datasets.DatasetDict`` (train/test) of parquet files with embedde
 names the recipes default to: ``problem`` (the question, no ``<image>`` placeholder), ``answer``, ``images``
 (``List(Image())``, one image) plus ``id`` and ``task`` (and ``response`` with ``reasoning=True``). Deterministic from
 ``seed``.
+
+``claims=n`` adds VAPO's columns (ALGORITHMS.md §9.12): ``claim_1..claim_n``, statements about the image that the
+builder knows to be true or false ("The top-left cell holds a red circle.", "The bottom-right cell is empty."), and
+``label_1..label_n`` = ``CORRECT`` / ``WRONG``, each label drawn with probability 1/2. They come from their own random
+stream, so every other column is the same with or without them.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ __all__ = [
     "SHAPES",
     "TASKS",
     "build_visual_task",
+    "cell_claim",
     "reasoning_response",
     "render_scene",
     "sample_item",
@@ -163,6 +169,39 @@ def reasoning_response(corner: str, answer: str, rng: random.Random, *, n_filler
     return f"<think>The {corner} shape is {answer}. {fillers}</think> \\boxed{{{answer}}}"
 
 
+def _cell_name(cell: tuple[int, int], grid: int) -> str:
+    row, col = cell
+    if grid == 2:
+        return f"{'top' if row == 0 else 'bottom'}-{'left' if col == 0 else 'right'}"
+    return f"row {row + 1}, column {col + 1}"
+
+
+def cell_claim(scene: Scene, rng: random.Random, *, grid: int) -> tuple[str, str]:
+    """A statement about one random cell of ``scene`` and its label: ``(claim, "CORRECT" | "WRONG")``.
+
+    The label is drawn first (each with probability 1/2), then a cell; a true claim states what the cell holds
+    (its shape and colour, or that it is empty), a false one changes the colour or the shape, calls a full cell
+    empty, or puts a random shape in an empty one.
+    """
+    correct = rng.random() < 0.5
+    cell = rng.choice([(r, c) for r in range(grid) for c in range(grid)])
+    where = f"The {_cell_name(cell, grid)} cell"
+    held = scene.get(cell)
+    if held is None:
+        if correct:
+            return f"{where} is empty.", "CORRECT"
+        return f"{where} holds a {rng.choice(list(COLOURS))} {rng.choice(SHAPES)}.", "WRONG"
+    shape, colour = held
+    if correct:
+        return f"{where} holds a {colour} {shape}.", "CORRECT"
+    change = rng.randrange(3)
+    if change == 0:
+        return f"{where} holds a {rng.choice([c for c in COLOURS if c != colour])} {shape}.", "WRONG"
+    if change == 1:
+        return f"{where} holds a {colour} {rng.choice([s for s in SHAPES if s != shape])}.", "WRONG"
+    return f"{where} is empty.", "WRONG"
+
+
 def _combinations(task: str, grid: int, hint: int | None = None) -> list[tuple[str, str]]:
     """Every (question parameter, answer) pair of a family; each pair is used once per pass.
 
@@ -207,17 +246,21 @@ def _split_columns(
     image_size: int,
     hint: int | None = None,
     reasoning: bool = False,
+    claims: int = 0,
 ) -> dict[str, list]:
     # String seeds are hashed with SHA-512 by `random`, so this is stable across processes and PYTHONHASHSEED.
     rng = random.Random(f"vppo-visual-task/{seed}/{split}")
     # The chain of thought has its own stream, so adding it leaves every other column as it was.
     text_rng = random.Random(f"vppo-visual-task/{seed}/{split}/reasoning")
+    claim_rng = random.Random(f"vppo-visual-task/{seed}/{split}/claims")  # likewise
     streams = {
         task: _balanced(task, grid, random.Random(f"vppo-visual-task/{seed}/{split}/{task}"), hint) for task in tasks
     }
     columns: dict[str, list] = {"id": [], "problem": [], "answer": [], "images": [], "task": []}
     if reasoning:
         columns["response"] = []
+    for j in range(1, claims + 1):
+        columns[f"claim_{j}"], columns[f"label_{j}"] = [], []
     for i in range(n):
         task = tasks[i % len(tasks)]
         parameter, answer = next(streams[task])
@@ -235,6 +278,10 @@ def _split_columns(
         columns["task"].append(task)
         if reasoning:
             columns["response"].append(reasoning_response(parameter, answer, text_rng))
+        for j in range(1, claims + 1):
+            claim, label = cell_claim(scene, claim_rng, grid=grid)
+            columns[f"claim_{j}"].append(claim)
+            columns[f"label_{j}"].append(label)
     return columns
 
 
@@ -249,6 +296,7 @@ def build_visual_task(
     tasks: Sequence[str] = TASKS,
     hint: int | None = None,
     reasoning: bool = False,
+    claims: int = 0,
 ):
     """Generate the task, write ``out_dir/data/{train,test}-00000-of-00001.parquet``, return the ``DatasetDict``.
 
@@ -257,7 +305,8 @@ def build_visual_task(
     ``datasets.load_dataset(str(out_dir))`` reads the same two splits back. Images are ``image_size`` px squares
     split into ``grid x grid`` cells (keep ``image_size / grid`` a multiple of the ViT merge size — 28 px for
     Qwen2.5-VL — so each cell is one visual token). Same arguments -> same data, byte for byte in every column.
-    ``hint`` and ``reasoning`` (module docstring) need ``tasks=("colour",)``.
+    ``hint`` and ``reasoning`` (module docstring) need ``tasks=("colour",)``. ``claims``: the number of VAPO claim /
+    label column pairs (module docstring; 0: none).
     """
     import datasets
 
@@ -281,6 +330,9 @@ def build_visual_task(
             f"hint must be an int >= 1 (the hinted colour's weight against 1 for each other), got {hint!r}"
         )
 
+    if not isinstance(claims, int) or isinstance(claims, bool) or claims < 0:
+        raise ValueError(f"claims must be an int >= 0 (claim / label column pairs), got {claims!r}")
+
     schema = {
         "id": datasets.Value("string"),
         "problem": datasets.Value("string"),
@@ -290,6 +342,8 @@ def build_visual_task(
     }
     if reasoning:
         schema["response"] = datasets.Value("string")
+    for j in range(1, claims + 1):
+        schema[f"claim_{j}"] = schema[f"label_{j}"] = datasets.Value("string")
     features = datasets.Features(schema)
     data_dir = Path(out_dir) / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -300,8 +354,9 @@ def build_visual_task(
         if n == 0:  # an empty parquet split cannot be loaded back; the split is left out instead
             continue
         columns = _split_columns(
-            split, n, seed=seed, tasks=tasks, grid=grid, image_size=image_size, hint=hint, reasoning=reasoning
-        )
+            split, n, seed=seed, tasks=tasks, grid=grid, image_size=image_size, hint=hint, reasoning=reasoning,
+            claims=claims,
+        )  # fmt: skip
         path = data_dir / f"{split}-00000-of-00001.parquet"
         datasets.Dataset.from_dict(columns, features=features).to_parquet(str(path))
         files[split] = str(path)

@@ -124,12 +124,13 @@ def cmd_cp(args: argparse.Namespace) -> int:
 
 def cmd_init_tiny(args: argparse.Namespace) -> int:
     """Write what the shipped tiny_* configs read, under `args.dir`: `tiny_ckpt/` (the tiny random Qwen2.5-VL),
-    `visual_task/` (the synthetic task) and, unless `args.no_warm_start`, the SFT warm start
-    `tiny_sft/checkpoints/step_000040` (the tiny_sft config's steps), with the CPU demo's own stages
-    (`vppo_recipes.demo.build_assets`, `sft_warm_start`: the shipped SFT recipe on 2 processes). With `runs` as DIR the
-    configs' relative paths (`./runs/...`) find them from DIR's parent."""
+    `visual_task/` (the synthetic task), `visual_task_claims/` (the same rows with VAPO's claim columns, tiny_vapo's)
+    and, unless `args.no_warm_start`, the SFT warm start `tiny_sft/checkpoints/step_000040` (the tiny_sft config's
+    steps), with the CPU demo's own stages (`vppo_recipes.demo.build_assets`, `sft_warm_start`: the shipped SFT recipe
+    on 2 processes). With `runs` as DIR the configs' relative paths (`./runs/...`) find them from DIR's parent."""
     from omegaconf import OmegaConf
 
+    from vppo_eval.synthetic import build_visual_task
     from vppo_recipes.demo import build_assets, sft_warm_start
     from vppo_recipes.demo_settings import DemoSettings
     from vppo_recipes.lifecycle import OutputDirError
@@ -142,6 +143,13 @@ def cmd_init_tiny(args: argparse.Namespace) -> int:
     settings = DemoSettings(sft_steps=int(sft.training.max_steps), sft_lr=float(sft.optimizer.lr), reasoning=False)
     task, ckpt = build_assets(root, settings)
     print(f"tiny checkpoint: {ckpt}\nsynthetic task: {task}  (what tiny_sft reads)", flush=True)
+    # tiny_vapo's: the same rows with VAPO's claim_1..20 / label_1..20 columns (their own random stream)
+    claims = root / "visual_task_claims"
+    build_visual_task(
+        claims, n_train=settings.n_train, n_test=settings.n_test, seed=0, image_size=settings.image_size,
+        tasks=settings.tasks, hint=settings.hint, reasoning=settings.reasoning, claims=20,
+    )  # fmt: skip
+    print(f"synthetic task with VAPO's claim columns: {claims}  (what tiny_vapo reads)", flush=True)
     if args.no_warm_start:
         print("no warm start (--no-warm-start): the tiny RL configs (tiny_vppo, tiny_dapo, ...) need it as model.path")
         return 0

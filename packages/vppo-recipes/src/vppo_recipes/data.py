@@ -8,6 +8,8 @@
   answer) raises `SkipRow` with its reason, in the vocabulary evaluation uses too
   (`vppo_rollout.images.SKIP_REASONS`); `ExampleStream` counts those skips and never drops a row silently. Images
   are decoded by `vppo_rollout.images.decode_image`, the decoder evaluation uses: the same picture in both.
+  `extra_columns`: further columns read as they are into `Example.extra` (those a method declares with
+  `Method.data_columns`, e.g. VAPO's claims); a missing one is an error naming the columns present.
 - `PromptIterator`: the order rows are drawn in: a seeded permutation per epoch, position `(epoch, index)`,
   `state_dict()` / `load_state_dict()`. It depends only on `(seed, epoch, num_rows)`, so every rank that builds
   it with the same seed sees the same order and a resumed run continues exactly where it stopped.
@@ -24,7 +26,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -68,6 +70,7 @@ class Example:
     answer: str
     images: list[Image.Image]
     response: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # the `extra_columns`' cells, by column name
 
 
 def load_source(source: str | os.PathLike, split: str):
@@ -131,8 +134,10 @@ class VisualQADataset:
         config_key: the config key of the mapping, named in errors ("data.columns").
         base_dir: folder that relative image paths are resolved against (a local source's folder).
         source: what the rows came from, named in errors about the whole dataset (`from_source` sets it).
+        extra_columns: columns kept as they are in `Example.extra` (a method's `data_columns`);
+        needed_by: who needs them, named in the error when one is missing (e.g. "algorithm vapo").
     Raises:
-        ValueError: a mapped column is missing; the message names the columns present and the key to set.
+        ValueError: a mapped or extra column is missing; the message names the columns present and the fix.
     """
 
     def __init__(
@@ -143,9 +148,20 @@ class VisualQADataset:
         config_key: str = "data.columns",
         base_dir: str | os.PathLike | None = None,
         source: str | None = None,
+        extra_columns: tuple[str, ...] = (),
+        needed_by: str = "",
     ) -> None:
         self.columns = {**DEFAULT_COLUMNS, **dict(columns or {})}
         present = list(dataset.column_names)
+        missing = [name for name in extra_columns if name not in present]
+        if missing:
+            more = f" (and {len(missing) - 1} more of the {len(extra_columns)} it reads)" if len(missing) > 1 else ""
+            raise ValueError(
+                f"{needed_by or 'the method'} needs the dataset column {missing[0]!r}{more}, which "
+                f"{source or 'the dataset'} lacks; columns present: {present}. Use a dataset with those columns, "
+                "or choose another algorithm"
+            )
+        self.extra_columns = tuple(extra_columns)
         for role, name in self.columns.items():
             if name is None:
                 continue
@@ -203,7 +219,10 @@ class VisualQADataset:
             response = _text(record[cols["response"]], row, "response")
             if not response.strip():
                 raise SkipRow("empty_response", f"row {row}")
-        return Example(row=int(row), question=question, answer=answer.strip(), images=images, response=response)
+        extra = {name: record[name] for name in self.extra_columns}
+        return Example(
+            row=int(row), question=question, answer=answer.strip(), images=images, response=response, extra=extra
+        )
 
 
 def _text(value: Any, row: int, role: str) -> str:

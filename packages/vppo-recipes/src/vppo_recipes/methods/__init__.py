@@ -26,6 +26,7 @@ from vppo_recipes.methods.pepo import PEPO
 from vppo_recipes.methods.perceval import Perceval
 from vppo_recipes.methods.pgpo import PGPO
 from vppo_recipes.methods.tor import ToR
+from vppo_recipes.methods.vapo import VAPO
 from vppo_recipes.methods.vepo import VEPO
 from vppo_recipes.methods.vgpo import VGPO
 from vppo_recipes.methods.vppo import VPPO
@@ -60,6 +61,7 @@ BUILTIN_METHODS: dict[str, type[Method]] = {
         VGPO,
         NoisyRollout,
         CPPO,
+        VAPO,
         DyCo,
         Perceval,
     )

@@ -20,6 +20,12 @@ those fields, so no default or bound is written anywhere else. Its hooks, each w
                          counts: `vppo_core.policy_loss(aux_terms=)`), logged as actor/aux/<name>
     metrics(...)         its own metrics, over all ranks (also called with no steps when a step kept no group)
     config_errors(cfg)   rules that span keys, checked with the whole config before anything loads
+    data_columns()       further dataset columns the method reads per prompt (its own reward's inputs, e.g. VAPO's
+                         claims); the recipe refuses a dataset without them (naming the column), and then hands
+                         each micro-batch row its cells (`MicroBatch.extra`) and its grade (`MicroBatch.rewards`:
+                         reward, accuracy, format). A method that computes its own reward from them replaces the
+                         group advantages in `shape` (`vppo_core.group_advantages` per group, as the recipe does);
+                         the online filter has already acted on the recipe's grade
 
 Collectives. `shape`, `metrics` and `scores` run on every rank, the same number of times, in the same order; so must
 every collective a hook makes: `ctx.gathered`, `gathered_with_offset`, `batch_top_fraction`, `all_reduce_` and
@@ -188,6 +194,11 @@ class Method:
         update keep the clean prompt. Called on the rank that samples the prompt, without collectives.
         """
         return None
+
+    def data_columns(self) -> tuple[str, ...]:
+        """Dataset columns this method reads per prompt besides question / answer / images (none by default).
+        Each row's cells reach the hooks as `MicroBatch.extra[i][column]`, as the dataset holds them."""
+        return ()
 
     def views(self) -> tuple[Any, ...]:
         """The altered no-grad views (`vppo_recipes.methods.views`), each one extra forward without gradient."""

@@ -17,6 +17,10 @@ if TYPE_CHECKING:  # vppo_rollout imports transformers: kept out of the config c
     from vppo_rollout.prompts import Prompt
 
 
+# What each response's grade holds (`vppo_eval.reward.compute_rewards`), per row of `MicroBatch.rewards`.
+REWARD_PARTS = ("reward", "accuracy", "format")
+
+
 @dataclass(frozen=True)
 class MicroBatch:
     """One forward's worth of this rank's responses: the tensors every pass over them needs."""
@@ -32,6 +36,11 @@ class MicroBatch:
     lp_sampler: torch.Tensor  # [b, L] the rollout engine's log-probs of the responses (0 on padding)
     prompts: list[Prompt] = field(default_factory=list, compare=False, repr=False)  # per row
     texts: list[str] = field(default_factory=list, compare=False, repr=False)  # per row: the decoded response
+    # per row, for a method whose reward is its own (`Method.data_columns`, base.py): the recipe's grade,
+    # {"reward", "accuracy", "format"} each [b] float32 (the advantages are of "reward"), and the row's
+    # `data_columns` cells by column name ({} when the method declares none)
+    rewards: Mapping[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+    extra: list[Mapping[str, Any]] = field(default_factory=list, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

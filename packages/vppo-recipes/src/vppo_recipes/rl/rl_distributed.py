@@ -298,7 +298,10 @@ class RLRecipeDistributed:
         Rows that cannot be used (no image, empty answer, ...) and prompts longer than data.max_prompt_length
         (text + expanded image tokens) are skipped by the stream and counted by reason, each named on stderr.
         """
-        self.dataset = VisualQADataset.from_source(cfg.data.source, cfg.data.split, dict(cfg.data.columns))
+        self.dataset = VisualQADataset.from_source(
+            cfg.data.source, cfg.data.split, dict(cfg.data.columns), extra_columns=self.method.data_columns(),
+            needed_by=f"algorithm {self.method_name}",
+        )  # fmt: skip
         self.stream = ExampleStream(
             self.dataset, seed=self.seed, shuffle=cfg.data.shuffle, prepare=self._prepare_example, log=self._log_skip
         )
@@ -371,11 +374,11 @@ class RLRecipeDistributed:
 
     # ---------------------------------------------------------------- 1-3. rollout
 
-    def _prepare_example(self, example: Example) -> tuple[int, Prompt, str]:
-        """ExampleStream's `prepare`: (row, chat prompt, answer); a row whose prompt cannot be built (over
-        data.max_prompt_length, two <image> placeholders for one image, ...) is skipped and counted."""
+    def _prepare_example(self, example: Example) -> tuple[int, Prompt, str, dict]:
+        """ExampleStream's `prepare`: (row, chat prompt, answer, the method's data columns); a row whose prompt cannot
+        be built (over data.max_prompt_length, two <image> placeholders for one image, ...) is skipped and counted."""
         prompt = prompt_or_skip(self.processor, example, max_prompt_length=self._cfg.data.max_prompt_length)
-        return example.row, prompt, example.answer
+        return example.row, prompt, example.answer, example.extra
 
     def _draw(self, count: int) -> list[Draw]:
         """Next `count` usable examples, the same on every rank; [] once `training.epochs` are done.
@@ -386,7 +389,7 @@ class RLRecipeDistributed:
         if self.stream.epoch >= self.epochs:
             return []
         prepared = self.stream.take(count)
-        draws = [Draw(self.examples_drawn + i, row, prompt, answer) for i, (row, prompt, answer) in enumerate(prepared)]
+        draws = [Draw(self.examples_drawn + i, *example) for i, example in enumerate(prepared)]
         self.examples_drawn += len(draws)
         return draws
 

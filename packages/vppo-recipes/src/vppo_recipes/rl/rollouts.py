@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from vppo_core.advantages import group_advantages, keep_groups
 from vppo_eval.reward import compute_rewards
 from vppo_recipes.data import rank_slice
-from vppo_recipes.methods.records import MicroBatch
+from vppo_recipes.methods.records import REWARD_PARTS, MicroBatch
 from vppo_recipes.seeding import mix_seed
 from vppo_rollout.collate import collate_rollout, model_inputs
 from vppo_rollout.prompts import Prompt
@@ -35,6 +35,7 @@ class Draw:
     row: int  # dataset row
     prompt: Prompt
     answer: str
+    extra: dict[str, Any] = field(default_factory=dict)  # the method's `data_columns` of this row
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class Group:
     format: list[float]
     advantages: list[float]  # GRPO advantage of each response: group_advantages(reward) (before TAS)
     prompt: Prompt = field(compare=False, repr=False)  # this rank's own copy: never sent to other ranks
+    extra: dict[str, Any] = field(default_factory=dict)  # the method's `data_columns` of this row (plain data)
 
     def payload(self) -> dict[str, Any]:
         """Everything but the prompt, as a plain dict: what `all_gather_object` sends (plain data, so the receiving
@@ -131,6 +133,7 @@ def sample_groups(
             **rw,
             advantages=advantages.tolist(),
             prompt=d.prompt,
+            extra=d.extra,
         )
         groups.append(group)
     return groups, sample_s, time.perf_counter() - t
@@ -251,6 +254,8 @@ def collate_minibatches(
                     lp_sampler=lp_sampler.to(device),
                     prompts=prompts,
                     texts=[g.texts[j] for g, j in part],
+                    rewards={k: torch.tensor([getattr(g, k)[j] for g, j in part]).to(device) for k in REWARD_PARTS},
+                    extra=[g.extra for g, _ in part],
                 )
             )
         minis.append(micro)
