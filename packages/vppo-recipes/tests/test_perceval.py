@@ -54,7 +54,8 @@ class WrongCount:
 
 
 def test_the_stand_in_flags_substrings_deterministically_and_about_a_third_of_the_clauses():
-    scorer = StandInScorer()
+    with pytest.warns(UserWarning, match="STAND-IN StandInScorer"):  # loud: its flags carry no perception signal
+        scorer = StandInScorer()
     rng = torch.Generator().manual_seed(0)
     words = ["the", "red", "car", "is", "left", "of", "a", "tree", "I", "see", "two", "dogs"]
     texts = []
@@ -64,7 +65,8 @@ def test_the_stand_in_flags_substrings_deterministically_and_about_a_third_of_th
     checks = [PerceptionCheck(f"q{i % 7}", "prompt", [], t) for i, t in enumerate(texts)]
     flags = scorer(checks)
     assert flags == scorer(list(reversed(checks)))[::-1], "a response's flags depend on other responses"
-    assert flags == StandInScorer()(checks)
+    with pytest.warns(UserWarning):
+        assert flags == StandInScorer()(checks)
     clauses = sum(len(StandInScorer.flags(type("All", (StandInScorer,), {"rate": 1.0})(), "q", t)) for t in texts)
     flagged = sum(len(f) for f in flags)
     assert 0.2 < flagged / clauses < 0.4

@@ -22,6 +22,7 @@ import functools
 import hashlib
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -63,6 +64,15 @@ class StandInScorer:
 
     rate = 0.3
     words = 6
+
+    def __init__(self) -> None:
+        # Loud on purpose: `algorithm.name=perceval` on a full-size config gets this scorer by default (so the one
+        # override validates), and its flags carry no perception signal.
+        warnings.warn(
+            "Perceval's perception scorer is the STAND-IN StandInScorer (a hash of the text, blind to the image): set "
+            "algorithm.perceval_scorer to the import path of your PRM client for a real run",
+            stacklevel=2,
+        )
 
     def __call__(self, checks: Sequence[PerceptionCheck]) -> list[list[str]]:
         return [self.flags(c.question, c.response) for c in checks]
