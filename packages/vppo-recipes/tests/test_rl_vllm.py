@@ -94,3 +94,18 @@ def test_skipped_weight_sync_fails_the_agreement_check_and_truncated_is_reweight
         assert m["rollout/logprob_frac_above_1e-3"] > 0.0
         # synced, the weights are 1 to float rounding (3e-7); stale, they move (measured 1.0004 and 0.9947)
         assert abs(m["rollout/is_weight_mean"] - 1.0) > 1e-5 and 0.0 <= m["rollout/is_capped_fraction"] <= 1.0
+
+
+def test_noisyrollout_samples_its_noised_half_on_the_engine(assets):
+    """NoisyRollout's split sampling through the real engine (`rollouts._sample_split`, one batched call per part
+    size): it trains, and the engine's log-probs of the noised half, sampled on the noised image, differ from the
+    trainer's lp_old on the clean image far beyond the synced-weights bound (a plain method stays within it: the
+    tests above), which shows the noised images reached vLLM."""
+    out = assets["root"] / "noisyrollout_1proc"
+    run(assets, "noisyrollout", out, nproc=1, steps=2, extra=VLLM)
+    ms = metrics(out)
+    assert [m["step"] for m in ms] == [1, 2]
+    for m in ms:
+        assert math.isfinite(m["loss"]) and m["grad_norm"] > 0 and m["optimizer_steps"] > 0, m
+        assert m["noisyrollout/noise_step"] > 0
+        assert m["rollout/logprob_abs_diff_mean"] > 100 * AGREEMENT_MEAN_MAX, m
