@@ -110,6 +110,5 @@ def test_every_methods_plan_at_full_size_fits_76_gib(config):
             want += g["micro"] * g["hidden"] * (g["seq"] * g["act_bytes"] + g["response"] * 4)
         want += method.scoring_bytes(**{k: g[k] for k in ("micro", "seq", "response", "hidden", "act_bytes")})
         assert plan.with_method({"name": name}).method_passes == want, name
-    assert (
-        plan.with_method({"name": "pepo"}).method_passes < 0.3 * GIB < plan.with_method({"name": "dyco"}).method_passes
-    )
+    # PEPO holds about two layers' worth of [mb, T, H] in model.dtype, not the 29-37 layers it held before issue 26
+    assert plan.with_method({"name": "pepo"}).method_passes < 3 * g["micro"] * g["seq"] * g["hidden"] * g["act_bytes"]
