@@ -147,7 +147,8 @@ def build_assets(root: Path) -> tuple[Path, Path]:
     from vppo_rollout.tiny import build_tiny_checkpoint
 
     ckpt = build_tiny_checkpoint(root / "tiny", "qwen2_5_vl", seed=0)
-    build_visual_task(root / "task", n_train=64, n_test=4, seed=0)
+    # with VAPO's claim columns (drawn from their own stream: every other column is as without them)
+    build_visual_task(root / "task", n_train=64, n_test=4, seed=0, claims=20)
     return ckpt, root / "task"
 
 
