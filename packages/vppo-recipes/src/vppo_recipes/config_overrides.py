@@ -10,7 +10,7 @@ as a key of another method. The new method starts from its own published setting
 file's own method (`algorithm.name=vppo` on a VPPO config) keeps the file's settings.
 
 Every recipe entry point reads its config here (`parse`, used in place of `torchtune.config.parse`), and so does
-`vppo-recipes run` / `check` before anything is spawned (`vppo_recipes.cli.load_run_config`), so what is checked is
+`vppo-recipes run` before anything is spawned (`vppo_recipes.cli.load_run_config`), so what is checked is
 what runs.
 """
 
