@@ -100,10 +100,12 @@ def test_noisyrollout_trains_through_its_split_sampling_on_the_engine(assets):
     """NoisyRollout's split sampling through the real engine (`rollouts._sample_split`: one batched call per part
     size, the clean halves and the noised halves of all prompts): vLLM takes the noised copies, answers every slot,
     and the run trains on the clean images. Which images each slot is sampled on is checked against a plain
-    computation with a recording sampler (tests/test_noisyrollout.py). Not claimed here: that the engine saw the
-    noise. Its log-probs differed from the trainer's (clean image) by 2.3e-6 on average at step 1 (noise std 0.5,
-    measured), within the synced-weights bound: either this tiny model's log-probs barely depend on the image, or
-    the noised copies did not reach vLLM; the log-probs cannot tell which."""
+    computation with a recording sampler (tests/test_noisyrollout.py), and that one vLLM batch answers a prompt and
+    its noised copy each on its own image in vppo-rollout's test_vllm_real.py
+    (`test_one_batch_with_a_prompt_and_its_noised_copy_answers_each_on_its_own_image`). Not asserted here: in this
+    run the engine's log-probs differed from the trainer's (clean image) by only 2.3e-6 on average at step 1 (noise
+    std 0.5, measured), so they cannot show the noise; not investigated further (the warm-started tiny model may
+    simply be near-certain of its few tokens)."""
     out = assets["root"] / "noisyrollout_1proc"
     run(assets, "noisyrollout", out, nproc=1, steps=2, extra=VLLM)
     ms = metrics(out)

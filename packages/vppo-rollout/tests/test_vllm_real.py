@@ -188,3 +188,36 @@ def test_weight_sync_through_the_default_multiprocess_engine(vllm_dirs):
             assert result[key]["token_ids"] == expected.token_ids, (arch, key)
             diff = max(abs(x - y) for u, v in zip(result[key]["logprobs"], expected.logprobs) for x, y in zip(u, v))
             assert diff <= LOGPROB_TOL, (arch, key, diff)
+
+
+def test_one_batch_with_a_prompt_and_its_noised_copy_answers_each_on_its_own_image(engine, vllm_dirs):
+    """What NoisyRollout's split sampling sends (`vppo_recipes.rl.rollouts._sample_split`): one call holding the
+    clean prompts and copies whose images are noised. Each copy's greedy log-probs are the transformers engine's on
+    the noised image, not the clean prompt's (vLLM's encoder and prefix caches key on the image)."""
+    import dataclasses
+
+    import numpy as np
+    from PIL import Image
+
+    arch, sampler = engine
+    processor = load_processor(vllm_dirs[arch, 0])
+    prompts = _prompts(processor)[:1]
+    rng = np.random.default_rng(0)
+    noised = [
+        dataclasses.replace(
+            p,
+            images=[
+                Image.fromarray(
+                    np.clip(np.asarray(im) + rng.normal(0, 128, np.asarray(im).shape), 0, 255).astype("uint8")
+                )
+                for im in p.images
+            ],
+        )
+        for p in prompts
+    ]
+    both = sampler.sample(prompts + noised, 2, GREEDY)
+    reference = TransformersSampler(load_policy(vllm_dirs[arch, 0]), processor)
+    clean_alone, noised_alone = reference.sample(prompts, 1, GREEDY), reference.sample(noised, 1, GREEDY)
+    assert max(abs(x - y) for x, y in zip(both.logprobs[0], clean_alone.logprobs[0])) <= LOGPROB_TOL
+    assert max(abs(x - y) for x, y in zip(both.logprobs[2], noised_alone.logprobs[0])) <= LOGPROB_TOL
+    assert max(abs(x - y) for x, y in zip(both.logprobs[0], both.logprobs[2])) > 100 * LOGPROB_TOL
