@@ -343,6 +343,39 @@ def _plain_method_weights(model, cfg, minis: list[list[dict]]) -> list[list[torc
     return out
 
 
+class PlainLoRALinear(torch.nn.Module):
+    """y = W x + b + scaling · B (A x), written out: the frozen layer and A [r, in], B [out, r] under peft's names
+    (`base_layer`, `lora_A.default`, `lora_B.default`) so the recipe's state dict loads into it; no peft code."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int, scaling: float) -> None:
+        super().__init__()
+        self.base_layer, self.scaling = base.requires_grad_(False), scaling
+        self.lora_A = torch.nn.ParameterDict({"default": torch.nn.Parameter(torch.empty(rank, base.in_features))})
+        self.lora_B = torch.nn.ParameterDict({"default": torch.nn.Parameter(torch.empty(base.out_features, rank))})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.scaling * (x @ self.lora_A["default"].T) @ self.lora_B["default"].T
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # peft's `lora_A.default.weight` names
+        for ab in ("lora_A", "lora_B"):
+            key = f"{prefix}{ab}.default.weight"
+            if key in state_dict:
+                state_dict[f"{prefix}{ab}.default"] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def plain_lora(model: torch.nn.Module, before: dict, cfg) -> None:
+    """Freeze `model` and put a PlainLoRALinear at every layer the recipe's state dict `before` adapted."""
+    lora = cfg.model.lora
+    scaling = float(lora.alpha if lora.alpha is not None else lora.rank) / int(lora.rank)
+    model.requires_grad_(False)
+    for key in before:
+        if key.endswith(".lora_A.default.weight"):
+            path = key.removesuffix(".lora_A.default.weight")
+            parent, name = path.rsplit(".", 1)
+            setattr(model.get_submodule(parent), name, PlainLoRALinear(model.get_submodule(path), lora.rank, scaling))
+
+
 def plain_step(cfg, warm: Path, before: dict, ranks: list[dict]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """The step after sampling, the plain way, on the micro-batches of all `ranks` (captures of `capture_step`).
 
@@ -356,9 +389,12 @@ def plain_step(cfg, warm: Path, before: dict, ranks: list[dict]) -> tuple[dict[s
     from vppo_rollout.loading import load_policy
 
     model = load_policy(warm)
+    if cfg.model.lora.rank:
+        plain_lora(model, before, cfg)
     model.load_state_dict(before)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay)
     T, G, name, a, L_ = (
         float(cfg.rollout.temperature),
         int(cfg.rollout.group_size),
@@ -469,18 +505,27 @@ def plain_step(cfg, warm: Path, before: dict, ranks: list[dict]) -> tuple[dict[s
     for key in (k for k in mini_metrics[0][0] if k.startswith("aux/")):
         tokens = sum(n for _, n, _ in mini_metrics)
         expected[f"actor/{key}"] = sum(float(m[key]) * n for m, n, _ in mini_metrics) / tokens
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}, expected
+    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {k.replace(".lora_A.default", ".lora_A.default.weight").replace(".lora_B.default", ".lora_B.default.weight")
+            if ".lora_" in k else k: v for k, v in params.items()}, expected  # fmt: skip
 
 
 def assert_step_matches(before, after, metrics, plain_params, expected) -> None:
     for key, value in expected.items():  # first: a wrong metric says more than a moved parameter
         assert metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert plain_params.keys() == after.keys()
     diffs = {k: (after[k].float() - v.float()).abs() for k, v in plain_params.items()}
     worst = max(d.max().item() for d in diffs.values())
     moved = sum(int((d > PARAM_MOVED_ABOVE).sum()) for d in diffs.values())
     assert worst <= PARAM_ATOL and moved <= PARAM_MOVED_MAX, (
         f"max |param diff| {worst:.3g}; {moved} elements differ by more than {PARAM_MOVED_ABOVE:g}"
     )
+    lora = [k for k in after if ".lora_B." in k]
+    if lora:  # LoRA: the adapters train (B starts at 0, so it moves first), the base and the vision tower do not
+        assert all(".language_model.layers." in k for k in lora) and len(lora) == 14  # 7 projections x 2 layers
+        assert all(torch.equal(after[k], before[k]) for k in after if ".lora_" not in k), "a frozen weight moved"
+        assert max((after[k] - before[k]).abs().max() for k in lora) > 1e-5, "nothing trained"
+        return
     assert (after["lm_head.weight"] - before["lm_head.weight"]).abs().max() > 1e-5, "nothing trained"
 
 
@@ -506,9 +551,12 @@ CASES = [
     ("tiny_cppo", {"algorithm.cpl_coef": 1.0}),
     ("tiny_cppo", {"algorithm.cpl_coef": 1.0, "loss.aggregation": "seq-mean-token-mean"}),
     ("tiny_vapo", {}),  # its own reward (the policy's verdicts on the task's claims): its own group advantages
+    # LoRA: the plain side adapts its own layers (PlainLoRALinear) and trains A and B alone; alpha != rank so a wrong
+    # scaling shows. Its lr is LoRA's usual 10x the full fine-tuning one, so that the adapters move visibly.
+    ("tiny_vppo", {"model.lora.rank": 4, "model.lora.alpha": 8, "optimizer.lr": 1e-3}),
 ]
 IDS = ["vppo", "pgpo", "dapo", "grpo", "gspo", "papo", "dvrp", "tor", "cgpo", "vepo", "vepo_seq", "pepo"]
-IDS += ["vgpo", "noisyrollout", "perceval", "dyco", "cppo", "cppo_seq", "vapo"]
+IDS += ["vgpo", "noisyrollout", "perceval", "dyco", "cppo", "cppo_seq", "vapo", "vppo_lora"]
 
 
 @pytest.mark.parametrize(("config", "overrides"), CASES, ids=IDS)

@@ -16,6 +16,17 @@ Layout of one checkpoint (`<output_dir>/checkpoints/step_000004/`), which is its
     vppo_checkpoint.json                                      format version, step, arch, world size, and the
                                                               size and SHA-256 of every other file; written last
 
+A LoRA run's checkpoint (`model.lora.rank` > 0, `weights_format: "lora_adapter"` in vppo_checkpoint.json) holds the
+adapter instead of the model, and is itself a peft adapter folder (`PeftModel.from_pretrained(base, folder)`):
+
+    adapter_model.safetensors, adapter_config.json            the adapter weights (float32 masters, peft's names)
+                                                              and LoraConfig; base_model_name_or_path = model.path
+    config.json, generation_config.json                       the base model's (the architecture check on resume)
+    tokenizer / processor files, training_state.pt, training_config.yaml, optimizer.pt (the adapters' state
+    only), rng_state_rank{r}.pt, vppo_checkpoint.json         as above
+
+It resumes from model.path plus the adapter; `vppo-recipes export-lora` writes it as a merged Hugging Face folder.
+
 Atomicity: everything is written into `checkpoints/.tmp_step_000004/`, which rank 0 renames to `step_000004/`
 (`os.replace`, atomic on POSIX) only after every rank has finished. A run killed mid-save leaves a `.tmp_*`
 folder that `find_latest_checkpoint` ignores (and the next save removes), never a half checkpoint as "latest".
@@ -206,6 +217,7 @@ _REQUIRED_META: dict[int, dict[str, tuple[type, ...]]] = {
         "files": (dict,),
     },
 }
+WEIGHTS_FORMATS = ("full", "lora_adapter")  # vppo_checkpoint.json `weights_format` (absent: full)
 
 
 def _meta_problems(meta: Any, where: Path) -> list[str]:
@@ -250,7 +262,14 @@ def _meta_problems(meta: Any, where: Path) -> list[str]:
         required += [OPTIMIZER_SHARD_FILE.format(rank=r) for r in range(meta["world_size"])]
     elif meta["optimizer_format"] is not None:
         problems.append(f"{where}: 'optimizer_format' is {meta['optimizer_format']!r} (damaged)")
-    if "model.safetensors" not in files and "model.safetensors.index.json" not in files:
+    weights_format = meta.get("weights_format", "full")
+    if weights_format not in WEIGHTS_FORMATS:
+        problems.append(f"{where}: 'weights_format' is {weights_format!r} (damaged)")
+    elif weights_format == "lora_adapter":
+        from vppo_recipes.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
+
+        required += [ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE]
+    elif "model.safetensors" not in files and "model.safetensors.index.json" not in files:
         required.append("model.safetensors")
     missing = [name for name in required if name not in files]
     if missing:
@@ -398,6 +417,13 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _lora():
+    """vppo_recipes.lora, imported when a LoRA checkpoint is written (it imports peft)."""
+    from vppo_recipes import lora
+
+    return lora
+
+
 def _copy_processor_files(source: Path, dest: Path) -> list[str]:
     copied = []
     for f in sorted(source.iterdir()):
@@ -431,6 +457,7 @@ def save_checkpoint(
     arch: str | None = None,
     config: Any = None,
     dtype: torch.dtype | None = None,
+    lora_base: str | os.PathLike | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically and return its folder. Collective: call on every rank.
 
@@ -451,6 +478,9 @@ def save_checkpoint(
         dtype: the HF weights' dtype (torch.float32 | torch.bfloat16; None: the parameters' own), named in
             config.json. float32 parameters exported in bfloat16 also get `MASTER_LOW_BITS_FILE`, so that
             `restore_master_weights` restores them exactly (module docstring).
+        lora_base: the base model folder of a LoRA-adapted `model` (vppo_recipes.lora): then the checkpoint holds the
+            adapter alone, in its own dtype (float32 masters; `dtype` is not applied), as a peft adapter folder
+            naming `lora_base`, with the base's config.json and generation_config.json (module docstring).
     """
     rank, world = _rank(), _world()
     final = checkpoint_dir(output_dir, step)
@@ -494,9 +524,21 @@ def save_checkpoint(
         give_up(reason)
     attempt(lambda: torch.save(capture_rng_state(), tmp / f"rng_state_rank{rank}.pt"))
 
-    full_sd = gather_full_state_dict(model)  # collective: every rank takes part even after a local failure
+    full_sd = {} if lora_base is not None else gather_full_state_dict(model)  # collective: every rank takes part
+    adapter = None if lora_base is None else _lora().adapter_state_dict(model)  # even after a local failure
     weights_dtype = None
-    if rank == 0:
+    if rank == 0 and adapter is not None:
+        weights_dtype = next((str(t.dtype).removeprefix("torch.") for t in adapter.values()), None)
+        attempt(lambda: _lora().save_adapter(tmp, adapter, model, base_model=lora_base))
+        for name in ("config.json", "generation_config.json"):
+            if (Path(lora_base) / name).is_file():
+                attempt(lambda name=name: shutil.copy2(Path(lora_base) / name, tmp / name))
+        if processor is not None:
+            attempt(lambda: processor.save_pretrained(str(tmp)))
+        elif processor_source is not None:
+            attempt(lambda: _copy_processor_files(Path(processor_source), tmp))
+    adapter = None
+    if rank == 0 and lora_base is None:
         full_sd, low_bits = _export(full_sd, dtype)
         weights_dtype = next(
             (str(t.dtype).removeprefix("torch.") for t in full_sd.values() if t.is_floating_point()), None
@@ -549,6 +591,7 @@ def save_checkpoint(
                     "world_size": world,
                     "optimizer_format": optimizer_format,
                     "weights_dtype": weights_dtype,
+                    "weights_format": "full" if lora_base is None else "lora_adapter",
                     "master_low_bits": holds_master_weights(tmp),
                     "files": _manifest(tmp),
                 },

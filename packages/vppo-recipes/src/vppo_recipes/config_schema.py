@@ -42,6 +42,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from vppo_core.losses import AGGREGATIONS, LOSS_TYPES
+from vppo_recipes.lora import LM_PROJECTIONS
 from vppo_recipes.methods import BUILTIN_METHODS, CHOOSING_KEYS, Method, build_method, method_class, method_settings
 
 __all__ = [
@@ -118,6 +119,25 @@ COMMON: dict[str, Any] = {
         "trust_remote_code": _f(bool, default=False),
         "min_pixels": _f(int, default=None, nullable=True, **_POS_INT),
         "max_pixels": _f(int, default=None, nullable=True, **_POS_INT),
+        "lora": {  # vppo_recipes.lora; absent from a config: off
+            "rank": _f(int, default=0, **_NONNEG_INT, doc="LoRA rank r; 0: full fine-tuning (every weight trained)"),
+            "alpha": _f(
+                float,
+                default=None,
+                nullable=True,
+                low=0.0,
+                low_open=True,
+                doc="the adapter's output is scaled by alpha / rank; null: alpha = rank (scaling 1)",
+            ),
+            "dropout": _f(float, default=0.0, low=0.0, high=1.0, high_open=True, doc="dropout on the adapters' input"),
+            "target_modules": _f(
+                list,
+                default=list(LM_PROJECTIONS),
+                doc="names of the decoder layers' linear layers that get adapters (the vision tower never, unless "
+                "vision: true)",
+            ),
+            "vision": _f(bool, default=False, doc="also adapt every linear layer of the vision blocks"),
+        },
     },
     "world": {
         "nnodes": _f(int, **_POS_INT),
@@ -636,11 +656,24 @@ def _choose_method(plain: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]
 
 def _common_rules(cfg: Mapping[str, Any]) -> list[str]:
     """Rules of both recipes that one key's inclusive bounds cannot state. `cfg`: with defaults filled in."""
+    errors = []
     clip = cfg["training"]["grad_clip"]
     if clip is not None and clip <= 0:
         # The RL recipe once read 0 as "no clipping" and the SFT recipe as "clip to 0": one meaning, stated.
-        return [f"training.grad_clip={clip} would scale every update to zero; it must be > 0 (or null: no clipping)"]
-    return []
+        errors.append(
+            f"training.grad_clip={clip} would scale every update to zero; it must be > 0 (or null: no clipping)"
+        )
+    targets = cfg["model"]["lora"]["target_modules"]
+    if (
+        not targets
+        or not all(isinstance(t, str) and t and "." not in t for t in targets)
+        or len(set(targets)) < len(targets)
+    ):
+        errors.append(
+            f"model.lora.target_modules={targets!r} must be a non-empty list of distinct linear-layer names of a "
+            f"decoder layer (no dots), e.g. {list(LM_PROJECTIONS)}"
+        )
+    return errors
 
 
 def _rl_rules(cfg: Mapping[str, Any]) -> list[str]:
@@ -652,6 +685,13 @@ def _rl_rules(cfg: Mapping[str, Any]) -> list[str]:
         chosen = cfg["algorithm"].get("name") or cfg["algorithm"].get("_component_")
         errors = [f"the method {chosen} refuses its settings: {type(e).__name__}: {e}"]
     rollout, loss = cfg["rollout"], cfg["loss"]
+    lora = cfg["model"]["lora"]
+    if lora["rank"] and lora["dropout"]:
+        errors.append(
+            f"model.lora.dropout={lora['dropout']}: the RL recipe's no-grad passes (lp_old, the methods' views) and "
+            "its update must compute one policy; dropout would make the first ratios differ from 1 and depend on the "
+            "ranks' random streams. Set model.lora.dropout=0.0 (the SFT recipe accepts dropout)"
+        )
     if rollout["temperature"] <= 0:
         errors.append(
             f"rollout.temperature={rollout['temperature']}: RL samples its groups, so it must be > 0 (1.0 in every "
@@ -792,10 +832,17 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list
     a = {k: resolve_path(v, paths.get(k)) for k, v in _flatten(saved).items()}
     b = _flatten(current)
 
+    lora = bool(b.get("model.lora.rank"))
+
     def free(key: str) -> bool:
+        if key == "model.path" and lora:  # a LoRA checkpoint holds the adapter alone: model.path is its base
+            return False
         return any(key == f or key.startswith(f + ".") for f in RESUME_FREE_KEYS)
 
     absent = "<absent>"
+    # A key added to the schema after the checkpoint was written, at its default, changes nothing (model.lora.*)
+    defaults = {**_flatten(_defaults(schema_for("sft"))), **_flatten(_defaults(schema_for("rl")))}
+    a.update({k: defaults[k] for k in b if k not in a and k in defaults and b[k] == defaults[k]})
     return [
         f"{key}: checkpoint {a.get(key, absent)!r}, now {b.get(key, absent)!r}"
         for key in sorted(set(a) | set(b))

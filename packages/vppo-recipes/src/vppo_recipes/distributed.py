@@ -100,8 +100,8 @@ def save_run_checkpoint(
 ) -> Path:
     """`checkpointing.save_checkpoint` as both recipes call it: `<output_dir>/checkpoints/step_N` with the HF-format
     model in `checkpoint_dtype(cfg)`, the processor files of `model.path`, `model.arch`, the config (a resumed run
-    compares its own against it) and the recipe's `training_state`. Collective: every rank calls it; returns the
-    checkpoint folder."""
+    compares its own against it) and the recipe's `training_state`; with `model.lora` the adapter alone (a peft
+    adapter folder on model.path). Collective: every rank calls it; returns the checkpoint folder."""
     return save_checkpoint(
         output_dir,
         step,
@@ -112,4 +112,5 @@ def save_run_checkpoint(
         arch=cfg.model.arch,
         config=cfg,
         dtype=checkpoint_dtype(cfg),
+        lora_base=cfg.model.path if cfg.model.lora.rank else None,
     )

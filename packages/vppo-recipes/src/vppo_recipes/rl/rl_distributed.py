@@ -21,7 +21,7 @@ that the next one reads; none writes into another's:
                                                                                 -> MicroStep(..., shaped)
     update               per mini-batch: per micro-batch policy_loss (+ `Method.aux_terms`) / backward, clip,
                          step                                                                         -> UpdateResult
-    _sync_sampler        push the full weights to the sampler
+    _sync_sampler        push the full weights to the sampler (LoRA: the merged W + scaling·B@A)
     _step_metrics        everything above, reduced over ranks into one flat dict (`rl/step_metrics.py`, with
                          `Method.metrics`); counters into the run's totals
 
@@ -50,6 +50,11 @@ Design choices a reader coming from verl / EasyR1 / TRL should know:
 - Loss normalisation: each micro-batch loss is divided by the valid-token count of the whole GLOBAL mini-batch
   (`num_tokens`), then multiplied by the data-parallel world size because FSDP's reduce-scatter averages
   gradients over ranks; the accumulated gradient is then exactly that of one token-mean over the global batch.
+- LoRA (`model.lora.rank` > 0, `vppo_recipes.lora`): peft adapters on the decoder layers' projections, the base
+  frozen; only the adapters reach the optimizer, FSDP2 shards the adapted model, every pass (no-grad views
+  included) runs base + adapter, the sampler gets the merged weights, and checkpoints hold the adapter alone.
+  No method reads a frozen reference policy (their KL terms compare the current policy with its own views), so
+  there is no second model; `lora.adapters_disabled` gives the base for one that would.
 """
 
 from __future__ import annotations
@@ -95,6 +100,7 @@ from vppo_recipes.distributed import (
 )
 from vppo_recipes.forward import exact_dependency_in_root, response_pass
 from vppo_recipes.lifecycle import StopRequest, claim_output_dir, stopped_message
+from vppo_recipes.lora import apply_lora, load_adapter, lora_settings, merged_full_tensors, trainable_parameters
 from vppo_recipes.lr_schedule import constant_with_warmup
 from vppo_recipes.methods import MethodContext, build_method, diagnostic_view
 from vppo_recipes.methods.records import (
@@ -198,6 +204,7 @@ class RLRecipeDistributed:
         check_world_size(cfg, self.world)
         check_batch_sizes(cfg, self.world)
         self.dtype = training_dtype(cfg)
+        self.lora = lora_settings(cfg)  # None: full fine-tuning
         torch.manual_seed(self.seed)
 
         # Progress (restored by load_checkpoint): RL steps done, optimizer steps done, usable examples drawn.
@@ -230,12 +237,16 @@ class RLRecipeDistributed:
             max_pixels=cfg.model.max_pixels,
             trust_remote_code=cfg.model.trust_remote_code,
         )
-        self.weights_path = str(self.resume_from or cfg.model.path)
+        # a LoRA checkpoint holds the adapter alone: the base always comes from model.path
+        self.weights_path = str(self.resume_from if self.resume_from and not self.lora else cfg.model.path)
         self.model = self._setup_model(cfg, weights=self.weights_path)
         self.sampler = self._setup_sampler(cfg)
-        if cfg.rollout.engine == "vllm" and holds_master_weights(self.weights_path):
+        if (cfg.rollout.engine == "vllm" and holds_master_weights(self.weights_path)) or (
+            self.lora and self.resume_from is not None
+        ):
             # vLLM read the bfloat16 export (ties rounded away from zero, or upcast for a float32 engine), not the
-            # float32 master weights the trainer restored: push those, as after every step
+            # float32 master weights the trainer restored; a resumed LoRA run's sampler holds the base without its
+            # adapter: push the trainer's weights, as after every step
             self._sync_sampler()
         self.optimizer, self.lr_scheduler = self._setup_optimizer(cfg)
         self._setup_data(cfg)
@@ -245,18 +256,25 @@ class RLRecipeDistributed:
             self.load_checkpoint(self.resume_from)
 
     def _setup_model(self, cfg: DictConfig, *, weights: str) -> torch.nn.Module:
-        """Load the HF policy on every rank and shard it (vision blocks, decoder layers, root) with FSDP2.
+        """Load the HF policy on every rank (LoRA: adapt it), and shard it (vision blocks, decoder layers, root)
+        with FSDP2.
 
-        weights: model.path, or the checkpoint folder being resumed (an HF folder with the same config).
+        weights: model.path, or the checkpoint folder being resumed (an HF folder with the same config; with LoRA
+        always model.path, the adapter coming from the checkpoint).
         """
         model = load_training_policy(cfg, weights)
         self.model_config = model.config
         self.image_token_id = int(model.config.image_token_id)
         # The embedded sampler is a full unsharded copy on every rank (ENVIRONMENT.md pitfalls: generating with an
-        # FSDP model deadlocks when ranks stop at different lengths); copy it before sharding.
+        # FSDP model deadlocks when ranks stop at different lengths); copy it before sharding. With LoRA it is the
+        # plain model, which `_sync_sampler` loads with the merged weights.
         self._sampler_model = None
         if cfg.rollout.engine == "transformers":
             self._sampler_model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype).eval()
+        if self.lora is not None:
+            model = apply_lora(model, self.lora)
+            if self.resume_from is not None:
+                load_adapter(model, self.resume_from)
         return shard_and_place(model, cfg, device=self.device, world=self.world, dtype=self.dtype)
 
     def _setup_sampler(self, cfg: DictConfig):
@@ -287,9 +305,11 @@ class RLRecipeDistributed:
     def _setup_optimizer(self, cfg: DictConfig):
         """Optimizer from the config's `_component_`: torch AdamW, or torchao's AdamW8bit / AdamW4bit / _AdamW.
 
-        Constant lr after a linear warmup of `lr_scheduler.warmup_steps` optimizer steps.
+        Constant lr after a linear warmup of `lr_scheduler.warmup_steps` optimizer steps. It gets the parameters that
+        train: all of them, or with LoRA the adapters' alone.
         """
-        optimizer = config.instantiate(cfg.optimizer, self.model.parameters())
+        self.trained = trainable_parameters(self.model)
+        optimizer = config.instantiate(cfg.optimizer, self.trained)
         return optimizer, constant_with_warmup(optimizer, int(cfg.lr_scheduler.warmup_steps))
 
     def _setup_data(self, cfg: DictConfig) -> None:
@@ -627,9 +647,7 @@ class RLRecipeDistributed:
         dist.all_reduce(loss_sum)
         # The loss, the norm before clipping and the norm of the clipped gradients (what the step applies), in one
         # host sync; all global, so every rank decides alike.
-        (grad_norm, _, loss_total), finite = clip_and_check_update(
-            self.model.parameters(), self.grad_clip, also=(loss_sum,)
-        )
+        (grad_norm, _, loss_total), finite = clip_and_check_update(self.trained, self.grad_clip, also=(loss_sum,))
         if not finite:
             # The step is skipped, never applied: a NaN/inf gradient would poison AdamW's moments.
             self.optimizer.zero_grad(set_to_none=True)
@@ -646,13 +664,22 @@ class RLRecipeDistributed:
         """Gather every parameter to full on every rank (one tensor at a time) and copy it into the sampler.
 
         `state_dict()` names are the HF names (activation-checkpoint wrappers stripped), which both engines use.
+        With LoRA the sampler is the plain model: it gets W + scaling·B@A of each adapted layer (`_push_merged`).
         """
+        if self.lora is not None:
+            self._push_merged(merged_full_tensors(self.model))
+            return
 
         def full_tensors():
             for name, t in self.model.state_dict().items():
                 yield name, (t.full_tensor() if isinstance(t, DTensor) else t).detach()
 
         self.sampler.update_weights(full_tensors())  # vLLM wakes only its weights for the copy
+
+    def _push_merged(self, merged) -> None:
+        """LoRA: load the merged full tensors (HF names, `lora.merged_full_tensors`) into the sampler, through the
+        same layerwise reload as full fine-tuning."""
+        self.sampler.update_weights(merged)
 
     # ---------------------------------------------------------------- metrics
 
