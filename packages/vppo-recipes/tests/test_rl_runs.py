@@ -357,3 +357,59 @@ def test_a_plain_tune_run_without_nproc_per_node_trains(assets):
     )
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert [m["step"] for m in _metrics(out)] == [1]
+
+
+def test_lora_run_trains_the_adapters_alone_resumes_exactly_after_a_kill_equals_one_rank_and_exports(assets):
+    """Issue 27: `model.lora.rank=8` on tiny_vppo. Two ranks: an uninterrupted 2-step run, and one SIGKILLed once
+    checkpoint 1 exists and relaunched: every step's metrics and the step-2 adapter are equal. Its step 1 equals a
+    1-rank run's. The checkpoint holds the adapter alone; `vppo-recipes export-lora` writes a peft folder and a merged
+    Hugging Face folder whose logits are the training model's (peft on the base) and not the base's."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from vppo_rollout.loading import load_policy
+
+    lora = ["model.lora.rank=8", "model.lora.alpha=16", "optimizer.lr=1e-3"]
+    full, cut, one = (assets["root"] / f"lora_{name}" for name in ("full", "cut", "1proc"))
+    _run(assets, "vppo", full, nproc=2, steps=2, extra=lora)
+    kill_after_checkpoint(assets, "vppo", cut, nproc=2, steps=2, checkpoint=1, extra=lora)
+    resumed = _run(assets, "vppo", cut, nproc=2, steps=2, extra=lora)
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    _run(assets, "vppo", one, nproc=1, steps=1, extra=lora)
+    mf, mc, m1 = _metrics(full), _metrics(cut), _metrics(one)
+    assert [m["step"] for m in mc] == [1, 2] and mf[0]["filter/groups_kept"] == 4
+    for a, b in zip(mf, mc):
+        diff = {k: (a[k], b.get(k)) for k in a if not k.startswith(TIMING) and not _same(a[k], b.get(k, math.nan))}
+        assert not diff, f"step {a['step']}: {diff}"
+    assert mf[0]["loss"] == pytest.approx(m1[0]["loss"], rel=LOSS_RTOL, abs=LOSS_ATOL)
+    assert mf[0]["grad_norm"] == pytest.approx(m1[0]["grad_norm"], rel=GRAD_RTOL)
+
+    ckpt = full / "checkpoints" / "step_000002"
+    assert not (ckpt / "model.safetensors").exists()
+    a, b = (load_file(str(r / "checkpoints" / "step_000002" / "adapter_model.safetensors")) for r in (full, cut))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) and len(a) == 28
+    out = assets["root"] / "lora_export"
+    cmd = [sys.executable, "-m", "vppo_recipes.cli", "export-lora", str(ckpt), str(out), "--dtype", "float32"]
+    proc = subprocess.run(cmd, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    training = PeftModel.from_pretrained(load_policy(str(assets["warm"]), dtype=torch.float32), out / "adapter")
+    merged = _logits(out / "merged", assets)
+    assert (merged - _logits(assets["warm"], assets)).abs().max() > 1e-4  # the adapters did train
+    assert torch.allclose(merged, _peft_logits(training, assets), atol=1e-4)
+
+
+def _peft_logits(model, assets) -> torch.Tensor:
+    """`_logits`' batch through an already loaded model (here base + peft adapter)."""
+    import datasets
+
+    from vppo_rollout.collate import collate_rollout, model_inputs
+    from vppo_rollout.loading import load_processor
+    from vppo_rollout.prompts import build_prompt
+
+    processor = load_processor(assets["warm"])
+    rows = datasets.load_dataset(str(assets["task"]))["test"]
+    prompts = [build_prompt(processor, rows[i]["problem"], rows[i]["images"]) for i in range(2)]
+    ids = [processor.tokenizer(t)["input_ids"] for t in ("<think>x</think> \\boxed{2}", "\\boxed{left}")]
+    batch = collate_rollout(processor, prompts, ids, config=model.config)
+    with torch.no_grad():
+        return model.eval()(**model_inputs(batch)).logits

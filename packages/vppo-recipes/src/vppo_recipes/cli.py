@@ -345,6 +345,18 @@ def cmd_run(argv: list[str]) -> int:
     return run_forwarding_signals(cmd, env)
 
 
+def cmd_export_lora(args: argparse.Namespace) -> int:
+    from vppo_recipes.lora import export_lora_checkpoint
+
+    try:
+        adapter, merged = export_lora_checkpoint(args.checkpoint, args.out, base_model=args.base, dtype=args.dtype)
+    except ValueError as e:
+        print(f"vppo-recipes export-lora: {e}", file=sys.stderr, flush=True)
+        return 2
+    print(f"peft adapter: {adapter}\nmerged Hugging Face folder: {merged}", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `run` and `plan` pass their arguments through untouched (torchrun flags, key=value overrides).
@@ -377,6 +389,21 @@ def main(argv: list[str] | None = None) -> int:
         "warm start",
     )
     init.set_defaults(func=cmd_init_tiny)
+    export = sub.add_parser(
+        "export-lora",
+        help="write a LoRA checkpoint as a peft adapter folder (OUT/adapter) and a merged Hugging Face folder "
+        "(OUT/merged)",
+        description="CKPT: a LoRA run's checkpoint (checkpoints/step_N). OUT/adapter loads with "
+        "peft.PeftModel.from_pretrained(base, OUT/adapter); OUT/merged is the base with W + alpha/r * B @ A in every "
+        "adapted layer, which transformers and vLLM load like any model folder.",
+    )
+    export.add_argument("checkpoint", help="a LoRA checkpoint folder (its vppo_checkpoint.json says lora_adapter)")
+    export.add_argument("out", help="output folder (adapter/ and merged/ are written into it)")
+    export.add_argument(
+        "--base", default=None, help="the base model folder (default: the adapter's base_model_name_or_path)"
+    )
+    export.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="merged weights' dtype")
+    export.set_defaults(func=cmd_export_lora)
     sub.add_parser("run", help="RECIPE [torchrun flags] --config CONFIG [key=value ...]")
     sub.add_parser("plan", help="per-rank memory plan of a config (see `vppo-recipes plan --help`)")
     args = parser.parse_args(argv)

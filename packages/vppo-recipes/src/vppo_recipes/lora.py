@@ -17,6 +17,7 @@ What this module gives the recipes (each a small function):
                                   (collective, one tensor at a time: what the rollout engines load)
     save_adapter / load_adapter   a peft adapter folder (adapter_model.safetensors + adapter_config.json)
     export_merged(...)            an adapter folder merged into its base, written as a Hugging Face folder
+    export_lora_checkpoint(...)   `vppo-recipes export-lora CKPT OUT`: OUT/adapter (peft) and OUT/merged (HF)
 
 The adapter folder is what `peft.PeftModel.from_pretrained(base, folder)` loads: weights under peft's names
 ("base_model.model.<module path>.lora_A.weight", the adapter name dropped) and a LoraConfig whose target_modules are
@@ -48,6 +49,7 @@ __all__ = [
     "adapter_state_dict",
     "adapters_disabled",
     "apply_lora",
+    "export_lora_checkpoint",
     "export_merged",
     "load_adapter",
     "lora_scalings",
@@ -329,6 +331,31 @@ def export_merged(
     if (base / "generation_config.json").is_file():  # save_pretrained writes one from config.json: keep the base's
         shutil.copy2(base / "generation_config.json", out / "generation_config.json")
     return out
+
+
+def export_lora_checkpoint(
+    checkpoint: str | Path, out: str | Path, *, base_model: str | Path | None = None, dtype: str = "bfloat16"
+) -> tuple[Path, Path]:
+    """`vppo-recipes export-lora`: a LoRA run's checkpoint -> (OUT/adapter, a peft adapter folder with the processor
+    files; OUT/merged, `export_merged` in `dtype`). Raises ValueError when `checkpoint` holds no LoRA adapter."""
+    from vppo_recipes.checkpoint_weights import DTYPES
+    from vppo_recipes.checkpointing import _copy_processor_files
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    meta_file = checkpoint / "vppo_checkpoint.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if meta.get("weights_format") != "lora_adapter" or not (checkpoint / ADAPTER_WEIGHTS_FILE).is_file():
+        raise ValueError(
+            f"{checkpoint} is no LoRA checkpoint (its vppo_checkpoint.json must say weights_format: lora_adapter); a "
+            "full fine-tuning checkpoint is already a Hugging Face folder"
+        )
+    adapter = out / "adapter"
+    adapter.mkdir(parents=True, exist_ok=True)
+    for name in (ADAPTER_WEIGHTS_FILE, ADAPTER_CONFIG_FILE):
+        shutil.copy2(checkpoint / name, adapter / name)
+    _copy_processor_files(checkpoint, adapter)
+    merged = export_merged(checkpoint, out / "merged", base_model=base_model, dtype=DTYPES[dtype])
+    return adapter, merged
 
 
 def _plain_lora_scaling(config: Mapping[str, Any], where: Path) -> float:

@@ -25,6 +25,10 @@ One optimizer step (`train_step`):
     -> clip the grad norm (a non-finite norm, before or after clipping, skips the step and is counted), AdamW
        step, constant lr + warmup.
 
+LoRA (`model.lora.rank` > 0, `vppo_recipes.lora`): peft adapters on the decoder layers' projections (dropout
+allowed here), the base frozen, only the adapters in the optimizer; checkpoints hold the adapter alone (a peft
+adapter folder on model.path; `vppo-recipes export-lora` merges it into a Hugging Face folder).
+
 Logged per step (JSONL / wandb / stdout, see metric_logging.py): loss (global token-mean NLL), grad_norm, lr,
 tokens, epoch, time/step_s, throughput/tokens_per_s, total/skipped_rows/<reason>, total/skipped_steps_nonfinite.
 """
@@ -70,6 +74,7 @@ from vppo_recipes.distributed import (
     training_dtype,
 )
 from vppo_recipes.lifecycle import StopRequest, claim_output_dir, stopped_message
+from vppo_recipes.lora import apply_lora, load_adapter, lora_settings, trainable_parameters
 from vppo_recipes.lr_schedule import constant_with_warmup
 from vppo_recipes.metric_logging import build_metric_logger
 from vppo_recipes.sharding import call_in_root_forward
@@ -167,7 +172,10 @@ class SFTRecipeDistributed:
         if self.end_of_turn_id is None or self.end_of_turn_id == self.processor.tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer of model.path={cfg.model.path} has no {END_OF_TURN} token (Qwen chat)")
         self._setup_data(cfg)  # before the model: a missing column fails fast
-        self.model = self._setup_model(cfg, weights=str(self.resume_from or cfg.model.path))
+        lora = lora_settings(cfg) is not None  # a LoRA checkpoint holds the adapter alone: the base is model.path
+        self.model = self._setup_model(
+            cfg, weights=str(self.resume_from if self.resume_from and not lora else cfg.model.path)
+        )
         self.optimizer, self.lr_scheduler = self._setup_optimizer(cfg)
         if self.resume_from is not None:
             self.load_checkpoint(self.resume_from)
@@ -175,12 +183,18 @@ class SFTRecipeDistributed:
     def _setup_model(self, cfg: DictConfig, *, weights: str) -> torch.nn.Module:
         """Load the HF policy on every rank (float32 master weights, CPU), shard it with FSDP2, then move it."""
         model = load_training_policy(cfg, weights)
+        lora = lora_settings(cfg)
+        if lora is not None:  # adapters on the decoder layers' projections, the base frozen
+            model = apply_lora(model, lora)
+            if self.resume_from is not None:
+                load_adapter(model, self.resume_from)
         self.model_config = model.config
         return shard_and_place(model, cfg, device=self.device, world=self.world, dtype=self.dtype)
 
     def _setup_optimizer(self, cfg: DictConfig):
         """Optimizer from the config's `_component_`; constant lr after a linear warmup of `warmup_steps`."""
-        optimizer = config.instantiate(cfg.optimizer, self.model.parameters())
+        self.trained = trainable_parameters(self.model)  # all parameters, or with LoRA the adapters' alone
+        optimizer = config.instantiate(cfg.optimizer, self.trained)
         return optimizer, constant_with_warmup(optimizer, int(cfg.lr_scheduler.warmup_steps))
 
     def _setup_data(self, cfg: DictConfig) -> None:
@@ -241,7 +255,7 @@ class SFTRecipeDistributed:
             loss_sum += nll.detach().double()
 
         # Checked after clipping: the clipped gradients are what the step applies (global, so alike on every rank).
-        (grad_norm, _), finite = clip_and_check_update(self.model.parameters(), self.grad_clip)
+        (grad_norm, _), finite = clip_and_check_update(self.trained, self.grad_clip)
         skipped = not finite
         if skipped:  # a NaN/inf gradient would poison AdamW's moments: drop this step, count it, go on
             self.totals["skipped_steps_nonfinite"] += 1
