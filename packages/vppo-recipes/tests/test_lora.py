@@ -136,9 +136,9 @@ def test_model_lora_keys_default_to_off_and_the_issue_command_line_validates():
     on = lora_settings(_cfg("tiny_vppo", "model.lora.rank=8"))
     assert (on.rank, on.scaling, on.target_modules, on.vision) == (8, 1.0, LM_PROJECTIONS, False)
     assert lora_settings(_cfg("tiny_sft", "model.lora.rank=8", "model.lora.dropout=0.05")).dropout == 0.05
-    with pytest.raises(ConfigError, match="model.lora.dropout"):
+    with pytest.raises(ConfigError, match=r"model\.lora\.dropout"):
         _cfg("tiny_vppo", "model.lora.rank=8", "model.lora.dropout=0.05")
-    with pytest.raises(ConfigError, match="model.lora.rnak"):
+    with pytest.raises(ConfigError, match=r"model\.lora\.rnak"):
         _cfg("tiny_vppo", "model.lora.rnak=8")
     with pytest.raises(ConfigError, match="target_modules"):
         _cfg("tiny_vppo", "model.lora.rank=8", "model.lora.target_modules=[]")
