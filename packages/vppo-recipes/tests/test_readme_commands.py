@@ -138,6 +138,10 @@ def check_command(argv: list[str], cwd: Path, sessions: set[str], extras: set[st
             for name in args[1:]:
                 assert name == "all" or name in cli.shipped_configs(), f"plan: no shipped config {name!r}"
             return "checked"
+        if sub == "export-lora":  # needs a trained LoRA checkpoint: test_rl_runs runs it; here, the arguments
+            parsed = cli.build_parser().parse_args(args)
+            assert parsed.dtype in ("bfloat16", "float32")
+            return "checked"
         if sub == "init-tiny" and "--no-warm-start" not in args:
             # the warm start is a minute of SFT: test_cli's slow init-tiny test runs it; here, the arguments
             code, _ = _quiet(cli.main, [*argv[1:], "--help"])

@@ -8,6 +8,7 @@ and the task under ./runs/, i.e. the shipped `tiny_sft` config used as a user wo
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -271,3 +272,38 @@ def test_resuming_from_a_checkpoint_of_another_model_fails_before_any_compute(wo
     assert proc.returncode != 0
     assert "holds a 'qwen3_vl' model but model.arch is 'qwen2_5_vl'" in proc.stderr + proc.stdout
     assert not (run / "logs").exists()  # stopped before the logger, the model and the data were set up
+
+
+def test_sft_with_lora_trains_the_adapters_alone_and_resumes_from_its_adapter_checkpoint(workspace, tmp_path):
+    """`model.lora.rank=4` (dropout allowed in SFT): one step moves every adapter's B and no base weight; the
+    checkpoint holds the adapter alone and verifies; a relaunch in the same folder resumes from model.path plus that
+    adapter, with the saved adapter weights and the optimizer's step count."""
+    from vppo_recipes.checkpointing import verify_checkpoint
+
+    lora = ("model.lora.rank=4", "model.lora.dropout=0.1", "optimizer.lr=1e-3")
+
+    def step_and_save(recipe):
+        before = {k: v.full_tensor().detach().clone() for k, v in recipe.model.state_dict().items()}
+        metrics = recipe.train_step(recipe.stream.take(recipe.batch_size))
+        recipe.step = 1
+        after = {k: v.full_tensor().detach().clone() for k, v in recipe.model.state_dict().items()}
+        recipe.save_checkpoint()
+        return metrics, before, after
+
+    metrics, before, after = _sft_recipe_in_process(workspace, tmp_path, *lora, run=step_and_save)
+    assert math.isfinite(metrics["loss"])
+    assert all(torch.equal(after[k], before[k]) for k in after if ".lora_" not in k), "a frozen weight moved"
+    assert min((after[k] - before[k]).abs().max() for k in after if ".lora_B." in k) > 0
+    ckpt = find_latest_checkpoint(tmp_path / "run")
+    assert verify_checkpoint(ckpt) == [] and not (ckpt / "model.safetensors").exists()
+    saved = load_file(str(ckpt / "adapter_model.safetensors"))
+    assert len(saved) == 28
+
+    def resumed(recipe):
+        state = {k: v.full_tensor().detach().clone() for k, v in recipe.model.state_dict().items()}
+        steps = {int(s["step"]) for s in recipe.optimizer.state.values()}
+        return recipe.step, state, steps
+
+    step, state, optimizer_steps = _sft_recipe_in_process(workspace, tmp_path, *lora, run=resumed)
+    assert step == 1 and optimizer_steps == {1}
+    assert all(torch.equal(state[k], after[k]) for k in after)  # base from model.path, adapter from the checkpoint

@@ -366,6 +366,12 @@ def main(argv: list[str] | None = None) -> int:
         from vppo_recipes.plan import main as plan_main  # planner imports are heavy: only when asked
 
         return int(plan_main(argv[1:]) or 0)
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of the subcommands other than `run` and `plan` (those pass their arguments through)."""
     parser = argparse.ArgumentParser(prog="vppo-recipes", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("ls", help="list the recipes and their shipped configs").set_defaults(func=cmd_ls)
@@ -406,8 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     export.set_defaults(func=cmd_export_lora)
     sub.add_parser("run", help="RECIPE [torchrun flags] --config CONFIG [key=value ...]")
     sub.add_parser("plan", help="per-rank memory plan of a config (see `vppo-recipes plan --help`)")
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return parser
 
 
 if __name__ == "__main__":
