@@ -156,3 +156,12 @@ def test_resuming_a_pre_lora_checkpoint_config_is_no_change_and_a_lora_runs_base
     moved["model"]["path"] = "/elsewhere"
     assert [c.split(":")[0] for c in config_changes(lora, moved)] == ["model.path"]
     assert config_changes({**now, "model": {**now["model"], "path": "/elsewhere"}}, now) == []
+
+
+def test_a_bfloat16_run_stores_the_frozen_base_in_bfloat16_and_the_adapters_in_float32(base):
+    from vppo_recipes.lora import LoraSettings, apply_lora
+    from vppo_rollout.loading import load_policy
+
+    model = apply_lora(load_policy(str(base), dtype=torch.float32), LoraSettings(**SETTINGS), base_dtype=torch.bfloat16)
+    dtypes = {(p.requires_grad, p.dtype) for p in model.parameters()}
+    assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}

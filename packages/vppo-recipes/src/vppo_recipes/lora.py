@@ -134,9 +134,14 @@ def target_module_names(model: nn.Module, settings: LoraSettings) -> list[str]:
     return found
 
 
-def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
+def apply_lora(model: nn.Module, settings: LoraSettings, *, base_dtype: torch.dtype | None = None) -> nn.Module:
     """Freeze every parameter of `model` and inject peft LoRA adapters (A: kaiming-uniform, B: zeros, so the adapted
-    model starts equal to the base) into `target_module_names`; returns the same model. Call before sharding."""
+    model starts equal to the base) into `target_module_names`; returns the same model. Call before sharding.
+
+    base_dtype: store the frozen base in this dtype (the recipes pass the compute dtype `model.dtype`): a frozen
+    weight needs no float32 master, and FSDP2's MixedPrecisionPolicy would cast it to that dtype for every forward
+    anyway (the same rounding), so bfloat16 halves the base's bytes and changes no result. The adapters stay in the
+    model's dtype (float32 masters)."""
     from peft import LoraConfig, inject_adapter_in_model
 
     targets = target_module_names(model, settings)
@@ -148,7 +153,11 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
         target_modules=targets,
         bias="none",
     )
-    inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    inject_adapter_in_model(config, model, adapter_name=ADAPTER)  # (peft gives adapters their base layer's dtype)
+    if base_dtype is not None:  # after injecting: the adapters keep the float32 masters
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(base_dtype)
     return model
 
 

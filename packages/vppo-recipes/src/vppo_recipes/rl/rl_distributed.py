@@ -272,7 +272,7 @@ class RLRecipeDistributed:
         if cfg.rollout.engine == "transformers":
             self._sampler_model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype).eval()
         if self.lora is not None:
-            model = apply_lora(model, self.lora)
+            model = apply_lora(model, self.lora, base_dtype=self.dtype)  # frozen base in the compute dtype
             if self.resume_from is not None:
                 load_adapter(model, self.resume_from)
         return shard_and_place(model, cfg, device=self.device, world=self.world, dtype=self.dtype)

@@ -185,7 +185,7 @@ class SFTRecipeDistributed:
         model = load_training_policy(cfg, weights)
         lora = lora_settings(cfg)
         if lora is not None:  # adapters on the decoder layers' projections, the base frozen
-            model = apply_lora(model, lora)
+            model = apply_lora(model, lora, base_dtype=self.dtype)  # frozen base in the compute dtype
             if self.resume_from is not None:
                 load_adapter(model, self.resume_from)
         self.model_config = model.config
