@@ -230,6 +230,11 @@ def load_adapter(model: nn.Module, folder: str | Path) -> None:
     from safetensors.torch import load_file
 
     path = Path(folder) / ADAPTER_WEIGHTS_FILE
+    if not path.is_file():
+        raise ValueError(
+            f"{folder} holds no LoRA adapter ({ADAPTER_WEIGHTS_FILE}): it is a full fine-tuning checkpoint; resume it "
+            "with model.lora.rank=0, or start the LoRA run in another output_dir"
+        )
     saved = load_file(str(path))
     stripped = {k.removeprefix(PEFT_PREFIX): v for k, v in saved.items()}
     expected = get_peft_model_state_dict(model, adapter_name=ADAPTER)
