@@ -118,6 +118,18 @@ COMMON: dict[str, Any] = {
         "trust_remote_code": _f(bool, default=False),
         "min_pixels": _f(int, default=None, nullable=True, **_POS_INT),
         "max_pixels": _f(int, default=None, nullable=True, **_POS_INT),
+        # LoRA (issue 27): helper 27b's minimal entry, so the shipped LoRA configs validate; 27a owns this section
+        "lora": {
+            "rank": _f(int, default=0, **_NONNEG_INT, doc="0: full fine-tuning; > 0: peft LoRA adapters of this rank"),
+            "alpha": _f(float, default=16.0, low=0.0, low_open=True, doc="LoRA scaling = alpha / rank"),
+            "dropout": _f(float, default=0.0, low=0.0, high=1.0, high_open=True),
+            "target_modules": _f(
+                list,
+                default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                doc="the language model's decoder-layer projections that get adapters",
+            ),
+            "vision": _f(bool, default=False, doc="false: the vision tower stays frozen"),
+        },
     },
     "world": {
         "nnodes": _f(int, **_POS_INT),
