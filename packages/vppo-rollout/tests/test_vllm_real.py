@@ -221,3 +221,106 @@ def test_one_batch_with_a_prompt_and_its_noised_copy_answers_each_on_its_own_ima
     assert max(abs(x - y) for x, y in zip(both.logprobs[0], clean_alone.logprobs[0])) <= LOGPROB_TOL
     assert max(abs(x - y) for x, y in zip(both.logprobs[2], noised_alone.logprobs[0])) <= LOGPROB_TOL
     assert max(abs(x - y) for x, y in zip(both.logprobs[0], both.logprobs[2])) > 100 * LOGPROB_TOL
+
+
+# ---------------------------------------------------------------------------------------------------------- LoRA
+# Issue 27: the engine samples from base + adapter, either way: (a) the merged weights W + scaling * B @ A through
+# the layerwise reload (`update_weights`), (b) vLLM's own LoRA (`update_adapter`: a peft folder per sync, loaded as
+# a LoRARequest). The reference is the transformers engine on peft's own merge of the same adapter.
+LORA_TARGETS = (
+    r".*language_model\.layers\.\d+\.(self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+)
+
+
+def _adapted(folder, seed: int):
+    """(policy with peft's LoRA injected, its LoraConfig): rank 8, alpha 16, B random (peft starts B at 0)."""
+    import peft
+    import torch
+
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS)
+    model = peft.inject_adapter_in_model(config, load_policy(folder))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return model, config
+
+
+def _merged(model):
+    """A copy with every adapter merged into its base weight by peft (`LoraLayer.merge`)."""
+    import copy
+
+    from peft.tuners.lora import LoraLayer
+
+    merged = copy.deepcopy(model)
+    for module in merged.modules():
+        if isinstance(module, LoraLayer):
+            module.merge()
+    return merged
+
+
+def _merged_hf_weights(merged) -> list:
+    """The merged model's weights under the checkpoint's names (peft's `.base_layer` dropped, adapters left out)."""
+    return [(n.replace(".base_layer.", "."), p) for n, p in merged.named_parameters() if ".lora_" not in n]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def lora_engine(request, vllm_dirs):
+    """(arch, VLLMSampler built with max_lora_rank=8) on the in-process engine."""
+    from vppo_rollout.vllm_engine import VLLMSampler
+
+    arch = request.param
+    sampler = VLLMSampler(
+        vllm_dirs[arch, 0], dtype="float32", max_model_len=1024, distributed_executor_backend="uni", max_lora_rank=8
+    )
+    yield arch, sampler
+    sampler.close()
+
+
+def test_merged_lora_weights_through_the_layerwise_reload_equal_the_transformers_engine(engine, vllm_dirs):
+    arch, sampler = engine
+    processor = load_processor(vllm_dirs[arch, 0])
+    prompts = _prompts(processor)
+    model, _ = _adapted(vllm_dirs[arch, 0], seed=0)
+    merged = _merged(model)
+    reference = TransformersSampler(merged, processor).sample(prompts, 1, GREEDY)
+    assert reference.token_ids != sampler.sample(prompts, 1, GREEDY).token_ids  # the adapter changes the answers
+    sampler.update_weights(_merged_hf_weights(merged))
+    _assert_same_greedy(sampler.sample(prompts, 1, GREEDY), reference)
+    sampler.update_weights(load_policy(vllm_dirs[arch, 0]).named_parameters())  # the shared engine's base back
+
+
+def test_lora_adapter_requests_equal_the_transformers_engine_on_the_merged_model(lora_engine, vllm_dirs):
+    """Two syncs: the second adapter (new id and name) replaces the first; no KV block of the first is reused."""
+    arch, sampler = lora_engine
+    processor = load_processor(vllm_dirs[arch, 0])
+    prompts = _prompts(processor)
+    base = sampler.sample(prompts, 1, GREEDY)  # no adapter yet: the base model
+    _assert_same_greedy(
+        base, TransformersSampler(load_policy(vllm_dirs[arch, 0]), processor).sample(prompts, 1, GREEDY)
+    )
+    answers = []
+    for seed in (0, 1):
+        model, config = _adapted(vllm_dirs[arch, 0], seed)
+        reference = TransformersSampler(_merged(model), processor).sample(prompts, 1, GREEDY)
+        adapter = [(n, p) for n, p in model.named_parameters() if ".lora_" in n]
+        assert sampler.update_adapter(adapter, config) == len(adapter)
+        got = sampler.sample(prompts, 1, GREEDY)
+        _assert_same_greedy(got, reference)
+        answers.append(got.token_ids)
+    assert base.token_ids != answers[0] != answers[1]
+    assert sampler.llm.llm_engine.list_loras() == {2}  # the first version was removed
+
+
+def test_update_adapter_refuses_a_rank_above_the_engines_and_a_wrong_shape(lora_engine, vllm_dirs):
+    import peft
+
+    arch, sampler = lora_engine
+    model, config = _adapted(vllm_dirs[arch, 0], seed=0)
+    adapter = [(n, p) for n, p in model.named_parameters() if ".lora_" in n]
+    with pytest.raises(ValueError, match=r"LoRA rank 16 exceeds the engine's max_lora_rank=8"):
+        sampler.update_adapter(adapter, peft.LoraConfig(r=16, lora_alpha=16))
+    name, a = adapter[0]
+    with pytest.raises(ValueError, match=r"lora_A\.weight' has shape \(8, 3\), expected \(8, 128\)"):
+        sampler.update_adapter([(name, a[:, :3]), *adapter[1:]], config)

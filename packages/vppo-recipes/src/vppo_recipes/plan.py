@@ -8,7 +8,11 @@ padded shard, so it is the worst case):
 
     params      local shard of every parameter, float32 master weights (the recipe keeps fp32 masters and casts to
                 model.dtype for compute with FSDP2's MixedPrecisionPolicy), for every optimizer
-    grads       same size and dtype as the local shard
+                LoRA (`model.lora.rank > 0`): peft's adapters are injected into the meta model (`inject_lora`, the
+                language model's decoder-layer projections named by model.lora.target_modules) before sharding;
+                the adapter parameters are the only trainable ones (fp32 masters, grads, optimizer states), the
+                frozen base is counted in model.dtype (local shard, no master, no grad, no optimizer state)
+    grads       same size and dtype as the local shard (LoRA: of the adapter parameters only)
     optimizer   torch.optim.AdamW: exp_avg + exp_avg_sq in fp32 (8 B/param); torchao.optim.AdamW8bit: two uint8
                 code tensors + one fp32 scale per 256-element block each (2 x (1 + 4/256) B/param, + 1 KiB qmap per
                 state; measured on torchao 0.15: 1.03125 B/param/state on a 65,536-element tensor = 1 + 4/256 +
@@ -26,11 +30,16 @@ padded shard, so it is the worst case):
                 and likewise for the vision tower with mb images at max_pixels (mb x max_pixels / patch^2 patches).
                 The traced decoder-layer bytes equal a hand derivation term by term
                 (text_layer_saved_bytes_formula; tests/test_plan.py checks both models at two sizes).
+                LoRA: the traced layer is the adapter-injected one with its base frozen: the adapters' own saved
+                tensors (lora_A's input, lora_B's input [mb, T, rank]) are traced, and so is what the frozen base no
+                longer saves (a frozen Linear does not save its input, a frozen RMSNorm not its normalised input;
+                tests/test_plan.py derives both by hand). The vision tower is frozen and its input needs no
+                gradient, so it saves nothing (traced: 0) and checkpointing keeps no vision block input.
                 Not counted: allocator fragmentation, NCCL/CUDA context (covered by the safety margin).
     transient   largest short-lived working set: the root unit gathered in model.dtype (lm_head, final norm, vision
                 patch embed + mergers; FSDP2 keeps the root gathered through forward and backward), two gathered
                 block units (the one computing + the prefetched next one), one block's unsharded fp32 gradient
-                before its reduce-scatter, and the log-prob block: loss.chunk_size x V logits (a [B*L, block]
+                before its reduce-scatter (LoRA: the block's adapter parameters), and the log-prob block: loss.chunk_size x V logits (a [B*L, block]
                 slice of the vocabulary, vppo_core.logprobs_from_hidden), counted as three fp32 blocks (two float
                 buffers and the model-dtype matmul output or gradient block: 3 x chunk x V x 4 B, an upper bound).
     sampler     rollout.engine=vllm (colocated, sleep mode): while sampling, vLLM holds gpu_memory_utilization x
@@ -166,24 +175,97 @@ class Unit:
     name: str
     numel: int
     local_numel: int
-    tensors: tuple[int, ...]  # local numel of each parameter (the optimizer keeps one state per parameter)
+    tensors: tuple[int, ...]  # local numel of each trainable parameter (the optimizer keeps one state per parameter)
+    frozen_local_numel: int = 0  # local elements of the parameters that need no gradient (LoRA's frozen base)
 
 
 def fsdp_units(model: nn.Module) -> list[Unit]:
-    """The FSDP units of a sharded model, each with the parameters that belong to it (nearest enclosing unit)."""
+    """The FSDP units of a sharded model, each with the parameters that belong to it (nearest enclosing unit);
+    trainable (requires_grad) and frozen parameters are told apart."""
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
     unit_names = [n for n, m in model.named_modules() if isinstance(m, FSDPModule)]
-    by_unit: dict[str, list[tuple[int, int]]] = {n: [] for n in unit_names}
+    by_unit: dict[str, list[tuple[int, int, bool]]] = {n: [] for n in unit_names}
     for pname, p in model.named_parameters():
         owner = max((u for u in unit_names if u == "" or pname.startswith(u + ".")), key=len)
         local = p.to_local().numel() if isinstance(p, DTensor) else p.numel()
-        by_unit[owner].append((p.numel(), local))
+        by_unit[owner].append((p.numel(), local, p.requires_grad))
     return [
-        Unit(name or "<root>", sum(a for a, _ in ps), sum(b for _, b in ps), tuple(b for _, b in ps))
+        Unit(
+            name or "<root>",
+            numel=sum(a for a, _, _ in ps),
+            local_numel=sum(b for _, b, _ in ps),
+            tensors=tuple(b for _, b, trains in ps if trains),
+            frozen_local_numel=sum(b for _, b, trains in ps if not trains),
+        )
         for name, ps in by_unit.items()
     ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA: peft adapters on the meta model
+# ---------------------------------------------------------------------------------------------------------------
+
+# The language model's attention and MLP projections (the default of model.lora.target_modules).
+LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """`model.lora` as the planner reads it (rank > 0)."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...]
+
+
+def lora_settings(cfg: dict[str, Any]) -> LoraSettings | None:
+    """`model.lora` of a config, or None when it is absent or its rank is 0 (full fine-tuning).
+
+    The vision tower keeps no adapter here: `model.lora.vision: true` is refused by name (the planner does not
+    size adapters in the vision blocks)."""
+    section = _get(cfg, "model.lora") or {}
+    rank = int(section.get("rank", 0) or 0)
+    if rank <= 0:
+        return None
+    if section.get("vision", False):
+        raise ValueError(
+            "model.lora.vision=true: the planner sizes LoRA on the language model only (vision tower frozen); "
+            "plan with model.lora.vision=false"
+        )
+    targets = tuple(section.get("target_modules") or LORA_DEFAULT_TARGETS)
+    unknown = sorted(set(targets) - set(LORA_DEFAULT_TARGETS))
+    if unknown:
+        raise ValueError(
+            f"model.lora.target_modules: {unknown} are no decoder-layer projection; choose from {list(LORA_DEFAULT_TARGETS)}"
+        )
+    return LoraSettings(
+        rank=rank,
+        alpha=float(section.get("alpha", rank)),
+        dropout=float(section.get("dropout", 0.0)),
+        target_modules=targets,
+    )
+
+
+def inject_lora(model: nn.Module, lora: LoraSettings) -> nn.Module:
+    """peft's LoRA adapters (adapter "default") on the decoder layers' `lora.target_modules` of `model`, in place.
+
+    `peft.inject_adapter_in_model` leaves module paths as they are and marks only the adapter parameters
+    trainable; the adapters are meta tensors (float32, like the meta model)."""
+    import peft
+
+    names = "|".join(lora.target_modules)
+    config = peft.LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=rf"(.*\.)?language_model\.layers\.\d+\.(self_attn|mlp)\.({names})",
+    )
+    # low_cpu_mem_usage: peft creates the adapters on the meta device (not allocated and initialised on the CPU first,
+    # ~20 s for 7B's 161M adapter parameters)
+    return peft.inject_adapter_in_model(config, model, low_cpu_mem_usage=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -287,7 +369,9 @@ def vision_block_saved_bytes(model: nn.Module, n_patches: int, dtype: torch.dtyp
     block = vision[0].to(dtype)
     cfg = model.config.vision_config
     head_dim = cfg.hidden_size // cfg.num_heads
-    x = torch.empty(n_patches, cfg.hidden_size, device="meta", dtype=dtype, requires_grad=True)
+    # a tower whose parameters are all frozen (LoRA on the language model) gets an input that needs no gradient
+    trained = any(p.requires_grad for b in vision for p in b.parameters())
+    x = torch.empty(n_patches, cfg.hidden_size, device="meta", dtype=dtype, requires_grad=trained)
     cos = torch.empty(n_patches, head_dim, device="meta", dtype=dtype)
     sin = torch.empty_like(cos)
     cu = torch.tensor([0, n_patches], dtype=torch.int32)  # on CPU: the eager path splits by its values
@@ -354,6 +438,7 @@ class Plan:
     model: str
     world: str
     total_params: int
+    adapter_params: int  # LoRA adapter parameters (the trainable ones); 0 without LoRA
     published_params: float | None
     units: int
     params: int
@@ -441,14 +526,21 @@ def plan_config(
     act_bytes = DTYPE_BYTES[dtype_name]
     act_dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
 
+    lora = lora_settings(cfg)
     hf_config = load_arch_config(model_path, arch)
     tc, vc = hf_config.text_config, hf_config.vision_config
-    model = build_meta_model(hf_config)
+
+    def policy() -> nn.Module:
+        model = build_meta_model(hf_config)
+        return model if lora is None else inject_lora(model, lora)
+
+    model = policy()
     total_params = sum(p.numel() for p in model.parameters())
+    adapter_params = sum(p.numel() for p in model.parameters() if p.requires_grad) if lora else 0
     n_layers, depth = tc.num_hidden_layers, vc.depth
-    max_layer_params = max(
-        sum(p.numel() for p in b.parameters()) for b in [*find_blocks(model)[0], *find_blocks(model)[1]]
-    )
+    blocks = [*find_blocks(model)[0], *find_blocks(model)[1]]
+    max_layer_params = max(sum(p.numel() for p in b.parameters()) for b in blocks)
+    max_layer_trainable = max(sum(p.numel() for p in b.parameters() if p.requires_grad) for b in blocks)
 
     # Activations, traced on an unsharded copy of one block (sharding does not change what a block saves).
     layer_saved = text_layer_saved_bytes(model, micro, seq, act_dtype)
@@ -462,7 +554,8 @@ def plan_config(
     vision_saved = vision_block_saved_bytes(model, micro * patches_per_image, act_dtype)
     if ac:
         activations = n_layers * micro * seq * tc.hidden_size * act_bytes + layer_saved
-        activations += depth * micro * patches_per_image * vc.hidden_size * act_bytes + vision_saved
+        if vision_saved:  # a frozen tower saves nothing, and checkpointing keeps no input of it either
+            activations += depth * micro * patches_per_image * vc.hidden_size * act_bytes + vision_saved
     else:
         activations = n_layers * layer_saved + depth * vision_saved
     # Final norm output and the hidden states the chunked log-prob reads: [mb, T, H] twice.
@@ -470,22 +563,30 @@ def plan_config(
 
     with fake_process_group(world):
         mesh = make_mesh(world, replicas)
-        model = build_meta_model(hf_config)
+        model = policy()
         shard_policy(model, mesh, activation_checkpointing=ac)
         units = fsdp_units(model)
     local_numels = [n for u in units for n in u.tensors]
     params, grads, opt_state = optimizer_bytes(opt_name, local_numels)
+    frozen_local = sum(u.frozen_local_numel for u in units)
+    params += frozen_local * act_bytes  # LoRA's frozen base: model.dtype, no master copy (0 without LoRA)
     root = next(u for u in units if u.name == "<root>")
     transient_parts = {
         "root gathered": root.numel * act_bytes,
         "2 blocks gathered": 2 * max_layer_params * act_bytes,
-        "block grad fp32": max_layer_params * 4,
+        "block grad fp32": max_layer_trainable * 4,
         "log-prob chunk": 3 * chunk * tc.vocab_size * 4,
     }
     transient = sum(transient_parts.values())
 
     gpu_bytes = int(gpu_gib * GIB)
     notes = []
+    if lora:
+        notes.append(
+            f"LoRA rank {lora.rank} alpha {lora.alpha:g} on {','.join(lora.target_modules)}: "
+            f"{adapter_params:,} adapter params trained (fp32 masters, grads, optimizer states), "
+            f"{total_params - adapter_params:,} base params frozen in {dtype_name} (sharded); vision tower frozen"
+        )
     if engine == "vllm":
         util = float(_get(cfg, "rollout.gpu_memory_utilization", 0.35))
         sampler_rollout, sampler_training = int(util * gpu_bytes), int(vllm_sleep_gib * GIB)
@@ -511,6 +612,7 @@ def plan_config(
         model=Path(model_path).name,
         world=world_desc,
         total_params=total_params,
+        adapter_params=adapter_params,
         published_params=PUBLISHED_PARAMS.get(Path(model_path).name),
         units=len(units),
         params=params,
@@ -572,7 +674,11 @@ def render_plan(plan: Plan) -> str:
     """A plain-text (markdown) table of `plan`, in GiB per GPU."""
     pub = f" (published {plan.published_params / 1e9:.2f}B)" if plan.published_params else ""
     rows = [
-        ("parameters (local shard)", plan.params, "exact (fake-PG shard_policy)"),
+        (
+            "parameters (local shard)",
+            plan.params,
+            "exact (fake-PG shard_policy)" + ("; LoRA: adapter fp32 + frozen base" if plan.adapter_params else ""),
+        ),
         ("gradients", plan.grads, "exact"),
         ("optimizer states", plan.optimizer, "exact"),
         ("activations", plan.activations, "estimate (traced saved tensors)"),
@@ -618,6 +724,8 @@ FULL_SIZE_CONFIGS = (
     "qwen2_5_vl_7b_grpo",
     "qwen3_vl_8b_vppo",
     "qwen2_5_vl_32b_vppo",
+    "qwen2_5_vl_7b_vppo_lora",
+    "qwen3_vl_8b_vppo_lora",
 )
 
 

@@ -26,6 +26,13 @@ vLLM APIs used:
   then `llm.llm_engine.reset_encoder_cache()` (vision-encoder outputs are cached by image hash: without the reset an
   image seen before the update is served with the old vision tower's embeddings, or the scheduler asks the worker for
   an entry the reload dropped) and `llm.reset_prefix_cache()` (KV blocks computed with the old weights);
+- LoRA adapters (`VLLMSampler(max_lora_rank=r)`, `update_adapter`): `LLM(enable_lora=True, max_lora_rank, max_loras=1)`;
+  the adapter is written as a peft folder (`adapter_config.json` from the trainer's `peft.LoraConfig`,
+  `adapter_model.safetensors` with peft's saved key names), since vLLM 0.32's `LoRARequest(lora_name, lora_int_id,
+  lora_path)` loads adapters from a path only; `llm.llm_engine.add_lora(request)` loads it at sync time (not at the
+  first request) and `remove_lora(old_id)` drops the previous version. Every sync gets a new int id and name: vLLM
+  caches adapters by id, and its prefix-cache block hashes include the adapter name, so KV blocks of the previous
+  adapter are never reused. CPU vLLM runs adapters with its punica CPU ops (`PunicaWrapperCPU`);
 - `llm.llm_engine.engine_core.shutdown()` in `close()`, before the trainer destroys its process group.
 
 One engine per trainer rank: `distributed_executor_backend="external_launcher"` (what TRL and verl colocate with)
@@ -39,6 +46,8 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -229,6 +238,39 @@ def merge_repeated(outputs: Sequence[Any], n: int) -> list[Any]:
     return merged
 
 
+_LORA_PARTS = ("lora_A", "lora_B")
+
+
+def peft_adapter_state(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """LoRA A/B tensors of a trainer model -> the keys peft saves in `adapter_model.safetensors`.
+
+    Accepts peft's in-model names, with the adapter name and wrapper prefixes
+    (`model.language_model.layers.0.self_attn.q_proj.lora_A.default.weight`) or without the adapter name;
+    returns {"base_model.model.<module>.lora_A.weight": tensor, ...} (A: [rank, in], B: [out, rank]). A name that
+    is no LoRA A/B weight, or a module with only one of A and B, is a ValueError naming it.
+    """
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in named_tensors:
+        parts = _strip_wrappers(name).split(".")
+        where = next((i for i, part in enumerate(parts) if part in _LORA_PARTS), None)
+        if where is None or parts[-1] != "weight" or len(parts) - where not in (2, 3) or where == 0:
+            raise ValueError(
+                f"update_adapter: {name!r} is no LoRA weight; expected '<module>.lora_A[.<adapter>].weight' or "
+                "'<module>.lora_B[.<adapter>].weight' (peft's names)"
+            )
+        if hasattr(tensor, "full_tensor"):
+            tensor = tensor.full_tensor()
+        key = "base_model.model." + ".".join([*parts[:where], parts[where], "weight"])
+        if key in state:
+            raise ValueError(f"update_adapter: {name!r} repeats {key!r} (one adapter at a time)")
+        state[key] = tensor.detach().to("cpu").contiguous()
+    for key in state:
+        other = key.replace(".lora_A.", ".lora_B.") if ".lora_A." in key else key.replace(".lora_B.", ".lora_A.")
+        if other not in state:
+            raise ValueError(f"update_adapter: {key!r} has no {other.split('.')[-2]} partner ({other!r} missing)")
+    return state
+
+
 def weight_buckets(
     named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
@@ -313,6 +355,8 @@ class VLLMSampler:
             `worker_extension_cls=WORKER_EXTENSION` for `update_weights`.
         sampling_params_cls: what builds the per-request params (default `vllm.SamplingParams`).
         bucket_bytes: bytes of tensors per `vppo_load_weights` call during `update_weights` (bounds the extra memory).
+        max_lora_rank: None (no adapters) or the largest LoRA rank `update_adapter` will send: the engine is built
+            with `enable_lora=True, max_lora_rank, max_loras=1` and samples from base + the current adapter.
         **llm_kwargs: anything else for `vllm.LLM`.
     """
 
@@ -334,6 +378,7 @@ class VLLMSampler:
         llm=None,
         sampling_params_cls=None,
         bucket_bytes: int = 512 * 2**20,
+        max_lora_rank: int | None = None,
         **llm_kwargs,
     ) -> None:
         from transformers import AutoConfig, AutoTokenizer
@@ -347,6 +392,11 @@ class VLLMSampler:
         self.config = AutoConfig.from_pretrained(self.model_path)
         self.max_images = max_images
         self.bucket_bytes = bucket_bytes
+        if max_lora_rank is not None and (not isinstance(max_lora_rank, int) or max_lora_rank < 1):
+            raise ValueError(f"max_lora_rank: expected None or an int >= 1, got {max_lora_rank!r}")
+        self.max_lora_rank = max_lora_rank
+        self._lora_request = None  # the adapter every sample() runs with (None: the base model)
+        self._adapter_root: str | None = None
         self._hf_shapes: dict[str, tuple[int, ...]] | None = None
         self._engine_names: set[str] | None = None
         self._asleep = False
@@ -367,6 +417,8 @@ class VLLMSampler:
                     "enable_sleep_mode=True: this vLLM platform has no sleep mode (CPU); pass None to follow it"
                 )
             mm_kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+            if max_lora_rank is not None:  # one adapter at a time: the trainer's current one
+                llm_kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
             llm = LLM(
                 model=self.model_path,
                 limit_mm_per_prompt={"image": max_images, "video": 0},
@@ -423,7 +475,8 @@ class VLLMSampler:
             suppress_ids=self.suppress_ids,
             factory=self.sampling_params_cls,
         )
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        adapter = {} if self._lora_request is None else {"lora_request": self._lora_request}
+        outputs = self.llm.generate(requests, params, use_tqdm=False, **adapter)
         if per_request != n:
             outputs = merge_repeated(outputs, n)
         return rollouts_from_vllm(outputs, n, want_logprobs=sampling.logprobs, decode=self._decode)
@@ -503,6 +556,57 @@ class VLLMSampler:
         self.llm.reset_prefix_cache()
         return count
 
+    def update_adapter(self, named_tensors: Iterable[tuple[str, torch.Tensor]], lora_config) -> int:
+        """Make the trainer's current LoRA adapter the one every `sample` runs with; returns the tensor count.
+
+        named_tensors: the adapter's lora_A / lora_B weights (peft's names, DTensors gathered; see
+        `peft_adapter_state`), each checked against the base weight's shape ([rank, in] and [out, rank]);
+        lora_config: the `peft.LoraConfig` the trainer injected them with (rank, alpha, rsLoRA: vLLM reads them from
+        the saved `adapter_config.json`). The adapter is saved as a peft folder, loaded under a new id and name,
+        then the previous version is removed from the engine and from disk (see the module docstring).
+        """
+        if self.max_lora_rank is None:
+            raise ValueError("update_adapter: this VLLMSampler was built without max_lora_rank; pass max_lora_rank=r")
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        state = peft_adapter_state(named_tensors)
+        self._check_adapter_shapes(state, int(lora_config.r))
+        version = 1 if self._lora_request is None else self._lora_request.lora_int_id + 1
+        if self._adapter_root is None:
+            self._adapter_root = tempfile.mkdtemp(prefix="vppo_lora_")
+        folder = os.path.join(self._adapter_root, f"v{version}")
+        os.makedirs(folder)
+        lora_config.save_pretrained(folder)  # adapter_config.json
+        save_file(state, os.path.join(folder, "adapter_model.safetensors"))
+        request = LoRARequest(lora_name=f"vppo_adapter_v{version}", lora_int_id=version, lora_path=folder)
+        if self._asleep:
+            self.wake_up()
+        self.llm.llm_engine.add_lora(request)
+        previous, self._lora_request = self._lora_request, request
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+            shutil.rmtree(previous.lora_path, ignore_errors=True)
+        return len(state)
+
+    def _check_adapter_shapes(self, state: dict[str, torch.Tensor], rank: int) -> None:
+        """Each A is [rank, in] and each B [out, rank] of the HF weight `<module>.weight` it adapts."""
+        if rank > self.max_lora_rank:
+            raise ValueError(
+                f"update_adapter: LoRA rank {rank} exceeds the engine's max_lora_rank={self.max_lora_rank}; build "
+                "the VLLMSampler with max_lora_rank >= model.lora.rank"
+            )
+        shapes = self._expected_shapes()
+        for key, tensor in state.items():
+            module, part = key.removeprefix("base_model.model.").rsplit(".", 2)[:2]
+            base = shapes.get(f"{module}.weight")
+            if base is None or len(base) != 2:
+                raise ValueError(f"update_adapter: {key!r} adapts {module!r}, which is no Linear of this {self.arch}")
+            out_features, in_features = base
+            want = (rank, in_features) if part == "lora_A" else (out_features, rank)
+            if tuple(tensor.shape) != want:
+                raise ValueError(f"update_adapter: {key!r} has shape {tuple(tensor.shape)}, expected {want}")
+
     def sleep(self) -> None:
         """Free the engine's GPU memory (level 1: weights offloaded to CPU, KV cache discarded); a no-op without sleep
         mode (CPU vLLM has none)."""
@@ -522,3 +626,5 @@ class VLLMSampler:
         core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
+        if self._adapter_root is not None:
+            shutil.rmtree(self._adapter_root, ignore_errors=True)
