@@ -573,16 +573,24 @@ def plan_for_step(cfg, geometry: StepGeometry, model_path: str, gpu_gib: float) 
     return plan_config(plain, name="preflight", gpu_gib=gpu_gib).peak
 
 
+def synthetic_task(raw, work: Path) -> Path:
+    """work/task: 16 synthetic rows (with VAPO's claim columns) at images as large as model.max_pixels allows;
+    built once, shared by parts 3-5."""
+    task = work / "task"
+    if not task.is_dir():
+        from vppo_eval.synthetic import build_visual_task
+
+        size = synthetic_image_size(str(raw.model.arch), raw.model.max_pixels)
+        build_visual_task(task, n_train=16, n_test=0, seed=0, image_size=size, claims=20)
+    return task
+
+
 def rl_step_part(raw, *, device: str, work: Path, deadline: float) -> tuple[str, str, dict[str, Any]]:
     """Part 3 (module docstring): (status, summary, details)."""
     import torch
 
-    from vppo_eval.synthetic import build_visual_task
-
     arch, dtype = str(raw.model.arch), str(raw.model.dtype)
-    task = work / "task"
-    size = synthetic_image_size(arch, raw.model.max_pixels)
-    build_visual_task(task, n_train=16, n_test=0, seed=0, image_size=size, claims=20)
+    task = synthetic_task(raw, work)
     runs: dict[int, dict[str, Any]] = {}
     for depth in DEPTHS:
         if time.monotonic() > deadline:
@@ -606,7 +614,7 @@ def rl_step_part(raw, *, device: str, work: Path, deadline: float) -> tuple[str,
     )
     details = {
         "geometry": dataclasses.asdict(geometry),
-        "image_size_px": size,
+        "image_size_px": synthetic_image_size(arch, raw.model.max_pixels),
         "steps": {
             str(d): {
                 "seconds": round(runs[d]["seconds"], 2),
@@ -656,13 +664,7 @@ def fsdp_part(raw, *, device: str, procs: int, work: Path, timeout_s: float) -> 
     """Part 4: the depth-2 step under torchrun on `procs` ranks (NCCL on CUDA, gloo on CPU: the same code) through
     `python -m vppo_recipes.preflight --fsdp-worker`; its peak memory and the weight push's seconds (rank 0)."""
     arch, dtype = str(raw.model.arch), str(raw.model.dtype)
-    task = work / "task"
-    if not task.is_dir():
-        from vppo_eval.synthetic import build_visual_task
-
-        build_visual_task(
-            task, n_train=16, n_test=0, seed=0, image_size=synthetic_image_size(arch, raw.model.max_pixels), claims=20
-        )
+    task = synthetic_task(raw, work)
     folder = build_reduced_model(str(raw.model.path), arch, DEPTHS[1], work / "model_fsdp", work, dtype)
     cfg = step_config(raw, model_path=folder, task=task, output_dir=work / "run_fsdp", world=procs)
     from omegaconf import OmegaConf
@@ -714,7 +716,7 @@ def vllm_part(raw, *, device: str, work: Path) -> tuple[str, str, dict[str, Any]
     from vppo_recipes.rl.step_metrics import AGREEMENT_THRESHOLD
 
     arch, dtype = str(raw.model.arch), str(raw.model.dtype)
-    task = work / "task"
+    task = synthetic_task(raw, work)
     folder = build_reduced_model(str(raw.model.path), arch, DEPTHS[0], work / "model_vllm", work, dtype)
     cfg = step_config(raw, model_path=folder, task=task, output_dir=work / "run_vllm", engine="vllm")
     run = run_recipe_steps(cfg, 2, device)
@@ -827,10 +829,8 @@ def render_table(results: Sequence[PartResult]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`vppo-recipes preflight --config CONFIG [--device cpu|cuda] [--out preflight.json] [--budget-s 600]`.
-
-    Exit status 0: every part ok or skipped within the budget; 1: a part FAILED or the budget was exceeded."""
+def build_parser() -> argparse.ArgumentParser:
+    """The arguments of `vppo-recipes preflight` (see `main`)."""
     ap = argparse.ArgumentParser(prog="vppo-recipes preflight", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", help="an RL config: a YAML file or a shipped name (tiny_vppo, qwen2_5_vl_7b_vppo)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the config, as `vppo-recipes run` takes them")
@@ -843,7 +843,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="run part 4 on this many ranks even on CPU (gloo; default: every GPU when more than one is visible)",
     )  # fmt: skip
     ap.add_argument("--fsdp-worker", nargs=2, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`vppo-recipes preflight --config CONFIG [key=value ...] [--device cpu|cuda] [--out preflight.json]
+    [--budget-s 600]`.
+
+    Exit status 0: every part ok or skipped within the budget; 1: a part FAILED or the budget was exceeded; 2: the
+    config or an override cannot be read."""
+    ap = build_parser()
+    args = ap.parse_intermixed_args(argv)  # overrides before or after the flags
     if args.fsdp_worker:
         _fsdp_worker(*args.fsdp_worker, args.device or "cuda")
         return 0
