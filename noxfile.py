@@ -259,15 +259,36 @@ def _wheelhouse_args(posargs: list[str]) -> argparse.Namespace:
     ap.add_argument("--python", default=f"{sys.version_info.major}.{sys.version_info.minor}", help="target X.Y")
     ap.add_argument("--platform", default="manylinux_2_28_x86_64", help="target platform tag")
     ap.add_argument("--dest", default=None, help="folder (default out/wheelhouse-cpXY-PLATFORM)")
+    ap.add_argument("--torch", default="2.13.0", help="the target's preinstalled torch version (default 2.13.0)")
     args = ap.parse_args(posargs)
     if args.dest is None:
         args.dest = str(ROOT / "out" / f"wheelhouse-cp{args.python.replace('.', '')}-{args.platform}")
     return args
 
 
-def build_wheelhouse(session: nox.Session, python: str, platform: str, dest: Path) -> dict[str, int]:
-    """Write into `dest` the four vppo wheels and every wheel they need for Python `python` on `platform`, except
-    torch and its CUDA libraries (NOT_IN_WHEELHOUSE): resolved by pip (`install --dry-run --report`) for that target,
+def write_torch_stand_in(folder: Path, version: str) -> str:
+    """A metadata-only wheel `torch-VERSION+preinstalled` without requirements in `folder`; returns its pin.
+
+    Resolving against it stands for the target's own torch: pip neither downloads torch and its CUDA libraries
+    (gigabytes, fetched whole where the index has no separate metadata) nor pulls them into the wheelhouse."""
+    full = f"{version}+preinstalled"
+    info = f"torch-{full}.dist-info"
+    files = {
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: torch\nVersion: {full}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: vppo-noxfile\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{name},,\n" for name in [*files, f"{info}/RECORD"])
+    folder.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(folder / f"torch-{full}-py3-none-any.whl", "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+    return f"torch=={full}"
+
+
+def build_wheelhouse(session: nox.Session, python: str, platform: str, dest: Path, torch: str) -> dict[str, int]:
+    """Write into `dest` the four vppo wheels and every wheel they need for Python `python` on `platform` beside a
+    preinstalled torch `torch` (its version), without torch and its CUDA libraries (NOT_IN_WHEELHOUSE): resolved by
+    pip (`install --dry-run --report`) for that target against a stand-in of that torch (`write_torch_stand_in`),
     then downloaded binary-only. Returns {"wheels", "bytes"}; writes dest/requirements.txt (the pins)."""
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
@@ -280,10 +301,14 @@ def build_wheelhouse(session: nox.Session, python: str, platform: str, dest: Pat
     target = ["--only-binary=:all:", "--python-version", python, "--implementation", "cp", "--abi", abi]
     for tag in compatible_platforms(platform):
         target += ["--platform", tag]
-    report = tmp / "resolved.json"
+    report, stand_in = tmp / "resolved.json", tmp / "torch-stand-in"
+    shutil.rmtree(stand_in, ignore_errors=True)
+    constraints = tmp / "torch-constraint.txt"
+    constraints.write_text(write_torch_stand_in(stand_in, torch) + "\n")
     session.run(
         "python", "-m", "pip", "install", "--quiet", "--dry-run", "--ignore-installed", "--report", str(report),
-        "--target", str(tmp / "unused"), "--find-links", str(dest), *target, *(p for p in PACKAGES), env=env,
+        "--target", str(tmp / "unused"), "--find-links", str(dest), "--find-links", str(stand_in),
+        "-c", str(constraints), *target, *PACKAGES, env=env,
     )  # fmt: skip
     resolved = [(i["metadata"]["name"], i["metadata"]["version"]) for i in json.loads(report.read_text())["install"]]
     pins = [f"{n}=={v}" for n, v in resolved if not NOT_IN_WHEELHOUSE.match(n.lower()) and not n.startswith("vppo")]
@@ -304,7 +329,7 @@ def wheelhouse(session: nox.Session) -> None:
     """The wheels vppo needs beyond a preinstalled torch, for an offline machine (recipes README, "Offline install"):
     `nox -s wheelhouse -- --python 3.12 --platform manylinux_2_28_x86_64 [--dest DIR]`."""
     args = _wheelhouse_args(session.posargs)
-    build_wheelhouse(session, args.python, args.platform, Path(args.dest))
+    build_wheelhouse(session, args.python, args.platform, Path(args.dest), args.torch)
 
 
 @nox.session
@@ -316,22 +341,22 @@ def wheelhouse_install(session: nox.Session) -> None:
     tmp = Path(session.create_tmp())
     python = f"{sys.version_info.major}.{sys.version_info.minor}"
     house = tmp / "wheelhouse"
-    build_wheelhouse(session, python, "manylinux_2_28_x86_64", house)
     torch_wheels = sorted(Path("/opt/wheels").glob(f"torch-2*-cp{python.replace('.', '')}-*.whl"))
     if not torch_wheels:
         session.error(
             "no local torch wheel in /opt/wheels for this interpreter: nothing stands in for the preinstalled torch"
         )
+    torch_version = torch_wheels[0].name.split("-")[1].split("+")[0]
+    build_wheelhouse(session, python, "manylinux_2_28_x86_64", house, torch_version)
     venv = tmp / "offline-venv"
     shutil.rmtree(venv, ignore_errors=True)
     session.run(sys.executable, "-m", "venv", str(venv), external=True)
     py = str(venv / "bin" / "python")
     offline = {"PIP_CONFIG_FILE": os.devnull, "PIP_NO_INDEX": "1", "HTTP_PROXY": "http://127.0.0.1:9",
                "HTTPS_PROXY": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}  # fmt: skip
+    # the machine's preinstalled torch (with its own dependencies, from wherever that machine got them)
+    session.run(py, "-m", "pip", "install", "--quiet", str(torch_wheels[0]), external=True)
     t = time.perf_counter()
-    # the preinstalled torch (its pure-Python dependencies come from the wheelhouse), then vppo
-    session.run(py, "-m", "pip", "install", "--quiet", "--no-index", "--find-links", str(house), str(torch_wheels[0]),
-                env=offline, external=True)  # fmt: skip
     session.run(py, "-m", "pip", "install", "--quiet", "--no-index", "--find-links", str(house),
                 "-r", str(house / "requirements.txt"), env=offline, external=True)  # fmt: skip
     seconds = time.perf_counter() - t

@@ -302,7 +302,7 @@ def _kernel_summary(k: Mapping[str, Any], device: str) -> str:
     cpu = "" if device == "cuda" else "; memory ratios skipped on CPU (resident set, not tensors)"
     return (
         f"fwd time x{f['time_ratio']:.2f}{mem(f)}; fwd+bwd time x{fb['time_ratio']:.2f}{mem(fb)} (kernel/naive); "
-        f"max |err| vs fp64 {e['kernel']:.1e} (naive {e['naive']:.1e}){cpu}"
+        f"max abs error vs fp64 {e['kernel']:.1e} (naive {e['naive']:.1e}){cpu}"
     )
 
 
@@ -724,7 +724,7 @@ def vllm_part(raw, *, device: str, work: Path) -> tuple[str, str, dict[str, Any]
     mean, largest = m["rollout/logprob_abs_diff_mean"], m["rollout/logprob_abs_diff_max"]
     above = m["rollout/logprob_frac_above_1e-3"]
     summary = (
-        f"2 steps on vLLM: after the weight update mean |lp_sampler - lp_trainer| {mean:.1e} (max {largest:.1e}, "
+        f"2 steps on vLLM: after the weight update mean abs(lp_sampler - lp_trainer) {mean:.1e} (max {largest:.1e}, "
         f"{above:.1%} of tokens above {AGREEMENT_THRESHOLD:g}); weight push {m.get('time/weight_sync_s', float('nan')):.2f} s"
     )
     details = {"metrics": run["metrics"], "seconds": run["seconds"], "threshold": AGREEMENT_THRESHOLD}
