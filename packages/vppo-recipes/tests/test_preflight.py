@@ -210,3 +210,10 @@ def test_step_config_keeps_the_method_and_sizes_and_redirects_the_rest(tmp_path)
     assert (cfg.world.nproc_per_node, cfg.rollout.engine, cfg.rollout.online_filter) == (1, "transformers", False)
     assert cfg.training.resume == "never" and cfg.model.path == str(tmp_path / "m")
     assert cfg.metric_logger._component_ == "vppo_recipes.metric_logging.JsonlLogger"
+
+
+def test_the_cli_hides_the_gpus_only_when_asked_for_cpu():
+    from vppo_recipes.cli import _asks_for_cpu
+
+    assert _asks_for_cpu(["--config", "x", "--device", "cpu"]) and _asks_for_cpu(["--device=cpu"])
+    assert not _asks_for_cpu(["--device", "cuda"]) and not _asks_for_cpu(["--out", "cpu"])
