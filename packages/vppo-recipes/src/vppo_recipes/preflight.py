@@ -4,7 +4,8 @@
     vppo-recipes preflight --config tiny_vppo.yaml --device cpu                    # the same code at tiny sizes
 
 Five parts, each timed, each "ok", "skipped" (with the reason) or "FAILED" (with the error); one table on stdout and
-the same as JSON (`--out`). Any failed part, or the whole run over `--budget-s`, makes the exit status 1.
+the same as JSON (`--out`). Any failed part, or the whole run over `--budget-s`, makes the exit status 1. The budget
+is checked before each part (and each depth of part 3): a part that would start after it is FAILED, not skipped.
 
 1. environment   torch / CUDA / driver / GPUs, transformers, torchtune, vLLM and flash-attn when importable, vppo.
 2. log-prob      the recipe's log-prob kernel (`vppo_core.logprobs_from_hidden`, what `forward.response_logprobs`
@@ -23,8 +24,9 @@ the same as JSON (`--out`). Any failed part, or the whole run over `--budget-s`,
                  the planner's peak (`plan.plan_config`) for the same model and the step's own geometry (longest
                  prompt, response and image), and the extrapolation to full depth beside the planner's figure
                  (`compare_to_plan`). On CUDA the part fails when the measured growth per depth step exceeds the
-                 planned one by more than 20 %; on CPU the comparison is reported only (the resident set counts the
-                 allocator's caching and Python's own memory).
+                 planned one by more than 20 %. On CPU the comparison is computed (in the JSON) but marked skipped
+                 in the table and not checked: the resident set counts the allocator's caching and first-use
+                 allocations, not tensors.
 4. fsdp          more than one GPU visible: the same step under torchrun over NCCL on every GPU (FSDP2 at that size)
                  and the time of its weight push to the sampler; skipped otherwise.
 5. vllm          vLLM importable: the same step with rollout.engine=vllm twice (engine start, asleep between phases
