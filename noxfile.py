@@ -9,14 +9,23 @@
     nox -s bench_vllm   # vLLM's CPU build against the embedded rollout engine (tokens/s ratio)
     nox -s demo         # the CPU demo: a tiny VLM learns a visual task with VPPO vs DAPO/GRPO
     nox -s plan         # per-rank memory plans of the shipped 7B/32B configs (meta device, fake process group)
+    nox -s preflight -- --config CONFIG [--device cpu]   # check a (GPU) machine with a config (recipes README)
+    nox -s wheelhouse -- --python 3.12 --platform manylinux_2_28_x86_64 [--dest DIR]   # wheels for an offline box
+    nox -s wheelhouse_install   # build one for this interpreter, install it offline in a fresh venv, run preflight
 
 Reuse a venv between runs with `nox -R -s tests`.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import re
 import runpy
+import shutil
+import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -217,3 +226,154 @@ def stress(session: nox.Session) -> None:
     _install(session, *PACKAGES, extra="")
     script = ROOT / "packages/vppo-recipes/benchmarks/launch_stress.py"
     session.run("python", str(script), *(session.posargs or ["--runs", "50"]), env=OFFLINE_ENV)
+
+
+@nox.session
+def preflight(session: nox.Session) -> None:
+    """`vppo-recipes preflight` with the session's arguments (`nox -s preflight -- --config tiny_vppo.yaml --device
+    cpu ...`; see the recipes README, "Preflight"). On an offline machine use the wheelhouse instead of nox."""
+    _install(session, *PACKAGES, extra="")
+    session.run("vppo-recipes", "preflight", *(session.posargs or ["--help"]), env=OFFLINE_ENV)
+
+
+# ------------------------------------------------------------------------------------------------------ wheelhouse
+# What a machine with its own torch already installed must not get from the wheelhouse: torch, its CUDA libraries
+# (nvidia-*, cuda-*, triton) and its family.
+NOT_IN_WHEELHOUSE = re.compile(r"^(torch|torchvision|torchaudio|torchcodec|triton|nvidia-.*|cuda-.*)$")
+
+
+def compatible_platforms(platform: str) -> list[str]:
+    """pip's --platform values for a target: `manylinux_2_28_x86_64` -> every manylinux_2_K_x86_64 with K <= 28 and
+    the legacy aliases they include (manylinux2014 = 2_17, manylinux2010 = 2_12, manylinux1 = 2_5). pip does not
+    widen one --platform itself, and most wheels on PyPI are tagged manylinux_2_17."""
+    m = re.fullmatch(r"manylinux_2_(\d+)_(\w+)", platform)
+    if not m:
+        return [platform]
+    glibc, arch = int(m.group(1)), m.group(2)
+    tags = [f"manylinux_2_{k}_{arch}" for k in range(glibc, 4, -1)]
+    tags += [
+        f"{alias}_{arch}"
+        for alias, k in (("manylinux2014", 17), ("manylinux2010", 12), ("manylinux1", 5))
+        if k <= glibc
+    ]
+    return tags
+
+
+def _wheelhouse_args(posargs: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="nox -s wheelhouse --")
+    ap.add_argument("--python", default=f"{sys.version_info.major}.{sys.version_info.minor}", help="target X.Y")
+    ap.add_argument("--platform", default="manylinux_2_28_x86_64", help="target platform tag")
+    ap.add_argument("--dest", default=None, help="folder (default out/wheelhouse-cpXY-PLATFORM)")
+    ap.add_argument("--torch", default="2.13.0", help="the target's preinstalled torch version (default 2.13.0)")
+    args = ap.parse_args(posargs)
+    if args.dest is None:
+        args.dest = str(ROOT / "out" / f"wheelhouse-cp{args.python.replace('.', '')}-{args.platform}")
+    return args
+
+
+def write_torch_stand_in(folder: Path, version: str) -> str:
+    """A metadata-only wheel `torch-VERSION+preinstalled` without requirements in `folder`; returns its pin.
+
+    Resolving against it stands for the target's own torch: pip neither downloads torch and its CUDA libraries
+    (gigabytes, fetched whole where the index has no separate metadata) nor pulls them into the wheelhouse."""
+    full = f"{version}+preinstalled"
+    info = f"torch-{full}.dist-info"
+    files = {
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: torch\nVersion: {full}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: vppo-noxfile\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{name},,\n" for name in [*files, f"{info}/RECORD"])
+    folder.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(folder / f"torch-{full}-py3-none-any.whl", "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+    return f"torch=={full}"
+
+
+def build_wheelhouse(session: nox.Session, python: str, platform: str, dest: Path, torch: str) -> dict[str, int]:
+    """Write into `dest` the four vppo wheels and every wheel they need for Python `python` on `platform` beside a
+    preinstalled torch `torch` (its version), without torch and its CUDA libraries (NOT_IN_WHEELHOUSE): resolved by
+    pip (`install --dry-run --report`) for that target against a stand-in of that torch (`write_torch_stand_in`),
+    then downloaded binary-only. Returns {"wheels", "bytes"}; writes dest/requirements.txt (the pins)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    tmp = Path(session.create_tmp())
+    # pip's own config on our machines adds local indexes and a CPU torch; the target's wheels come from PyPI only
+    env = {"PIP_CONFIG_FILE": os.devnull}
+    session.run("python", "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(dest),
+                *(str(ROOT / "packages" / p) for p in PACKAGES), env=env)  # fmt: skip
+    abi = "cp" + python.replace(".", "")
+    target = ["--only-binary=:all:", "--python-version", python, "--implementation", "cp", "--abi", abi]
+    for tag in compatible_platforms(platform):
+        target += ["--platform", tag]
+    report, stand_in = tmp / "resolved.json", tmp / "torch-stand-in"
+    shutil.rmtree(stand_in, ignore_errors=True)
+    constraints = tmp / "torch-constraint.txt"
+    constraints.write_text(write_torch_stand_in(stand_in, torch) + "\n")
+    session.run(
+        "python", "-m", "pip", "install", "--quiet", "--dry-run", "--ignore-installed", "--report", str(report),
+        "--target", str(tmp / "unused"), "--find-links", str(dest), "--find-links", str(stand_in),
+        "-c", str(constraints), *target, *PACKAGES, env=env,
+    )  # fmt: skip
+    resolved = [(i["metadata"]["name"], i["metadata"]["version"]) for i in json.loads(report.read_text())["install"]]
+    pins = [f"{n}=={v}" for n, v in resolved if not NOT_IN_WHEELHOUSE.match(n.lower()) and not n.startswith("vppo")]
+    session.run("python", "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(dest), *target, *pins, env=env)
+    (dest / "requirements.txt").write_text("\n".join([*pins, *PACKAGES]) + "\n")
+    wheels = list(dest.glob("*.whl"))
+    size = sum(w.stat().st_size for w in wheels)
+    left_out = sorted(f"{n}=={v}" for n, v in resolved if NOT_IN_WHEELHOUSE.match(n.lower()))
+    session.log(
+        f"wheelhouse {dest}: {len(wheels)} wheels, {size / 2**20:.0f} MiB (cp{python} {platform}); "
+        f"left out (the machine's own): {', '.join(left_out) or 'nothing'}"
+    )
+    return {"wheels": len(wheels), "bytes": size}
+
+
+@nox.session
+def wheelhouse(session: nox.Session) -> None:
+    """The wheels vppo needs beyond a preinstalled torch, for an offline machine (recipes README, "Offline install"):
+    `nox -s wheelhouse -- --python 3.12 --platform manylinux_2_28_x86_64 [--dest DIR]`."""
+    args = _wheelhouse_args(session.posargs)
+    build_wheelhouse(session, args.python, args.platform, Path(args.dest), args.torch)
+
+
+@nox.session
+def wheelhouse_install(session: nox.Session) -> None:
+    """The wheelhouse works offline: built for this interpreter, then installed into a fresh venv with pip's index
+    switched off (--no-index, no pip config, an unreachable proxy so that any network use fails) beside the local torch
+    wheel (the machine's preinstalled torch), then `vppo-recipes plan` and the tiny CPU preflight run there.
+    Prints the seconds of the offline install."""
+    tmp = Path(session.create_tmp())
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    house = tmp / "wheelhouse"
+    torch_wheels = sorted(Path("/opt/wheels").glob(f"torch-2*-cp{python.replace('.', '')}-*.whl"))
+    if not torch_wheels:
+        session.error(
+            "no local torch wheel in /opt/wheels for this interpreter: nothing stands in for the preinstalled torch"
+        )
+    torch_version = torch_wheels[0].name.split("-")[1].split("+")[0]
+    build_wheelhouse(session, python, "manylinux_2_28_x86_64", house, torch_version)
+    venv = tmp / "offline-venv"
+    shutil.rmtree(venv, ignore_errors=True)
+    session.run(sys.executable, "-m", "venv", str(venv), external=True)
+    py = str(venv / "bin" / "python")
+    offline = {"PIP_CONFIG_FILE": os.devnull, "PIP_NO_INDEX": "1", "HTTP_PROXY": "http://127.0.0.1:9",
+               "HTTPS_PROXY": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}  # fmt: skip
+    # the machine's preinstalled torch (with its own dependencies, from wherever that machine got them)
+    session.run(py, "-m", "pip", "install", "--quiet", str(torch_wheels[0]), external=True)
+    t = time.perf_counter()
+    session.run(py, "-m", "pip", "install", "--quiet", "--no-index", "--find-links", str(house),
+                "-r", str(house / "requirements.txt"), env=offline, external=True)  # fmt: skip
+    seconds = time.perf_counter() - t
+    session.log(f"offline install into a fresh venv: {seconds:.0f} s")
+    vppo = str(venv / "bin" / "vppo-recipes")
+    env = {**OFFLINE_ENV, **offline}
+    session.run(vppo, "plan", "qwen2_5_vl_7b_vppo", env=env, external=True)
+    tiny = tmp / "tiny"
+    session.run(py, "-c", f"from vppo_rollout.tiny import build_tiny_checkpoint; build_tiny_checkpoint({str(tiny)!r})",
+                env=env, external=True)  # fmt: skip
+    session.run(
+        vppo, "preflight", "--config", "tiny_vppo", f"model.path={tiny}", "rollout.max_new_tokens=16",
+        "batch.micro_batch_size=4", "rollout.group_size=4", "--device", "cpu", "--out", str(tmp / "preflight.json"),
+        env=env, external=True,
+    )  # fmt: skip

@@ -142,6 +142,13 @@ def check_command(argv: list[str], cwd: Path, sessions: set[str], extras: set[st
             parsed = cli.build_parser().parse_args(args)
             assert parsed.dtype in ("bfloat16", "float32")
             return "checked"
+        if sub == "preflight":
+            # minutes on a GPU (test_preflight.py runs the tiny one): here its arguments, config and overrides
+            from vppo_recipes.preflight import build_parser
+
+            parsed = build_parser().parse_args(args[1:])
+            cli.load_run_config(["--config", str(cli.resolve_config(parsed.config, cwd)), *parsed.overrides])
+            return "checked"
         if sub == "init-tiny" and "--no-warm-start" not in args:
             # the warm start is a minute of SFT: test_cli's slow init-tiny test runs it; here, the arguments
             code, _ = _quiet(cli.main, [*argv[1:], "--help"])

@@ -5,6 +5,7 @@
     vppo-recipes run sft_distributed --nproc_per_node 2 --config ./my_sft.yaml training.max_steps=10
     vppo-recipes plan ...                                  # memory planner (vppo_recipes.plan)
     vppo-recipes init-tiny runs                            # the tiny model, task and warm start the tiny_* configs read
+    vppo-recipes preflight --config CONFIG [--device cpu]  # check a (GPU) machine with a config (vppo_recipes.preflight)
 
 `run` hands over to torchtune's `tune run`, which turns a *relative* recipe path into a module name
 (`a/b.py` -> `a.b`), runs it with `python -m` (under torchrun when torchrun flags are given) and puts the cwd on
@@ -29,6 +30,7 @@ the ranks training, and writing checkpoints, with nobody to stop them.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import shutil
 import signal
@@ -357,15 +359,26 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def _asks_for_cpu(argv: list[str]) -> bool:
+    """`--device cpu` or `--device=cpu` among preflight's arguments."""
+    return "--device=cpu" in argv or any(a == "--device" and b == "cpu" for a, b in itertools.pairwise(argv))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # `run` and `plan` pass their arguments through untouched (torchrun flags, key=value overrides).
+    # `run`, `plan` and `preflight` pass their arguments through untouched (torchrun flags, key=value overrides).
     if argv and argv[0] == "run":
         return cmd_run(argv[1:])
     if argv and argv[0] == "plan":
         from vppo_recipes.plan import main as plan_main  # planner imports are heavy: only when asked
 
         return int(plan_main(argv[1:]) or 0)
+    if argv and argv[0] == "preflight":
+        if _asks_for_cpu(argv[1:]):  # before torch initialises CUDA: the recipe takes a GPU whenever it sees one
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        from vppo_recipes.preflight import main as preflight_main
+
+        return int(preflight_main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     return args.func(args)
 
@@ -412,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_export_lora)
     sub.add_parser("run", help="RECIPE [torchrun flags] --config CONFIG [key=value ...]")
     sub.add_parser("plan", help="per-rank memory plan of a config (see `vppo-recipes plan --help`)")
+    sub.add_parser("preflight", help="check a machine with a config in minutes (see `vppo-recipes preflight --help`)")
     return parser
 
 
