@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vppo_recipes.micro_batching import (
@@ -62,6 +62,7 @@ def test_a_row_longer_than_the_budget_is_refused_naming_the_key():
 lengths = st.lists(st.tuples(st.integers(1, 60), st.integers(0, 200)), min_size=1, max_size=40)
 
 
+@settings(deadline=None)  # a shared CPU
 @given(lengths, st.integers(260, 2000), st.integers(1, 16))
 def test_token_budget_partitions_the_rows_within_budget_and_cap(rows, budget, cap):
     prompts, responses = [p for p, _ in rows], [r for _, r in rows]
@@ -74,6 +75,7 @@ def test_token_budget_partitions_the_rows_within_budget_and_cap(rows, budget, ca
     assert groups == token_budget_micro_batches(prompts, responses, max_tokens=budget, max_rows=cap)
 
 
+@settings(deadline=None)
 @given(lengths, st.integers(260, 2000), st.data())
 def test_split_to_count_reaches_the_count_and_keeps_the_budget(rows, budget, data):
     prompts, responses = [p for p, _ in rows], [r for _, r in rows]

@@ -342,13 +342,14 @@ class RLRecipeDistributed:
         if not rollouts.groups:  # every group filtered out even after max_filter_draws extra draws: no update
             return self._step_metrics(
                 rollouts, [], UpdateResult([], [], {}, {"skipped/steps_without_groups": 1.0}),
-                local_counts={}, seconds=rollouts.seconds, agreement=[0.0] * 4, t_step=t_step, positions=(0.0, 0.0),
+                local_counts={}, seconds=rollouts.seconds, agreement=[0.0] * 4, t_step=t_step, positions=(0.0, 0.0, 0.0),
             )  # fmt: skip
 
         # the mini-batches (update_prompts / world groups of this rank each), in micro-batches of tensors
         minis, local_counts = self.prepare_minibatches(rollouts.groups)
         # every pass over a micro-batch (clean, views, update) computes its padded positions
-        positions = padding_counts([mb.inputs["attention_mask"] for mini in minis for mb in mini])
+        masks = [mb.inputs["attention_mask"] for mini in minis for mb in mini]
+        positions = (*padding_counts(masks), float(max(m.numel() for m in masks)))
 
         # 4-5. no-grad passes: lp_old on the clean inputs; with the method's altered views their log-probs, S and
         # the method's own scores
@@ -674,7 +675,7 @@ class RLRecipeDistributed:
     def _step_metrics(
         self, rollouts: Rollouts, steps: list[list[MicroStep]], update: UpdateResult, *,
         local_counts: dict[str, float], seconds: dict[str, float], agreement: list[float], t_step: float,
-        positions: tuple[float, float],
+        positions: tuple[float, float, float],
     ) -> dict[str, float]:  # fmt: skip
         """The step's metrics over all ranks (`step_metrics`); its counters are added to the run's totals, once."""
         m, counts = step_metrics(
