@@ -3,7 +3,8 @@
     python packages/vppo-recipes/benchmarks/bench_recipe_budget.py [--steps 4] [--repeats 2] [--micro 4]
     nox -s bench -- recipe_budget
 
-The real recipe (`RLRecipeDistributed`, VPPO, FSDP2 over a 1-rank gloo group, in this process) on the tiny
+The real recipe (`RLRecipeDistributed`, VPPO, FSDP2 over a 1-rank gloo group, in this process; 16 prompts x G = 8 per
+step in 2 mini-batches of 64 responses, where the 7B config has 128 per rank) on the tiny
 Qwen2.5-VL and the synthetic task, with the responses' LENGTHS drawn from a realistic distribution instead of
 sampled by the tiny model (which writes a few dozen tokens, all alike): per response, a log-normal length with the
 median of RL responses on the paper's data (~400 tokens of a 2,048-token cap, σ = 0.9: a long tail, ~3.5 % at the
@@ -45,8 +46,10 @@ class DrawnLengths:
     """A `GroupSampler` whose responses are ordinary token ids of log-normal lengths (median MEDIAN, σ SIGMA,
     clipped to max_new_tokens), drawn from a generator seeded by the sampling seed: the same for the same prompt."""
 
-    def __init__(self, processor):
+    def __init__(self, processor, vocab_size: int):
         self.processor = processor
+        special = {*processor.tokenizer.all_special_ids, processor.image_token_id, processor.video_token_id}
+        self.ordinary = torch.tensor([i for i in range(vocab_size) if i not in special])
 
     def sample(self, prompts, n, sampling):
         from vppo_rollout.sampling import Rollouts
@@ -57,7 +60,7 @@ class DrawnLengths:
             for _ in range(n):
                 z = float(torch.randn((), generator=g))
                 length = max(1, min(sampling.max_new_tokens, round(MEDIAN * math.exp(SIGMA * z))))
-                ids = torch.randint(300, 20000, (length,), generator=g).tolist()
+                ids = self.ordinary[torch.randint(len(self.ordinary), (length,), generator=g)].tolist()
                 out.group_index.append(p)
                 out.token_ids.append(ids)
                 out.texts.append(self.processor.tokenizer.decode(ids))
@@ -89,8 +92,8 @@ def run(root: Path, ckpt: Path, task: Path, *, steps: int, micro: int, budget: b
     settings = {
         "output_dir": root / tag, "model.path": ckpt, "data.source": task, "data.max_prompt_length": PROMPT,
         "world.nproc_per_node": 1, "training.max_steps": steps, "optimizer.lr": 0.0, "rollout.online_filter": False,
-        "rollout.group_size": 8, "rollout.batch_prompts": 8, "rollout.max_new_tokens": CAP,
-        "batch.update_prompts": 4, "batch.micro_batch_size": micro, "training.save_every_n_steps": 0,
+        "rollout.group_size": 8, "rollout.batch_prompts": 16, "rollout.max_new_tokens": CAP,
+        "batch.update_prompts": 8, "batch.micro_batch_size": micro, "training.save_every_n_steps": 0,
         "training.resume": "never", "validation.every_n_steps": 0, "metric_logger.log_dir": root / tag / "logs",
     }  # fmt: skip
     if budget:
@@ -107,7 +110,7 @@ def run(root: Path, ckpt: Path, task: Path, *, steps: int, micro: int, budget: b
     try:
         recipe = rl.RLRecipeDistributed(cfg)
         recipe.setup(cfg)
-        recipe.sampler = DrawnLengths(recipe.processor)
+        recipe.sampler = DrawnLengths(recipe.processor, recipe.model_config.text_config.vocab_size)
         for _ in range(steps):
             rows.append(recipe.rl_step())
             recipe.step += 1
@@ -149,7 +152,8 @@ def main() -> None:
     same = all(x["response/length_mean"] == y["response/length_mean"] for x, y in zip(f, b))
     lengths = median(f, "response/length_mean")
     print(
-        f"\nRL step of the recipe (VPPO), tiny Qwen2.5-VL, 1 process (gloo, CPU), 8 prompts x G=8 per step, "
+        f"\nRL step of the recipe (VPPO), tiny Qwen2.5-VL, 1 process (gloo, CPU), 16 prompts x G=8 per step in 2 "
+        "mini-batches of 64 responses (the 7B config: 128 per rank), "
         f"response lengths log-normal (median {MEDIAN}, sigma {SIGMA}, cap {CAP}: the paper's 400 / 2048 scaled "
         f"1/{SCALE}; mean {lengths:.0f} here), {PROMPT - 1}-token prompts; median of steps 2..{args.steps} of "
         f"{args.repeats} runs each. fixed: micro_batch_size={args.micro}; budget: max_tokens_per_micro_batch="
