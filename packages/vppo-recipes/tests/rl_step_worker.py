@@ -52,4 +52,4 @@ def main(config_path: str, out: str, *budgets: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:])
