@@ -222,3 +222,21 @@ def test_lora_settings_read_defensively_and_refuse_what_the_planner_cannot_size(
         lora_settings({"model": {"lora": {"rank": 4, "vision": True}}})
     with pytest.raises(ValueError, match=r"model\.lora\.target_modules: \['qkv'\]"):
         lora_settings({"model": {"lora": {"rank": 4, "target_modules": ["qkv"]}}})
+
+
+@pytest.mark.parametrize(
+    ("cap", "seq", "response", "budget"),
+    [(16, 4096, 2048, 16384), (8, 6144, 4096, 12288), (4, 100, 60, 130), (3, 100, 60, 1000), (8, 50, 10, 123)],
+)
+def test_the_budget_geometry_bounds_every_micro_batch_the_budget_allows(cap, seq, response, budget):
+    """`micro_batch_geometry`: its rows x seq are at least the positions of any micro-batch of b <= cap rows of
+    t <= seq positions with b·t <= budget (counted by brute force), and less than one row more than the largest;
+    its response positions bound b x L for rows of at least one prompt token."""
+    from vppo_recipes.plan import micro_batch_geometry
+
+    rows, response_positions = micro_batch_geometry(cap, seq, response, budget)
+    largest = max(b * t for b in range(1, cap + 1) for t in range(1, seq + 1) if b * t <= budget)
+    assert largest <= rows * seq < largest + seq and rows <= cap
+    most = max(b * L for b in range(1, cap + 1) for L in range(0, response + 1) if b * (1 + L) <= budget)
+    assert most <= response_positions <= budget
+    assert micro_batch_geometry(cap, seq, response, None) == (cap, cap * response)

@@ -379,14 +379,21 @@ def _batch_shape_dependent_linear(self, x):
     return torch.nn.functional.linear(x[..., :k], self.weight[:, :k]) + out
 
 
+# micro-batches by token budget: the task's prompts are 79 tokens and responses at most 6 (rows of 80-85 positions),
+# so 255 positions hold 3 rows: the 4 rows of the mini-batch go as 3 + 1, longest first (not 2 + 2 in data order)
+TOKEN_BUDGET = {"data.max_prompt_length": 80, "batch.max_tokens_per_micro_batch": 255, "batch.micro_batch_size": 4}
+
+
+@pytest.mark.parametrize("split", [{}, TOKEN_BUDGET], ids=["fixed", "token_budget"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_with_batch_shape_dependent_kernels_a_stacked_old_pass_fails_and_the_recipes_does_not(
-    tmp_path, monkeypatch, dtype
+    tmp_path, monkeypatch, dtype, split
 ):
     """This CPU's kernels give a row the same bits whatever the batch (measured: the stacked 2b-row pass VPPO's
     lp_old used to come from matched the b-row pass bitwise in float32 and bf16), so the previous test alone could
     not tell the two designs apart. Here every nn.Linear rounds by batch shape, as on a GPU. Then:
-    - the recipe's lp_old still equals the first update's lp_new bitwise (ratio exactly 1);
+    - the recipe's lp_old still equals the first update's lp_new bitwise (ratio exactly 1), with fixed micro-batches
+      and with micro-batches by token budget (the no-grad passes use the update's grouping);
     - the clean half of a stacked [clean; perturbed] pass, the old lp_old, does not."""
     import vppo_recipes.rl.rl_distributed as rl
     from vppo_recipes.sharding import call_in_root_forward
@@ -418,7 +425,7 @@ def test_with_batch_shape_dependent_kernels_a_stacked_old_pass_fails_and_the_rec
     _one_rl_step_in_process(
         tmp_path,
         "tiny_vppo",
-        {"rollout.online_filter": "false", "model.dtype": dtype, "optimizer.lr": 0.0},
+        {"rollout.online_filter": "false", "model.dtype": dtype, "optimizer.lr": 0.0, **split},
         inspect=stacked_clean_half,
     )
     assert seen, "no update ran"

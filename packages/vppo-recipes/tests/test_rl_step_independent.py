@@ -147,6 +147,7 @@ def capture_step(recipe, monkeypatch) -> dict:
                     "score": score(s.no_grad.scores),
                     "entropy": entropy(s.no_grad.scores),
                     "uids": list(mb.uids),  # the row's prompt (VGPO's response groups, DyCo's z-score groups)
+                    "response_index": list(mb.response_index),
                     "texts": list(mb.texts),  # what a scorer reads (Perceval)
                     "questions": [p.question for p in mb.prompts],
                     "scores": dict(s.no_grad.scores),
@@ -376,6 +377,14 @@ def plain_lora(model: torch.nn.Module, before: dict, cfg) -> None:
             setattr(model.get_submodule(parent), name, PlainLoRALinear(model.get_submodule(path), lora.rank, scaling))
 
 
+def _data_order(mini: list[dict]) -> torch.Tensor:
+    """Per row of the concatenated micro-batches, its index in the mini-batch's data order (prompt, response
+    index): the identity for fixed micro-batches; micro-batches by token budget take the rows longest first."""
+    keys = [k for mb in mini for k in zip(mb["uids"], mb["response_index"])]
+    index = {k: n for n, k in enumerate(sorted(keys))}
+    return torch.tensor([index[k] for k in keys])
+
+
 def plain_step(cfg, warm: Path, before: dict, ranks: list[dict]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """The step after sampling, the plain way, on the micro-batches of all `ranks` (captures of `capture_step`).
 
@@ -438,7 +447,8 @@ def plain_step(cfg, warm: Path, before: dict, ranks: list[dict]) -> tuple[dict[s
         # choice (measured: S agrees to 1.2e-7, yet some TGF masks differ when recomputed from the plain values).
         old = _cat([mb["lp_old"] for mb in mini])
         assert torch.allclose(_cat(plain_old[i]) * mask, old * mask, atol=2e-5), "lp_old differs from the full logits"
-        adv = group_advantages(torch.tensor(rewards[i]), G)
+        # in the rows' order in the micro-batches: data order, or longest first with a token budget
+        adv = group_advantages(torch.tensor(rewards[i]), G)[_data_order(mini)]
         if name == "dyco":
             adv = adv * factors[i]
         weights = None
@@ -603,6 +613,125 @@ def test_one_rl_step_on_two_ranks_equals_a_plain_computation(assets, tmp_path, c
     assert metrics["filter/groups_kept"] == 4 and len(ranks[0]["minis"]) == 2, "the rollout batch must be full"
     plain_params, expected = plain_step(cfg, assets["warm"], ranks[0]["before"], ranks)
     assert_step_matches(ranks[0]["before"], ranks[0]["after"], metrics, plain_params, expected)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Micro-batches by token budget (batch.max_tokens_per_micro_batch): the same step whatever the split
+# --------------------------------------------------------------------------------------------------------------------
+
+# VPPO (token-mean) and GSPO's sequence-mean loss; the task's prompts are 79 tokens, so with data.max_prompt_length=80
+# budgets from 96 positions are accepted: 192 holds about 2 rows (of 80-95 positions), 400 about 4.
+BUDGET_CASES = {
+    "vppo": ("tiny_vppo", {}),
+    "gspo": (
+        "tiny_dapo",
+        {"loss.loss_type": "gspo", "loss.aggregation": "seq-mean-token-mean", "loss.dual_clip": "null"},
+    ),
+}
+BUDGETS = (192, 400)
+# cap: up to 8 rows per micro-batch (the fixed split of the cases above is 2 rows in data order)
+BUDGET_SETTINGS = {"data.max_prompt_length": 80, "batch.micro_batch_size": 8}
+
+
+def step_with_rollouts(cfg, rollouts=None):
+    """Set up a recipe from `cfg` (in the current process group) and capture one `rl_step` (`capture_step`) on
+    `rollouts` (a previous step's `Rollouts`, sampled from the same weights), or on its own when None. Returns
+    (captured, the rollouts it trained on)."""
+    import vppo_recipes.rl.rl_distributed as rl
+
+    sample = rl.RLRecipeDistributed.generate_rollouts
+    used = {}
+
+    def rollouts_of(self):
+        used["rollouts"] = sample(self) if rollouts is None else rollouts
+        return used["rollouts"]
+
+    recipe = rl.RLRecipeDistributed(cfg)
+    recipe.setup(cfg)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rl.RLRecipeDistributed, "generate_rollouts", rollouts_of)
+        captured = capture_step(recipe, mp)
+    recipe.metric_logger.close()
+    return captured, used["rollouts"]
+
+
+def _plain_padding_fraction(ranks: list[dict]) -> float:
+    """Padding positions / computed positions of the captured micro-batches, counted position by position."""
+    computed = padding = 0
+    for r in ranks:
+        for mini in r["minis"]:
+            for mb in mini:
+                for row in mb["inputs"]["attention_mask"].tolist():
+                    computed += len(row)
+                    padding += row.count(0)
+    return padding / computed
+
+
+def assert_budget_split(ranks: list[dict], budget: int) -> None:
+    """The captured micro-batches hold the budget and the row cap, are not the fixed split in data order, every
+    rank ran as many, and the step's padding metrics are the plain count of their positions."""
+    micro = [mb for r in ranks for mini in r["minis"] for mb in mini]
+    assert all(mb["inputs"]["input_ids"].numel() <= budget and mb["mask"].shape[0] <= 8 for mb in micro)
+    keys = [k for r in ranks for mini in r["minis"] for mb in mini for k in zip(mb["uids"], mb["response_index"])]
+    sizes = [mb["mask"].shape[0] for mb in micro]
+    assert keys != sorted(keys) or sizes != [2] * len(sizes), "the budget gave the fixed split"
+    for i in range(len(ranks[0]["minis"])):
+        assert len({len(r["minis"][i]) for r in ranks}) == 1, "the ranks ran different numbers of forwards"
+    metrics = ranks[0]["metrics"]
+    assert metrics["throughput/padding_fraction"] == pytest.approx(_plain_padding_fraction(ranks), abs=1e-12)
+    assert metrics["throughput/largest_micro_batch_positions"] == max(mb["inputs"]["input_ids"].numel() for mb in micro)
+
+
+@pytest.mark.parametrize("case", list(BUDGET_CASES))
+def test_one_rl_step_with_token_budgets_equals_a_plain_computation(assets, tmp_path, case):
+    """Micro-batches of at most 192 and 400 padded positions (longest rows first, up to 8 rows) instead of 2 rows in
+    data order: the step still equals the plain computation on the whole mini-batch (1 rank; the second budget
+    trains on the first one's rollouts, from the same weights)."""
+    import torch.distributed as dist
+
+    config, overrides = BUDGET_CASES[case]
+    rollouts = None
+    for budget in BUDGETS:
+        settings = {**overrides, **BUDGET_SETTINGS, "batch.max_tokens_per_micro_batch": budget}
+        cfg = _config(assets, tmp_path / f"run{budget}", config, settings)
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        try:
+            captured, rollouts = step_with_rollouts(cfg, rollouts)
+        finally:
+            dist.destroy_process_group()
+        assert captured["metrics"]["filter/groups_kept"] == 4 and len(captured["minis"]) == 2
+        assert_budget_split([captured], budget)
+        plain_params, expected = plain_step(cfg, assets["warm"], captured["before"], [captured])
+        assert_step_matches(captured["before"], captured["after"], captured["metrics"], plain_params, expected)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", list(BUDGET_CASES))
+def test_one_rl_step_with_token_budgets_on_two_ranks_equals_a_plain_computation(assets, tmp_path, case):
+    """Both budgets on 2 processes (FSDP2 over gloo), each rank splitting its half of every mini-batch, as many
+    micro-batches on both."""
+    import os
+    import subprocess
+
+    from _rl_launch import ENV
+
+    config, overrides = BUDGET_CASES[case]
+    cfg = _config(assets, tmp_path / "run", config, {**overrides, **BUDGET_SETTINGS, "world.nproc_per_node": 2})
+    OmegaConf.save(cfg, tmp_path / "config.yaml")
+    out = tmp_path / "captured"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(Path(__file__).with_name("rl_step_worker.py")), str(tmp_path / "config.yaml"), str(out),
+           *map(str, BUDGETS)]  # fmt: skip
+    proc = subprocess.run(cmd, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    for budget in BUDGETS:
+        ranks = [torch.load(out / f"rank{r}_budget{budget}.pt", weights_only=True) for r in (0, 1)]
+        assert ranks[0]["metrics"]["filter/groups_kept"] == 4
+        assert_budget_split(ranks, budget)
+        cfg.batch.max_tokens_per_micro_batch = budget
+        plain_params, expected = plain_step(cfg, assets["warm"], ranks[0]["before"], ranks)
+        assert_step_matches(ranks[0]["before"], ranks[0]["after"], ranks[0]["metrics"], plain_params, expected)
 
 
 def test_cgpo_counterfactual_view_fills_exactly_the_named_boxes(assets, tmp_path):

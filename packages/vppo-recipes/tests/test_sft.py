@@ -307,3 +307,45 @@ def test_sft_with_lora_trains_the_adapters_alone_and_resumes_from_its_adapter_ch
     step, state, optimizer_steps = _sft_recipe_in_process(workspace, tmp_path, *lora, run=resumed)
     assert step == 1 and optimizer_steps == {1}
     assert all(torch.equal(state[k], after[k]) for k in after)  # base from model.path, adapter from the checkpoint
+
+
+def test_an_sft_step_with_a_token_budget_equals_the_fixed_micro_batch_step(workspace, tmp_path):
+    """batch.max_tokens_per_micro_batch=330 (rows of ~105 positions: 3 per micro-batch, longest first, 8 at most)
+    against 2 rows per micro-batch in data order, from the same weights on the same 8 rows: the same loss and the
+    same parameters within float reassociation; every micro-batch within the budget; the padding fraction is the
+    plain count of the positions."""
+
+    def one_step(recipe):
+        seen = []
+        split = recipe.micro_batches
+
+        def recording(mine):
+            parts = split(mine)
+            seen.extend(parts)
+            return parts
+
+        recipe.micro_batches = recording
+        metrics = recipe.train_step(recipe.stream.take(recipe.batch_size))
+        after = {k: v.full_tensor().detach().clone() for k, v in recipe.model.state_dict().items()}
+        return metrics, after, seen
+
+    common = ("batch.batch_size=8", "data.max_prompt_length=80", "data.max_response_length=32", "data.shuffle=false")
+    fixed, after_fixed, fixed_split = _sft_recipe_in_process(
+        workspace, tmp_path / "fixed", *common, "batch.micro_batch_size=2", run=one_step
+    )
+    budget, after_budget, budget_split = _sft_recipe_in_process(
+        workspace, tmp_path / "budget", *common, "batch.micro_batch_size=8", "batch.max_tokens_per_micro_batch=330",
+        run=one_step,
+    )  # fmt: skip
+    assert [len(m) for m in fixed_split] == [2, 2, 2, 2] and [len(m) for m in budget_split] != [2, 2, 2, 2]
+    assert budget["loss"] == pytest.approx(fixed["loss"], rel=1e-6) and budget["tokens"] == fixed["tokens"]
+    worst = max((after_budget[k] - v).abs().max().item() for k, v in after_fixed.items())
+    assert worst <= 1e-5, worst
+    for split, metrics in ((fixed_split, fixed), (budget_split, budget)):
+        computed = padding = 0
+        for micro in split:
+            width = max(p.num_tokens for p, _ in micro) + max(len(ids) for _, ids in micro)
+            computed += len(micro) * width
+            padding += sum(width - p.num_tokens - len(ids) for p, ids in micro)
+            assert split is fixed_split or len(micro) * width <= 330
+        assert metrics["throughput/padding_fraction"] == pytest.approx(padding / computed, abs=1e-12)

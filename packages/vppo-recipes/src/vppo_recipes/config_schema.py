@@ -105,6 +105,11 @@ class Component:
 
 
 _POS_INT = {"low": 1}
+_BUDGET_DOC = (
+    "micro-batches by token budget: at most this many padded positions (rows x (longest prompt + longest "
+    "response)) per forward per rank, rows grouped longest first, batch.micro_batch_size rows at most; null: "
+    "batch.micro_batch_size rows each, in data order"
+)
 _NONNEG_INT = {"low": 0}
 _ARCHS = ("qwen2_5_vl", "qwen3_vl")
 
@@ -239,7 +244,10 @@ RL_ONLY: dict[str, Any] = {
     },
     "batch": {
         "update_prompts": _f(int, **_POS_INT),
-        "micro_batch_size": _f(int, **_POS_INT),
+        "micro_batch_size": _f(
+            int, **_POS_INT, doc="responses per forward/backward per rank (the cap on them with a token budget)"
+        ),
+        "max_tokens_per_micro_batch": _f(int, default=None, nullable=True, **_POS_INT, doc=_BUDGET_DOC),
     },
     # "algorithm": built from the chosen method's dataclass (`algorithm_schema`, vppo_recipes.methods)
     "loss": {
@@ -275,7 +283,10 @@ SFT_ONLY: dict[str, Any] = {
     },
     "batch": {
         "batch_size": _f(int, **_POS_INT, doc="examples per optimizer step, all ranks together"),
-        "micro_batch_size": _f(int, **_POS_INT, doc="examples per forward/backward per rank"),
+        "micro_batch_size": _f(
+            int, **_POS_INT, doc="examples per forward/backward per rank (the cap on them with a token budget)"
+        ),
+        "max_tokens_per_micro_batch": _f(int, default=None, nullable=True, **_POS_INT, doc=_BUDGET_DOC),
     },
     "loss": {
         "chunk_size": _f(int, default=1024, **_POS_INT),
@@ -609,6 +620,8 @@ def validate_config(cfg: DictConfig | Mapping[str, Any], recipe: str) -> DictCon
         errors += _common_rules(OmegaConf.to_container(OmegaConf.merge(_defaults(schema), plain)))
     if recipe == "rl" and not errors:
         errors += _rl_rules(OmegaConf.to_container(OmegaConf.merge(_defaults(schema), plain)))
+    if not errors:
+        errors += _budget_rules(OmegaConf.to_container(OmegaConf.merge(_defaults(schema), plain)), recipe)
     if errors:
         lines = "\n".join(f"  - {e}" for e in errors)
         raise ConfigError(f"invalid config for the {recipe} recipe ({len(errors)} problem(s)):\n{lines}")
@@ -674,6 +687,25 @@ def _common_rules(cfg: Mapping[str, Any]) -> list[str]:
             f"decoder layer (no dots), e.g. {list(LM_PROJECTIONS)}"
         )
     return errors
+
+
+def _budget_rules(cfg: Mapping[str, Any], recipe: str) -> list[str]:
+    """batch.max_tokens_per_micro_batch must hold the longest sequence the recipe can meet (one row alone: its
+    prompt, at most data.max_prompt_length, and its response, at most rollout.max_new_tokens / data.max_response_length),
+    else some row fits no micro-batch. `cfg`: with defaults filled in."""
+    budget = cfg["batch"]["max_tokens_per_micro_batch"]
+    if budget is None:
+        return []
+    response_key = "rollout.max_new_tokens" if recipe == "rl" else "data.max_response_length"
+    section, name = response_key.split(".")
+    longest = cfg["data"]["max_prompt_length"] + cfg[section][name]
+    if budget < longest:
+        return [
+            f"batch.max_tokens_per_micro_batch={budget} is smaller than one sequence: data.max_prompt_length "
+            f"({cfg['data']['max_prompt_length']}) + {response_key} ({cfg[section][name]}) = {longest}; raise it to "
+            f"at least {longest} (or lower those), or set it to null for fixed batch.micro_batch_size micro-batches"
+        ]
+    return []
 
 
 def _rl_rules(cfg: Mapping[str, Any]) -> list[str]:
@@ -811,6 +843,7 @@ RESUME_FREE_KEYS = (
     "model.path",  # the weights come from the checkpoint; model.path is checked for the same architecture
     "rollout.gpu_memory_utilization",
     "batch.micro_batch_size",
+    "batch.max_tokens_per_micro_batch",  # the split changes no loss (test_rl_step_independent.py)
     "loss.chunk_size",
 )
 

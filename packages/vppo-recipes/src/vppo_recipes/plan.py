@@ -28,6 +28,9 @@ padded shard, so it is the worst case):
                   with checkpointing:    n_layers x (layer input [mb, T, H] in bf16) + saved(layer) (the one layer
                                          recomputed during backward)
                 and likewise for the vision tower with mb images at max_pixels (mb x max_pixels / patch^2 patches).
+                With batch.max_tokens_per_micro_batch = B the micro-batch is traced at min(mb, ceil(B / T)) rows of
+                T (`micro_batch_geometry` says why that bounds every micro-batch within the budget), and the vision
+                tower at min(mb x max_pixels / patch^2, B x merge^2) patches (image tokens are among the B).
                 The traced decoder-layer bytes equal a hand derivation term by term
                 (text_layer_saved_bytes_formula; tests/test_plan.py checks both models at two sizes).
                 LoRA: the traced layer is the adapter-injected one with its base frozen: the adapters' own saved
@@ -517,8 +520,11 @@ def plan_config(
     nnodes, nproc = int(_get(cfg, "world.nnodes", 1)), int(_get(cfg, "world.nproc_per_node", 1))
     replicas = int(hsdp_replicas if hsdp_replicas is not None else _get(cfg, "world.hsdp_replicas", 1))
     world = nnodes * nproc
-    micro = int(_get(cfg, "batch.micro_batch_size"))
-    seq = int(_get(cfg, "data.max_prompt_length")) + int(_get(cfg, "rollout.max_new_tokens"))
+    cap = int(_get(cfg, "batch.micro_batch_size"))
+    response = int(_get(cfg, "rollout.max_new_tokens"))
+    seq = int(_get(cfg, "data.max_prompt_length")) + response
+    budget = _get(cfg, "batch.max_tokens_per_micro_batch")
+    micro, response_positions = micro_batch_geometry(cap, seq, response, budget)
     ac = bool(_get(cfg, "training.activation_checkpointing", False))
     opt_name = optimizer or _get(cfg, "optimizer._component_")
     engine = _get(cfg, "rollout.engine")
@@ -551,11 +557,14 @@ def plan_config(
             "response; set model.max_pixels (the shipped full-size configs use 1003520)"
         )
     patches_per_image = max_pixels // (vc.patch_size**2)
-    vision_saved = vision_block_saved_bytes(model, micro * patches_per_image, act_dtype)
+    patches = cap * patches_per_image  # one image per response at max_pixels
+    if budget is not None:  # a micro-batch's image tokens are among its <= budget positions (merge^2 patches each)
+        patches = min(patches, int(budget) * vc.spatial_merge_size**2)
+    vision_saved = vision_block_saved_bytes(model, patches, act_dtype)
     if ac:
         activations = n_layers * micro * seq * tc.hidden_size * act_bytes + layer_saved
         if vision_saved:  # a frozen tower saves nothing, and checkpointing keeps no input of it either
-            activations += depth * micro * patches_per_image * vc.hidden_size * act_bytes + vision_saved
+            activations += depth * patches * vc.hidden_size * act_bytes + vision_saved
     else:
         activations = n_layers * layer_saved + depth * vision_saved
     # Final norm output and the hidden states the chunked log-prob reads: [mb, T, H] twice.
@@ -599,8 +608,8 @@ def plan_config(
     rollout_phase = params + opt_state + sampler_rollout
     training_phase = params + grads + opt_state + activations + transient + sampler_training
     geometry = dict(
-        micro=micro, seq=seq, response=int(_get(cfg, "rollout.max_new_tokens")), hidden=tc.hidden_size,
-        act_bytes=act_bytes, layer_saved=layer_saved,
+        micro=micro, seq=seq, response=response, hidden=tc.hidden_size, act_bytes=act_bytes, layer_saved=layer_saved,
+        response_positions=response_positions,
     )  # fmt: skip
     method_name, passes = method_pass_bytes(cfg, **geometry)
     scoring_phase = params + opt_state + sampler_training + transient + passes["base"] + passes["method"]
@@ -634,15 +643,42 @@ def plan_config(
         margin=margin,
         notes=[
             f"{opt_name}, model.dtype={dtype_name}, micro_batch={micro}, T={seq} (prompt+response), "
-            f"activation_checkpointing={ac}, {micro * patches_per_image} vision patches, chunk={chunk}",
+            + (f"token budget {budget} (micro_batch_size {cap} at most), " if budget is not None else "")
+            + f"activation_checkpointing={ac}, {patches} vision patches, chunk={chunk}",
             *notes,
         ],
         pass_geometry=geometry,
     )
 
 
+def micro_batch_geometry(cap: int, seq: int, response: int, budget: int | None) -> tuple[int, int]:
+    """(rows, response positions) of the largest micro-batch the plan sizes, at `seq` = prompt + response positions
+    per row (the longest a row can be).
+
+    Fixed micro-batches (budget None): `cap` = batch.micro_batch_size rows of seq, cap x response response positions.
+    With batch.max_tokens_per_micro_batch = B, a micro-batch is b <= cap rows of t <= seq padded positions with
+    b·t <= B. Every per-micro-batch term of the plan is either linear in b·t (each tensor a decoder layer saves is
+    [b, t, ·]: traced, and equal to the per-token formula; the final norm and the passes' [b, t, H]) or per row
+    (a method's one-row-at-a-time scoring, largest at t = seq). Both are bounded at rows = min(cap, ceil(B / seq))
+    rows of seq positions: b·t <= min(B, cap·seq) <= rows·seq, and t <= seq. (Tracing at [1, B] gives the same
+    linear terms when seq divides B, but would size the per-row terms at a row of B positions, which no row has.)
+    The response positions b·L are at most min(B, cap x response).
+    """
+    if budget is None:
+        return cap, cap * response
+    return min(cap, -(-int(budget) // seq)), min(int(budget), cap * response)
+
+
 def method_pass_bytes(
-    cfg: dict[str, Any], *, micro: int, seq: int, response: int, hidden: int, act_bytes: int, layer_saved: int
+    cfg: dict[str, Any],
+    *,
+    micro: int,
+    seq: int,
+    response: int,
+    hidden: int,
+    act_bytes: int,
+    layer_saved: int,
+    response_positions: int | None = None,
 ) -> tuple[str, dict[str, int]]:
     """(the method's name, {"base": what any RL step's clean no-grad pass holds, "method": what the config's method
     adds over it}) in bytes per rank; see "scoring" in the module docstring.
@@ -654,14 +690,16 @@ def method_pass_bytes(
     section = cfg.get("algorithm") or {}
     method = build_method(section)
     name = section.get("name") or section.get("_component_") or method_class(section).__name__
-    kept = micro * response * hidden * act_bytes  # one pass's last hidden state at the response positions
+    if response_positions is None:
+        response_positions = micro * response
+    kept = response_positions * hidden * act_bytes  # one pass's last hidden state at the response positions
     base = layer_saved + 3 * micro * seq * hidden * act_bytes + kept
     views = len(method.views()) or int(bool(_get(cfg, "diagnostics.dependency", False)))  # diagnostics: VPPO's view
     extra = views * kept
     if method.clean_prior:  # one float32 layer at a time, the [mb, T] running sum
         extra += micro * seq * hidden * 4 + micro * seq * 4
     if method.clean_full_hidden:  # the whole last hidden state, and a float32 copy of its response positions
-        extra += micro * seq * hidden * act_bytes + micro * response * hidden * 4
+        extra += micro * seq * hidden * act_bytes + response_positions * hidden * 4
     extra += method.scoring_bytes(micro=micro, seq=seq, response=response, hidden=hidden, act_bytes=act_bytes)
     return str(name), {"base": base, "method": extra}
 

@@ -100,10 +100,13 @@ class MethodContext:
     max_steps: int
     temperature: float  # rollout.temperature: the log-probs are of softmax(logits / T)
     chunk_size: int  # loss.chunk_size: positions per chunk of any full-vocabulary computation
-    micro_batch_size: int
+    micro_batch_size: int  # batch.micro_batch_size: the rows of a micro-batch, or their cap with a token budget
     aggregation: str  # loss.aggregation
     world: int
     rank: int
+    # batch.max_tokens_per_micro_batch: micro-batches of varying rows, longest rows first (None: micro_batch_size
+    # rows each, in data order); a statistic per micro-batch or over rows in order must not assume either
+    max_tokens_per_micro_batch: int | None = None
 
     def in_root(self, fn, *args, **kwargs):
         """`fn(model, *args, **kwargs)` inside the FSDP2 root forward, where the LM-head weight is full
@@ -133,30 +136,40 @@ class MethodContext:
         bool per micro-batch, in the same order.
         """
         flat = [s.batch for mini in steps for s in mini]
-        parts, mine, offset, i = [], [], 0, 0  # per mini-batch: the gathered values, and where this rank's start
+        valid = [mb.mask > 0 for mb in flat]
+        # per row, its valid tokens (one host transfer); rows are taken in data order (prompt, response index),
+        # which micro-batches by token budget do not keep
+        lengths = torch.cat([v.sum(1) for v in valid]).tolist() if flat else []
+        first_row = [0]
+        for mb in flat:
+            first_row.append(first_row[-1] + mb.mask.shape[0])
+        parts, mine, orders, offset, i = [], [], [], 0, 0  # per mini-batch: gathered values, this rank's start
         for mini in steps:
-            local = torch.cat([v[mb.mask > 0].float() for mb, v in zip(flat[i : i + len(mini)], values[i:])])
+            order = sorted(
+                ((flat[j].uids[r], flat[j].response_index[r]), j, r)
+                for j in range(i, i + len(mini))
+                for r in range(flat[j].mask.shape[0])
+            )
             i += len(mini)
+            pieces = [values[j][r][valid[j][r]].float() for _, j, r in order]
+            local = torch.cat(pieces) if pieces else torch.zeros(0, device=self.device)
             gathered, start = all_gather_var_with_offset(local)
             parts.append(gathered)
             mine.append((offset + start, local.numel()))
+            orders.append(order)
             offset += gathered.numel()
         everything = torch.cat(parts)[None]
         ties = torch.Generator().manual_seed(mix_seed(self.seed, self.step, TIE_BREAK_SALT, which))
         top = top_fraction_mask(
             everything, torch.ones_like(everything), fraction=fraction, scope="batch", generator=ties
         )[0]
-        counts = torch.stack([(mb.mask > 0).sum() for mb in flat]).tolist() if flat else []  # one host transfer
-        out, i = [], 0
-        for mini, (start, n) in zip(steps, mine):
+        out = [torch.zeros_like(v) for v in valid]
+        for order, (start, n) in zip(orders, mine):
             share = top[start : start + n]
-            for mb in flat[i : i + len(mini)]:
-                valid = mb.mask > 0
-                mask = torch.zeros_like(valid)
-                mask[valid] = share[: counts[i]]
-                share = share[counts[i] :]
-                out.append(mask)
-                i += 1
+            for _, j, r in order:
+                k = lengths[first_row[j] + r]
+                out[j][r][valid[j][r]] = share[:k]
+                share = share[k:]
         return out
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,13 @@ from vppo_recipes.collectives import all_gather_cat
 from vppo_recipes.methods.base import DEPENDENT_TOKEN_FRACTION, MethodContext, param
 from vppo_recipes.methods.records import MicroStep, Shaping
 
+# TAS "reference" statistics are the official code's per-micro-batch mean(n) over fixed-size micro-batches in data order
+REFERENCE_TAS_WITH_BUDGET = (
+    "algorithm.tas_statistics=reference computes mean(n) per micro-batch of batch.micro_batch_size rows in data "
+    "order, as the official code does; batch.max_tokens_per_micro_batch groups rows by length instead, which would "
+    "change alpha. Use tas_statistics=global (the same for any split) or set batch.max_tokens_per_micro_batch=null"
+)
+
 
 def dependency_param():
     """How S is computed: k3 on the sampled token (the papers' code) or the exact full-vocabulary KL."""
@@ -86,6 +93,8 @@ class TrajectoryScaling:
             alpha = tas_scale(all_traj, beta_min=self.beta_min, valid=all_valid)
             alpha = alpha[ctx.rank * traj.numel() : (ctx.rank + 1) * traj.numel()]
         else:  # the official code: per-rank mini-batch min/max, per-micro-batch mean(n)
+            if ctx.max_tokens_per_micro_batch is not None:
+                raise ValueError(REFERENCE_TAS_WITH_BUDGET)
             alpha = tas_scale_reference(traj, ctx.micro_batch_size, beta_min=self.beta_min, valid=valid)
         return list(alpha.split([s.no_grad.traj_dep.numel() for s in mini]))
 

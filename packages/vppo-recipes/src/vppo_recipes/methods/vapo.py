@@ -206,12 +206,18 @@ class VAPO(Method):
             reward = vapo_rewards(
                 acc, fmt, perception, format_weight=self.vapo_format_weight, anchor_weight=self.vapo_anchor_weight
             ).float()
-            uids = [u for b in batches for u in b.uids]
+            # the rows in data order (prompt, response index): micro-batches by token budget sort them by length
+            keys = [k for b in batches for k in zip(b.uids, b.response_index)]
+            order = sorted(range(len(keys)), key=keys.__getitem__)
+            uids = [keys[i][0] for i in order]
             size = uids.count(uids[0]) if uids else 1
             if not uids or any(uids[i : i + size] != [uids[i]] * size for i in range(0, len(uids), size)):
                 raise ValueError(f"method vapo: a mini-batch's rows are not whole groups of equal size: {uids}")
             rows = [len(b.uids) for b in batches]
-            advantages = group_advantages(reward, size).to(batches[0].advantages.dtype)
+            order_t = torch.tensor(order, device=reward.device)
+            advantages = torch.empty_like(reward)
+            advantages[order_t] = group_advantages(reward[order_t], size)
+            advantages = advantages.to(batches[0].advantages.dtype)
             out.append([
                 Shaping(a, None, {"perception": p.float(), "reward": r, "agreement": g})
                 for a, p, r, g in zip(*(x.split(rows) for x in (advantages, perception, reward, agreement)))

@@ -55,16 +55,10 @@ class VGPO(Method):
         return ctx.gathered([inf, *local]).min().clamp(max=0.0)
 
     def _groups(self, ctx, flat) -> torch.Tensor:
-        """Each row's group over all ranks: a rank's rows are its groups one after another in data order (a group
-        starts at response 0), numbered after the groups of the ranks before it. Host lists only (no device sync)."""
-        starts = [j == 0 for s in flat for j in s.batch.response_index]
-        local, count = [], -1
-        for start in starts:
-            count += start
-            local.append(max(count, 0))
-        counts = ctx.gathered([torch.tensor([float(count + 1)], device=ctx.device)])
-        base = counts[: ctx.rank].sum().long()
-        return torch.tensor(local, dtype=torch.long, device=ctx.device) + base
+        """Each row's group over all ranks: its prompt's uid (ranks own whole groups, and uids are unique in the
+        run), so neither the order of the rows (micro-batches by token budget sort them by length) nor the rank
+        matters. Host lists only (no device sync)."""
+        return torch.tensor([u for s in flat for u in s.batch.uids], dtype=torch.long, device=ctx.device)
 
     def shape(self, ctx, steps):
         flat = [s for mini in steps for s in mini]

@@ -11,7 +11,13 @@ from typing import Any
 
 from vppo_core.perturb import IMAGE_PERTURBATIONS
 from vppo_recipes.methods.base import DEPENDENT_TOKEN_FRACTION, Method, MethodContext, param
-from vppo_recipes.methods.blocks import TopDependentTokens, TrajectoryScaling, dependency_param, scaled_and_selected
+from vppo_recipes.methods.blocks import (
+    REFERENCE_TAS_WITH_BUDGET,
+    TopDependentTokens,
+    TrajectoryScaling,
+    dependency_param,
+    scaled_and_selected,
+)
 from vppo_recipes.methods.records import MicroStep, Shaping
 from vppo_recipes.methods.views import PerturbedPixels
 
@@ -45,6 +51,8 @@ class VPPO(Method):
     def config_errors(self, cfg: Mapping[str, Any]) -> list[str]:
         if not (self.tas or self.tgf):
             return ["algorithm.name=vppo with tas=false and tgf=false is DAPO; set algorithm.name=dapo instead"]
+        if self.tas and self.tas_statistics == "reference" and cfg["batch"]["max_tokens_per_micro_batch"] is not None:
+            return [REFERENCE_TAS_WITH_BUDGET]
         return []
 
     def shape(self, ctx: MethodContext, steps: Sequence[Sequence[MicroStep]]) -> list[list[Shaping]]:

@@ -13,7 +13,8 @@ that the next one reads; none writes into another's:
 
     generate_rollouts    draw prompts -> sampler.sample(G per prompt) -> compute_rewards -> group_advantages,
                          online filter (draw more prompts until the rollout batch is full, capped)   -> Rollouts
-    prepare_minibatches  this rank's groups -> mini-batches of collated micro-batches                 -> MicroBatch
+    prepare_minibatches  this rank's groups -> mini-batches of collated micro-batches (batch.micro_batch_size
+                         rows each, or by batch.max_tokens_per_micro_batch: `micro_batching.py`) -> MicroBatch
     no_grad_passes       lp_old (clean inputs); with the method's altered views (`Method.views`: perturbed
                          pixels, text-only attention, no image, ...): their log-probs, token dependency S,
                          the method's scores (`Method.scores`)                  -> MicroStep(batch, no_grad)
@@ -113,6 +114,7 @@ from vppo_recipes.methods.records import (
     check_shapings,
 )
 from vppo_recipes.metric_logging import build_metric_logger
+from vppo_recipes.micro_batching import padding_counts
 from vppo_recipes.rl.rollouts import (
     Draw,
     Group,
@@ -181,6 +183,8 @@ class RLRecipeDistributed:
         self.batch_prompts = int(cfg.rollout.batch_prompts)
         self.update_prompts = int(cfg.batch.update_prompts)
         self.micro_batch_size = int(cfg.batch.micro_batch_size)
+        budget = cfg.batch.max_tokens_per_micro_batch  # null: fixed micro_batch_size; else the cap on its rows
+        self.max_tokens = None if budget is None else int(budget)
         self.temperature = float(cfg.rollout.temperature)
         self.chunk_size = int(cfg.loss.chunk_size)
         self.max_steps = int(cfg.training.max_steps)
@@ -358,11 +362,14 @@ class RLRecipeDistributed:
         if not rollouts.groups:  # every group filtered out even after max_filter_draws extra draws: no update
             return self._step_metrics(
                 rollouts, [], UpdateResult([], [], {}, {"skipped/steps_without_groups": 1.0}),
-                local_counts={}, seconds=rollouts.seconds, agreement=[0.0] * 4, t_step=t_step,
+                local_counts={}, seconds=rollouts.seconds, agreement=[0.0] * 4, t_step=t_step, positions=(0.0, 0.0, 0.0),
             )  # fmt: skip
 
         # the mini-batches (update_prompts / world groups of this rank each), in micro-batches of tensors
         minis, local_counts = self.prepare_minibatches(rollouts.groups)
+        # every pass over a micro-batch (clean, views, update) computes its padded positions
+        masks = [mb.inputs["attention_mask"] for mini in minis for mb in mini]
+        positions = (*padding_counts(masks), float(max(m.numel() for m in masks)))
 
         # 4-5. no-grad passes: lp_old on the clean inputs; with the method's altered views their log-probs, S and
         # the method's own scores
@@ -389,8 +396,9 @@ class RLRecipeDistributed:
 
         seconds = {**rollouts.seconds, **pass_seconds, "shaping": shaping_s, "update": update_s, "weight_sync": sync_s}
         return self._step_metrics(
-            rollouts, steps, update, local_counts=local_counts, seconds=seconds, agreement=agreement, t_step=t_step
-        )
+            rollouts, steps, update, local_counts=local_counts, seconds=seconds, agreement=agreement, t_step=t_step,
+            positions=positions,
+        )  # fmt: skip
 
     # ---------------------------------------------------------------- 1-3. rollout
 
@@ -464,7 +472,15 @@ class RLRecipeDistributed:
         return collate_minibatches(
             groups, self.processor, self.model_config, per_rank=self.update_prompts // self.world,
             group_size=self.group_size, micro_batch_size=self.micro_batch_size, device=self.device,
+            max_tokens=self.max_tokens, agree_counts=self._largest_counts,
         )  # fmt: skip
+
+    def _largest_counts(self, counts: list[int]) -> list[int]:
+        """Per mini-batch, the largest micro-batch count of any rank (collective): FSDP2 needs every rank to run
+        the same number of forwards."""
+        t = torch.tensor(counts, dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
 
     def method_context(self) -> MethodContext:
         """What the method's hooks read during this step (`vppo_recipes.methods.MethodContext`)."""
@@ -473,7 +489,7 @@ class RLRecipeDistributed:
             image_token_id=self.image_token_id, dtype=self.dtype, device=self.device, seed=self.seed, step=self.step,
             max_steps=self.max_steps, temperature=self.temperature, chunk_size=self.chunk_size,
             micro_batch_size=self.micro_batch_size, aggregation=str(self._cfg.loss.aggregation), world=self.world,
-            rank=self.rank,
+            rank=self.rank, max_tokens_per_micro_batch=self.max_tokens,
         )  # fmt: skip
 
     def view_inputs(self, mb: MicroBatch, index: int) -> ViewInputs:
@@ -686,6 +702,7 @@ class RLRecipeDistributed:
     def _step_metrics(
         self, rollouts: Rollouts, steps: list[list[MicroStep]], update: UpdateResult, *,
         local_counts: dict[str, float], seconds: dict[str, float], agreement: list[float], t_step: float,
+        positions: tuple[float, float, float],
     ) -> dict[str, float]:  # fmt: skip
         """The step's metrics over all ranks (`step_metrics`); its counters are added to the run's totals, once."""
         m, counts = step_metrics(
@@ -694,7 +711,7 @@ class RLRecipeDistributed:
             steps=[s for mini in steps for s in mini], losses=update.losses, grad_norms=update.grad_norms,
             metric_sums=update.metric_sums, measures_dependency=self.measures_dependency,
             rollout_is_cap=self._cfg.loss.rollout_is_cap, agreement=agreement, seconds=seconds, t_step=t_step,
-            lr=float(self.optimizer.param_groups[0]["lr"]), optimizer_steps=self.optimizer_steps,
+            lr=float(self.optimizer.param_groups[0]["lr"]), optimizer_steps=self.optimizer_steps, positions=positions,
         )  # fmt: skip
         for k, v in counts.items():
             self.totals[k] += v

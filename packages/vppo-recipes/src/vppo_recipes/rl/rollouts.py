@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ from vppo_core.advantages import group_advantages, keep_groups
 from vppo_eval.reward import compute_rewards
 from vppo_recipes.data import rank_slice
 from vppo_recipes.methods.records import REWARD_PARTS, MicroBatch
+from vppo_recipes.micro_batching import fixed_micro_batches, split_to_count, token_budget_micro_batches
 from vppo_recipes.seeding import mix_seed
 from vppo_rollout.collate import collate_rollout, model_inputs
 from vppo_rollout.prompts import Prompt
@@ -221,19 +223,36 @@ def deal_minibatches(
 
 def collate_minibatches(
     groups: list[Group], processor: Any, model_config: Any, *, per_rank: int, group_size: int, micro_batch_size: int,
-    device: torch.device,
+    device: torch.device, max_tokens: int | None = None, agree_counts: Callable[[list[int]], list[int]] | None = None,
 ) -> tuple[list[list[MicroBatch]], dict[str, float]]:  # fmt: skip
     """This rank's groups -> mini-batches (`per_rank` groups each) -> micro-batches of collated tensors on `device`.
 
+    max_tokens: None cuts each mini-batch into `micro_batch_size` rows in data order; else into micro-batches of at
+    most max_tokens padded positions (and micro_batch_size rows), longest rows first (`vppo_recipes.micro_batching`).
+    agree_counts: [count per mini-batch] of this rank -> the largest of every rank (collective; the recipe's
+    all-reduce MAX), used with a budget only; each rank then splits its micro-batches up to that count.
     Returns (minis [mini][micro], counts); counts has this rank's skipped/empty_responses (summed over ranks later).
     """
     empty = 0
-    minis = []
+    shares = []  # per mini-batch: (rows, micro-batches as lists of row numbers)
     for mini in chunk_ranges(len(groups), per_rank):
         rows = [(g, j) for g in groups[mini] for j in range(group_size)]
+        if max_tokens is None:
+            parts = fixed_micro_batches(len(rows), micro_batch_size)
+        else:
+            parts = token_budget_micro_batches(
+                [_prompt_tokens(g.prompt) for g, _ in rows], [len(g.token_ids[j]) for g, j in rows],
+                max_tokens=max_tokens, max_rows=micro_batch_size,
+            )  # fmt: skip
+        shares.append((rows, parts))
+    if max_tokens is not None and agree_counts is not None:  # every rank runs as many forwards as the busiest one
+        counts = agree_counts([len(parts) for _, parts in shares])
+        shares = [(rows, split_to_count(parts, n)) for (rows, parts), n in zip(shares, counts)]
+    minis = []
+    for rows, parts in shares:
         micro = []
-        for sl in chunk_ranges(len(rows), micro_batch_size):
-            part = rows[sl]
+        for numbers in parts:
+            part = [rows[i] for i in numbers]
             prompts = [g.prompt for g, _ in part]
             ids = [g.token_ids[j] for g, j in part]
             empty += sum(len(x) == 0 for x in ids)  # all-zero mask rows
@@ -260,3 +279,10 @@ def collate_minibatches(
             )
         minis.append(micro)
     return minis, {"skipped/empty_responses": float(empty)}
+
+
+def _prompt_tokens(prompt: Prompt) -> int:
+    """The prompt's length as the model sees it (text + expanded image tokens: `build_prompt` measured it)."""
+    if prompt.num_tokens is None:
+        raise ValueError("a prompt without num_tokens (build it with vppo_rollout.build_prompt) cannot be budgeted")
+    return int(prompt.num_tokens)

@@ -141,11 +141,14 @@ def step_metrics(
     t_step: float,
     lr: float,
     optimizer_steps: int,
+    positions: tuple[float, float, float] = (0.0, 0.0, 0.0),
 ) -> tuple[dict[str, float], dict[str, float]]:
     """One step's metrics, reduced over all ranks (the same dict on every rank; collective).
 
     groups: this rank's kept groups; counts: filter/* and the update's skipped/* (global already); local_counts:
-    this rank's own counters (summed here); steps: this rank's micro-batches, flat, with their passes and shaping.
+    this rank's own counters (summed here); steps: this rank's micro-batches, flat, with their passes and shaping;
+    positions: (computed, padding) positions of one forward over each of this rank's micro-batches
+    (`micro_batching.padding_counts`), and the positions of its largest micro-batch.
     Returns (metrics, the step's counters for the run's totals).
     """
     m: dict[str, float] = {}
@@ -213,6 +216,12 @@ def step_metrics(
         m[f"time/{phase}_s"] = v  # the slowest rank sets the pace
     m["time/step_s"] = time.perf_counter() - t_step
     m["throughput/tokens_per_s"] = r[4] / m["time/step_s"]
+    # Every pass over a micro-batch (clean, the views, the update) computes its padded positions; the update's
+    # tokens per second count the real (prompt + response) ones of all ranks.
+    computed, padding = all_reduce_list(list(positions[:2]))
+    (m["throughput/largest_micro_batch_positions"],) = all_reduce_list([positions[2]], op=dist.ReduceOp.MAX)
+    m["throughput/padding_fraction"] = padding / computed if computed else math.nan
+    m["throughput/update_tokens_per_s"] = (computed - padding) / m["time/update_s"] if m["time/update_s"] else math.nan
     # Peak memory of every rank: allocated GPU memory on CUDA, the process's peak RSS on CPU.
     if ctx.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(ctx.device) / 2**30

@@ -13,7 +13,9 @@ Launch from any directory (the config's relative paths are relative to where you
 One optimizer step (`train_step`):
 
     next batch.batch_size examples, the same on every rank (seeded, resumable order; bad rows skipped + counted)
-    -> this rank's contiguous share, in micro-batches of batch.micro_batch_size
+    -> this rank's contiguous share, in micro-batches of batch.micro_batch_size examples, or with
+       batch.max_tokens_per_micro_batch of at most that many padded positions (longest first, micro_batch_size
+       examples at most, as many micro-batches on every rank: `vppo_recipes.micro_batching`)
     -> prompt = the RL recipe's chat prompt (vppo_rollout.build_prompt: system prompt, question, images,
        the <think>/\\boxed{} instruction); target = data.columns.response, or data.response_template with the
        answer, tokenized, followed by <|im_end|> (the sampler's stop token)
@@ -30,7 +32,8 @@ allowed here), the base frozen, only the adapters in the optimizer; checkpoints 
 adapter folder on model.path; `vppo-recipes export-lora` merges it into a Hugging Face folder).
 
 Logged per step (JSONL / wandb / stdout, see metric_logging.py): loss (global token-mean NLL), grad_norm, lr,
-tokens, epoch, time/step_s, throughput/tokens_per_s, total/skipped_rows/<reason>, total/skipped_steps_nonfinite.
+tokens, epoch, time/step_s, throughput/tokens_per_s, throughput/padding_fraction (padding positions / computed
+positions of the step's forwards, all ranks), total/skipped_rows/<reason>, total/skipped_steps_nonfinite.
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ from vppo_recipes.lifecycle import StopRequest, claim_output_dir, stopped_messag
 from vppo_recipes.lora import apply_lora, load_adapter, lora_settings, trainable_parameters
 from vppo_recipes.lr_schedule import constant_with_warmup
 from vppo_recipes.metric_logging import build_metric_logger
+from vppo_recipes.micro_batching import fixed_micro_batches, padding_counts, split_to_count, token_budget_micro_batches
 from vppo_recipes.sharding import call_in_root_forward
 from vppo_recipes.update_guard import clip_and_check_update
 from vppo_rollout.collate import collate_rollout, model_inputs
@@ -120,6 +124,8 @@ class SFTRecipeDistributed:
         self.output_dir = str(cfg.output_dir)
         self.batch_size = int(cfg.batch.batch_size)
         self.micro_batch_size = int(cfg.batch.micro_batch_size)
+        budget = cfg.batch.max_tokens_per_micro_batch  # null: fixed micro_batch_size; else the cap on its rows
+        self.max_tokens = None if budget is None else int(budget)
         self.chunk_size = int(cfg.loss.chunk_size)
         self.max_steps = int(cfg.training.max_steps)
         self.epochs = int(cfg.training.epochs)
@@ -238,12 +244,13 @@ class SFTRecipeDistributed:
         num_tokens = sum(len(ids) for _, ids in encoded)
         mine = encoded[rank_slice(len(encoded), self.rank, self.world)]
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # on the device: NCCL reduces it
-        for start in range(0, len(mine), self.micro_batch_size):
-            micro = mine[start : start + self.micro_batch_size]
+        masks = []
+        for micro in self.micro_batches(mine):
             batch = collate_rollout(
                 self.processor, [p for p, _ in micro], [ids for _, ids in micro], config=self.model_config
             )
             inputs = {k: v.to(self.device) for k, v in model_inputs(batch).items()}
+            masks.append(batch["attention_mask"])
             targets = batch["responses"].to(self.device)
             mask = batch["response_mask"].to(self.device)
             lp = call_in_root_forward(
@@ -265,6 +272,8 @@ class SFTRecipeDistributed:
         self.lr_scheduler.step()
 
         dist.all_reduce(loss_sum)
+        positions = torch.tensor(padding_counts(masks), dtype=torch.float64, device=self.device)
+        dist.all_reduce(positions)
         seconds = time.perf_counter() - t0
         metrics = {
             "loss": float(loss_sum) / num_tokens,
@@ -274,11 +283,27 @@ class SFTRecipeDistributed:
             "epoch": float(self.stream.epoch),
             "time/step_s": seconds,
             "throughput/tokens_per_s": num_tokens / seconds,
+            "throughput/padding_fraction": float(positions[1] / positions[0]),
             "skipped_step": float(skipped),
         }
         if self.device.type == "cuda":
             metrics["memory/peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return metrics
+
+    def micro_batches(self, mine: list[tuple[Prompt, list[int]]]) -> list[list[tuple[Prompt, list[int]]]]:
+        """This rank's examples in micro-batches: `micro_batch_size` in order, or by token budget with as many
+        micro-batches as the busiest rank (collective then: FSDP2 needs the same number of forwards everywhere)."""
+        if self.max_tokens is None:
+            parts = fixed_micro_batches(len(mine), self.micro_batch_size)
+        else:
+            parts = token_budget_micro_batches(
+                [p.num_tokens for p, _ in mine], [len(ids) for _, ids in mine], max_tokens=self.max_tokens,
+                max_rows=self.micro_batch_size,
+            )  # fmt: skip
+            count = torch.tensor([len(parts)], device=self.device)
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            parts = split_to_count(parts, int(count))
+        return [[mine[i] for i in part] for part in parts]
 
     # ---------------------------------------------------------------- loop, checkpoints, cleanup
 
