@@ -789,7 +789,10 @@ def test_every_method_trains_with_lora_adapters_alone(assets, tmp_path, method):
 
     import vppo_recipes.rl.rl_distributed as rl
 
-    lora = {"model.lora.rank": 4, "model.lora.alpha": 8, "optimizer.lr": 1e-3, "batch.update_prompts": 4}
+    lora = {
+        "model.lora.rank": 4, "model.lora.alpha": 8, "optimizer.lr": 1e-3,
+        "batch.update_prompts": 4, "batch.micro_batch_size": 16,  # one mini-batch of one micro-batch: one pass each
+    }  # fmt: skip
     cfg = _config(assets, tmp_path / "run", f"tiny_{method}", lora)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:

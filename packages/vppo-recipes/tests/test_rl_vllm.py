@@ -114,3 +114,19 @@ def test_noisyrollout_trains_through_its_split_sampling_on_the_engine(assets):
         assert math.isfinite(m["loss"]) and m["grad_norm"] > 0 and m["optimizer_steps"] > 0, m
         assert m["filter/groups_kept"] == 4, m
     assert ms[0]["noisyrollout/noise_step"] == 496  # step 1 of 2 (ALGORITHMS.md §9.10); step 2 of 2 is t = 0
+
+
+def test_a_lora_run_pushes_the_merged_weights_and_the_engine_agrees_with_the_trainer(assets):
+    """Issue 27, `model.lora.rank=8` on the engine: after each step the engine gets W + (alpha/r)·B·A of every adapted
+    layer through the layerwise reload; at step 2 (adapters trained by step 1) its log-probs of the sampled tokens
+    agree with the trainer's lp_old (base + adapter, unmerged) to float rounding, which a stale or wrongly merged
+    engine does not (see the skipped-sync test above)."""
+    out = assets["root"] / "lora_1proc"
+    lora = ["model.lora.rank=8", "model.lora.alpha=16", "optimizer.lr=1e-3"]
+    run(assets, "vppo", out, nproc=1, steps=2, extra=[*VLLM, *lora, "validation.every_n_steps=0"])
+    ms = metrics(out)
+    assert [m["step"] for m in ms] == [1, 2] and all(m["optimizer_steps"] > 0 for m in ms)
+    for m in ms:
+        assert m["rollout/logprob_abs_diff_mean"] <= AGREEMENT_MEAN_MAX, m
+        assert m["rollout/logprob_abs_diff_max"] < 1e-3, m
+    assert (out / "checkpoints" / "step_000002" / "adapter_model.safetensors").is_file()

@@ -38,6 +38,12 @@ _EXPORTS: dict[str, str] = {
     "restore_rng_state": "checkpointing",
     "save_checkpoint": "checkpointing",
     "verify_checkpoint": "checkpointing",
+    # lora
+    "LoraSettings": "lora",
+    "adapters_disabled": "lora",
+    "apply_lora": "lora",
+    "export_merged": "lora",
+    "merged_full_tensors": "lora",
     # metric_logging
     "JsonlLogger": "metric_logging",
     "NullLogger": "metric_logging",
