@@ -26,6 +26,7 @@ from _rl_launch import metrics as _metrics
 from _rl_launch import run as _run
 from _rl_launch import same as _same
 from _warm_start import warm_assets
+from test_rl_step_independent import IDS as WHOLE_STEP_CASE_IDS
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -145,29 +146,44 @@ METHOD_CHECKS = {
 }  # fmt: skip
 
 
+# the methods whose first step test_rl_step_independent.py runs on 1 and on 2 ranks against a plain computation
+WHOLE_STEP_IDS = frozenset(WHOLE_STEP_CASE_IDS)
+
+
 @pytest.mark.parametrize("algo", sorted(METHOD_CHECKS))
 def test_every_method_after_vppo_trains_two_steps_on_two_ranks_like_one(assets, algo):
     """Issue 16's "done when": each §9 method trains two steps under `tune run --nproc_per_node 2` with its tiny
     config, logs its own metrics, and its first step equals a single-process run's (the batch-level sets of ToR /
-    CGPO and VEPO's selected-token count are gathered over ranks, so the ranks must not change them)."""
+    CGPO and VEPO's selected-token count are gathered over ranks, so the ranks must not change them).
+
+    The single-process launch is made only for a method without a whole-step case: for the others
+    `test_rl_step_independent.py` already runs the same first step on 1 and on 2 ranks against one plain
+    computation (so 1 rank = 2 ranks), in process, at a tenth of a launch's cost (CI time)."""
     two, one = assets["root"] / f"{algo}_2proc", assets["root"] / f"{algo}_1proc"
-    # DVRP's and NoisyRollout's noise and PEPO's weights follow a schedule over training.max_steps: the same number
-    # of steps on both
-    one_steps = 2 if algo in ("dvrp", "pepo", "noisyrollout") else 1
     _run(assets, algo, two, nproc=2, steps=2)
-    _run(assets, algo, one, nproc=1, steps=one_steps)
-    m2, m1 = _metrics(two), _metrics(one)
-    assert [m["step"] for m in m2] == [1, 2] and len(m1) == one_steps
-    a, b = m2[0], m1[0]
-    assert a["filter/groups_kept"] == b["filter/groups_kept"] == 4, "rollout batch not full: compare would be moot"
+    m2 = _metrics(two)
+    assert [m["step"] for m in m2] == [1, 2]
+    a = m2[0]
+    assert a["filter/groups_kept"] == 4, "rollout batch not full: the method's metrics would be moot"
     assert math.isfinite(a["loss"]) and a["grad_norm"] > 0
-    assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL, abs=LOSS_ATOL)
-    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=GRAD_RTOL)
     assert a["actor/loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)  # the auxiliary terms are in the loss
     for key, (low, high) in METHOD_CHECKS[algo].items():
         assert low <= a[key] <= high, (key, a[key])
-        assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
     assert (two / "checkpoints" / "step_000002" / "model.safetensors").is_file()
+    if algo in WHOLE_STEP_IDS:
+        return
+    # DVRP's and NoisyRollout's noise and PEPO's weights follow a schedule over training.max_steps: the same number
+    # of steps on both
+    one_steps = 2 if algo in ("dvrp", "pepo", "noisyrollout") else 1
+    _run(assets, algo, one, nproc=1, steps=one_steps)
+    m1 = _metrics(one)
+    assert len(m1) == one_steps
+    b = m1[0]
+    assert b["filter/groups_kept"] == 4, "rollout batch not full: compare would be moot"
+    assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL, abs=LOSS_ATOL)
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=GRAD_RTOL)
+    for key in METHOD_CHECKS[algo]:
+        assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
 
 
 def test_vapo_without_its_anchor_weight_trains_like_dapo_bit_for_bit(assets):
