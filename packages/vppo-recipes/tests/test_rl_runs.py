@@ -242,22 +242,11 @@ def _assert_same_weights(a: Path, b: Path, *, atol: float) -> None:
 
 def _logits(folder: Path, assets) -> torch.Tensor:
     """Logits of plain transformers (AutoModelForImageTextToText, no vppo code) on a fixed two-row batch."""
-    import datasets
     from transformers import AutoModelForImageTextToText
-
-    from vppo_rollout.collate import collate_rollout, model_inputs
-    from vppo_rollout.loading import load_processor
-    from vppo_rollout.prompts import build_prompt
 
     model, info = AutoModelForImageTextToText.from_pretrained(str(folder), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
-    processor = load_processor(folder)
-    rows = datasets.load_dataset(str(assets["task"]))["test"]
-    prompts = [build_prompt(processor, rows[i]["problem"], rows[i]["images"]) for i in range(2)]
-    ids = [processor.tokenizer(t)["input_ids"] for t in ("<think>x</think> \\boxed{2}", "\\boxed{left}")]
-    batch = collate_rollout(processor, prompts, ids, config=model.config)
-    with torch.no_grad():
-        return model.eval()(**model_inputs(batch)).logits
+    return _model_logits(model, assets)
 
 
 def test_resume_after_a_kill_continues_exactly_like_an_uninterrupted_run(assets):
@@ -411,11 +400,11 @@ def test_lora_run_trains_the_adapters_alone_resumes_exactly_after_a_kill_equals_
     training = PeftModel.from_pretrained(load_policy(str(assets["warm"]), dtype=torch.float32), out / "adapter")
     merged = _logits(out / "merged", assets)
     assert (merged - _logits(assets["warm"], assets)).abs().max() > 1e-4  # the adapters did train
-    assert torch.allclose(merged, _peft_logits(training, assets), atol=1e-4)
+    assert torch.allclose(merged, _model_logits(training, assets), atol=1e-4)
 
 
-def _peft_logits(model, assets) -> torch.Tensor:
-    """`_logits`' batch through an already loaded model (here base + peft adapter)."""
+def _model_logits(model, assets) -> torch.Tensor:
+    """`_logits`' two-row batch through an already loaded model (a folder's, or base + peft adapter)."""
     import datasets
 
     from vppo_rollout.collate import collate_rollout, model_inputs
