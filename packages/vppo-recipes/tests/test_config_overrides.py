@@ -100,14 +100,21 @@ def test_every_methods_plan_at_full_size_fits_76_gib(config):
     dapo = plan.with_method({"name": "dapo"})
     assert dapo.method_passes == 0
     g = plan.pass_geometry
-    kept = g["micro"] * g["response"] * g["hidden"] * g["act_bytes"]  # one view's last hidden state, response positions
+    # one view's last hidden state at the response positions: micro x response without a token budget; with one, at
+    # most the positions the budget allows (`plan.micro_batch_geometry`, checked by brute force in test_plan.py)
+    budget = load_config(CONFIG_DIR / f"{config}.yaml")["batch"].get("max_tokens_per_micro_batch")
+    if budget is None:
+        assert g["response_positions"] == g["micro"] * g["response"]
+    else:
+        assert g["response_positions"] <= budget
+    kept = g["response_positions"] * g["hidden"] * g["act_bytes"]
     for name, cls in BUILTIN_METHODS.items():
         method = cls()
         want = len(method.views()) * kept
         if method.clean_prior:  # PEPO: one float32 layer at a time, not (layers + 1) x [mb, T, H]
             want += g["micro"] * g["seq"] * (g["hidden"] * 4 + 4)
         if method.clean_full_hidden:  # VGPO: the whole last hidden state and a float32 copy of the response part
-            want += g["micro"] * g["hidden"] * (g["seq"] * g["act_bytes"] + g["response"] * 4)
+            want += g["micro"] * g["seq"] * g["hidden"] * g["act_bytes"] + g["response_positions"] * g["hidden"] * 4
         want += method.scoring_bytes(**{k: g[k] for k in ("micro", "seq", "response", "hidden", "act_bytes")})
         assert plan.with_method({"name": name}).method_passes == want, name
     # PEPO holds about two layers' worth of [mb, T, H] in model.dtype, not the 29-37 layers it held before issue 26
