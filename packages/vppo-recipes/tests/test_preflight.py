@@ -203,10 +203,12 @@ def test_step_config_keeps_the_method_and_sizes_and_redirects_the_rest(tmp_path)
     cfg = preflight.step_config(raw, model_path=tmp_path / "m", task=tmp_path / "t", output_dir=tmp_path / "o")
     full = validate_config(raw, "rl")  # the config's own values with the schema's defaults
     assert cfg.algorithm == full.algorithm and cfg.loss == full.loss and cfg.model.dtype == "bfloat16"
-    assert cfg.batch.micro_batch_size == 4 and cfg.rollout.group_size == 8 and cfg.rollout.max_new_tokens == 2048
+    assert cfg.batch.micro_batch_size == 16 and cfg.batch.max_tokens_per_micro_batch == 16384  # row cap + budget
+    assert cfg.rollout.group_size == 8 and cfg.rollout.max_new_tokens == 2048
     assert cfg.training.activation_checkpointing is True
-    # one prompt's 8 responses make the micro-batches; one rank; embedded sampler; nothing filtered, nothing resumed
-    assert cfg.rollout.batch_prompts == cfg.batch.update_prompts == 1
+    # ceil(16 / 8) = 2 prompts' responses fill the largest micro-batch; one rank; embedded sampler; nothing filtered,
+    # nothing resumed
+    assert cfg.rollout.batch_prompts == cfg.batch.update_prompts == 2
     assert (cfg.world.nproc_per_node, cfg.rollout.engine, cfg.rollout.online_filter) == (1, "transformers", False)
     assert cfg.training.resume == "never" and cfg.model.path == str(tmp_path / "m")
     assert cfg.metric_logger._component_ == "vppo_recipes.metric_logging.JsonlLogger"
