@@ -176,6 +176,8 @@ def test_a_failed_part_makes_the_command_fail_and_says_why(tmp_path, monkeypatch
 
     monkeypatch.setattr(preflight, "kernel_part", broken)
     monkeypatch.setattr(preflight, "rl_step_part", lambda *a, **k: ("ok", "not run here", {}))
+    # where vLLM is importable (nox -s tests_vllm) part 5 would build the 7B's depth-1 model for the engine
+    monkeypatch.setattr(preflight, "vllm_part", lambda *a, **k: ("ok", "not run here", {}))
     out = tmp_path / "p.json"
     # model.path names the stored architecture (no download): the kernel part reads [V, H] from it
     rc = preflight.main(["--config", "qwen2_5_vl_7b_vppo", "--device", "cpu", "--out", str(out)])
